@@ -1,0 +1,106 @@
+"""hotstate: an asyncio actor runtime for multi-step workflows.
+
+The architecture, as in DESIGN.md::
+
+    spawn/send --> Runtime --> Actor (one per run: mailbox + current Snapshot)
+                     |            |  runs a step, makes the next Snapshot + Transition
+                     |            +--> Persister (one per tier): mark(snapshot, transition), O(1)
+                     |            +--> EventBus: publish(transition) -> subscribers
+                     +-- Supervisor: retry with backoff from the latest snapshot,
+                                     or give up -> compensate (saga) -> failed -> dead letter
+
+- ``hotstate.actors``: what a run is (Snapshot, Transition, Workflow, Step, StepContext, RunActor).
+- ``hotstate.runtime``: what runs them (Runtime, supervisor, event bus, timers, queries).
+- ``hotstate.persistence``: what keeps them (stores, codec, persister, flush policies).
+
+The names most code needs are re-exported here.
+"""
+
+from __future__ import annotations
+
+from hotstate._clock import Clock, SystemClock
+from hotstate._errors import (
+    CodecError,
+    ConfigError,
+    CorruptSnapshotError,
+    DurabilityTimeoutError,
+    HotstateError,
+    HotstateInternalError,
+    PersistenceError,
+    RunCancelledError,
+    RunError,
+    RunFailedError,
+    RunFinishedError,
+    RunNotFoundError,
+    RuntimeClosedError,
+    StaleVersionError,
+    StepResultError,
+    StepTimeoutError,
+    StoreUnavailableError,
+    SubscriberOverflowError,
+    WorkflowNotRegisteredError,
+)
+from hotstate.actors import (
+    ErrorInfo,
+    Finish,
+    RetryPolicy,
+    Snapshot,
+    Status,
+    Step,
+    StepContext,
+    Transition,
+    TransitionKind,
+    Workflow,
+)
+from hotstate.runtime import (
+    DeadLetter,
+    RestartIntensity,
+    RunHandle,
+    Runtime,
+    RuntimeStatistics,
+    SupervisorStatistics,
+    run,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Clock",
+    "CodecError",
+    "ConfigError",
+    "CorruptSnapshotError",
+    "DeadLetter",
+    "DurabilityTimeoutError",
+    "ErrorInfo",
+    "Finish",
+    "HotstateError",
+    "HotstateInternalError",
+    "PersistenceError",
+    "RestartIntensity",
+    "RetryPolicy",
+    "RunCancelledError",
+    "RunError",
+    "RunFailedError",
+    "RunFinishedError",
+    "RunHandle",
+    "RunNotFoundError",
+    "Runtime",
+    "RuntimeClosedError",
+    "RuntimeStatistics",
+    "Snapshot",
+    "StaleVersionError",
+    "Status",
+    "Step",
+    "StepContext",
+    "StepResultError",
+    "StepTimeoutError",
+    "StoreUnavailableError",
+    "SubscriberOverflowError",
+    "SupervisorStatistics",
+    "SystemClock",
+    "Transition",
+    "TransitionKind",
+    "Workflow",
+    "WorkflowNotRegisteredError",
+    "run",
+]

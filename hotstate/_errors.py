@@ -1,0 +1,167 @@
+"""The whole hotstate exception tree (see STYLE.md E.15).
+
+This module imports nothing from hotstate, so every layer can raise these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HotstateError(Exception):
+    """Base class of every error hotstate raises on purpose."""
+
+
+class ConfigError(HotstateError, ValueError):
+    """A workflow, policy or runtime option is invalid.
+
+    Raised at construction time; the message names the field and the value.
+    """
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field}={value!r}: {reason}")
+
+
+class RuntimeClosedError(HotstateError):
+    """The runtime is not running: used before ``__aenter__`` or after ``aclose``."""
+
+
+class RunError(HotstateError):
+    """An error about one run; ``run_id`` names it."""
+
+    def __init__(self, run_id: str, message: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r}: {message}")
+
+
+class RunNotFoundError(RunError, LookupError):
+    """No run with this id is known to the runtime (or the store)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id, "no such run")
+
+
+class WorkflowNotRegisteredError(RunError, LookupError):
+    """A run names a workflow that is not registered with the runtime."""
+
+    def __init__(self, run_id: str, workflow: str) -> None:
+        self.workflow = workflow
+        super().__init__(run_id, f"workflow {workflow!r} is not registered")
+
+
+class RunFinishedError(RunError):
+    """The run has already finished (done, failed or cancelled); it takes no more input."""
+
+    def __init__(self, run_id: str, status: str, action: str) -> None:
+        self.status = status
+        super().__init__(run_id, f"cannot {action}: the run is already {status}")
+
+
+class RunFailedError(RunError):
+    """The run failed for good.
+
+    ``error`` holds the recorded error (an ``ErrorInfo``); ``__cause__`` is the
+    user's exception when it is still in memory.
+    """
+
+    def __init__(self, run_id: str, error: Any) -> None:
+        self.error = error
+        super().__init__(
+            run_id,
+            f"failed at step {error.step} ({error.step_name!r}) after "
+            f"{error.attempt} attempt(s): {error.type}: {error.message}",
+        )
+
+
+class RunCancelledError(RunError):
+    """The run was cancelled before it finished."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id, "was cancelled")
+
+
+class StepResultError(RunError, TypeError):
+    """A step returned something that is not a payload (e.g. an un-awaited coroutine)."""
+
+    def __init__(self, run_id: str, step: str, got: object) -> None:
+        self.step = step
+        super().__init__(
+            run_id,
+            f"step {step!r} returned {type(got).__name__!s}, not a payload; "
+            "did it forget an `await` or need to be declared `async def`?",
+        )
+
+
+class StepTimeoutError(HotstateError, TimeoutError):
+    """A step ran past its timeout. Recorded like any step failure, and retryable."""
+
+    def __init__(self, step: str, timeout: float) -> None:
+        self.step = step
+        self.timeout = timeout
+        super().__init__(f"step {step!r} timed out after {timeout:g} s")
+
+
+class SubscriberOverflowError(HotstateError):
+    """A subscriber fell more than its buffer behind and was cut off."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        super().__init__(
+            f"subscriber fell {maxsize} transitions behind and was cut off; "
+            "read faster or subscribe with a larger buffer"
+        )
+
+
+class PersistenceError(HotstateError):
+    """An error in a persistence tier; ``tier`` names it."""
+
+    def __init__(self, tier: str, message: str) -> None:
+        self.tier = tier
+        super().__init__(f"[{tier}] {message}")
+
+
+class StoreUnavailableError(PersistenceError):
+    """The tier could not be reached or refused the write; transient, retried with backoff."""
+
+
+class StaleVersionError(PersistenceError):
+    """The version guard rejected a write: ``stored`` >= ``attempted``."""
+
+    def __init__(self, tier: str, run_id: str, stored: int, attempted: int) -> None:
+        self.run_id = run_id
+        self.stored = stored
+        self.attempted = attempted
+        super().__init__(
+            tier, f"run {run_id!r}: stored version {stored} >= attempted {attempted}"
+        )
+
+
+class CorruptSnapshotError(PersistenceError):
+    """Stored bytes failed their digest/HMAC check; they were never unpickled."""
+
+    def __init__(self, tier: str, run_id: str, version: int | None, reason: str) -> None:
+        self.run_id = run_id
+        self.version = version
+        super().__init__(tier, f"run {run_id!r} v{version}: {reason}")
+
+
+class CodecError(PersistenceError):
+    """A payload could not be encoded or decoded."""
+
+
+class DurabilityTimeoutError(PersistenceError, TimeoutError):
+    """A write-through waiter was not acknowledged in time (the tier is down or slow)."""
+
+
+class HotstateInternalError(HotstateError):
+    """A bug in hotstate, never the user's fault. Please report it."""
+
+
+# Recorded error type names (ErrorInfo.type) and pickles should name the public
+# path, not this private module (STYLE.md D.14).
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, HotstateError):
+        _cls.__module__ = "hotstate"
+del _cls

@@ -1,0 +1,37 @@
+"""What a run is: snapshots, transitions, workflow definitions, step context and the actor.
+
+This layer imports neither ``hotstate.runtime`` nor ``hotstate.persistence``.
+"""
+
+from __future__ import annotations
+
+from hotstate.actors._actor import ActorHost, RunActor, TransitionSink
+from hotstate.actors._context import StepContext
+from hotstate.actors._snapshot import (
+    TERMINAL_STATUSES,
+    ErrorInfo,
+    Snapshot,
+    Status,
+    Transition,
+    TransitionKind,
+)
+from hotstate.actors._workflow import Compensation, Finish, RetryPolicy, Step, StepFn, Workflow
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ActorHost",
+    "Compensation",
+    "ErrorInfo",
+    "Finish",
+    "RetryPolicy",
+    "RunActor",
+    "Snapshot",
+    "Status",
+    "Step",
+    "StepContext",
+    "StepFn",
+    "Transition",
+    "TransitionKind",
+    "TransitionSink",
+    "Workflow",
+]

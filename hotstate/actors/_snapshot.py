@@ -1,0 +1,186 @@
+"""Pure data: the ``Snapshot`` envelope, the ``Transition`` record, ``Status`` and ``ErrorInfo``.
+
+This is the "current Snapshot" and "Transition" of the DESIGN.md diagram.
+
+Snapshot and Transition are ``NamedTuple``s rather than frozen dataclasses
+(STYLE.md D.14 allows this when a benchmark shows construction cost matters).
+Measured on the W1 workload (10,000 runs x 10 steps, uvloop, CPython 3.11):
+building one frozen slotted kw-only dataclass snapshot + transition per step ran
+at 0.38x the bare-loop ceiling, the same with NamedTuples at 0.67x, and with
+NamedTuples built by ``tuple.__new__`` (as the hot path does) at ~1.0x.
+They are still immutable; ``_replace`` makes a changed copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import traceback
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ErrorInfo",
+    "Snapshot",
+    "Status",
+    "Transition",
+    "TransitionKind",
+]
+
+
+class Status(enum.StrEnum):
+    """Where a run is in its life. Stored as the member's string value."""
+
+    pending = "pending"
+    """Spawned, its first step not yet started."""
+    running = "running"
+    """Executing steps."""
+    waiting = "waiting"
+    """Parked until a named signal arrives; holds no task."""
+    retrying = "retrying"
+    """A step failed and a retry is scheduled after a backoff; holds no task."""
+    compensating = "compensating"
+    """Giving up: running the compensations of completed steps."""
+    done = "done"
+    """Finished: every step ran (or a step finished the run early)."""
+    failed = "failed"
+    """Failed for good; compensated and dead-lettered."""
+    cancelled = "cancelled"
+    """Cancelled on request."""
+
+
+TERMINAL_STATUSES: frozenset[Status] = frozenset(
+    {Status.done, Status.failed, Status.cancelled}
+)
+"""Statuses a run never leaves (except by an explicit dead-letter retry)."""
+
+
+class TransitionKind(enum.StrEnum):
+    """What happened in a transition. Stored as the member's string value."""
+
+    spawned = "spawned"
+    step = "step"
+    waiting = "waiting"
+    signal = "signal"
+    step_failed = "step_failed"
+    retry = "retry"
+    compensating = "compensating"
+    compensated = "compensated"
+    compensation_failed = "compensation_failed"
+    failed = "failed"
+    cancelled = "cancelled"
+    resumed = "resumed"
+    dead_letter_retried = "dead_letter_retried"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorInfo:
+    """A recorded failure: what was raised, where, and on which attempt.
+
+    Attributes:
+        type: the exception's qualified type name, e.g. ``"builtins.ValueError"``.
+        message: ``str(exc)``.
+        traceback: the formatted traceback text.
+        step: the step index that raised (-1 when not inside a step).
+        step_name: the step's name.
+        attempt: the attempt number (1-based) that raised.
+        at: wall-clock time of the failure.
+    """
+
+    type: str
+    message: str
+    traceback: str
+    step: int
+    step_name: str
+    attempt: int
+    at: float
+
+    @classmethod
+    def from_exception(
+        cls, exc: BaseException, *, step: int, step_name: str, attempt: int, at: float
+    ) -> ErrorInfo:
+        """Record ``exc`` (with its traceback text).
+
+        Args:
+            exc: the exception raised.
+            step: the step index.
+            step_name: the step name.
+            attempt: the attempt number.
+            at: wall-clock time.
+
+        Returns:
+            The new record.
+        """
+        kind = type(exc)
+        return cls(
+            type=f"{kind.__module__}.{kind.__qualname__}",
+            message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            step=step,
+            step_name=step_name,
+            attempt=attempt,
+            at=at,
+        )
+
+    @property
+    def summary(self) -> str:
+        """``"ValueError: message"``, the short form used in transition details."""
+        return f"{self.type.rpartition('.')[2]}: {self.message}"
+
+
+class Snapshot(NamedTuple):
+    """The immutable state of one run at one version.
+
+    Attributes:
+        run_id: the run's id.
+        workflow: the workflow's name.
+        workflow_version: the workflow definition's version.
+        version: starts at 1, +1 per transition, never reused.
+        step: the cursor: index of the next step to run.
+        status: where the run is.
+        payload: the user's data (never mutated in place by hotstate).
+        error: the latest failure, or None.
+        updated_at: wall-clock time of this version.
+        attempt: the attempt number the step at the cursor is on (1-based).
+        signals: signals received but not yet consumed, oldest first,
+            as ``(name, data)`` pairs.
+    """
+
+    run_id: str
+    workflow: str
+    workflow_version: int
+    version: int
+    step: int
+    status: Status
+    payload: Any
+    error: ErrorInfo | None
+    updated_at: float
+    attempt: int = 1
+    signals: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        """True when the run is done, failed or cancelled."""
+        return self.status in TERMINAL_STATUSES
+
+
+class Transition(NamedTuple):
+    """One entry of a run's audit trail.
+
+    Attributes:
+        run_id: the run's id.
+        version: the snapshot version this transition produced.
+        kind: what happened.
+        step: the step cursor it concerns.
+        status: the run's status after it.
+        at: wall-clock time.
+        detail: a short human-readable detail (error summary, signal name), or None.
+    """
+
+    run_id: str
+    version: int
+    kind: TransitionKind
+    step: int
+    status: Status
+    at: float
+    detail: str | None = None

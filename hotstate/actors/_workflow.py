@@ -1,0 +1,224 @@
+"""Workflow definitions: ``Workflow``, ``Step``, ``RetryPolicy`` and ``Finish``.
+
+What a run executes, in the "actors" box of the DESIGN.md diagram. These are
+plain, validated, immutable definitions; the runtime owns the machinery.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+
+from hotstate._errors import ConfigError
+
+if TYPE_CHECKING:
+    from hotstate.actors._context import StepContext
+
+__all__ = [
+    "Compensation",
+    "Finish",
+    "RetryPolicy",
+    "Step",
+    "StepFn",
+    "Workflow",
+]
+
+P = TypeVar("P")
+
+StepFn = Callable[[Any, "StepContext"], Any]
+"""A step: ``fn(payload, ctx) -> next payload`` (or an awaitable of it when ``async def``)."""
+
+Compensation = Callable[[Any, "StepContext"], Any]
+"""A compensation: ``fn(payload, ctx) -> None | new payload`` (sync or ``async def``)."""
+
+
+@final
+class Finish(Generic[P]):
+    """Return ``Finish(payload)`` from a step to finish the run early (status done).
+
+    Args:
+        payload: the run's final payload.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: P) -> None:
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"Finish({self.payload!r})"
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(name, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How a failing step is retried: capped exponential backoff with jitter.
+
+    The delay before attempt ``n + 1`` is ``min(max_delay, initial_delay *
+    multiplier ** (n - 1))``, then scaled by a random factor in
+    ``[1 - jitter, 1]``.
+
+    Attributes:
+        max_attempts: attempts in total, including the first (>= 1).
+        initial_delay: seconds before the first retry (>= 0).
+        multiplier: growth per attempt (>= 1).
+        max_delay: the cap in seconds (default 60).
+        jitter: fraction of the delay that is randomised, in ``[0, 1]``.
+        non_retryable: exception types that give up at once.
+
+    Raises:
+        ConfigError: a field is out of range; the message names it.
+    """
+
+    max_attempts: int = 3
+    initial_delay: float = 0.1
+    multiplier: float = 2.0
+    max_delay: float = 60.0
+    jitter: float = 0.5
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigError("RetryPolicy.max_attempts", self.max_attempts, "must be an int >= 1")
+        _check_positive("RetryPolicy.initial_delay", self.initial_delay, allow_zero=True)
+        _check_positive("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
+            raise ConfigError("RetryPolicy.multiplier", self.multiplier, "must be a finite number >= 1")
+        if not (0.0 <= self.jitter <= 1.0):
+            raise ConfigError("RetryPolicy.jitter", self.jitter, "must be within [0, 1]")
+        for kind in self.non_retryable:
+            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+                raise ConfigError("RetryPolicy.non_retryable", kind, "must be exception types")
+
+    @classmethod
+    def never(cls) -> RetryPolicy:
+        """A policy that never retries (one attempt).
+
+        Returns:
+            The policy.
+        """
+        return cls(max_attempts=1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One step of a workflow.
+
+    Attributes:
+        fn: ``fn(payload, ctx) -> next payload``, sync or ``async def``.
+        name: the step's name (defaults to ``fn.__name__``).
+        retry: the retry policy (defaults to the workflow's).
+        timeout: seconds the step may run once it suspends, or None.
+        compensate: undoes the step when the run gives up later, or None.
+        wait_for: the name of a signal the step waits for before it runs;
+            the signal's data is in ``ctx.signal``.
+
+    Raises:
+        ConfigError: a field is invalid; the message names it.
+    """
+
+    fn: StepFn
+    name: str = ""
+    retry: RetryPolicy | None = None
+    timeout: float | None = None
+    compensate: Compensation | None = None
+    wait_for: str | None = None
+    is_async: bool = field(init=False, default=False)
+    compensate_is_async: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigError("Step.fn", self.fn, "must be callable")
+        if not self.name:
+            object.__setattr__(self, "name", getattr(self.fn, "__name__", "step"))
+        if self.timeout is not None:
+            _check_positive(f"Step({self.name!r}).timeout", self.timeout)
+        if self.compensate is not None and not callable(self.compensate):
+            raise ConfigError(f"Step({self.name!r}).compensate", self.compensate, "must be callable")
+        if self.wait_for is not None and (not isinstance(self.wait_for, str) or not self.wait_for):
+            raise ConfigError(f"Step({self.name!r}).wait_for", self.wait_for, "must be a non-empty str")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"Step({self.name!r}).retry", self.retry, "must be a RetryPolicy")
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.fn))
+        object.__setattr__(
+            self, "compensate_is_async", inspect.iscoroutinefunction(self.compensate)
+        )
+
+
+@final
+class Workflow:
+    """A named, versioned sequence of steps.
+
+    Args:
+        name: the workflow's name (unique within a runtime).
+        steps: the steps, in order; plain callables are wrapped in ``Step``.
+        version: the definition's version, recorded in every snapshot.
+        retry: the default retry policy for steps that set none.
+
+    Raises:
+        ConfigError: empty name or steps, duplicate step names, bad version.
+    """
+
+    __slots__ = ("name", "retry", "steps", "version")
+
+    def __init__(
+        self,
+        name: str,
+        steps: Iterable[Step | StepFn],
+        *,
+        version: int = 1,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError("Workflow.name", name, "must be a non-empty str")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"Workflow({name!r}).version", version, "must be an int >= 1")
+        default_retry = retry if retry is not None else RetryPolicy()
+        built: list[Step] = []
+        for item in steps:
+            step = item if isinstance(item, Step) else Step(fn=item)
+            if step.retry is None:
+                step = Step(
+                    fn=step.fn, name=step.name, retry=default_retry, timeout=step.timeout,
+                    compensate=step.compensate, wait_for=step.wait_for,
+                )
+            built.append(step)
+        if not built:
+            raise ConfigError(f"Workflow({name!r}).steps", [], "must have at least one step")
+        names = [s.name for s in built]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"Workflow({name!r}).steps", dupes, "step names must be unique")
+        self.name = name
+        self.version = version
+        self.retry = default_retry
+        self.steps: Sequence[Step] = tuple(built)
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r}, version={self.version}, steps={[s.name for s in self.steps]})"
+
+    def step_index(self, name: str) -> int:
+        """Return the index of the step called ``name``.
+
+        Args:
+            name: a step name.
+
+        Returns:
+            Its index.
+
+        Raises:
+            ConfigError: no step has that name.
+        """
+        for i, step in enumerate(self.steps):
+            if step.name == name:
+                return i
+        raise ConfigError(f"Workflow({self.name!r}).step", name, "no step has this name")
+

@@ -1,0 +1,28 @@
+"""What runs workflows: the ``Runtime``, its supervisor, event bus, timers and queries."""
+
+from __future__ import annotations
+
+from hotstate.runtime._backoff import RestartIntensity, RestartWindow, backoff_delay
+from hotstate.runtime._events import EventBus, Subscription
+from hotstate.runtime._loop import run, uvloop_available
+from hotstate.runtime._runtime import RunHandle, Runtime, RuntimeStatistics
+from hotstate.runtime._supervisor import DeadLetter, Supervisor, SupervisorStatistics
+from hotstate.runtime._timers import TimerHandle, TimerService
+
+__all__ = [
+    "DeadLetter",
+    "EventBus",
+    "RestartIntensity",
+    "RestartWindow",
+    "RunHandle",
+    "Runtime",
+    "RuntimeStatistics",
+    "Subscription",
+    "Supervisor",
+    "SupervisorStatistics",
+    "TimerHandle",
+    "TimerService",
+    "backoff_delay",
+    "run",
+    "uvloop_available",
+]

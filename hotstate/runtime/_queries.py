@@ -1,0 +1,58 @@
+"""In-memory indexes that answer "which runs are in status S / of workflow W" without a scan."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, final
+
+if TYPE_CHECKING:
+    from hotstate.actors import Status
+
+__all__ = ["RunIndex"]
+
+
+@final
+class RunIndex:
+    """Insertion-ordered sets of run ids per status and per workflow."""
+
+    __slots__ = ("by_status", "by_workflow")
+
+    def __init__(self) -> None:
+        self.by_status: dict[Status, dict[str, None]] = {}
+        self.by_workflow: dict[str, dict[str, None]] = {}
+
+    def add(self, run_id: str, workflow: str, status: Status) -> None:
+        """Index a new run."""
+        self.by_status.setdefault(status, {})[run_id] = None
+        self.by_workflow.setdefault(workflow, {})[run_id] = None
+
+    def move(self, run_id: str, old: Status, new: Status) -> None:
+        """Move a run from one status to another."""
+        bucket = self.by_status.get(old)
+        if bucket is not None:
+            bucket.pop(run_id, None)
+        self.by_status.setdefault(new, {})[run_id] = None
+
+    def remove(self, run_id: str, workflow: str, status: Status) -> None:
+        """Forget a run."""
+        self.by_status.get(status, {}).pop(run_id, None)
+        self.by_workflow.get(workflow, {}).pop(run_id, None)
+
+    def select(self, status: Status | None, workflow: str | None) -> list[str]:
+        """Return the ids matching both filters (None matches all), oldest first."""
+        if status is None and workflow is None:
+            out: list[str] = []
+            for ids in self.by_workflow.values():
+                out.extend(ids)
+            return out
+        if status is None:
+            return list(self.by_workflow.get(workflow or "", ()))
+        by_status = self.by_status.get(status, {})
+        if workflow is None:
+            return list(by_status)
+        by_wf = self.by_workflow.get(workflow, {})
+        small, large = (by_status, by_wf) if len(by_status) <= len(by_wf) else (by_wf, by_status)
+        return [rid for rid in small if rid in large]
+
+    def count(self, status: Status) -> int:
+        """How many runs are in ``status``."""
+        return len(self.by_status.get(status, ()))

@@ -1,0 +1,786 @@
+"""``Runtime``: the embedding entry point (the "Runtime" box of DESIGN.md).
+
+It owns one anyio task group. Runnable actors wait in a ready queue served by
+one scheduler task that runs their steps inline; when a step really suspends,
+that task keeps hosting the run and a fresh scheduler task takes over the queue
+(``handoff``). An idle run (waiting for a signal, or backing off) holds no task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+
+import anyio
+import anyio.lowlevel
+
+from hotstate._clock import Clock, SystemClock
+from hotstate._errors import (
+    ConfigError,
+    HotstateInternalError,
+    RunCancelledError,
+    RunFailedError,
+    RunFinishedError,
+    RunNotFoundError,
+    RuntimeClosedError,
+    WorkflowNotRegisteredError,
+)
+from hotstate.actors import (
+    TERMINAL_STATUSES,
+    RunActor,
+    Snapshot,
+    Status,
+    Transition,
+    TransitionKind,
+    TransitionSink,
+    Workflow,
+)
+from hotstate.actors._actor import MSG_CANCEL, MSG_SIGNAL, MSG_WAKE
+from hotstate.runtime._backoff import RestartIntensity
+from hotstate.runtime._events import EventBus, Subscription
+from hotstate.runtime._queries import RunIndex
+from hotstate.runtime._supervisor import DeadLetter, Supervisor, SupervisorStatistics
+from hotstate.runtime._timers import TimerHandle, TimerService
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from hotstate.actors import Step
+
+__all__ = ["RunHandle", "Runtime", "RuntimeStatistics"]
+
+log = logging.getLogger("hotstate.runtime")
+
+# A scheduler task yields to the event loop after this many steps, so a burst
+# of synchronous steps never starves other tasks (STYLE.md: every N steps).
+_STEPS_PER_YIELD: Final = 256
+_HANDLE_TOKEN: Final = object()
+
+
+class _NullSink:
+    """The memory-only persistence seam: every mark is dropped."""
+
+    __slots__ = ()
+
+    def mark(self, snapshot: Snapshot, transition: Transition) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeStatistics:
+    """Figures of a runtime, read with ``Runtime.statistics()``.
+
+    Attributes:
+        runs: runs held in memory.
+        by_status: how many runs are in each status.
+        transitions: transitions committed since start.
+        ready: runs waiting in the ready queue.
+        tasks: scheduler and step-hosting tasks alive.
+        timers: scheduled deadlines (backoffs, timeouts).
+        subscribers: live subscriptions.
+        subscriber_overflows: subscribers cut off for falling behind.
+        internal_errors: crashes in hotstate's own machinery (each logged).
+        supervisor: the supervisor's figures.
+    """
+
+    runs: int
+    by_status: Mapping[str, int]
+    transitions: int
+    ready: int
+    tasks: int
+    timers: int
+    subscribers: int
+    subscriber_overflows: int
+    internal_errors: int
+    supervisor: SupervisorStatistics
+
+
+@final
+class RunHandle:
+    """A handle on one run of a runtime. Returned by ``Runtime.spawn``; not built by users."""
+
+    __slots__ = ("_runtime", "run_id")
+
+    def __init__(self, runtime: Runtime, run_id: str, *, _token: object = None) -> None:
+        if _token is not _HANDLE_TOKEN:
+            raise TypeError("RunHandle is created by Runtime.spawn or Runtime.handle")
+        self._runtime = runtime
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.run_id!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunHandle) and other.run_id == self.run_id and other._runtime is self._runtime
+
+    def __hash__(self) -> int:
+        return hash(self.run_id)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """Where the run is now (its latest snapshot); O(1), no I/O.
+
+        Raises:
+            RunNotFoundError: the run is not held by the runtime.
+        """
+        return self._runtime.get(self.run_id)
+
+    async def wait_finished(self) -> Any:
+        """Wait for the run to finish; see ``Runtime.wait_finished``.
+
+        Returns:
+            The final payload.
+
+        Raises:
+            RunFailedError: the run failed for good.
+            RunCancelledError: the run was cancelled.
+        """
+        return await self._runtime.wait_finished(self.run_id)
+
+    async def send(self, signal: str, data: Any = None) -> None:
+        """Send a signal to the run; see ``Runtime.send``.
+
+        Raises:
+            RunFinishedError: the run has finished.
+            RuntimeClosedError: the runtime is closed.
+        """
+        await self._runtime.send(self.run_id, signal, data)
+
+    async def cancel(self) -> None:
+        """Cancel the run; see ``Runtime.cancel``.
+
+        Raises:
+            RunFinishedError: the run has finished.
+        """
+        await self._runtime.cancel(self.run_id)
+
+    def history(self) -> list[Transition]:
+        """Return the run's transitions, oldest first.
+
+        Raises:
+            RunNotFoundError: the run is not held by the runtime.
+        """
+        return self._runtime.history(self.run_id)
+
+
+@final
+class Runtime:
+    """Runs workflows as in-memory actors. Use it as an async context manager.
+
+    Args:
+        workflows: workflows to register now (more with ``register``).
+        clock: time source for backoff, timeouts and stamps (default: the system clock).
+        rng: random source for backoff jitter (default: a fresh ``random.Random()``).
+        intensity: restart intensity applied per run.
+        persister: the persistence seam, told about every transition (default: none).
+        shutdown_timeout: seconds in-flight steps get to finish at shutdown.
+        steps_per_turn: steps one run may take before others get a turn (fairness).
+
+    Raises:
+        ConfigError: an option is out of range, or two workflows share a name.
+
+    Example::
+
+        async with Runtime([order_workflow]) as rt:
+            run = await rt.spawn("order", {"id": 1})
+            print(rt.get(run.run_id).status)
+            result = await run.wait_finished()
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[Workflow] = (),
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        intensity: RestartIntensity | None = None,
+        persister: TransitionSink | None = None,
+        shutdown_timeout: float = 5.0,
+        steps_per_turn: int = 100,
+    ) -> None:
+        if not (isinstance(shutdown_timeout, int | float) and shutdown_timeout >= 0):
+            raise ConfigError("Runtime.shutdown_timeout", shutdown_timeout, "must be a number >= 0")
+        if isinstance(steps_per_turn, bool) or not isinstance(steps_per_turn, int) or steps_per_turn < 1:
+            raise ConfigError("Runtime.steps_per_turn", steps_per_turn, "must be an int >= 1")
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self.wall = self._clock.wall
+        self._rng = rng if rng is not None else random.Random()
+        self._sink: TransitionSink = persister if persister is not None else _NullSink()
+        self._shutdown_timeout = float(shutdown_timeout)
+        self._steps_per_turn = steps_per_turn
+        self._workflows: dict[str, Workflow] = {}
+        for wf in workflows:
+            self.register(wf)
+        self._supervisor = Supervisor(intensity or RestartIntensity(), self._clock, self._rng)
+        self._timers = TimerService(self._clock)
+        self._bus = EventBus()
+        self._index = RunIndex()
+        self._actors: dict[str, RunActor] = {}
+        self._ready: deque[RunActor] = deque()
+        self._worker_active = False
+        self._worker_actor: RunActor | None = None
+        self._tasks = 0
+        self._tasks_idle: anyio.Event | None = None
+        self._transitions = 0
+        self._internal_errors = 0
+        self._ids = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._state = "new"  # new -> open -> closing -> closed
+        self.stopping = False
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Runtime:
+        if self._state != "new":
+            raise RuntimeClosedError("a Runtime can be entered only once")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            await tg.start(self._timers.run)
+        except BaseException:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self._shutdown()
+        tg = self._tg
+        assert tg is not None  # noqa: S101 - set by __aenter__
+        tg.cancel_scope.cancel()
+        self._state = "closed"
+        return await tg.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """Shut down gracefully: stop accepting, let in-flight steps finish, then cancel.
+
+        Prefer ``async with``; this is for code that cannot use it. Runs that did
+        not finish stay at their latest snapshot (a later runtime can resume them).
+        """
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        await self.__aexit__(None, None, None)
+
+    async def _shutdown(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "closing"
+        self.stopping = True
+        with anyio.move_on_after(self._shutdown_timeout, shield=True):
+            while self._tasks:
+                self._tasks_idle = anyio.Event()
+                await self._tasks_idle.wait()
+        if self._tasks:
+            log.warning("hotstate: %d step(s) still running after %.3g s; cancelling them", self._tasks, self._shutdown_timeout)
+        self._bus.close_all()
+        for actor in self._actors.values():
+            if actor.waiters is not None:  # wake wait_finished callers: they raise RuntimeClosedError
+                actor.waiters.set()
+                actor.waiters = None
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_state", "closed") in ("open", "closing"):
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)
+
+    def __repr__(self) -> str:
+        return f"<Runtime {self._state} runs={len(getattr(self, '_actors', ()))}>"
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeClosedError(
+                "the runtime is not running; use `async with Runtime(...)`"
+                if self._state == "new" else "the runtime is closed"
+            )
+
+    # -------------------------------------------------------------- workflows
+
+    def register(self, workflow: Workflow) -> None:
+        """Register a workflow so runs of it can be spawned (and recovered).
+
+        Args:
+            workflow: the definition.
+
+        Raises:
+            ConfigError: another workflow has the same name, or ``workflow`` is not one.
+        """
+        if not isinstance(workflow, Workflow):
+            raise ConfigError("Runtime.register.workflow", workflow, "must be a Workflow")
+        existing = self._workflows.get(workflow.name)
+        if existing is not None and existing is not workflow:
+            raise ConfigError("Workflow.name", workflow.name, "a workflow with this name is already registered")
+        self._workflows[workflow.name] = workflow
+
+    @property
+    def workflows(self) -> Mapping[str, Workflow]:
+        """The registered workflows by name."""
+        return dict(self._workflows)
+
+    # ----------------------------------------------------------------- spawn
+
+    async def spawn(self, workflow: Workflow | str, payload: Any, *, run_id: str | None = None) -> RunHandle:
+        """Start a run of ``workflow`` with ``payload``.
+
+        Idempotent on ``run_id``: if a run with that id exists, its handle is
+        returned and nothing new is started.
+
+        Args:
+            workflow: a registered workflow or its name.
+            payload: the initial payload.
+            run_id: the run's id (default: a fresh unique id).
+
+        Returns:
+            The run's handle.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            WorkflowNotRegisteredError: the workflow is not registered.
+            ConfigError: ``run_id`` is not a non-empty str.
+        """
+        if self._state != "open":
+            self._check_open()
+        name = workflow if isinstance(workflow, str) else workflow.name
+        if run_id is None:
+            run_id = f"{self._id_prefix}{next(self._ids)}"
+        else:
+            if run_id in self._actors:
+                return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+            if not isinstance(run_id, str) or not run_id:
+                raise ConfigError("spawn.run_id", run_id, "must be a non-empty str")
+        wf = self._workflows.get(name)
+        if wf is None or (not isinstance(workflow, str) and wf is not workflow):
+            raise WorkflowNotRegisteredError(run_id, name)
+        now = self.wall()
+        snap = Snapshot(run_id, wf.name, wf.version, 1, 0, Status.pending, payload, None, now, 1, ())
+        actor = RunActor(wf, snap)
+        self._actors[run_id] = actor
+        self._index.add(run_id, wf.name, Status.pending)
+        self._record(actor, snap, Transition(run_id, 1, TransitionKind.spawned, 0, Status.pending, now, None))
+        self._schedule(actor)
+        return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+
+    def handle(self, run_id: str) -> RunHandle:
+        """Return a handle on an existing run.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            The handle.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        self._actor(run_id)
+        return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+
+    # --------------------------------------------------------------- queries
+
+    def get(self, run_id: str) -> Snapshot:
+        """Where is this run right now? Its latest snapshot; O(1), no I/O.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            The latest snapshot.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        actor = self._actors.get(run_id)
+        if actor is None:
+            raise RunNotFoundError(run_id)
+        return actor.snapshot
+
+    def list_runs(
+        self, *, status: Status | str | None = None, workflow: str | None = None, limit: int | None = None
+    ) -> list[Snapshot]:
+        """List runs by status and/or workflow from the in-memory indexes (no scan).
+
+        Args:
+            status: only runs in this status.
+            workflow: only runs of this workflow.
+            limit: at most this many, oldest first.
+
+        Returns:
+            Their latest snapshots.
+
+        Raises:
+            ConfigError: ``status`` is not a status name.
+        """
+        st = self._status(status)
+        ids = self._index.select(st, workflow)
+        if limit is not None:
+            ids = ids[:limit]
+        actors = self._actors
+        return [actors[rid].snapshot for rid in ids]
+
+    def count(self, *, status: Status | str | None = None, workflow: str | None = None) -> int:
+        """Count runs by status and/or workflow.
+
+        Args:
+            status: only runs in this status.
+            workflow: only runs of this workflow.
+
+        Returns:
+            The count.
+
+        Raises:
+            ConfigError: ``status`` is not a status name.
+        """
+        st = self._status(status)
+        if workflow is None and st is not None:
+            return self._index.count(st)
+        if workflow is None:
+            return len(self._actors)
+        return len(self._index.select(st, workflow))
+
+    @staticmethod
+    def _status(status: Status | str | None) -> Status | None:
+        if status is None or isinstance(status, Status):
+            return status
+        try:
+            return Status(status)
+        except ValueError:
+            raise ConfigError("status", status, f"must be one of {[s.value for s in Status]}") from None
+
+    def history(self, run_id: str) -> list[Transition]:
+        """Return a run's transitions (its audit trail), oldest first.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            A copy of the transitions held in memory.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        return list(self._actor(run_id).history)
+
+    def subscribe(
+        self, *, run_id: str | None = None, workflow: str | None = None, maxsize: int = 1000
+    ) -> Subscription:
+        """Subscribe to transitions as they happen.
+
+        Args:
+            run_id: only this run.
+            workflow: only this workflow.
+            maxsize: buffered transitions before the subscriber is cut off.
+
+        Returns:
+            An async iterator; ``SubscriberOverflowError`` ends it if it falls behind.
+
+        Raises:
+            ConfigError: ``maxsize`` is below 1.
+        """
+        return self._bus.subscribe(run_id=run_id, workflow=workflow, maxsize=maxsize)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Return the dead-letter records (runs that failed for good), oldest first.
+
+        Returns:
+            The records.
+        """
+        return list(self._supervisor.dead_letters.values())
+
+    def statistics(self) -> RuntimeStatistics:
+        """Return the runtime's current figures.
+
+        Returns:
+            A frozen record.
+        """
+        return RuntimeStatistics(
+            runs=len(self._actors),
+            by_status={s.value: n for s, ids in self._index.by_status.items() if (n := len(ids))},
+            transitions=self._transitions,
+            ready=len(self._ready),
+            tasks=self._tasks,
+            timers=len(self._timers),
+            subscribers=self._bus.count,
+            subscriber_overflows=self._bus.overflows,
+            internal_errors=self._internal_errors + self._timers.errors,
+            supervisor=self._supervisor.statistics(),
+        )
+
+    # ------------------------------------------------------- run interaction
+
+    async def wait_finished(self, run_id: str) -> Any:
+        """Wait until the run finishes and return its final payload.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            The final payload.
+
+        Raises:
+            RunNotFoundError: no such run.
+            RunFailedError: the run failed for good (``__cause__`` is the step's exception).
+            RunCancelledError: the run was cancelled.
+            RuntimeClosedError: the runtime shut down before the run finished.
+        """
+        actor = self._actor(run_id)
+        while actor.snapshot.status not in TERMINAL_STATUSES:
+            if self._state != "open":
+                raise RuntimeClosedError(f"run {run_id!r} did not finish before the runtime closed")
+            if actor.waiters is None:
+                actor.waiters = anyio.Event()
+            await actor.waiters.wait()
+        snap = actor.snapshot
+        if snap.status is Status.done:
+            return snap.payload
+        if snap.status is Status.cancelled:
+            raise RunCancelledError(run_id)
+        error = snap.error
+        if error is None:  # pragma: no cover - failed runs always carry an error
+            raise HotstateInternalError(f"run {run_id!r} failed without an error record")
+        raise RunFailedError(run_id, error) from actor.last_exc
+
+    async def send(self, run_id: str, signal: str, data: Any = None) -> None:
+        """Send a named signal (with data) to a run.
+
+        Signals queue in the run until a step that waits for that name runs.
+
+        Args:
+            run_id: the run's id.
+            signal: the signal's name.
+            data: its data, given to the waiting step as ``ctx.signal``.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            RunNotFoundError: no such run.
+            RunFinishedError: the run has finished.
+            ConfigError: no step of the run's workflow waits for ``signal``.
+        """
+        self._check_open()
+        actor = self._actor(run_id)
+        status = actor.snapshot.status
+        if status in TERMINAL_STATUSES:
+            raise RunFinishedError(run_id, status.value, f"send {signal!r}")
+        if not any(step.wait_for == signal for step in actor.workflow.steps):
+            raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
+        actor.mailbox.append((MSG_SIGNAL, signal, data))
+        self._schedule(actor)
+
+    async def cancel(self, run_id: str) -> None:
+        """Cancel a run: a suspended step is cancelled, and the run ends ``cancelled``.
+
+        Cancellation is not failure: no compensation runs, no restart budget is
+        used, nothing is dead-lettered. A run that is already compensating
+        finishes compensating and ends ``failed``.
+
+        Args:
+            run_id: the run's id.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            RunNotFoundError: no such run.
+            RunFinishedError: the run has finished.
+        """
+        self._check_open()
+        actor = self._actor(run_id)
+        status = actor.snapshot.status
+        if status in TERMINAL_STATUSES:
+            raise RunFinishedError(run_id, status.value, "cancel")
+        actor.mailbox.append((MSG_CANCEL, None, None))
+        if actor.scope is not None and status is not Status.compensating:
+            actor.scope.cancel()
+        self._schedule(actor)
+
+    async def retry_dead_letter(self, run_id: str, *, from_step: int | str | None = None) -> RunHandle:
+        """Run a dead-lettered run again, with a fresh retry budget.
+
+        Its compensations have already run; by default it resumes at the step
+        that failed, with the payload as the compensations left it.
+
+        Args:
+            run_id: the run's id.
+            from_step: resume at this step index or name instead.
+
+        Returns:
+            The run's handle.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            RunNotFoundError: no dead letter for this run.
+            ConfigError: ``from_step`` names no step.
+        """
+        self._check_open()
+        letter = self._supervisor.dead_letters.get(run_id)
+        if letter is None:
+            raise RunNotFoundError(run_id)
+        actor = self._actor(run_id)
+        steps = actor.workflow.steps
+        if from_step is None:
+            cursor = letter.error.step
+        elif isinstance(from_step, str):
+            cursor = actor.workflow.step_index(from_step)
+        else:
+            cursor = from_step
+        if isinstance(cursor, bool) or not 0 <= cursor < len(steps):
+            raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
+        del self._supervisor.dead_letters[run_id]
+        actor.attempts.clear()
+        actor.comp_errors.clear()
+        actor.last_exc = None
+        s = actor.snapshot
+        now = self.wall()
+        new = s._replace(version=s.version + 1, step=cursor, status=Status.running, error=None, attempt=1, updated_at=now)
+        self.commit(actor, new, Transition(run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, None))
+        self._schedule(actor)
+        return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+
+    def _actor(self, run_id: str) -> RunActor:
+        actor = self._actors.get(run_id)
+        if actor is None:
+            raise RunNotFoundError(run_id)
+        return actor
+
+    # ------------------------------------------------ ActorHost (hot path)
+
+    def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
+        """Make ``snapshot`` current for ``actor`` (called by the actor; not for users)."""
+        old = actor.snapshot.status
+        actor.snapshot = snapshot
+        if snapshot.status is not old:
+            self._index.move(snapshot.run_id, old, snapshot.status)
+        self._record(actor, snapshot, transition)
+
+    def _record(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
+        actor.history.append(transition)
+        self._transitions += 1
+        self._sink.mark(snapshot, transition)
+        if self._bus.count:
+            try:
+                self._bus.publish(transition, snapshot.workflow)
+            except Exception:  # noqa: BLE001 - a subscriber bug must not stop the run
+                self._internal_error("event bus publish")
+
+    def retry_delay(self, actor: RunActor, step: Step, exc: Exception) -> float | None:
+        """Ask the supervisor whether to retry (ActorHost)."""
+        if self.stopping:
+            return 0.0  # shutdown is not a failure verdict: retry when resumed
+        return self._supervisor.retry_delay(actor, step, exc)
+
+    def schedule_wake(self, actor: RunActor, delay: float) -> None:
+        """Wake ``actor`` after ``delay`` seconds (ActorHost)."""
+        def wake() -> None:
+            if self._state == "open":
+                actor.mailbox.append((MSG_WAKE, None, None))
+                self._schedule(actor)
+        self._timers.call_later(delay, wake)
+
+    def arm_timeout(self, actor: RunActor, timeout: float) -> TimerHandle:
+        """Cancel the actor's suspended step after ``timeout`` seconds (ActorHost)."""
+        def expire() -> None:
+            if actor.scope is not None:
+                actor.timed_out = True
+                actor.scope.cancel()
+        return self._timers.call_later(timeout, expire)
+
+    def disarm(self, handle: object) -> None:
+        """Cancel a timeout timer (ActorHost)."""
+        if isinstance(handle, TimerHandle):
+            handle.cancel()
+
+    def handoff(self, actor: RunActor) -> None:
+        """The current task blocks on ``actor``'s step: another task serves the queue (ActorHost)."""
+        if self._worker_actor is actor:
+            self._worker_actor = None
+            self._worker_active = False
+            if self._ready:
+                self._start_worker()
+
+    def finished(self, actor: RunActor) -> None:
+        """A run reached a terminal status (ActorHost)."""
+        snap = actor.snapshot
+        self._supervisor.forget(snap.run_id)
+        if snap.status is Status.failed and snap.error is not None:
+            self._supervisor.dead_letters[snap.run_id] = DeadLetter(
+                run_id=snap.run_id,
+                workflow=snap.workflow,
+                snapshot=snap,
+                error=snap.error,
+                attempts=tuple(actor.attempts),
+                compensation_errors=tuple(actor.comp_errors),
+                at=self.wall(),
+            )
+        if actor.waiters is not None:
+            actor.waiters.set()
+            actor.waiters = None
+
+    # ------------------------------------------------------------- scheduler
+
+    def _schedule(self, actor: RunActor) -> None:
+        if actor.queued or actor.running:
+            return
+        actor.queued = True
+        self._ready.append(actor)
+        if not self._worker_active and self._state == "open":
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        tg = self._tg
+        assert tg is not None  # noqa: S101 - only called while open
+        self._worker_active = True
+        self._tasks += 1
+        tg.start_soon(self._serve, name="hotstate-scheduler")
+
+    async def _serve(self) -> None:
+        """Serve the ready queue; becomes a step host when a step suspends."""
+        ready = self._ready
+        budget = self._steps_per_turn
+        yield_at = self._transitions + _STEPS_PER_YIELD
+        try:
+            while True:
+                if not ready or self.stopping:
+                    self._worker_active = False
+                    return
+                actor = ready.popleft()
+                actor.queued = False
+                self._worker_actor = actor
+                actor.running = True
+                try:
+                    await actor.turn(self, budget)
+                except Exception:  # noqa: BLE001 - isolate a bug in one run from the others
+                    self._internal_error(f"turn of run {actor.run_id!r}")
+                finally:
+                    actor.running = False
+                handed_off = self._worker_actor is not actor
+                self._worker_actor = None
+                if actor.runnable() and actor.snapshot.status not in TERMINAL_STATUSES:
+                    self._schedule(actor)
+                elif actor.mailbox:
+                    actor.mailbox.clear()  # messages to a finished run have nowhere to go
+                if handed_off:
+                    if self._worker_active or not ready:
+                        return  # this task only hosted a step; a scheduler already runs
+                    self._worker_active = True
+                if self._transitions >= yield_at:
+                    yield_at = self._transitions + _STEPS_PER_YIELD
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            self._tasks -= 1
+            if self._tasks == 0 and self._tasks_idle is not None:
+                self._tasks_idle.set()
+
+    def _internal_error(self, where: str) -> None:
+        self._internal_errors += 1
+        log.exception("hotstate internal error in %s", where)
