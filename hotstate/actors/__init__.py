@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hotstate.actors._actor import ActorHost, RunActor, TransitionSink
 from hotstate.actors._context import StepContext
+from hotstate.actors._history import History
 from hotstate.actors._snapshot import (
     TERMINAL_STATUSES,
     ErrorInfo,
@@ -23,6 +24,7 @@ __all__ = [
     "Compensation",
     "ErrorInfo",
     "Finish",
+    "History",
     "RetryPolicy",
     "RunActor",
     "Snapshot",

@@ -27,10 +27,12 @@ class RunIndex:
 
     def move(self, run_id: str, old: Status, new: Status) -> None:
         """Move a run from one status to another."""
-        bucket = self.by_status.get(old)
-        if bucket is not None:
-            bucket.pop(run_id, None)
-        self.by_status.setdefault(new, {})[run_id] = None
+        by_status = self.by_status
+        del by_status[old][run_id]
+        bucket = by_status.get(new)
+        if bucket is None:
+            bucket = by_status[new] = {}
+        bucket[run_id] = None
 
     def remove(self, run_id: str, workflow: str, status: Status) -> None:
         """Forget a run."""

@@ -1,20 +1,25 @@
 """``Runtime``: the embedding entry point (the "Runtime" box of DESIGN.md).
 
 It owns one anyio task group. Runnable actors wait in a ready queue served by
-one scheduler task that runs their steps inline; when a step really suspends,
-that task keeps hosting the run and a fresh scheduler task takes over the queue
-(``handoff``). An idle run (waiting for a signal, or backing off) holds no task.
+one scheduler task that runs their steps inline. The scheduler arms a watch
+(``loop.call_soon``) before it can yield; the watch runs only once the task has
+yielded, so if it finds the scheduler inside a run's turn, that run's step has
+suspended: the task stays with that run as its host and a fresh scheduler task
+takes the queue (``_handoff``). This costs one callback per yield instead of
+anything per step. An idle run (waiting for a signal, or backing off) holds no
+task. Runs on asyncio (plain or uvloop): interrupts use ``Task.uncancel``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import random
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -43,6 +48,7 @@ from hotstate.actors import (
     Workflow,
 )
 from hotstate.actors._actor import MSG_CANCEL, MSG_SIGNAL, MSG_WAKE
+from hotstate.actors._history import History
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._queries import RunIndex
@@ -62,15 +68,9 @@ log = logging.getLogger("hotstate.runtime")
 # of synchronous steps never starves other tasks (STYLE.md: every N steps).
 _STEPS_PER_YIELD: Final = 256
 _HANDLE_TOKEN: Final = object()
-
-
-class _NullSink:
-    """The memory-only persistence seam: every mark is dropped."""
-
-    __slots__ = ()
-
-    def mark(self, snapshot: Snapshot, transition: Transition) -> None:
-        pass
+_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
+_PENDING: Final = Status.pending
+_SPAWNED: Final = TransitionKind.spawned
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +113,13 @@ class RunHandle:
             raise TypeError("RunHandle is created by Runtime.spawn or Runtime.handle")
         self._runtime = runtime
         self.run_id = run_id
+
+    @classmethod
+    def _new(cls, runtime: Runtime, run_id: str) -> RunHandle:
+        handle = object.__new__(cls)  # skips the guarded __init__: spawn is on W1's path
+        handle._runtime = runtime
+        handle.run_id = run_id
+        return handle
 
     def __repr__(self) -> str:
         return f"<RunHandle {self.run_id!r}>"
@@ -212,7 +219,8 @@ class Runtime:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self.wall = self._clock.wall
         self._rng = rng if rng is not None else random.Random()
-        self._sink: TransitionSink = persister if persister is not None else _NullSink()
+        self._sink = persister
+        self.mark: Callable[[Snapshot, Transition], None] | None = persister.mark if persister is not None else None
         self._shutdown_timeout = float(shutdown_timeout)
         self._steps_per_turn = steps_per_turn
         self._workflows: dict[str, Workflow] = {}
@@ -220,12 +228,13 @@ class Runtime:
             self.register(wf)
         self._supervisor = Supervisor(intensity or RestartIntensity(), self._clock, self._rng)
         self._timers = TimerService(self._clock)
-        self._bus = EventBus()
+        self._bus = self.bus = EventBus()
         self._index = RunIndex()
         self._actors: dict[str, RunActor] = {}
         self._ready: deque[RunActor] = deque()
         self._worker_active = False
         self._worker_actor: RunActor | None = None
+        self._watch_armed = False
         self._tasks = 0
         self._tasks_idle: anyio.Event | None = None
         self._transitions = 0
@@ -363,16 +372,27 @@ class Runtime:
             if not isinstance(run_id, str) or not run_id:
                 raise ConfigError("spawn.run_id", run_id, "must be a non-empty str")
         wf = self._workflows.get(name)
-        if wf is None or (not isinstance(workflow, str) and wf is not workflow):
+        if wf is None or (wf is not workflow and not isinstance(workflow, str)):
             raise WorkflowNotRegisteredError(run_id, name)
         now = self.wall()
-        snap = Snapshot(run_id, wf.name, wf.version, 1, 0, Status.pending, payload, None, now, 1, ())
-        actor = RunActor(wf, snap)
+        snap = _new(Snapshot, (run_id, name, wf.version, 1, 0, _PENDING, payload, None, now, 1, ()))
+        tr = _new(Transition, (run_id, 1, _SPAWNED, 0, _PENDING, now, None))
+        history = History()
+        history.add(tr)
+        actor = RunActor(wf, snap, history)
         self._actors[run_id] = actor
-        self._index.add(run_id, wf.name, Status.pending)
-        self._record(actor, snap, Transition(run_id, 1, TransitionKind.spawned, 0, Status.pending, now, None))
-        self._schedule(actor)
-        return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+        self._index.add(run_id, name, _PENDING)
+        self._transitions += 1
+        if self.mark is not None:
+            self.mark(snap, tr)
+        if self._bus.count:
+            self._publish(tr, name)
+        # _schedule, inlined: spawn is on W1's measured path.
+        actor.queued = True
+        self._ready.append(actor)
+        if not self._worker_active:
+            self._start_worker()
+        return RunHandle._new(self, run_id)
 
     def handle(self, run_id: str) -> RunHandle:
         """Return a handle on an existing run.
@@ -472,7 +492,7 @@ class Runtime:
         Raises:
             RunNotFoundError: no such run.
         """
-        return list(self._actor(run_id).history)
+        return self._actor(run_id).history.transitions(run_id)
 
     def subscribe(
         self, *, run_id: str | None = None, workflow: str | None = None, maxsize: int = 1000
@@ -576,7 +596,7 @@ class Runtime:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
         if not any(step.wait_for == signal for step in actor.workflow.steps):
             raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
-        actor.mailbox.append((MSG_SIGNAL, signal, data))
+        actor.post(MSG_SIGNAL, signal, data)
         self._schedule(actor)
 
     async def cancel(self, run_id: str) -> None:
@@ -599,9 +619,19 @@ class Runtime:
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, "cancel")
-        actor.mailbox.append((MSG_CANCEL, None, None))
-        if actor.scope is not None and status is not Status.compensating:
-            actor.scope.cancel()
+        actor.post(MSG_CANCEL)
+        task = actor.host_task
+        if (
+            actor.running
+            and actor.interrupt is None
+            and status is not Status.compensating
+            and task is not None
+            and task is not asyncio.current_task()
+        ):
+            # The run's turn is in another task, which can only be suspended
+            # inside a step: interrupt that step (see _actor.py).
+            actor.interrupt = "cancel"
+            task.cancel()
         self._schedule(actor)
 
     async def retry_dead_letter(self, run_id: str, *, from_step: int | str | None = None) -> RunHandle:
@@ -637,8 +667,8 @@ class Runtime:
         if isinstance(cursor, bool) or not 0 <= cursor < len(steps):
             raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
         del self._supervisor.dead_letters[run_id]
-        actor.attempts.clear()
-        actor.comp_errors.clear()
+        actor.attempts = ()
+        actor.comp_errors = ()
         actor.last_exc = None
         s = actor.snapshot
         now = self.wall()
@@ -661,17 +691,18 @@ class Runtime:
         actor.snapshot = snapshot
         if snapshot.status is not old:
             self._index.move(snapshot.run_id, old, snapshot.status)
-        self._record(actor, snapshot, transition)
-
-    def _record(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
-        actor.history.append(transition)
+        actor.history.add(transition)
         self._transitions += 1
-        self._sink.mark(snapshot, transition)
+        if self.mark is not None:
+            self.mark(snapshot, transition)
         if self._bus.count:
-            try:
-                self._bus.publish(transition, snapshot.workflow)
-            except Exception:  # noqa: BLE001 - a subscriber bug must not stop the run
-                self._internal_error("event bus publish")
+            self._publish(transition, snapshot.workflow)
+
+    def _publish(self, transition: Transition, workflow: str) -> None:
+        try:
+            self._bus.publish(transition, workflow)
+        except Exception:  # noqa: BLE001 - a subscriber bug must not stop the run
+            self._internal_error("event bus publish")
 
     def retry_delay(self, actor: RunActor, step: Step, exc: Exception) -> float | None:
         """Ask the supervisor whether to retry (ActorHost)."""
@@ -683,16 +714,18 @@ class Runtime:
         """Wake ``actor`` after ``delay`` seconds (ActorHost)."""
         def wake() -> None:
             if self._state == "open":
-                actor.mailbox.append((MSG_WAKE, None, None))
+                actor.post(MSG_WAKE)
                 self._schedule(actor)
         self._timers.call_later(delay, wake)
 
     def arm_timeout(self, actor: RunActor, timeout: float) -> TimerHandle:
         """Cancel the actor's suspended step after ``timeout`` seconds (ActorHost)."""
         def expire() -> None:
-            if actor.scope is not None:
-                actor.timed_out = True
-                actor.scope.cancel()
+            # Timers fire only while the step's task is suspended in that step.
+            task = actor.host_task
+            if actor.running and actor.interrupt is None and task is not None:
+                actor.interrupt = "timeout"
+                task.cancel()
         return self._timers.call_later(timeout, expire)
 
     def disarm(self, handle: object) -> None:
@@ -700,13 +733,20 @@ class Runtime:
         if isinstance(handle, TimerHandle):
             handle.cancel()
 
-    def handoff(self, actor: RunActor) -> None:
-        """The current task blocks on ``actor``'s step: another task serves the queue (ActorHost)."""
-        if self._worker_actor is actor:
+    def _handoff(self) -> None:
+        """The watch: runs once the scheduler task has yielded. If it yielded inside a
+        run's turn, a step suspended: that task keeps the run, a new one takes the queue."""
+        self._watch_armed = False
+        if self._worker_actor is not None:
             self._worker_actor = None
             self._worker_active = False
             if self._ready:
                 self._start_worker()
+
+    def _arm_watch(self) -> None:
+        if not self._watch_armed:
+            self._watch_armed = True
+            asyncio.get_running_loop().call_soon(self._handoff)
 
     def finished(self, actor: RunActor) -> None:
         """A run reached a terminal status (ActorHost)."""
@@ -718,8 +758,8 @@ class Runtime:
                 workflow=snap.workflow,
                 snapshot=snap,
                 error=snap.error,
-                attempts=tuple(actor.attempts),
-                compensation_errors=tuple(actor.comp_errors),
+                attempts=actor.attempts,
+                compensation_errors=actor.comp_errors,
                 at=self.wall(),
             )
         if actor.waiters is not None:
@@ -744,10 +784,12 @@ class Runtime:
         tg.start_soon(self._serve, name="hotstate-scheduler")
 
     async def _serve(self) -> None:
-        """Serve the ready queue; becomes a step host when a step suspends."""
+        """Serve the ready queue; stays with a run as its host when a step suspends."""
         ready = self._ready
         budget = self._steps_per_turn
+        task = asyncio.current_task()
         yield_at = self._transitions + _STEPS_PER_YIELD
+        self._arm_watch()
         try:
             while True:
                 if not ready or self.stopping:
@@ -757,25 +799,31 @@ class Runtime:
                 actor.queued = False
                 self._worker_actor = actor
                 actor.running = True
+                actor.host_task = task
                 try:
-                    await actor.turn(self, budget)
+                    fast = await actor.turn(self, budget)
+                    self._transitions += fast  # not `+= await`: that reads the counter before the await
                 except Exception:  # noqa: BLE001 - isolate a bug in one run from the others
                     self._internal_error(f"turn of run {actor.run_id!r}")
                 finally:
                     actor.running = False
+                    actor.host_task = None
                 handed_off = self._worker_actor is not actor
                 self._worker_actor = None
-                if actor.runnable() and actor.snapshot.status not in TERMINAL_STATUSES:
-                    self._schedule(actor)
-                elif actor.mailbox:
-                    actor.mailbox.clear()  # messages to a finished run have nowhere to go
+                if actor.mailbox or actor.runnable():
+                    if actor.snapshot.status in TERMINAL_STATUSES:
+                        actor.mailbox = None  # messages to a finished run have nowhere to go
+                    else:
+                        self._schedule(actor)
                 if handed_off:
                     if self._worker_active or not ready:
                         return  # this task only hosted a step; a scheduler already runs
                     self._worker_active = True
-                if self._transitions >= yield_at:
+                    self._arm_watch()
+                elif self._transitions >= yield_at:
                     yield_at = self._transitions + _STEPS_PER_YIELD
-                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint()  # the armed watch finds no turn: no handoff
+                    self._arm_watch()
         finally:
             self._tasks -= 1
             if self._tasks == 0 and self._tasks_idle is not None:

@@ -1,0 +1,1 @@
+"""hotstate benchmarks: workloads and their ceilings, runnable as ``python -m benchmarks``."""
