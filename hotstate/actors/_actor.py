@@ -146,12 +146,12 @@ class RunActor:
         "attempts",
         "comp_errors",
         "history",
+        "host_task",
+        "interrupt",
         "last_exc",
         "mailbox",
         "queued",
         "running",
-        "host_task",
-        "interrupt",
         "snapshot",
         "waiters",
         "workflow",
@@ -217,6 +217,7 @@ class RunActor:
         wall = host.wall
         append = self.history.cols.append
         awaitable = _AWAITABLE
+        code_base = STEP_RUNNING - 256
         fast = 0
         while fast < budget and not host.stopping:
             if self.mailbox and self._drain_mailbox(host):
@@ -234,47 +235,29 @@ class RunActor:
                 self._finish(host, s, s.payload, k)
                 return fast
             step = steps[k]
-            wait_for = step.wait_for
-            signal = None
-            if wait_for is not None:
-                signal = _find_signal(s.signals, wait_for)
-                if signal is _MISSING:
-                    self._park(host, s, wait_for)
-                    return fast
-            ctx = _new(StepContext, (run_id, wf_name, wf_version, k, step.name, s.attempt, s.version, signal, False))
-            timer = None if step.timeout is None else host.arm_timeout(self, step.timeout)
-            try:
-                if step.is_async:
-                    result = await step.fn(s.payload, ctx)
-                    # Only a suspension lets others commit (a signal) in between.
-                    s = self.snapshot
-                else:
-                    result = step.fn(s.payload, ctx)
-                cls = type(result)
-                is_aw = awaitable.get(cls)
-                if is_aw is None:
-                    is_aw = awaitable[cls] = hasattr(cls, "__await__")
-                if is_aw:
-                    if isinstance(result, Coroutine):
-                        result.close()  # never awaited on purpose; keep no warning behind
-                    raise StepResultError(run_id, step.name, result)
-            except CancelledError:
-                reason = self._take_interrupt()
-                if reason is None:
-                    raise  # shutdown or an outer cancel scope: not ours to handle
-                if reason == "timeout" and step.timeout is not None:
-                    self._step_failed(host, step, StepTimeoutError(step.name, step.timeout))
-                continue  # "cancel": the cancel message waits in the mailbox
-            except Exception as exc:
-                self._step_failed(host, step, exc)
-                continue
-            finally:
-                if timer is not None:
-                    host.disarm(timer)
-            if self.interrupt is not None:
-                self._take_interrupt()  # the step swallowed our cancel and returned
-            signals = s.signals if wait_for is None else _drop_first(s.signals, wait_for)
-            if cls is Finish:
+            if step.plain:
+                # An `async def` step with no signal and no timeout: the common case.
+                try:
+                    result = await step.fn(s.payload, _new(StepContext, (run_id, wf_name, wf_version, k, step.name, s.attempt, s.version, None, False)))
+                except CancelledError:
+                    if self._take_interrupt() is None:
+                        raise  # shutdown or an outer cancel scope: not ours to handle
+                    continue  # "cancel": the cancel message waits in the mailbox
+                except Exception as exc:
+                    self._step_failed(host, step, exc)
+                    continue
+                if awaitable.get(type(result), True) and self._bad_result(host, run_id, step, result):
+                    continue
+                s = self.snapshot  # a suspended step lets others commit (a signal) meanwhile
+                if self.interrupt is not None:
+                    self._take_interrupt()  # the step swallowed our cancel and returned
+                signals = s.signals
+            else:
+                done = await self._general_step(host, s, step, k)
+                if done is _FAILED:
+                    continue
+                s, result, signals = done
+            if type(result) is Finish:
                 self._finish(host, s, result.payload, nsteps, signals)
                 return fast
             k += 1
@@ -284,12 +267,12 @@ class RunActor:
             v = s.version + 1
             now = wall()
             new = _new(Snapshot, (run_id, wf_name, wf_version, v, k, _RUNNING, result, None, now, 1, signals))
-            if s.status is _RUNNING:
+            if status is _RUNNING:
                 # Fast path (status unchanged): what host.commit does, inlined;
                 # the Transition object is built only when someone takes it.
                 self.snapshot = new
                 append(now)
-                append(k * 256 - 256 + STEP_RUNNING)
+                append(k * 256 + code_base)
                 if mark is not None or bus.count:
                     tr = _new(Transition, (run_id, v, _K_STEP, k - 1, _RUNNING, now, None))
                     if mark is not None:
@@ -300,6 +283,59 @@ class RunActor:
             else:
                 host.commit(self, new, _new(Transition, (run_id, v, _K_STEP, k - 1, _RUNNING, now, None)))
         return fast
+
+    async def _general_step(self, host: ActorHost, s: Snapshot, step: Step, k: int) -> Any:
+        """Run a step that waits for a signal, has a timeout, or is sync.
+
+        Returns:
+            ``(snapshot, result, signals)``, or ``_FAILED`` when the step failed,
+            parked, or was interrupted (the turn loop then looks again).
+        """
+        wait_for = step.wait_for
+        signal = None
+        if wait_for is not None:
+            signal = _find_signal(s.signals, wait_for)
+            if signal is _MISSING:
+                self._park(host, s, wait_for)
+                return _FAILED
+        ctx = _new(StepContext, (s.run_id, s.workflow, s.workflow_version, k, step.name, s.attempt, s.version, signal, False))
+        timer = None if step.timeout is None else host.arm_timeout(self, step.timeout)
+        try:
+            if step.is_async:
+                result = await step.fn(s.payload, ctx)
+            else:
+                result = step.fn(s.payload, ctx)
+        except CancelledError:
+            reason = self._take_interrupt()
+            if reason is None:
+                raise  # shutdown or an outer cancel scope: not ours to handle
+            if reason == "timeout" and step.timeout is not None:
+                self._step_failed(host, step, StepTimeoutError(step.name, step.timeout))
+            return _FAILED  # "cancel": the cancel message waits in the mailbox
+        except Exception as exc:
+            self._step_failed(host, step, exc)
+            return _FAILED
+        finally:
+            if timer is not None:
+                host.disarm(timer)
+        if self.interrupt is not None:
+            self._take_interrupt()  # the step swallowed our cancel and returned
+        if _is_awaitable(result) and self._bad_result(host, s.run_id, step, result):
+            return _FAILED
+        s = self.snapshot
+        return s, result, (s.signals if wait_for is None else _drop_first(s.signals, wait_for))
+
+    def _bad_result(self, host: ActorHost, run_id: str, step: Step, result: Any) -> bool:
+        """Fail the step if it returned an awaitable (it forgot an ``await``)."""
+        if not _is_awaitable(result):
+            return False
+        if isinstance(result, Coroutine):
+            result.close()  # never awaited on purpose; keep no warning behind
+        try:
+            raise StepResultError(run_id, step.name, result)
+        except StepResultError as exc:
+            self._step_failed(host, step, exc)
+        return True
 
     # --------------------------------------------------------------- helpers
 
@@ -433,6 +469,7 @@ class RunActor:
 
 
 _MISSING: Final = object()
+_FAILED: Final = object()
 
 
 def _find_signal(signals: tuple[tuple[str, Any], ...], name: str) -> Any:

@@ -27,6 +27,11 @@ STATUS_CODE: Final = {s: i for i, s in enumerate(STATUSES)}
 STEP_RUNNING: Final = KIND_CODE[TransitionKind.step] * 16 + STATUS_CODE[Status.running]
 
 
+def encode(t: Transition) -> float:
+    """Pack a transition's step, kind and status into one exact float."""
+    return t.step * 256 + KIND_CODE[t.kind] * 16 + STATUS_CODE[t.status]
+
+
 @final
 class History:
     """A run's transitions from version ``base + 1`` on.
@@ -38,10 +43,15 @@ class History:
 
     __slots__ = ("base", "cols", "details")
 
-    def __init__(self, base: int = 0) -> None:
+    def __init__(self, base: int = 0, first: Transition | None = None) -> None:
         self.base = base
-        self.cols = array("d")  # time, code, time, code, ...
         self.details: dict[int, str] | None = None
+        if first is None:
+            self.cols = array("d")  # time, code, time, code, ...
+        else:
+            self.cols = array("d", (first.at, encode(first)))
+            if first.detail is not None:
+                self.details = {0: first.detail}
 
     def __len__(self) -> int:
         return len(self.cols) >> 1
@@ -55,6 +65,10 @@ class History:
             self.details[len(cols) >> 1] = t.detail
         cols.append(t.at)
         cols.append(t.step * 256 + KIND_CODE[t.kind] * 16 + STATUS_CODE[t.status])
+
+    def last_at(self) -> float | None:
+        """Time of the newest transition held, or None."""
+        return self.cols[-2] if self.cols else None
 
     def transitions(self, run_id: str) -> list[Transition]:
         """Rebuild the transitions, oldest first.

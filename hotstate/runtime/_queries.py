@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, final
+from typing import final
 
-if TYPE_CHECKING:
-    from hotstate.actors import Status
+from hotstate.actors import Status
 
 __all__ = ["RunIndex"]
 
@@ -17,22 +16,27 @@ class RunIndex:
     __slots__ = ("by_status", "by_workflow")
 
     def __init__(self) -> None:
-        self.by_status: dict[Status, dict[str, None]] = {}
+        # Every bucket exists up front, so the hot path never calls setdefault.
+        self.by_status: dict[Status, dict[str, None]] = {status: {} for status in Status}
         self.by_workflow: dict[str, dict[str, None]] = {}
 
     def add(self, run_id: str, workflow: str, status: Status) -> None:
         """Index a new run."""
-        self.by_status.setdefault(status, {})[run_id] = None
-        self.by_workflow.setdefault(workflow, {})[run_id] = None
+        self.by_status[status][run_id] = None
+        self.workflow_bucket(workflow)[run_id] = None
+
+    def workflow_bucket(self, workflow: str) -> dict[str, None]:
+        """The (live) id set of ``workflow``, created on first use."""
+        bucket = self.by_workflow.get(workflow)
+        if bucket is None:
+            bucket = self.by_workflow[workflow] = {}
+        return bucket
 
     def move(self, run_id: str, old: Status, new: Status) -> None:
         """Move a run from one status to another."""
         by_status = self.by_status
         del by_status[old][run_id]
-        bucket = by_status.get(new)
-        if bucket is None:
-            bucket = by_status[new] = {}
-        bucket[run_id] = None
+        by_status[new][run_id] = None
 
     def remove(self, run_id: str, workflow: str, status: Status) -> None:
         """Forget a run."""

@@ -230,6 +230,7 @@ class Runtime:
         self._timers = TimerService(self._clock)
         self._bus = self.bus = EventBus()
         self._index = RunIndex()
+        self._pending = self._index.by_status[Status.pending]
         self._actors: dict[str, RunActor] = {}
         self._ready: deque[RunActor] = deque()
         self._worker_active = False
@@ -377,11 +378,10 @@ class Runtime:
         now = self.wall()
         snap = _new(Snapshot, (run_id, name, wf.version, 1, 0, _PENDING, payload, None, now, 1, ()))
         tr = _new(Transition, (run_id, 1, _SPAWNED, 0, _PENDING, now, None))
-        history = History()
-        history.add(tr)
-        actor = RunActor(wf, snap, history)
+        actor = RunActor(wf, snap, History(0, tr))
         self._actors[run_id] = actor
-        self._index.add(run_id, name, _PENDING)
+        self._pending[run_id] = None  # RunIndex.add, inlined
+        self._index.workflow_bucket(name)[run_id] = None
         self._transitions += 1
         if self.mark is not None:
             self.mark(snap, tr)
@@ -690,7 +690,9 @@ class Runtime:
         old = actor.snapshot.status
         actor.snapshot = snapshot
         if snapshot.status is not old:
-            self._index.move(snapshot.run_id, old, snapshot.status)
+            by_status = self._index.by_status  # RunIndex.move, inlined
+            del by_status[old][snapshot.run_id]
+            by_status[snapshot.status][snapshot.run_id] = None
         actor.history.add(transition)
         self._transitions += 1
         if self.mark is not None:
@@ -751,7 +753,6 @@ class Runtime:
     def finished(self, actor: RunActor) -> None:
         """A run reached a terminal status (ActorHost)."""
         snap = actor.snapshot
-        self._supervisor.forget(snap.run_id)
         if snap.status is Status.failed and snap.error is not None:
             self._supervisor.dead_letters[snap.run_id] = DeadLetter(
                 run_id=snap.run_id,
@@ -762,6 +763,8 @@ class Runtime:
                 compensation_errors=actor.comp_errors,
                 at=self.wall(),
             )
+        if actor.attempts:
+            self._supervisor.forget(snap.run_id)  # only runs that failed once have a window
         if actor.waiters is not None:
             actor.waiters.set()
             actor.waiters = None
