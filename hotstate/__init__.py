@@ -52,8 +52,10 @@ from hotstate.actors import (
     TransitionKind,
     Workflow,
 )
+from hotstate.persistence import FlushPolicy, JsonCodec, PickleCodec, Tier
 from hotstate.runtime import (
     DeadLetter,
+    RecoveryReport,
     RestartIntensity,
     RunHandle,
     Runtime,
@@ -73,9 +75,13 @@ __all__ = [
     "DurabilityTimeoutError",
     "ErrorInfo",
     "Finish",
+    "FlushPolicy",
     "HotstateError",
     "HotstateInternalError",
+    "JsonCodec",
     "PersistenceError",
+    "PickleCodec",
+    "RecoveryReport",
     "RestartIntensity",
     "RetryPolicy",
     "RunCancelledError",
@@ -98,6 +104,7 @@ __all__ = [
     "SubscriberOverflowError",
     "SupervisorStatistics",
     "SystemClock",
+    "Tier",
     "Transition",
     "TransitionKind",
     "Workflow",

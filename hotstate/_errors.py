@@ -119,6 +119,7 @@ class PersistenceError(HotstateError):
 
     def __init__(self, tier: str, message: str) -> None:
         self.tier = tier
+        self.detail = message
         super().__init__(f"[{tier}] {message}")
 
 

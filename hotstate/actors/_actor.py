@@ -49,6 +49,7 @@ __all__ = ["ActorHost", "Publisher", "RunActor", "TransitionSink"]
 MSG_SIGNAL: Final = 0
 MSG_CANCEL: Final = 1
 MSG_WAKE: Final = 2
+MSG_FAIL: Final = 3  # fail the run for good (e.g. its payload cannot be persisted)
 
 _new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
 _RUNNING = Status.running
@@ -87,6 +88,13 @@ class ActorHost(Protocol):
 
     mark: Callable[[Snapshot, Transition], None] | None
     """The persisters' ``mark`` (None when memory-only): called once per transition."""
+
+    hold: bool
+    """True when runs may have to wait before a step (write-through, backpressure)."""
+
+    def must_wait(self, actor: RunActor, version: int) -> bool:
+        """Return True (and reschedule the actor later) if it must not advance past ``version`` yet."""
+        ...
 
     bus: Publisher
     """Where transitions go when someone subscribes."""
@@ -150,6 +158,7 @@ class RunActor:
         "interrupt",
         "last_exc",
         "mailbox",
+        "parked",
         "queued",
         "running",
         "snapshot",
@@ -163,6 +172,7 @@ class RunActor:
         self.history = history
         self.mailbox: deque[tuple[int, Any, Any]] | None = None  # created by the first post()
         self.queued = False  # in the runtime's ready queue
+        self.parked = False  # waiting for durability or backpressure; the runtime reschedules it
         self.running = False  # a task is executing its turn
         self.host_task: asyncio.Task[Any] | None = None  # the task running its turn
         self.interrupt: str | None = None  # "cancel" or "timeout" once host_task.cancel() was called
@@ -188,6 +198,8 @@ class RunActor:
 
     def runnable(self) -> bool:
         """True when a turn would make progress now."""
+        if self.parked:
+            return False
         status = self.snapshot.status
         return bool(self.mailbox) or status is _RUNNING or status is _PENDING or status is _COMPENSATING
 
@@ -223,6 +235,9 @@ class RunActor:
             if self.mailbox and self._drain_mailbox(host):
                 return fast
             s = self.snapshot
+            if host.hold and host.must_wait(self, s.version):
+                self.parked = True  # until durable (write-through) or the tiers drain (backpressure)
+                return fast
             status = s.status
             if status is not _RUNNING:
                 if status is _COMPENSATING:
@@ -392,6 +407,9 @@ class RunActor:
                 self._commit(host, TransitionKind.cancelled, None, status=Status.cancelled)
                 host.finished(self)
                 return True
+            elif kind == MSG_FAIL:
+                if s.status is not _COMPENSATING:
+                    self._give_up(host, name, data)
             elif kind == MSG_WAKE and s.status is _RETRYING:
                 self._commit(host, TransitionKind.retry, f"attempt {s.attempt}", status=_RUNNING)
         return False
@@ -406,6 +424,17 @@ class RunActor:
         if task is not None and task.uncancel() > 0:
             return None  # cancelled from outside as well: let it propagate
         return reason
+
+    def _give_up(self, host: ActorHost, reason: str, exc: Exception) -> None:
+        """Fail the run for good from outside a step (compensations still run)."""
+        s = self.snapshot
+        steps = self.workflow.steps
+        name = steps[s.step].name if s.step < len(steps) else "<end>"
+        info = ErrorInfo.from_exception(exc, step=s.step, step_name=name, attempt=s.attempt, at=host.wall())
+        self.last_exc = exc
+        self.attempts = (*self.attempts, info)
+        self._commit(host, TransitionKind.step_failed, f"{info.summary}; {reason}; giving up",
+                     status=_COMPENSATING, error=info)
 
     def _step_failed(self, host: ActorHost, step: Step, exc: Exception) -> None:
         s = self.snapshot

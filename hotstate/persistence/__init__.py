@@ -5,4 +5,43 @@ This layer may import data types from ``hotstate.actors``, never the runtime.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from hotstate.persistence._codec import SECRET_KEY_ENV, Codec, JsonCodec, PickleCodec
+from hotstate.persistence._memory import MemoryStore
+from hotstate.persistence._persister import (
+    Persistence,
+    Persister,
+    PersisterStatistics,
+    SnapshotEncoder,
+    Tier,
+)
+from hotstate.persistence._policy import FlushPolicy
+from hotstate.persistence._records import (
+    RunHeader,
+    SaveResult,
+    StoredDeadLetter,
+    StoredSnapshot,
+    decode_snapshot,
+    encode_snapshot,
+)
+from hotstate.persistence._store import Store
+
+__all__ = [
+    "SECRET_KEY_ENV",
+    "Codec",
+    "FlushPolicy",
+    "JsonCodec",
+    "MemoryStore",
+    "Persistence",
+    "Persister",
+    "PersisterStatistics",
+    "PickleCodec",
+    "RunHeader",
+    "SaveResult",
+    "SnapshotEncoder",
+    "Store",
+    "StoredDeadLetter",
+    "StoredSnapshot",
+    "Tier",
+    "decode_snapshot",
+    "encode_snapshot",
+]
