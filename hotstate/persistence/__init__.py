@@ -23,6 +23,7 @@ from hotstate.persistence._records import (
     decode_snapshot,
     encode_snapshot,
 )
+from hotstate.persistence._sqlite import SQLiteStore
 from hotstate.persistence._store import Store
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "PersisterStatistics",
     "PickleCodec",
     "RunHeader",
+    "SQLiteStore",
     "SaveResult",
     "SnapshotEncoder",
     "Store",

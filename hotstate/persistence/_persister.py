@@ -294,7 +294,9 @@ class Persister:
         retry_at = 0.0
         while True:
             now = self._clock.now()
-            deadline = max(retry_at, self._next_deadline()) if self._consecutive else self._next_deadline()
+            deadline = self._next_deadline(now)
+            if self._consecutive:
+                deadline = max(retry_at, deadline)
             if deadline > now:
                 with anyio.CancelScope() as scope:
                     self._sleep = scope  # mark() pokes it: then the deadline is recomputed
@@ -319,18 +321,18 @@ class Persister:
                 delay = policy.retry_initial
             await anyio.lowlevel.checkpoint()
 
-    def _next_deadline(self) -> float:
-        """When the next flush is due (pure apart from reading the pending state)."""
+    def _next_deadline(self, now: float) -> float:
+        """When the next flush is due, given ``now`` (pure apart from reading the pending state)."""
         if self._dead or self._dead_deletes:
-            return self._clock.now()
+            return now
         if not self._transitions and not self._dirty:
             return float("inf")
         if self.pressure or self._durable_events or self.waiting:
-            return self._clock.now()  # someone is blocked on this tier: flush now
+            return now  # someone is blocked on this tier: flush now
         policy = self.policy
-        if policy.flush_due(now=self._clock.now(), last_flush=self._last_flush,
-                            pending_rows=self.pending_rows, dirty_runs=len(self._dirty)):
-            return self._clock.now()
+        if policy.flush_due(now=now, last_flush=self._last_flush, pending_rows=self.pending_rows,
+                            dirty_runs=len(self._dirty)):
+            return now
         return self._last_flush + policy.interval
 
     async def flush(self) -> None:
