@@ -1044,8 +1044,11 @@ class Runtime:
                 finally:
                     actor.running = False
                     actor.host_task = None
+                # Only the task in the scheduler role may write _worker_actor: after
+                # a handoff it belongs to the new scheduler task, not to this host.
                 handed_off = self._worker_actor is not actor
-                self._worker_actor = None
+                if not handed_off:
+                    self._worker_actor = None
                 if actor.runnable():
                     if actor.snapshot.status in TERMINAL_STATUSES:
                         actor.mailbox = None  # messages to a finished run have nowhere to go
