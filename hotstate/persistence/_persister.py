@@ -341,8 +341,16 @@ class Persister:
         Raises:
             PersistenceError: the tier failed; the batch was put back and will be retried.
         """
-        while self._dirty or self._transitions or self._dead or self._dead_deletes:
+        # What is pending now; marks that arrive meanwhile go with the next flush,
+        # so a busy runtime cannot keep this call from returning.
+        target = {rid: snap.version for rid, snap in self._dirty.items()}
+        rounds = 0
+        while self._transitions or self._dead or self._dead_deletes or target:
             await self.flush_once()
+            target = {rid: v for rid, v in target.items() if self.durable.get(rid, 0) < v}
+            rounds += 1
+            if rounds > 1 and not target and not self._dead and not self._dead_deletes:
+                break
 
     async def flush_once(self) -> None:
         """Write one batch (everything pending, up to ``max_batch_rows`` runs).

@@ -18,7 +18,7 @@ from hotstate.persistence import SQLiteStore
 
 async def work(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     print(f"ack {ctx.run_id} {ctx.version}", flush=True)
-    await anyio.sleep(0.001)
+    await anyio.sleep(0.005)
     return {**payload, "n": payload["n"] + 1, "keys": [*payload["keys"][-3:], ctx.idempotency_key]}
 
 
