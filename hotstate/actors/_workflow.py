@@ -53,6 +53,8 @@ class Finish(Generic[P]):
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, value, "must be a number")
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(name, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
@@ -90,8 +92,10 @@ class RetryPolicy:
             raise ConfigError("RetryPolicy.max_attempts", self.max_attempts, "must be an int >= 1")
         _check_positive("RetryPolicy.initial_delay", self.initial_delay, allow_zero=True)
         _check_positive("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        _check_positive("RetryPolicy.multiplier", self.multiplier)
         if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
             raise ConfigError("RetryPolicy.multiplier", self.multiplier, "must be a finite number >= 1")
+        _check_positive("RetryPolicy.jitter", self.jitter, allow_zero=True)
         if not (0.0 <= self.jitter <= 1.0):
             raise ConfigError("RetryPolicy.jitter", self.jitter, "must be within [0, 1]")
         for kind in self.non_retryable:

@@ -72,7 +72,7 @@ class RestartIntensity:
     def __post_init__(self) -> None:
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ConfigError("RestartIntensity.max_restarts", self.max_restarts, "must be an int >= 0")
-        if not (math.isfinite(self.window) and self.window > 0):
+        if isinstance(self.window, bool) or not isinstance(self.window, int | float) or not (math.isfinite(self.window) and self.window > 0):
             raise ConfigError("RestartIntensity.window", self.window, "must be a finite number > 0")
 
 
