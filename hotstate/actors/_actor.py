@@ -96,8 +96,10 @@ class ActorHost(Protocol):
         """Return True (and reschedule the actor later) if it must not advance past ``version`` yet."""
         ...
 
-    bus: Publisher
-    """Where transitions go when someone subscribes."""
+    @property
+    def bus(self) -> Publisher:
+        """Where transitions go when someone subscribes."""
+        ...
 
     def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
         """Make ``snapshot`` current: history, indexes, persisters, subscribers."""
@@ -397,10 +399,7 @@ class RunActor:
             if s.status in TERMINAL_STATUSES:
                 continue
             if kind == MSG_SIGNAL:
-                status = s.status
-                if status is _WAITING and self.workflow.steps[s.step].wait_for == name:
-                    status = _RUNNING
-                self._commit(host, TransitionKind.signal, name, signals=(*s.signals, (name, data)), status=status)
+                self.accept_signal(host, name, data)
             elif kind == MSG_CANCEL:
                 if s.status is _COMPENSATING:
                     continue  # a saga being undone finishes undoing; see Runtime.cancel
@@ -424,6 +423,22 @@ class RunActor:
         if task is not None and task.uncancel() > 0:
             return None  # cancelled from outside as well: let it propagate
         return reason
+
+    def accept_signal(self, host: ActorHost, name: str, data: Any) -> None:
+        """Record a received signal in a new snapshot (it waits there until a step consumes it).
+
+        The runtime calls this straight from ``send`` unless the run's own step is
+        the sender (then the signal goes through the mailbox), so an accepted
+        signal is in the snapshot, and in the persisters, at once.
+        """
+        s = self.snapshot
+        if s.status in TERMINAL_STATUSES:
+            return
+        status = s.status
+        steps = self.workflow.steps
+        if status is _WAITING and s.step < len(steps) and steps[s.step].wait_for == name:
+            status = _RUNNING
+        self._commit(host, TransitionKind.signal, name, signals=(*s.signals, (name, data)), status=status)
 
     def _give_up(self, host: ActorHost, reason: str, exc: Exception) -> None:
         """Fail the run for good from outside a step (compensations still run)."""

@@ -20,7 +20,13 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 
-from hotstate._errors import CodecError, DurabilityTimeoutError, PersistenceError, StoreUnavailableError
+from hotstate._errors import (
+    CodecError,
+    ConfigError,
+    DurabilityTimeoutError,
+    PersistenceError,
+    StoreUnavailableError,
+)
 from hotstate.actors import Snapshot, Status, Transition
 from hotstate.persistence._policy import FlushPolicy
 from hotstate.persistence._records import StoredDeadLetter, StoredSnapshot, encode_snapshot
@@ -506,16 +512,11 @@ class Persistence:
     def __init__(self, tiers: Sequence[Tier], codec: Codec, clock: Clock) -> None:
         names = [t.store.tier for t in tiers]
         if len(set(names)) != len(names):
-            from hotstate._errors import ConfigError
-
             raise ConfigError("tiers", names, "tier names must be unique (pass tier=... to the stores)")
         self.encoder = SnapshotEncoder(codec)
         self.persisters = [Persister(t, self.encoder, clock) for t in tiers]
         self.write_through = [p for p in self.persisters if p.policy.write_through]
         self._state = "new"
-
-    def __iter__(self) -> Iterable[Persister]:  # type: ignore[override]
-        return iter(self.persisters)
 
     @property
     def mark(self) -> Callable[[Snapshot, Transition], None]:

@@ -6,27 +6,22 @@ tested with plain numbers (STYLE.md F.19).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import final
 
 from hotstate._errors import ConfigError
+from hotstate._validate import integer, number
 
 __all__ = ["FlushPolicy"]
 
 
-def _positive(field: str, value: float, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(field, value, "must be a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(field, value, "must be >= 0" if allow_zero else "must be > 0")
+def _positive(field: str, value: object, *, allow_zero: bool = False) -> None:
+    number(field, value, strict=not allow_zero)
 
 
-def _count(field: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(field, value, "must be an int >= 1 (or None for no bound)")
+def _count(field: str, value: object) -> None:
+    if value is not None:
+        integer(field, value, minimum=1)
 
 
 @final

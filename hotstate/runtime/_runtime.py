@@ -28,6 +28,7 @@ import anyio
 import anyio.lowlevel
 
 from hotstate._clock import Clock, SystemClock
+from hotstate._validate import integer, number, text
 from hotstate._errors import (
     ConfigError,
     HotstateInternalError,
@@ -240,17 +241,15 @@ class Runtime:
         flush_timeout: float = 30.0,
         steps_per_turn: int = 100,
     ) -> None:
-        if not (isinstance(shutdown_timeout, int | float) and shutdown_timeout >= 0):
-            raise ConfigError("Runtime.shutdown_timeout", shutdown_timeout, "must be a number >= 0")
-        if isinstance(steps_per_turn, bool) or not isinstance(steps_per_turn, int) or steps_per_turn < 1:
-            raise ConfigError("Runtime.steps_per_turn", steps_per_turn, "must be an int >= 1")
+        number("Runtime.shutdown_timeout", shutdown_timeout)
+        integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
+        integer("Runtime.recovery_concurrency", recovery_concurrency, minimum=1)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self.wall = self._clock.wall
         self._actors: dict[str, RunActor] = {}
         self._actors_get = self._actors.get
         self._rng = rng if rng is not None else random.Random()
-        if not (isinstance(flush_timeout, int | float) and flush_timeout > 0):
-            raise ConfigError("Runtime.flush_timeout", flush_timeout, "must be a number > 0")
+        number("Runtime.flush_timeout", flush_timeout, strict=True)
         for tier in tiers:
             if not isinstance(tier, Tier):
                 raise ConfigError("Runtime.tiers", tier, "must be Tier(store, policy) objects")
@@ -474,8 +473,7 @@ class Runtime:
         else:
             if run_id in self._actors:
                 return RunHandle._new(self, run_id)
-            if not isinstance(run_id, str) or not run_id:
-                raise ConfigError("spawn.run_id", run_id, "must be a non-empty str")
+            text("spawn.run_id", run_id)
             if self._persistence is not None and await self._adopt_stored(run_id):
                 return RunHandle._new(self, run_id)
         wf = self._workflows.get(name)
@@ -575,6 +573,11 @@ class Runtime:
             ConfigError: ``status`` is not a status name.
         """
         st = self._status(status)
+        if st is None and workflow is None:
+            actors_in_order = iter(self._actors.values())  # spawn order, across workflows
+            if limit is not None:
+                actors_in_order = itertools.islice(actors_in_order, limit)
+            return [a.snapshot for a in actors_in_order]
         ids = self._index.select(st, workflow)
         if limit is not None:
             ids = ids[:limit]
@@ -795,8 +798,12 @@ class Runtime:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
         if not any(step.wait_for == signal for step in actor.workflow.steps):
             raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
-        actor.post(MSG_SIGNAL, signal, data)
-        self._schedule(actor)
+        if actor.running and actor.host_task is asyncio.current_task():
+            actor.post(MSG_SIGNAL, signal, data)  # the run's own step is sending: apply after it
+        else:
+            actor.accept_signal(self, signal, data)
+        if actor.runnable():
+            self._schedule(actor)
 
     async def cancel(self, run_id: str) -> None:
         """Cancel a run: a suspended step is cancelled, and the run ends ``cancelled``.
