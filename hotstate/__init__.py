@@ -38,6 +38,7 @@ from hotstate._errors import (
     StepTimeoutError,
     StoreUnavailableError,
     SubscriberOverflowError,
+    ValkeyServerError,
     WorkflowNotRegisteredError,
 )
 from hotstate.actors import (
@@ -107,6 +108,7 @@ __all__ = [
     "Tier",
     "Transition",
     "TransitionKind",
+    "ValkeyServerError",
     "Workflow",
     "WorkflowNotRegisteredError",
     "run",

@@ -156,6 +156,10 @@ class DurabilityTimeoutError(PersistenceError, TimeoutError):
     """A write-through waiter was not acknowledged in time (the tier is down or slow)."""
 
 
+class ValkeyServerError(HotstateError, RuntimeError):
+    """The embedded Valkey server could not be found, started or reached."""
+
+
 class HotstateInternalError(HotstateError):
     """A bug in hotstate, never the user's fault. Please report it."""
 

@@ -5,7 +5,13 @@ This layer may import data types from ``hotstate.actors``, never the runtime.
 
 from __future__ import annotations
 
-from hotstate.persistence._codec import SECRET_KEY_ENV, Codec, JsonCodec, PickleCodec
+from hotstate.persistence._codec import (
+    SECRET_KEY_ENV,
+    Codec,
+    JsonCodec,
+    PickleCodec,
+    frame_format,
+)
 from hotstate.persistence._memory import MemoryStore
 from hotstate.persistence._persister import (
     Persistence,
@@ -22,13 +28,25 @@ from hotstate.persistence._records import (
     StoredSnapshot,
     decode_snapshot,
     encode_snapshot,
+    error_from_json,
+    error_to_json,
+    errors_from_json,
+    errors_to_json,
+    header_of,
+    transition_from_json,
+    transition_from_row,
+    transition_to_json,
 )
 from hotstate.persistence._sqlite import SQLiteStore
-from hotstate.persistence._store import Store
+from hotstate.persistence._store import FINISHED_STATUSES, Store
+from hotstate.persistence._valkey import ValkeyStore
+from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
 
 __all__ = [
+    "FINISHED_STATUSES",
     "SECRET_KEY_ENV",
     "Codec",
+    "EmbeddedValkey",
     "FlushPolicy",
     "JsonCodec",
     "MemoryStore",
@@ -44,6 +62,17 @@ __all__ = [
     "StoredDeadLetter",
     "StoredSnapshot",
     "Tier",
+    "ValkeyServerError",
+    "ValkeyStore",
     "decode_snapshot",
     "encode_snapshot",
+    "error_from_json",
+    "error_to_json",
+    "errors_from_json",
+    "errors_to_json",
+    "frame_format",
+    "header_of",
+    "transition_from_json",
+    "transition_from_row",
+    "transition_to_json",
 ]

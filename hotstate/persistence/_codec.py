@@ -1,213 +1,328 @@
-"""Payload codecs: pickle (with a cloudpickle fallback) and JSON, each behind a digest or HMAC.
+"""The codec: payload bytes with a digest or HMAC in front (DESIGN.md "Codec and trust").
 
-DESIGN.md, Codec and trust: every encoded payload carries a digest; with a
-secret key it is an HMAC-SHA256. Bytes whose digest/MAC does not verify are
-never unpickled. Frame: ``b"HS" | version | algorithm | format | 32-byte MAC | body``.
+The persister encodes each payload once per flush with a ``Codec``; every store
+keeps the framed bytes as they are. The frame is::
+
+    magic (3 bytes: b"HS" + frame version 1)
+    algorithm (1 byte: 0 = BLAKE2b-256 digest, 1 = HMAC-SHA256 with the secret key)
+    format (1 byte: 0 = pickle, 1 = cloudpickle, 2 = JSON)
+    digest (32 bytes, over magic + algorithm + format + body)
+    body
+
+Bytes whose digest/MAC does not verify are never unpickled: ``decode`` checks the
+frame first and reaches ``pickle.loads`` only after ``hmac.compare_digest``
+accepted it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 import os
 import pickle
 from typing import Any, Final, Protocol, final, runtime_checkable
 
-import cloudpickle
+from hotstate._errors import CodecError, ConfigError, CorruptSnapshotError
 
-from hotstate._errors import CodecError, CorruptSnapshotError
+__all__ = ["SECRET_KEY_ENV", "Codec", "JsonCodec", "PickleCodec", "frame_format"]
 
-__all__ = ["SECRET_KEY_ENV", "Codec", "JsonCodec", "PickleCodec"]
+SECRET_KEY_ENV: Final = "HOTSTATE_SECRET_KEY"  # noqa: S105  (a variable name, not a secret)
+"""Environment variable read for the HMAC key when a codec is built without one."""
 
-SECRET_KEY_ENV: Final = "HOTSTATE_SECRET_KEY"
 _MAGIC: Final = b"HS\x01"
 _ALG_DIGEST: Final = 0
 _ALG_HMAC: Final = 1
 _FMT_PICKLE: Final = 0
 _FMT_CLOUDPICKLE: Final = 1
 _FMT_JSON: Final = 2
-_HEAD: Final = len(_MAGIC) + 2
-_MAC_LEN: Final = 32
+_DIGEST_SIZE: Final = 32
+_PREFIX_SIZE: Final = len(_MAGIC) + 2
+_HEADER_SIZE: Final = _PREFIX_SIZE + _DIGEST_SIZE
+_FORMAT_NAMES: Final = {
+    _FMT_PICKLE: "pickle",
+    _FMT_CLOUDPICKLE: "cloudpickle",
+    _FMT_JSON: "json",
+}
 
 
 @runtime_checkable
 class Codec(Protocol):
-    """Turns payloads into verified bytes and back."""
+    """Turns a payload into framed, digest-carrying bytes and back.
+
+    Attributes:
+        name: a short name for the encoding, e.g. ``"pickle"``.
+    """
 
     name: str
 
     def encode(self, value: Any) -> bytes:
-        """Encode ``value``; raises ``CodecError`` naming the offending type."""
+        """Encode ``value`` into a verified frame.
+
+        Args:
+            value: the payload.
+
+        Returns:
+            The framed bytes.
+
+        Raises:
+            CodecError: the value cannot be encoded.
+        """
         ...
 
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
-        """Verify then decode; raises ``CorruptSnapshotError`` before touching unverified bytes."""
+        """Verify a frame, then decode its body.
+
+        Args:
+            data: bytes made by ``encode``.
+            tier: the tier the bytes came from (for error messages).
+            run_id: the run the bytes belong to (for error messages).
+
+        Returns:
+            The payload.
+
+        Raises:
+            CorruptSnapshotError: the frame or its digest does not verify.
+            CodecError: the verified body could not be decoded.
+        """
         ...
 
 
-def _key(key: bytes | str | None) -> bytes | None:
+def _resolve_key(key: bytes | str | None) -> bytes | None:
     if key is None:
-        env = os.environ.get(SECRET_KEY_ENV)
-        key = env if env else None
-    if isinstance(key, str):
-        return key.encode()
-    return key
+        key = os.environ.get(SECRET_KEY_ENV) or None
+        if key is None:
+            return None
+    resolved = key.encode() if isinstance(key, str) else bytes(key)
+    if not resolved:
+        raise ConfigError("key", key, "an empty secret key gives no protection")
+    return resolved
 
 
-class _Framed:
-    """Digest/HMAC framing shared by the codecs."""
+class _FramedCodec:
+    """Framing, digest and verification shared by the codecs; subclasses pick the body."""
 
-    name = "framed"
+    __slots__ = ("_algorithm", "_key")
+
+    _accepted_formats: frozenset[int] = frozenset()
 
     def __init__(self, key: bytes | str | None = None) -> None:
-        self._key = _key(key)
-        self._alg = _ALG_HMAC if self._key is not None else _ALG_DIGEST
+        self._key = _resolve_key(key)
+        self._algorithm = _ALG_DIGEST if self._key is None else _ALG_HMAC
 
     @property
     def keyed(self) -> bool:
-        """True when an HMAC key is configured."""
+        """True when frames carry an HMAC made with a secret key."""
         return self._key is not None
 
-    def _mac(self, signed: bytes) -> bytes:
-        if self._key is not None:
-            return hmac.new(self._key, signed, hashlib.sha256).digest()
-        return hashlib.sha256(signed).digest()
+    def _digest(self, prefix: bytes, body: bytes | memoryview) -> bytes:
+        # Incremental updates: a large body is hashed in place, never copied.
+        h = (
+            hashlib.blake2b(digest_size=_DIGEST_SIZE)
+            if self._key is None
+            else hmac.new(self._key, digestmod=hashlib.sha256)
+        )
+        h.update(prefix)
+        h.update(body)
+        return h.digest()
 
     def _frame(self, fmt: int, body: bytes) -> bytes:
-        head = _MAGIC + bytes((self._alg, fmt))
-        return head + self._mac(head + body) + body
+        prefix = _MAGIC + bytes((self._algorithm, fmt))
+        return b"".join((prefix, self._digest(prefix, body), body))
 
-    def _verify(self, data: bytes, tier: str, run_id: str) -> tuple[int, bytes]:
+    def _verify(self, data: bytes, tier: str, run_id: str) -> tuple[int, memoryview]:
+        """Check the frame and digest; returns (format, body). Never decodes the body."""
+
         def corrupt(reason: str) -> CorruptSnapshotError:
             return CorruptSnapshotError(tier or "codec", run_id, None, reason)
 
         if not isinstance(data, bytes | bytearray | memoryview):
-            raise corrupt(f"expected bytes, got {type(data).__name__}")
-        data = bytes(data)
-        if len(data) < _HEAD + _MAC_LEN or not data.startswith(_MAGIC):
-            raise corrupt("not a hotstate frame (bad magic or truncated)")
-        alg, fmt = data[len(_MAGIC)], data[len(_MAGIC) + 1]
-        if alg != self._alg:
-            want = "an HMAC (a key is configured)" if self._key is not None else "a plain digest"
-            raise corrupt(f"frame algorithm {alg} does not match: expected {want}")
-        mac = data[_HEAD : _HEAD + _MAC_LEN]
-        body = data[_HEAD + _MAC_LEN :]
-        if not hmac.compare_digest(mac, self._mac(data[:_HEAD] + body)):
-            raise corrupt("digest/MAC mismatch (tampered, corrupted or written with another key)")
+            raise corrupt(f"expected bytes, got {type(data).__qualname__}")
+        view = memoryview(data)
+        if len(view) < _HEADER_SIZE:
+            raise corrupt(f"frame too short ({len(view)} bytes)")
+        if bytes(view[: len(_MAGIC)]) != _MAGIC:
+            raise corrupt("not a hotstate frame (bad magic)")
+        algorithm, fmt = view[len(_MAGIC)], view[len(_MAGIC) + 1]
+        if algorithm != self._algorithm:
+            # A keyed codec must not accept unkeyed frames: anyone who can write
+            # to the store could otherwise forge a plain digest.
+            want = "HMAC (keyed)" if self.keyed else "plain digest (unkeyed)"
+            raise corrupt(
+                f"frame algorithm {algorithm} does not match this codec's {want}"
+            )
+        if fmt not in self._accepted_formats:
+            raise corrupt(f"frame format {fmt} is not accepted by this codec")
+        body = view[_HEADER_SIZE:]
+        expected = self._digest(bytes(view[:_PREFIX_SIZE]), body)
+        if not hmac.compare_digest(expected, bytes(view[_PREFIX_SIZE:_HEADER_SIZE])):
+            raise corrupt("digest mismatch: the bytes were altered or the key is wrong")
         return fmt, body
 
 
-@final
-class PickleCodec(_Framed):
-    """Pickle protocol 5, falling back to cloudpickle only for what pickle cannot serialise.
+def _encode_error(value: object, exc: Exception) -> CodecError:
+    return CodecError(
+        "codec",
+        f"cannot pickle a {type(value).__qualname__} payload: {type(exc).__name__}: {exc}",
+    )
 
-    cloudpickle is several times slower than pickle on plain data, so it is used
-    only when pickle fails (lambdas, local classes). The key comes from the
-    ``key`` argument or the ``HOTSTATE_SECRET_KEY`` environment variable.
+
+@final
+class PickleCodec(_FramedCodec):
+    """Pickle (protocol 5) with a cloudpickle fallback, framed with a digest or HMAC.
+
+    What plain pickle cannot serialize (lambdas, local classes) is encoded with
+    cloudpickle; the frame records which was used. Cloudpickle output is
+    ordinary pickle data, so decoding needs no special path.
 
     Args:
-        key: the HMAC key; None reads the environment (no key: a plain SHA-256 digest).
+        key: the HMAC secret. When None, ``HOTSTATE_SECRET_KEY`` is read from
+            the environment; without either, frames carry a plain BLAKE2b
+            digest (integrity against corruption, not against forgery).
+
+    Raises:
+        ConfigError: the key is empty.
     """
 
+    __slots__ = ()
+
     name = "pickle"
+    _accepted_formats = frozenset({_FMT_PICKLE, _FMT_CLOUDPICKLE})
 
     def encode(self, value: Any) -> bytes:
-        """Encode ``value``.
+        """Pickle ``value`` (cloudpickle when pickle refuses) and frame it.
+
+        Args:
+            value: the payload.
+
+        Returns:
+            The framed bytes.
 
         Raises:
-            CodecError: neither pickle nor cloudpickle can serialise it; names the type.
+            CodecError: neither pickle nor cloudpickle can serialize the value;
+                the message names the offending type.
         """
         try:
             return self._frame(_FMT_PICKLE, pickle.dumps(value, protocol=5))
         except (pickle.PicklingError, TypeError, AttributeError):
-            pass
+            pass  # lambdas, local classes: cloudpickle below
+        except Exception as exc:
+            raise _encode_error(value, exc) from exc
+        import cloudpickle  # only needed on the fallback path
+
         try:
-            return self._frame(_FMT_CLOUDPICKLE, cloudpickle.dumps(value, protocol=5))
-        except Exception as exc:  # noqa: BLE001 - cloudpickle raises many types; all mean "cannot encode"
-            raise CodecError("codec", f"cannot pickle a {_offender(value, exc)}: {exc}") from exc
+            body: bytes = cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            # A user's __reduce__ may raise anything; it is still an encoding failure.
+            raise _encode_error(value, exc) from exc
+        return self._frame(_FMT_CLOUDPICKLE, body)
 
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
-        """Verify the frame, then unpickle.
+        """Verify the frame, then unpickle it.
+
+        Args:
+            data: bytes made by ``encode``.
+            tier: the tier the bytes came from (for error messages).
+            run_id: the run the bytes belong to (for error messages).
+
+        Returns:
+            The payload.
 
         Raises:
-            CorruptSnapshotError: the frame does not verify (nothing was unpickled).
-            CodecError: verified bytes that still fail to unpickle.
+            CorruptSnapshotError: the frame or digest does not verify; the
+                bytes were never unpickled.
+            CodecError: the verified body could not be unpickled (e.g. a class
+                it names no longer exists).
         """
-        fmt, body = self._verify(data, tier, run_id)
-        if fmt not in (_FMT_PICKLE, _FMT_CLOUDPICKLE):
-            raise CorruptSnapshotError(tier or "codec", run_id, None, f"frame format {fmt} is not pickle")
+        _, body = self._verify(data, tier, run_id)
         try:
-            # The only place hotstate unpickles: the digest/HMAC was verified above.
+            # The digest/HMAC was verified just above (DESIGN.md "Codec and trust").
             return pickle.loads(body)  # noqa: S301
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a codec error
-            raise CodecError(tier or "codec", f"run {run_id!r}: verified bytes failed to unpickle: {exc}") from exc
+        except Exception as exc:
+            raise CodecError(
+                tier or "codec",
+                f"run {run_id!r}: cannot unpickle a verified payload: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
 
 
 @final
-class JsonCodec(_Framed):
-    """JSON for plain-data payloads (dict, list, str, int, float, bool, None), with the same framing.
+class JsonCodec(_FramedCodec):
+    """JSON for plain-data payloads, framed with a digest or HMAC like ``PickleCodec``.
+
+    Tuples come back as lists; only dicts with string keys, lists, strings,
+    numbers, booleans and None round-trip exactly.
 
     Args:
-        key: the HMAC key; None reads the environment.
+        key: the HMAC secret; as for ``PickleCodec``.
+
+    Raises:
+        ConfigError: the key is empty.
     """
 
+    __slots__ = ()
+
     name = "json"
+    _accepted_formats = frozenset({_FMT_JSON})
 
     def encode(self, value: Any) -> bytes:
-        """Encode ``value`` as JSON.
+        """Serialize ``value`` as compact JSON and frame it.
+
+        Args:
+            value: plain data.
+
+        Returns:
+            The framed bytes.
 
         Raises:
-            CodecError: the value is not plain data; names the type.
+            CodecError: the value is not plain JSON data; the message names the type.
         """
         try:
-            body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+            text = json.dumps(
+                value, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+            )
         except (TypeError, ValueError) as exc:
-            raise CodecError("codec", f"cannot encode as JSON: {exc}") from exc
-        return self._frame(_FMT_JSON, body)
+            raise CodecError(
+                "codec",
+                f"cannot encode a {type(value).__qualname__} payload as JSON: {exc}",
+            ) from exc
+        return self._frame(_FMT_JSON, text.encode())
 
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
-        """Verify the frame, then parse JSON.
+        """Verify the frame, then parse the JSON body.
+
+        Args:
+            data: bytes made by ``encode``.
+            tier: the tier the bytes came from (for error messages).
+            run_id: the run the bytes belong to (for error messages).
+
+        Returns:
+            The payload.
 
         Raises:
-            CorruptSnapshotError: the frame does not verify.
-            CodecError: verified bytes that are not valid JSON.
+            CorruptSnapshotError: the frame or digest does not verify.
+            CodecError: the verified body is not valid JSON.
         """
-        fmt, body = self._verify(data, tier, run_id)
-        if fmt != _FMT_JSON:
-            raise CorruptSnapshotError(tier or "codec", run_id, None, f"frame format {fmt} is not JSON")
+        _, body = self._verify(data, tier, run_id)
         try:
-            value = json.loads(body)
+            return json.loads(bytes(body))
         except ValueError as exc:
-            raise CodecError(tier or "codec", f"run {run_id!r}: invalid JSON: {exc}") from exc
-        if isinstance(value, dict) and isinstance(value.get("signals"), list):
-            value["signals"] = [tuple(s) if isinstance(s, list) else s for s in value["signals"]]
-        return value
+            raise CodecError(
+                tier or "codec", f"run {run_id!r}: verified body is not JSON: {exc}"
+            ) from exc
 
 
-def _offender(value: Any, exc: BaseException) -> str:
-    """Name the innermost object pickle choked on, when it can be found."""
-    seen: list[Any] = [value]
-    while seen:
-        item = seen.pop()
-        try:
-            pickle.dumps(item, protocol=5)
-            continue
-        except Exception:  # noqa: BLE001, S110 - probing only
-            pass
-        children: list[Any] = []
-        if isinstance(item, dict):
-            children = list(item.values())
-        elif isinstance(item, list | tuple | set | frozenset):
-            children = list(item)
-        bad = []
-        for child in children:
-            try:
-                cloudpickle.dump(child, io.BytesIO(), protocol=5)
-            except Exception:  # noqa: BLE001 - probing only
-                bad.append(child)
-        if not bad:
-            return f"{type(item).__module__}.{type(item).__qualname__}"
-        seen.extend(bad[:1])
-    return type(exc).__name__
+def frame_format(data: bytes) -> str | None:
+    """Name the body format of a frame (``"pickle"``, ``"cloudpickle"``, ``"json"``).
+
+    Reads only the unverified header; for diagnostics, never for trust decisions.
+
+    Args:
+        data: framed bytes.
+
+    Returns:
+        The format name, or None when ``data`` is not a hotstate frame.
+    """
+    if len(data) < _HEADER_SIZE or data[: len(_MAGIC)] != _MAGIC:
+        return None
+    return _FORMAT_NAMES.get(data[len(_MAGIC) + 1])

@@ -393,7 +393,9 @@ class Persister:
             try:
                 out.append(encode(snap))
             except CodecError as exc:
-                out.extend(self._encode_poisoned(rid, snap, exc))
+                named = CodecError(exc.tier, f"run {rid!r}: {exc.detail}")
+                named.__cause__ = exc
+                out.extend(self._encode_poisoned(rid, snap, named))
         return out
 
     def _encode_poisoned(self, rid: str, snap: Snapshot, exc: CodecError) -> list[StoredSnapshot]:

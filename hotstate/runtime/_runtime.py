@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 import uuid
@@ -60,7 +59,7 @@ from hotstate.persistence import (
     decode_snapshot,
     encode_snapshot,
 )
-from hotstate.persistence._records import StoredDeadLetter, error_to_json
+from hotstate.persistence import StoredDeadLetter, error_to_json, errors_to_json
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._queries import RunIndex
@@ -1002,8 +1001,8 @@ class Runtime:
             workflow=letter.workflow,
             at=letter.at,
             error=error_to_json(letter.error),
-            attempts=json.dumps([json.loads(error_to_json(e)) for e in letter.attempts]),
-            compensation_errors=json.dumps([json.loads(error_to_json(e)) for e in letter.compensation_errors]),
+            attempts=errors_to_json(letter.attempts),
+            compensation_errors=errors_to_json(letter.compensation_errors),
             snapshot=stored,
         )
         for p in self._persistence.persisters:
