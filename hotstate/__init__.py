@@ -38,6 +38,7 @@ from hotstate._errors import (
     StepTimeoutError,
     StoreUnavailableError,
     SubscriberOverflowError,
+    ValkeyServerError,
     WorkflowNotRegisteredError,
 )
 from hotstate.actors import (
@@ -52,8 +53,10 @@ from hotstate.actors import (
     TransitionKind,
     Workflow,
 )
+from hotstate.persistence import FlushPolicy, JsonCodec, PickleCodec, Tier
 from hotstate.runtime import (
     DeadLetter,
+    RecoveryReport,
     RestartIntensity,
     RunHandle,
     Runtime,
@@ -73,9 +76,13 @@ __all__ = [
     "DurabilityTimeoutError",
     "ErrorInfo",
     "Finish",
+    "FlushPolicy",
     "HotstateError",
     "HotstateInternalError",
+    "JsonCodec",
     "PersistenceError",
+    "PickleCodec",
+    "RecoveryReport",
     "RestartIntensity",
     "RetryPolicy",
     "RunCancelledError",
@@ -98,8 +105,10 @@ __all__ = [
     "SubscriberOverflowError",
     "SupervisorStatistics",
     "SystemClock",
+    "Tier",
     "Transition",
     "TransitionKind",
+    "ValkeyServerError",
     "Workflow",
     "WorkflowNotRegisteredError",
     "run",

@@ -119,6 +119,7 @@ class PersistenceError(HotstateError):
 
     def __init__(self, tier: str, message: str) -> None:
         self.tier = tier
+        self.detail = message
         super().__init__(f"[{tier}] {message}")
 
 
@@ -153,6 +154,10 @@ class CodecError(PersistenceError):
 
 class DurabilityTimeoutError(PersistenceError, TimeoutError):
     """A write-through waiter was not acknowledged in time (the tier is down or slow)."""
+
+
+class ValkeyServerError(HotstateError, RuntimeError):
+    """The embedded Valkey server could not be found, started or reached."""
 
 
 class HotstateInternalError(HotstateError):

@@ -56,8 +56,14 @@ class ManualClock:
             await anyio.lowlevel.checkpoint()
             return
         event = anyio.Event()
-        heapq.heappush(self._sleepers, (deadline, next(self._seq), event))
-        await event.wait()
+        entry = (deadline, next(self._seq), event)
+        heapq.heappush(self._sleepers, entry)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # cancelled: nobody sleeps on this entry any more
+                self._sleepers.remove(entry)
+                heapq.heapify(self._sleepers)
 
     async def advance(self, seconds: float) -> None:
         """Move time forward, wake every sleeper now due, and let them run.

@@ -49,6 +49,7 @@ __all__ = ["ActorHost", "Publisher", "RunActor", "TransitionSink"]
 MSG_SIGNAL: Final = 0
 MSG_CANCEL: Final = 1
 MSG_WAKE: Final = 2
+MSG_FAIL: Final = 3  # fail the run for good (e.g. its payload cannot be persisted)
 
 _new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
 _RUNNING = Status.running
@@ -88,8 +89,17 @@ class ActorHost(Protocol):
     mark: Callable[[Snapshot, Transition], None] | None
     """The persisters' ``mark`` (None when memory-only): called once per transition."""
 
-    bus: Publisher
-    """Where transitions go when someone subscribes."""
+    hold: bool
+    """True when runs may have to wait before a step (write-through, backpressure)."""
+
+    def must_wait(self, actor: RunActor, version: int) -> bool:
+        """Return True (and reschedule the actor later) if it must not advance past ``version`` yet."""
+        ...
+
+    @property
+    def bus(self) -> Publisher:
+        """Where transitions go when someone subscribes."""
+        ...
 
     def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
         """Make ``snapshot`` current: history, indexes, persisters, subscribers."""
@@ -150,6 +160,7 @@ class RunActor:
         "interrupt",
         "last_exc",
         "mailbox",
+        "parked",
         "queued",
         "running",
         "snapshot",
@@ -163,6 +174,7 @@ class RunActor:
         self.history = history
         self.mailbox: deque[tuple[int, Any, Any]] | None = None  # created by the first post()
         self.queued = False  # in the runtime's ready queue
+        self.parked = False  # waiting for durability or backpressure; the runtime reschedules it
         self.running = False  # a task is executing its turn
         self.host_task: asyncio.Task[Any] | None = None  # the task running its turn
         self.interrupt: str | None = None  # "cancel" or "timeout" once host_task.cancel() was called
@@ -188,6 +200,8 @@ class RunActor:
 
     def runnable(self) -> bool:
         """True when a turn would make progress now."""
+        if self.parked:
+            return False
         status = self.snapshot.status
         return bool(self.mailbox) or status is _RUNNING or status is _PENDING or status is _COMPENSATING
 
@@ -223,6 +237,9 @@ class RunActor:
             if self.mailbox and self._drain_mailbox(host):
                 return fast
             s = self.snapshot
+            if host.hold and host.must_wait(self, s.version):
+                self.parked = True  # until durable (write-through) or the tiers drain (backpressure)
+                return fast
             status = s.status
             if status is not _RUNNING:
                 if status is _COMPENSATING:
@@ -382,16 +399,16 @@ class RunActor:
             if s.status in TERMINAL_STATUSES:
                 continue
             if kind == MSG_SIGNAL:
-                status = s.status
-                if status is _WAITING and self.workflow.steps[s.step].wait_for == name:
-                    status = _RUNNING
-                self._commit(host, TransitionKind.signal, name, signals=(*s.signals, (name, data)), status=status)
+                self.accept_signal(host, name, data)
             elif kind == MSG_CANCEL:
                 if s.status is _COMPENSATING:
                     continue  # a saga being undone finishes undoing; see Runtime.cancel
                 self._commit(host, TransitionKind.cancelled, None, status=Status.cancelled)
                 host.finished(self)
                 return True
+            elif kind == MSG_FAIL:
+                if s.status is not _COMPENSATING:
+                    self._give_up(host, name, data)
             elif kind == MSG_WAKE and s.status is _RETRYING:
                 self._commit(host, TransitionKind.retry, f"attempt {s.attempt}", status=_RUNNING)
         return False
@@ -406,6 +423,33 @@ class RunActor:
         if task is not None and task.uncancel() > 0:
             return None  # cancelled from outside as well: let it propagate
         return reason
+
+    def accept_signal(self, host: ActorHost, name: str, data: Any) -> None:
+        """Record a received signal in a new snapshot (it waits there until a step consumes it).
+
+        The runtime calls this straight from ``send`` unless the run's own step is
+        the sender (then the signal goes through the mailbox), so an accepted
+        signal is in the snapshot, and in the persisters, at once.
+        """
+        s = self.snapshot
+        if s.status in TERMINAL_STATUSES:
+            return
+        status = s.status
+        steps = self.workflow.steps
+        if status is _WAITING and s.step < len(steps) and steps[s.step].wait_for == name:
+            status = _RUNNING
+        self._commit(host, TransitionKind.signal, name, signals=(*s.signals, (name, data)), status=status)
+
+    def _give_up(self, host: ActorHost, reason: str, exc: Exception) -> None:
+        """Fail the run for good from outside a step (compensations still run)."""
+        s = self.snapshot
+        steps = self.workflow.steps
+        name = steps[s.step].name if s.step < len(steps) else "<end>"
+        info = ErrorInfo.from_exception(exc, step=s.step, step_name=name, attempt=s.attempt, at=host.wall())
+        self.last_exc = exc
+        self.attempts = (*self.attempts, info)
+        self._commit(host, TransitionKind.step_failed, f"{info.summary}; {reason}; giving up",
+                     status=_COMPENSATING, error=info)
 
     def _step_failed(self, host: ActorHost, step: Step, exc: Exception) -> None:
         s = self.snapshot

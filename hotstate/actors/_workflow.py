@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 from hotstate._errors import ConfigError
+from hotstate._validate import integer, text
 
 if TYPE_CHECKING:
     from hotstate.actors._context import StepContext
@@ -53,9 +55,25 @@ class Finish(Generic[P]):
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, value, "must be a number")
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(name, value, "must be a finite number " + (">= 0" if allow_zero else "> 0"))
+
+
+def _is_exception_type(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseException)
+
+
+def _is_async_callable(fn: object) -> bool:
+    """True for ``async def`` functions, partials of them, and objects with an ``async def __call__``."""
+    if fn is None:
+        return False
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the type's __call__, not callable()
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,16 +104,17 @@ class RetryPolicy:
     non_retryable: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ConfigError("RetryPolicy.max_attempts", self.max_attempts, "must be an int >= 1")
+        integer("RetryPolicy.max_attempts", self.max_attempts, minimum=1)
         _check_positive("RetryPolicy.initial_delay", self.initial_delay, allow_zero=True)
         _check_positive("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        _check_positive("RetryPolicy.multiplier", self.multiplier)
         if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
             raise ConfigError("RetryPolicy.multiplier", self.multiplier, "must be a finite number >= 1")
+        _check_positive("RetryPolicy.jitter", self.jitter, allow_zero=True)
         if not (0.0 <= self.jitter <= 1.0):
             raise ConfigError("RetryPolicy.jitter", self.jitter, "must be within [0, 1]")
         for kind in self.non_retryable:
-            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+            if not _is_exception_type(kind):
                 raise ConfigError("RetryPolicy.non_retryable", kind, "must be exception types")
 
     @classmethod
@@ -145,14 +164,12 @@ class Step:
             _check_positive(f"Step({self.name!r}).timeout", self.timeout)
         if self.compensate is not None and not callable(self.compensate):
             raise ConfigError(f"Step({self.name!r}).compensate", self.compensate, "must be callable")
-        if self.wait_for is not None and (not isinstance(self.wait_for, str) or not self.wait_for):
-            raise ConfigError(f"Step({self.name!r}).wait_for", self.wait_for, "must be a non-empty str")
+        if self.wait_for is not None:
+            text(f"Step({self.name!r}).wait_for", self.wait_for)
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"Step({self.name!r}).retry", self.retry, "must be a RetryPolicy")
-        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.fn))
-        object.__setattr__(
-            self, "compensate_is_async", inspect.iscoroutinefunction(self.compensate)
-        )
+        object.__setattr__(self, "is_async", _is_async_callable(self.fn))
+        object.__setattr__(self, "compensate_is_async", _is_async_callable(self.compensate))
         object.__setattr__(
             self, "plain", self.is_async and self.timeout is None and self.wait_for is None
         )
@@ -182,10 +199,8 @@ class Workflow:
         version: int = 1,
         retry: RetryPolicy | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ConfigError("Workflow.name", name, "must be a non-empty str")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ConfigError(f"Workflow({name!r}).version", version, "must be an int >= 1")
+        text("Workflow.name", name)
+        integer(f"Workflow({name!r}).version", version, minimum=1)
         default_retry = retry if retry is not None else RetryPolicy()
         built: list[Step] = []
         for item in steps:
@@ -198,8 +213,8 @@ class Workflow:
             built.append(step)
         if not built:
             raise ConfigError(f"Workflow({name!r}).steps", [], "must have at least one step")
-        names = [s.name for s in built]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        counts = Counter(s.name for s in built)
+        dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
             raise ConfigError(f"Workflow({name!r}).steps", dupes, "step names must be unique")
         self.name = name

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import final
 
-from hotstate._errors import ConfigError
+from hotstate._validate import integer, number
 from hotstate.actors import RetryPolicy
 
 __all__ = ["RestartIntensity", "RestartWindow", "backoff_delay"]
@@ -70,10 +70,8 @@ class RestartIntensity:
     window: float = 60.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ConfigError("RestartIntensity.max_restarts", self.max_restarts, "must be an int >= 0")
-        if not (math.isfinite(self.window) and self.window > 0):
-            raise ConfigError("RestartIntensity.window", self.window, "must be a finite number > 0")
+        integer("RestartIntensity.max_restarts", self.max_restarts, minimum=0)
+        number("RestartIntensity.window", self.window, strict=True)
 
 
 @final

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, final
 
 import anyio
 
-from hotstate._errors import ConfigError, SubscriberOverflowError
+from hotstate._errors import SubscriberOverflowError
+from hotstate._validate import integer
 
 if TYPE_CHECKING:
     from hotstate.actors import Transition
@@ -128,8 +129,7 @@ class EventBus:
         Raises:
             ConfigError: ``maxsize`` is below 1.
         """
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ConfigError("subscribe.maxsize", maxsize, "must be an int >= 1")
+        integer("subscribe.maxsize", maxsize, minimum=1)
         sub = Subscription(self, run_id, workflow, maxsize)
         if run_id is not None:
             self._by_run.setdefault(run_id, set()).add(sub)

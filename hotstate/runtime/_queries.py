@@ -44,7 +44,11 @@ class RunIndex:
         self.by_workflow.get(workflow, {}).pop(run_id, None)
 
     def select(self, status: Status | None, workflow: str | None) -> list[str]:
-        """Return the ids matching both filters (None matches all), oldest first."""
+        """Return the ids matching both filters (None matches all).
+
+        Order: by when each run entered the filtered status (or was spawned, for
+        a workflow filter alone); with no filter, grouped by workflow.
+        """
         if status is None and workflow is None:
             out: list[str] = []
             for ids in self.by_workflow.values():

@@ -19,7 +19,7 @@ import random
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -27,12 +27,14 @@ import anyio
 import anyio.lowlevel
 
 from hotstate._clock import Clock, SystemClock
+from hotstate._validate import integer, number, text
 from hotstate._errors import (
     ConfigError,
     HotstateInternalError,
     RunCancelledError,
     RunFailedError,
     RunFinishedError,
+    PersistenceError,
     RunNotFoundError,
     RuntimeClosedError,
     WorkflowNotRegisteredError,
@@ -44,15 +46,26 @@ from hotstate.actors import (
     Status,
     Transition,
     TransitionKind,
-    TransitionSink,
     Workflow,
 )
 from hotstate.actors._actor import MSG_CANCEL, MSG_SIGNAL, MSG_WAKE
 from hotstate.actors._history import History
+from hotstate.persistence import (
+    Codec,
+    Persistence,
+    PersisterStatistics,
+    PickleCodec,
+    Tier,
+    decode_snapshot,
+    encode_snapshot,
+)
+from hotstate.persistence import StoredDeadLetter, error_to_json, errors_to_json
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._queries import RunIndex
 from hotstate.runtime._supervisor import DeadLetter, Supervisor, SupervisorStatistics
+from hotstate.runtime._durability import Durability
+from hotstate.runtime._recovery import RecoveryReport, find_runs
 from hotstate.runtime._timers import TimerHandle, TimerService
 
 if TYPE_CHECKING:
@@ -88,6 +101,8 @@ class RuntimeStatistics:
         subscriber_overflows: subscribers cut off for falling behind.
         internal_errors: crashes in hotstate's own machinery (each logged).
         supervisor: the supervisor's figures.
+        tiers: each persistence tier's figures.
+        throttle_waits: times a run was parked by backpressure.
     """
 
     runs: int
@@ -100,6 +115,8 @@ class RuntimeStatistics:
     subscriber_overflows: int
     internal_errors: int
     supervisor: SupervisorStatistics
+    tiers: tuple[PersisterStatistics, ...] = ()
+    throttle_waits: int = 0
 
 
 @final
@@ -186,8 +203,15 @@ class Runtime:
         clock: time source for backoff, timeouts and stamps (default: the system clock).
         rng: random source for backoff jitter (default: a fresh ``random.Random()``).
         intensity: restart intensity applied per run.
-        persister: the persistence seam, told about every transition (default: none).
+        tiers: persistence tiers (a store and its ``FlushPolicy`` each), fastest
+            first; none means memory-only.
+        codec: the payload codec for every tier (default: ``PickleCodec()``, keyed
+            from ``HOTSTATE_SECRET_KEY`` when that is set).
+        recover: at start, resume every unfinished run found in the tiers
+            (see ``recovery_report``).
+        recovery_concurrency: chunks loaded at once per tier during recovery.
         shutdown_timeout: seconds in-flight steps get to finish at shutdown.
+        flush_timeout: seconds the final flush at shutdown may take.
         steps_per_turn: steps one run may take before others get a turn (fairness).
 
     Raises:
@@ -208,20 +232,40 @@ class Runtime:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         intensity: RestartIntensity | None = None,
-        persister: TransitionSink | None = None,
+        tiers: Sequence[Tier] = (),
+        codec: Codec | None = None,
+        recover: bool = False,
+        recovery_concurrency: int = 4,
         shutdown_timeout: float = 5.0,
+        flush_timeout: float = 30.0,
         steps_per_turn: int = 100,
     ) -> None:
-        if not (isinstance(shutdown_timeout, int | float) and shutdown_timeout >= 0):
-            raise ConfigError("Runtime.shutdown_timeout", shutdown_timeout, "must be a number >= 0")
-        if isinstance(steps_per_turn, bool) or not isinstance(steps_per_turn, int) or steps_per_turn < 1:
-            raise ConfigError("Runtime.steps_per_turn", steps_per_turn, "must be an int >= 1")
+        number("Runtime.shutdown_timeout", shutdown_timeout)
+        integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
+        integer("Runtime.recovery_concurrency", recovery_concurrency, minimum=1)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self.wall = self._clock.wall
+        self._actors: dict[str, RunActor] = {}
+        self._actors_get = self._actors.get
         self._rng = rng if rng is not None else random.Random()
-        self._sink = persister
-        self.mark: Callable[[Snapshot, Transition], None] | None = persister.mark if persister is not None else None
+        number("Runtime.flush_timeout", flush_timeout, strict=True)
+        for tier in tiers:
+            if not isinstance(tier, Tier):
+                raise ConfigError("Runtime.tiers", tier, "must be Tier(store, policy) objects")
+        self._codec: Codec = codec if codec is not None else PickleCodec()
+        self._persistence = Persistence(tiers, self._codec, self._clock) if tiers else None
+        self.mark: Callable[[Snapshot, Transition], None] | None = None
+        self.hold = False
+        self._durability: Durability | None = None
+        if self._persistence is not None:
+            self.mark = self._persistence.mark
+            self._durability = Durability(self._persistence, self._schedule, self._actors_get, self._set_hold)
+            self.hold = self._durability.hold
+        self._recover = bool(recover)
+        self._recovery_concurrency = recovery_concurrency
+        self.recovery_report: RecoveryReport | None = None
         self._shutdown_timeout = float(shutdown_timeout)
+        self._flush_timeout = float(flush_timeout)
         self._steps_per_turn = steps_per_turn
         self._workflows: dict[str, Workflow] = {}
         for wf in workflows:
@@ -231,7 +275,6 @@ class Runtime:
         self._bus = self.bus = EventBus()
         self._index = RunIndex()
         self._pending = self._index.by_status[Status.pending]
-        self._actors: dict[str, RunActor] = {}
         self._ready: deque[RunActor] = deque()
         self._worker_active = False
         self._worker_actor: RunActor | None = None
@@ -256,9 +299,20 @@ class Runtime:
         self._tg = tg
         try:
             await tg.start(self._timers.run)
+            if self._persistence is not None:
+                await self._persistence.open()
+                for p in self._persistence.persisters:
+                    await tg.start(p.run)
+                self._state = "open"
+                if self._recover:
+                    await self._recover_runs()
         except BaseException:
+            self._state = "closed"
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
+            if self._persistence is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._persistence.aclose()
             raise
         self._state = "open"
         return self
@@ -274,7 +328,12 @@ class Runtime:
         assert tg is not None  # noqa: S101 - set by __aenter__
         tg.cancel_scope.cancel()
         self._state = "closed"
-        return await tg.__aexit__(exc_type, exc, tb)
+        try:
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._persistence is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._persistence.aclose()
 
     async def aclose(self) -> None:
         """Shut down gracefully: stop accepting, let in-flight steps finish, then cancel.
@@ -298,11 +357,52 @@ class Runtime:
                 await self._tasks_idle.wait()
         if self._tasks:
             log.warning("hotstate: %d step(s) still running after %.3g s; cancelling them", self._tasks, self._shutdown_timeout)
+        if self._persistence is not None:
+            await self._final_flush()
         self._bus.close_all()
         for actor in self._actors.values():
             if actor.waiters is not None:  # wake wait_finished callers: they raise RuntimeClosedError
                 actor.waiters.set()
                 actor.waiters = None
+
+    async def _final_flush(self) -> None:
+        """Flush every tier at shutdown: shielded, so it always tries, with a deadline, so it never hangs."""
+        assert self._persistence is not None  # noqa: S101
+        with anyio.move_on_after(self._flush_timeout, shield=True) as scope:
+            try:
+                await self._persistence.flush()
+            except PersistenceError as exc:
+                log.error("hotstate: final flush failed; unflushed state is lost with this process: %s", exc)
+        if scope.cancelled_caught:
+            log.error("hotstate: final flush did not finish within %.3g s", self._flush_timeout)
+
+    async def _recover_runs(self) -> None:
+        assert self._persistence is not None  # noqa: S101
+        stores = [p.store for p in self._persistence.persisters]
+        snapshots, report = await find_runs(stores, self._codec, self._workflows, concurrency=self._recovery_concurrency)
+        self.recovery_report = report
+        for snap in snapshots:
+            if snap.run_id not in self._actors:
+                self._adopt(snap, TransitionKind.resumed)
+        log.info("hotstate: recovered %d run(s) in %.3f s (%d corrupt copies, %d unregistered, %d lost)",
+                 len(report.resumed), report.seconds, len(report.corrupt), len(report.unregistered), len(report.lost))
+
+    def _adopt(self, snap: Snapshot, kind: TransitionKind) -> RunActor:
+        """Bring a stored run into memory at ``snap`` and record ``kind`` (resumed)."""
+        wf = self._workflows[snap.workflow]
+        status = snap.status
+        if status in (Status.retrying, Status.pending):
+            status = Status.running  # the backoff timer died with the old process: retry now
+        actor = RunActor(wf, snap, History(snap.version))
+        self._actors[snap.run_id] = actor
+        self._index.add(snap.run_id, snap.workflow, snap.status)
+        now = self.wall()
+        new = snap._replace(version=snap.version + 1, status=status, updated_at=now)
+        detail = f"from v{snap.version}"
+        self.commit(actor, new, Transition(snap.run_id, new.version, kind, new.step, status, now, detail))
+        if status is not Status.waiting and status not in TERMINAL_STATUSES:
+            self._schedule(actor)
+        return actor
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", "closed") in ("open", "closing"):
@@ -364,14 +464,17 @@ class Runtime:
         """
         if self._state != "open":
             self._check_open()
+        if self.hold and self._durability is not None:
+            await self._durability.wait_gate()  # backpressure: a tier is over its memory bound
         name = workflow if isinstance(workflow, str) else workflow.name
         if run_id is None:
             run_id = f"{self._id_prefix}{next(self._ids)}"
         else:
             if run_id in self._actors:
-                return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
-            if not isinstance(run_id, str) or not run_id:
-                raise ConfigError("spawn.run_id", run_id, "must be a non-empty str")
+                return RunHandle._new(self, run_id)
+            text("spawn.run_id", run_id)
+            if self._persistence is not None and await self._adopt_stored(run_id):
+                return RunHandle._new(self, run_id)
         wf = self._workflows.get(name)
         if wf is None or (wf is not workflow and not isinstance(workflow, str)):
             raise WorkflowNotRegisteredError(run_id, name)
@@ -393,6 +496,30 @@ class Runtime:
         if not self._worker_active:
             self._start_worker()
         return RunHandle._new(self, run_id)
+
+    async def _adopt_stored(self, run_id: str) -> bool:
+        """spawn() with an id that only a store knows: bring that run back, never a duplicate."""
+        assert self._persistence is not None  # noqa: S101
+        for p in self._persistence.persisters:
+            try:
+                stored = await p.store.load(run_id)
+            except PersistenceError:
+                continue
+            if stored is None:
+                continue
+            if run_id in self._actors:  # adopted by a concurrent spawn meanwhile
+                return True
+            if stored.header.workflow not in self._workflows:
+                raise WorkflowNotRegisteredError(run_id, stored.header.workflow)
+            snap = decode_snapshot(stored, self._codec, tier=p.name)
+            if snap.finished:
+                actor = RunActor(self._workflows[snap.workflow], snap, History(snap.version))
+                self._actors[run_id] = actor
+                self._index.add(run_id, snap.workflow, snap.status)
+            else:
+                self._adopt(snap, TransitionKind.resumed)
+            return True
+        return False
 
     def handle(self, run_id: str) -> RunHandle:
         """Return a handle on an existing run.
@@ -445,6 +572,11 @@ class Runtime:
             ConfigError: ``status`` is not a status name.
         """
         st = self._status(status)
+        if st is None and workflow is None:
+            actors_in_order = iter(self._actors.values())  # spawn order, across workflows
+            if limit is not None:
+                actors_in_order = itertools.islice(actors_in_order, limit)
+            return [a.snapshot for a in actors_in_order]
         ids = self._index.select(st, workflow)
         if limit is not None:
             ids = ids[:limit]
@@ -520,6 +652,73 @@ class Runtime:
         """
         return list(self._supervisor.dead_letters.values())
 
+    async def flush(self) -> None:
+        """Flush every tier now; returns once what was pending is durable.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            PersistenceError: a tier failed (its batch was put back and is retried).
+        """
+        self._check_open()
+        if self._persistence is not None:
+            await self._persistence.flush()
+
+    def durable_versions(self, run_id: str) -> dict[str, int]:
+        """Where is this run, per tier? ``{"hot": 12, "valkey": 12, "sqlite": 9}``; no I/O.
+
+        ``hot`` is the in-memory version; each tier's figure is the newest version
+        this runtime has had acknowledged by it (0: none yet).
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            Versions by tier.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        out = {"hot": self.get(run_id).version}
+        if self._persistence is not None:
+            for p in self._persistence.persisters:
+                out[p.name] = p.durable.get(run_id, 0)
+        return out
+
+    async def wait_durable(
+        self, run_id: str, version: int | None = None, *, tier: str | None = None, timeout: float | None = None
+    ) -> None:
+        """Wait until the run's snapshot is durable (in every tier, or in ``tier``).
+
+        Args:
+            run_id: the run's id.
+            version: the version to wait for (default: the current one).
+            tier: only this tier.
+            timeout: seconds (default: each tier's ``ack_timeout``).
+
+        Raises:
+            RunNotFoundError: no such run.
+            ConfigError: no tier has that name, or the runtime is memory-only.
+            DurabilityTimeoutError: not durable in time; the tier is down or slow.
+        """
+        v = self.get(run_id).version if version is None else version
+        if self._persistence is None:
+            raise ConfigError("wait_durable", run_id, "the runtime is memory-only (no tiers)")
+        persisters = [p for p in self._persistence.persisters if tier is None or p.name == tier]
+        if not persisters:
+            raise ConfigError("wait_durable.tier", tier, "no tier has this name")
+        for p in persisters:
+            await p.wait_durable(run_id, v, timeout)
+
+    def tier_statistics(self) -> list[PersisterStatistics]:
+        """Return each tier's persister figures (flushes, rows, lag, failures, ...).
+
+        Returns:
+            One frozen record per tier, in order.
+        """
+        if self._persistence is None:
+            return []
+        return [p.statistics() for p in self._persistence.persisters]
+
     def statistics(self) -> RuntimeStatistics:
         """Return the runtime's current figures.
 
@@ -537,6 +736,8 @@ class Runtime:
             subscriber_overflows=self._bus.overflows,
             internal_errors=self._internal_errors + self._timers.errors,
             supervisor=self._supervisor.statistics(),
+            tiers=tuple(self.tier_statistics()),
+            throttle_waits=self._durability.throttle_waits if self._durability else 0,
         )
 
     # ------------------------------------------------------- run interaction
@@ -596,8 +797,12 @@ class Runtime:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
         if not any(step.wait_for == signal for step in actor.workflow.steps):
             raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
-        actor.post(MSG_SIGNAL, signal, data)
-        self._schedule(actor)
+        if actor.running and actor.host_task is asyncio.current_task():
+            actor.post(MSG_SIGNAL, signal, data)  # the run's own step is sending: apply after it
+        else:
+            actor.accept_signal(self, signal, data)
+        if actor.runnable():
+            self._schedule(actor)
 
     async def cancel(self, run_id: str) -> None:
         """Cancel a run: a suspended step is cancelled, and the run ends ``cancelled``.
@@ -667,6 +872,9 @@ class Runtime:
         if isinstance(cursor, bool) or not 0 <= cursor < len(steps):
             raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
         del self._supervisor.dead_letters[run_id]
+        if self._persistence is not None:
+            for p in self._persistence.persisters:
+                p.mark_dead_letter_deleted(run_id)
         actor.attempts = ()
         actor.comp_errors = ()
         actor.last_exc = None
@@ -684,6 +892,14 @@ class Runtime:
         return actor
 
     # ------------------------------------------------ ActorHost (hot path)
+
+    def _set_hold(self, hold: bool) -> None:
+        self.hold = hold
+
+    def must_wait(self, actor: RunActor, version: int) -> bool:
+        """Park ``actor`` until it may advance past ``version`` (ActorHost)."""
+        durability = self._durability
+        return durability is not None and durability.must_wait(actor, version)
 
     def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
         """Make ``snapshot`` current for ``actor`` (called by the actor; not for users)."""
@@ -754,7 +970,7 @@ class Runtime:
         """A run reached a terminal status (ActorHost)."""
         snap = actor.snapshot
         if snap.status is Status.failed and snap.error is not None:
-            self._supervisor.dead_letters[snap.run_id] = DeadLetter(
+            letter = self._supervisor.dead_letters[snap.run_id] = DeadLetter(
                 run_id=snap.run_id,
                 workflow=snap.workflow,
                 snapshot=snap,
@@ -763,6 +979,8 @@ class Runtime:
                 compensation_errors=actor.comp_errors,
                 at=self.wall(),
             )
+            if self._persistence is not None:
+                self._store_dead_letter(letter)
         if actor.attempts:
             self._supervisor.forget(snap.run_id)  # only runs that failed once have a window
         if actor.waiters is not None:
@@ -771,7 +989,27 @@ class Runtime:
 
     # ------------------------------------------------------------- scheduler
 
+    def _store_dead_letter(self, letter: DeadLetter) -> None:
+        assert self._persistence is not None  # noqa: S101
+        snap = letter.snapshot
+        try:
+            stored = self._persistence.encoder.encode(snap)
+        except PersistenceError:
+            stored = encode_snapshot(snap._replace(payload=None, signals=()), self._codec)
+        record = StoredDeadLetter(
+            run_id=letter.run_id,
+            workflow=letter.workflow,
+            at=letter.at,
+            error=error_to_json(letter.error),
+            attempts=errors_to_json(letter.attempts),
+            compensation_errors=errors_to_json(letter.compensation_errors),
+            snapshot=stored,
+        )
+        for p in self._persistence.persisters:
+            p.mark_dead_letter(record)
+
     def _schedule(self, actor: RunActor) -> None:
+        actor.parked = False
         if actor.queued or actor.running:
             return
         actor.queued = True
@@ -792,6 +1030,7 @@ class Runtime:
         budget = self._steps_per_turn
         task = asyncio.current_task()
         yield_at = self._transitions + _STEPS_PER_YIELD
+        turns = 0
         self._arm_watch()
         try:
             while True:
@@ -816,7 +1055,7 @@ class Runtime:
                 handed_off = self._worker_actor is not actor
                 if not handed_off:
                     self._worker_actor = None
-                if actor.mailbox or actor.runnable():
+                if actor.runnable():
                     if actor.snapshot.status in TERMINAL_STATUSES:
                         actor.mailbox = None  # messages to a finished run have nowhere to go
                     else:
@@ -826,7 +1065,8 @@ class Runtime:
                         return  # this task only hosted a step; a scheduler already runs
                     self._worker_active = True
                     self._arm_watch()
-                elif self._transitions >= yield_at:
+                elif self._transitions >= yield_at or (turns := turns + 1) >= _STEPS_PER_YIELD:
+                    turns = 0
                     yield_at = self._transitions + _STEPS_PER_YIELD
                     await anyio.lowlevel.checkpoint()  # the armed watch finds no turn: no handoff
                     self._arm_watch()

@@ -1,0 +1,328 @@
+"""The codec: payload bytes with a digest or HMAC in front (DESIGN.md "Codec and trust").
+
+The persister encodes each payload once per flush with a ``Codec``; every store
+keeps the framed bytes as they are. The frame is::
+
+    magic (3 bytes: b"HS" + frame version 1)
+    algorithm (1 byte: 0 = BLAKE2b-256 digest, 1 = HMAC-SHA256 with the secret key)
+    format (1 byte: 0 = pickle, 1 = cloudpickle, 2 = JSON)
+    digest (32 bytes, over magic + algorithm + format + body)
+    body
+
+Bytes whose digest/MAC does not verify are never unpickled: ``decode`` checks the
+frame first and reaches ``pickle.loads`` only after ``hmac.compare_digest``
+accepted it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import pickle
+from typing import Any, Final, Protocol, final, runtime_checkable
+
+from hotstate._errors import CodecError, ConfigError, CorruptSnapshotError
+
+__all__ = ["SECRET_KEY_ENV", "Codec", "JsonCodec", "PickleCodec", "frame_format"]
+
+SECRET_KEY_ENV: Final = "HOTSTATE_SECRET_KEY"  # noqa: S105  (a variable name, not a secret)
+"""Environment variable read for the HMAC key when a codec is built without one."""
+
+_MAGIC: Final = b"HS\x01"
+_ALG_DIGEST: Final = 0
+_ALG_HMAC: Final = 1
+_FMT_PICKLE: Final = 0
+_FMT_CLOUDPICKLE: Final = 1
+_FMT_JSON: Final = 2
+_DIGEST_SIZE: Final = 32
+_PREFIX_SIZE: Final = len(_MAGIC) + 2
+_HEADER_SIZE: Final = _PREFIX_SIZE + _DIGEST_SIZE
+_FORMAT_NAMES: Final = {
+    _FMT_PICKLE: "pickle",
+    _FMT_CLOUDPICKLE: "cloudpickle",
+    _FMT_JSON: "json",
+}
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns a payload into framed, digest-carrying bytes and back.
+
+    Attributes:
+        name: a short name for the encoding, e.g. ``"pickle"``.
+    """
+
+    name: str
+
+    def encode(self, value: Any) -> bytes:
+        """Encode ``value`` into a verified frame.
+
+        Args:
+            value: the payload.
+
+        Returns:
+            The framed bytes.
+
+        Raises:
+            CodecError: the value cannot be encoded.
+        """
+        ...
+
+    def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
+        """Verify a frame, then decode its body.
+
+        Args:
+            data: bytes made by ``encode``.
+            tier: the tier the bytes came from (for error messages).
+            run_id: the run the bytes belong to (for error messages).
+
+        Returns:
+            The payload.
+
+        Raises:
+            CorruptSnapshotError: the frame or its digest does not verify.
+            CodecError: the verified body could not be decoded.
+        """
+        ...
+
+
+def _resolve_key(key: bytes | str | None) -> bytes | None:
+    if key is None:
+        key = os.environ.get(SECRET_KEY_ENV) or None
+        if key is None:
+            return None
+    resolved = key.encode() if isinstance(key, str) else bytes(key)
+    if not resolved:
+        raise ConfigError("key", key, "an empty secret key gives no protection")
+    return resolved
+
+
+class _FramedCodec:
+    """Framing, digest and verification shared by the codecs; subclasses pick the body."""
+
+    __slots__ = ("_algorithm", "_key")
+
+    _accepted_formats: frozenset[int] = frozenset()
+
+    def __init__(self, key: bytes | str | None = None) -> None:
+        self._key = _resolve_key(key)
+        self._algorithm = _ALG_DIGEST if self._key is None else _ALG_HMAC
+
+    @property
+    def keyed(self) -> bool:
+        """True when frames carry an HMAC made with a secret key."""
+        return self._key is not None
+
+    def _digest(self, prefix: bytes, body: bytes | memoryview) -> bytes:
+        # Incremental updates: a large body is hashed in place, never copied.
+        h = (
+            hashlib.blake2b(digest_size=_DIGEST_SIZE)
+            if self._key is None
+            else hmac.new(self._key, digestmod=hashlib.sha256)
+        )
+        h.update(prefix)
+        h.update(body)
+        return h.digest()
+
+    def _frame(self, fmt: int, body: bytes) -> bytes:
+        prefix = _MAGIC + bytes((self._algorithm, fmt))
+        return b"".join((prefix, self._digest(prefix, body), body))
+
+    def _verify(self, data: bytes, tier: str, run_id: str) -> tuple[int, memoryview]:
+        """Check the frame and digest; returns (format, body). Never decodes the body."""
+
+        def corrupt(reason: str) -> CorruptSnapshotError:
+            return CorruptSnapshotError(tier or "codec", run_id, None, reason)
+
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise corrupt(f"expected bytes, got {type(data).__qualname__}")
+        view = memoryview(data)
+        if len(view) < _HEADER_SIZE:
+            raise corrupt(f"frame too short ({len(view)} bytes)")
+        if bytes(view[: len(_MAGIC)]) != _MAGIC:
+            raise corrupt("not a hotstate frame (bad magic)")
+        algorithm, fmt = view[len(_MAGIC)], view[len(_MAGIC) + 1]
+        if algorithm != self._algorithm:
+            # A keyed codec must not accept unkeyed frames: anyone who can write
+            # to the store could otherwise forge a plain digest.
+            want = "HMAC (keyed)" if self.keyed else "plain digest (unkeyed)"
+            raise corrupt(
+                f"frame algorithm {algorithm} does not match this codec's {want}"
+            )
+        if fmt not in self._accepted_formats:
+            raise corrupt(f"frame format {fmt} is not accepted by this codec")
+        body = view[_HEADER_SIZE:]
+        expected = self._digest(bytes(view[:_PREFIX_SIZE]), body)
+        if not hmac.compare_digest(expected, bytes(view[_PREFIX_SIZE:_HEADER_SIZE])):
+            raise corrupt("digest mismatch: the bytes were altered or the key is wrong")
+        return fmt, body
+
+
+def _encode_error(value: object, exc: Exception) -> CodecError:
+    return CodecError(
+        "codec",
+        f"cannot pickle a {type(value).__qualname__} payload: {type(exc).__name__}: {exc}",
+    )
+
+
+@final
+class PickleCodec(_FramedCodec):
+    """Pickle (protocol 5) with a cloudpickle fallback, framed with a digest or HMAC.
+
+    What plain pickle cannot serialize (lambdas, local classes) is encoded with
+    cloudpickle; the frame records which was used. Cloudpickle output is
+    ordinary pickle data, so decoding needs no special path.
+
+    Args:
+        key: the HMAC secret. When None, ``HOTSTATE_SECRET_KEY`` is read from
+            the environment; without either, frames carry a plain BLAKE2b
+            digest (integrity against corruption, not against forgery).
+
+    Raises:
+        ConfigError: the key is empty.
+    """
+
+    __slots__ = ()
+
+    name = "pickle"
+    _accepted_formats = frozenset({_FMT_PICKLE, _FMT_CLOUDPICKLE})
+
+    def encode(self, value: Any) -> bytes:
+        """Pickle ``value`` (cloudpickle when pickle refuses) and frame it.
+
+        Args:
+            value: the payload.
+
+        Returns:
+            The framed bytes.
+
+        Raises:
+            CodecError: neither pickle nor cloudpickle can serialize the value;
+                the message names the offending type.
+        """
+        try:
+            return self._frame(_FMT_PICKLE, pickle.dumps(value, protocol=5))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pass  # lambdas, local classes: cloudpickle below
+        except Exception as exc:
+            raise _encode_error(value, exc) from exc
+        import cloudpickle  # only needed on the fallback path
+
+        try:
+            body: bytes = cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            # A user's __reduce__ may raise anything; it is still an encoding failure.
+            raise _encode_error(value, exc) from exc
+        return self._frame(_FMT_CLOUDPICKLE, body)
+
+    def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
+        """Verify the frame, then unpickle it.
+
+        Args:
+            data: bytes made by ``encode``.
+            tier: the tier the bytes came from (for error messages).
+            run_id: the run the bytes belong to (for error messages).
+
+        Returns:
+            The payload.
+
+        Raises:
+            CorruptSnapshotError: the frame or digest does not verify; the
+                bytes were never unpickled.
+            CodecError: the verified body could not be unpickled (e.g. a class
+                it names no longer exists).
+        """
+        _, body = self._verify(data, tier, run_id)
+        try:
+            # The digest/HMAC was verified just above (DESIGN.md "Codec and trust").
+            return pickle.loads(body)  # noqa: S301
+        except Exception as exc:
+            raise CodecError(
+                tier or "codec",
+                f"run {run_id!r}: cannot unpickle a verified payload: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+
+
+@final
+class JsonCodec(_FramedCodec):
+    """JSON for plain-data payloads, framed with a digest or HMAC like ``PickleCodec``.
+
+    Tuples come back as lists; only dicts with string keys, lists, strings,
+    numbers, booleans and None round-trip exactly.
+
+    Args:
+        key: the HMAC secret; as for ``PickleCodec``.
+
+    Raises:
+        ConfigError: the key is empty.
+    """
+
+    __slots__ = ()
+
+    name = "json"
+    _accepted_formats = frozenset({_FMT_JSON})
+
+    def encode(self, value: Any) -> bytes:
+        """Serialize ``value`` as compact JSON and frame it.
+
+        Args:
+            value: plain data.
+
+        Returns:
+            The framed bytes.
+
+        Raises:
+            CodecError: the value is not plain JSON data; the message names the type.
+        """
+        try:
+            text = json.dumps(
+                value, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+            )
+        except (TypeError, ValueError) as exc:
+            raise CodecError(
+                "codec",
+                f"cannot encode a {type(value).__qualname__} payload as JSON: {exc}",
+            ) from exc
+        return self._frame(_FMT_JSON, text.encode())
+
+    def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
+        """Verify the frame, then parse the JSON body.
+
+        Args:
+            data: bytes made by ``encode``.
+            tier: the tier the bytes came from (for error messages).
+            run_id: the run the bytes belong to (for error messages).
+
+        Returns:
+            The payload.
+
+        Raises:
+            CorruptSnapshotError: the frame or digest does not verify.
+            CodecError: the verified body is not valid JSON.
+        """
+        _, body = self._verify(data, tier, run_id)
+        try:
+            return json.loads(bytes(body))
+        except ValueError as exc:
+            raise CodecError(
+                tier or "codec", f"run {run_id!r}: verified body is not JSON: {exc}"
+            ) from exc
+
+
+def frame_format(data: bytes) -> str | None:
+    """Name the body format of a frame (``"pickle"``, ``"cloudpickle"``, ``"json"``).
+
+    Reads only the unverified header; for diagnostics, never for trust decisions.
+
+    Args:
+        data: framed bytes.
+
+    Returns:
+        The format name, or None when ``data`` is not a hotstate frame.
+    """
+    if len(data) < _HEADER_SIZE or data[: len(_MAGIC)] != _MAGIC:
+        return None
+    return _FORMAT_NAMES.get(data[len(_MAGIC) + 1])

@@ -1,0 +1,246 @@
+"""``MemoryStore``: a Store kept in dicts, for tests and memory-only deployments.
+
+It keeps the full Store contract (DESIGN.md "Stores"), so the contract suite
+runs against it like any other tier. Stored records are frozen and hold only
+immutable values (``bytes`` bodies are copied from any buffer), so callers can
+never change what the store holds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, final
+
+from hotstate._errors import StoreUnavailableError
+from hotstate.persistence._records import SaveResult, StoredSnapshot
+from hotstate.persistence._store import (
+    FINISHED_STATUSES,
+    StoreBase,
+    check_limit,
+    status_filter,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from hotstate.actors._snapshot import Transition
+    from hotstate.persistence._records import RunHeader, StoredDeadLetter
+
+__all__ = ["MemoryStore"]
+
+
+def _own(stored: StoredSnapshot) -> StoredSnapshot:
+    if type(stored.body) is bytes:
+        return stored
+    return StoredSnapshot(
+        header=stored.header, error=stored.error, body=bytes(stored.body)
+    )
+
+
+@final
+class MemoryStore(StoreBase):
+    """A Store in process memory. Nothing survives the process.
+
+    Args:
+        tier: the tier's name.
+    """
+
+    def __init__(self, *, tier: str = "memory") -> None:
+        self.tier = tier
+        self._runs: dict[str, StoredSnapshot] = {}
+        self._history: dict[str, dict[int, Transition]] = {}
+        self._dead: dict[str, StoredDeadLetter] = {}
+        # Testability hooks (fault injection without mocks): while `down` is
+        # true every call fails like an unreachable server; `saves` counts
+        # successful save() calls, which is how tests see group commit.
+        self.down = False
+        self.saves = 0
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        if self.down:
+            raise StoreUnavailableError(self.tier, "store is down (MemoryStore.down)")
+
+    async def open(self) -> None:
+        """Mark the store open. Idempotent."""
+        self._opened = True
+
+    async def aclose(self) -> None:
+        """Mark the store closed; the data stays for a later ``open``."""
+        self._opened = False
+
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
+    ) -> SaveResult:
+        """Write a batch; see ``Store.save``.
+
+        Args:
+            snapshots: the snapshots.
+            transitions: the transitions.
+
+        Returns:
+            What was written.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        written = stale = added = 0
+        # No await below: the whole batch is applied atomically w.r.t. other tasks.
+        for stored in snapshots:
+            current = self._runs.get(stored.header.run_id)
+            if current is not None and current.header.version >= stored.header.version:
+                stale += 1
+                continue
+            self._runs[stored.header.run_id] = _own(stored)
+            written += 1
+        for t in transitions:
+            per_run = self._history.setdefault(t.run_id, {})
+            if t.version not in per_run:
+                per_run[t.version] = t
+                added += 1
+        self.saves += 1
+        return SaveResult(written=written, stale=stale, transitions=added)
+
+    async def load(self, run_id: str) -> StoredSnapshot | None:
+        """Read a run's snapshot; see ``Store.load``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The snapshot or None.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        return self._runs.get(run_id)
+
+    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
+        """Read several runs' snapshots; see ``Store.load_many``.
+
+        Args:
+            run_ids: the runs.
+
+        Returns:
+            The snapshots found, by run id.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        return {r: s for r in run_ids if (s := self._runs.get(r)) is not None}
+
+    async def scan(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunHeader]:
+        """Page through headers by run id; see ``Store.scan``.
+
+        Args:
+            status: status filter.
+            workflow: workflow filter.
+            after: exclusive run-id cursor.
+            limit: page size.
+
+        Returns:
+            Up to ``limit`` headers.
+
+        Raises:
+            ConfigError: ``limit`` < 1.
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        check_limit(limit)
+        statuses = status_filter(status)
+        headers = [
+            s.header
+            for s in self._runs.values()
+            if (after is None or s.header.run_id > after)
+            and (statuses is None or s.header.status in statuses)
+            and (workflow is None or s.header.workflow == workflow)
+        ]
+        headers.sort(key=lambda h: h.run_id)
+        return headers[:limit]
+
+    async def history(self, run_id: str) -> list[Transition]:
+        """Read a run's transitions by version; see ``Store.history``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The transitions.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        per_run = self._history.get(run_id, {})
+        return [per_run[v] for v in sorted(per_run)]
+
+    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+        """Store a dead letter; see ``Store.save_dead_letter``.
+
+        Args:
+            record: the record.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        self._dead[record.run_id] = record
+
+    async def dead_letters(self) -> list[StoredDeadLetter]:
+        """List dead letters, oldest first; see ``Store.dead_letters``.
+
+        Returns:
+            The records.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        return sorted(self._dead.values(), key=lambda d: (d.at, d.run_id))
+
+    async def delete_dead_letter(self, run_id: str) -> bool:
+        """Remove a dead letter; see ``Store.delete_dead_letter``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            True when one was removed.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        return self._dead.pop(run_id, None) is not None
+
+    async def purge_finished(self, *, before: float) -> int:
+        """Delete old finished runs; see ``Store.purge_finished``.
+
+        Args:
+            before: wall-clock cut-off (exclusive).
+
+        Returns:
+            How many runs were deleted.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        doomed = [
+            run_id
+            for run_id, s in self._runs.items()
+            if s.header.status in FINISHED_STATUSES and s.header.updated_at < before
+        ]
+        for run_id in doomed:
+            del self._runs[run_id]
+            self._history.pop(run_id, None)
+        return len(doomed)

@@ -1,0 +1,579 @@
+"""The write-behind ``Persister`` (one per tier) and the ``Persistence`` fan-out over tiers.
+
+The "Persister" box of DESIGN.md: ``mark`` is O(1) and does no I/O (it keeps
+the newest snapshot per run and appends the transition); the flush loop
+coalesces, encodes once (shared across tiers through ``SnapshotEncoder``),
+writes one batch, and only then acknowledges durability. A failed flush puts
+its batch back (newer versions win) and retries with capped backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, final
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskStatus
+
+from hotstate._errors import (
+    CodecError,
+    ConfigError,
+    DurabilityTimeoutError,
+    PersistenceError,
+    StoreUnavailableError,
+)
+from hotstate.actors import Snapshot, Status, Transition
+from hotstate.persistence._policy import FlushPolicy
+from hotstate.persistence._records import StoredDeadLetter, StoredSnapshot, encode_snapshot
+
+if TYPE_CHECKING:
+    from hotstate._clock import Clock
+    from hotstate.persistence._codec import Codec
+    from hotstate.persistence._store import Store
+
+__all__ = ["Persistence", "Persister", "PersisterStatistics", "SnapshotEncoder", "Tier"]
+
+log = logging.getLogger("hotstate.persistence")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A store and the policy its persister flushes with.
+
+    Attributes:
+        store: where snapshots go.
+        policy: when and how they go there.
+    """
+
+    store: Store
+    policy: FlushPolicy = FlushPolicy()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PersisterStatistics:
+    """Figures of one tier's persister.
+
+    Attributes:
+        tier: the tier's name.
+        flushes: successful flushes.
+        failures: failed flushes (each retried; nothing was lost).
+        consecutive_failures: failures since the last success (0 when healthy).
+        snapshots_written: snapshots written (after coalescing).
+        transitions_written: transitions written.
+        stale_skipped: snapshots the store's version guard skipped.
+        rows_last_flush: snapshots + transitions in the last flush.
+        last_flush_duration: seconds the last flush took.
+        max_flush_duration: the longest flush so far, in seconds.
+        bytes_written: encoded snapshot bytes written.
+        pending_snapshots: runs with an unflushed snapshot now.
+        pending_transitions: unflushed transitions now.
+        lag: age in seconds of the oldest unflushed transition (0 when none).
+        backpressure: True while steps wait for this tier to drain.
+        backpressure_events: times the memory bound was crossed.
+        codec_errors: snapshots that could not be encoded (their runs failed).
+        last_error: the last flush error's message, or None.
+    """
+
+    tier: str
+    flushes: int
+    failures: int
+    consecutive_failures: int
+    snapshots_written: int
+    transitions_written: int
+    stale_skipped: int
+    rows_last_flush: int
+    last_flush_duration: float
+    max_flush_duration: float
+    bytes_written: int
+    pending_snapshots: int
+    pending_transitions: int
+    lag: float
+    backpressure: bool
+    backpressure_events: int
+    codec_errors: int
+    last_error: str | None
+
+
+@final
+class SnapshotEncoder:
+    """Encodes each (run, version) once, however many tiers flush it.
+
+    Args:
+        codec: the payload codec.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._cache: dict[str, tuple[int, StoredSnapshot]] = {}
+        self.encodes = 0
+
+    def encode(self, snapshot: Snapshot) -> StoredSnapshot:
+        """Encode ``snapshot`` (or return the cached encoding of that version).
+
+        Raises:
+            CodecError: the payload cannot be encoded.
+        """
+        hit = self._cache.get(snapshot.run_id)
+        if hit is not None and hit[0] == snapshot.version:
+            return hit[1]
+        stored = encode_snapshot(snapshot, self.codec)
+        self.encodes += 1
+        self._cache[snapshot.run_id] = (snapshot.version, stored)
+        return stored
+
+    def release(self, run_id: str, version: int) -> None:
+        """Forget the cached encoding once every tier has ``version`` durable."""
+        hit = self._cache.get(run_id)
+        if hit is not None and hit[0] <= version:
+            del self._cache[run_id]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+@final
+class Persister:
+    """Flushes one tier: coalesced snapshots and the transition log, in batches.
+
+    Args:
+        tier: the store and its flush policy.
+        encoder: the encoder shared by all tiers.
+        clock: time for intervals and backoff.
+    """
+
+    def __init__(self, tier: Tier, encoder: SnapshotEncoder, clock: Clock) -> None:
+        self.store = tier.store
+        self.policy = tier.policy
+        self.name = tier.store.tier
+        self._encoder = encoder
+        self._clock = clock
+        self._dirty: dict[str, Snapshot] = {}
+        self._transitions: list[Transition] = []
+        self._dead: list[StoredDeadLetter] = []
+        self._dead_deletes: list[str] = []
+        self.durable: dict[str, int] = {}
+        self.waiting: dict[str, Any] = {}  # run_id -> what to hand on_durable once durable
+        self._durable_events: dict[str, list[tuple[int, anyio.Event]]] = {}
+        self._lock = anyio.Lock()
+        self._sleep: anyio.CancelScope | None = None
+        self._last_flush = clock.now()
+        self._avg_bytes = 0.0
+        self._poisoned: set[str] = set()
+        self.on_durable: Callable[[Any], None] = lambda _item: None
+        self.on_codec_error: Callable[[str, CodecError], None] = lambda _rid, _exc: None
+        self.on_pressure: Callable[[bool], None] = lambda _on: None
+        self.pressure = False
+        bound = tier.policy.max_pending_rows
+        self._bound_rows = bound if bound is not None else 1 << 62
+        self._urgent_rows = 0 if tier.policy.write_through else tier.policy.max_batch_rows
+        # figures
+        self._flushes = self._failures = self._consecutive = 0
+        self._snapshots_written = self._transitions_written = self._stale = 0
+        self._rows_last = 0
+        self._last_duration = self._max_duration = 0.0
+        self._bytes = 0
+        self._pressure_events = 0
+        self._codec_errors = 0
+        self._last_error: str | None = None
+
+    # ------------------------------------------------------------ hot path
+
+    def mark(self, snapshot: Snapshot, transition: Transition) -> None:
+        """Record a transition and the run's newest snapshot. O(1), no I/O."""
+        dirty = self._dirty
+        dirty[snapshot.run_id] = snapshot
+        transitions = self._transitions
+        transitions.append(transition)
+        n = len(transitions)
+        if n >= self._urgent_rows or n == 1:
+            self._poke()  # batch full, write-through, or the loop sleeps with nothing pending
+        if n + len(dirty) > self._bound_rows and not self.pressure:
+            self._set_pressure(True)
+
+    def mark_dead_letter(self, record: StoredDeadLetter) -> None:
+        """Queue a dead-letter record for the next flush."""
+        self._dead.append(record)
+        self._poke()
+
+    def mark_dead_letter_deleted(self, run_id: str) -> None:
+        """Queue the deletion of a dead-letter record (it was retried)."""
+        self._dead_deletes.append(run_id)
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._sleep is not None:
+            self._sleep.cancel()
+
+    def _set_pressure(self, on: bool) -> None:
+        self.pressure = on
+        if on:
+            self._pressure_events += 1
+            self._poke()
+        self.on_pressure(on)
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def pending_rows(self) -> int:
+        """Unflushed snapshots + transitions."""
+        return len(self._dirty) + len(self._transitions)
+
+    def statistics(self) -> PersisterStatistics:
+        """Return this tier's figures.
+
+        Returns:
+            A frozen record.
+        """
+        lag = 0.0
+        if self._transitions:
+            lag = max(0.0, self._clock.wall() - self._transitions[0].at)
+        return PersisterStatistics(
+            tier=self.name,
+            flushes=self._flushes,
+            failures=self._failures,
+            consecutive_failures=self._consecutive,
+            snapshots_written=self._snapshots_written,
+            transitions_written=self._transitions_written,
+            stale_skipped=self._stale,
+            rows_last_flush=self._rows_last,
+            last_flush_duration=self._last_duration,
+            max_flush_duration=self._max_duration,
+            bytes_written=self._bytes,
+            pending_snapshots=len(self._dirty),
+            pending_transitions=len(self._transitions),
+            lag=lag,
+            backpressure=self.pressure,
+            backpressure_events=self._pressure_events,
+            codec_errors=self._codec_errors,
+            last_error=self._last_error,
+        )
+
+    async def wait_durable(self, run_id: str, version: int, timeout: float | None = None) -> None:
+        """Wait until ``run_id`` is durable at ``version`` or later in this tier.
+
+        Args:
+            run_id: the run.
+            version: the version to wait for.
+            timeout: seconds on this persister's clock (default: the policy's ``ack_timeout``).
+
+        Raises:
+            DurabilityTimeoutError: not durable in time (the tier is down or slow).
+        """
+        if self.durable.get(run_id, 0) >= version:
+            return
+        event = anyio.Event()
+        self._durable_events.setdefault(run_id, []).append((version, event))
+        self._poke()
+        deadline = self._clock.now() + (self.policy.ack_timeout if timeout is None else timeout)
+        timed_out = False
+        async with anyio.create_task_group() as tg:
+
+            async def expire() -> None:
+                nonlocal timed_out
+                await self._clock.sleep_until(deadline)
+                timed_out = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(expire)
+            await event.wait()
+            tg.cancel_scope.cancel()
+        if timed_out and self.durable.get(run_id, 0) < version:
+            raise DurabilityTimeoutError(
+                self.name,
+                f"run {run_id!r} v{version} not durable after {deadline - self._clock.now() + (self.policy.ack_timeout if timeout is None else timeout):g} s"
+                f" (durable: v{self.durable.get(run_id, 0)}; last error: {self._last_error})",
+            )
+
+    # ----------------------------------------------------------- the loop
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The flush loop: flush when due, back off after failures. Runs until cancelled."""
+        task_status.started()
+        policy = self.policy
+        delay = policy.retry_initial
+        retry_at = 0.0
+        while True:
+            now = self._clock.now()
+            deadline = self._next_deadline(now)
+            if self._consecutive:
+                deadline = max(retry_at, deadline)
+            if deadline > now:
+                with anyio.CancelScope() as scope:
+                    self._sleep = scope  # mark() pokes it: then the deadline is recomputed
+                    if deadline == float("inf"):
+                        await anyio.sleep_forever()
+                    else:
+                        await self._clock.sleep_until(deadline)
+                self._sleep = None
+                continue
+            try:
+                await self.flush_once()
+            except PersistenceError:
+                pass  # counted, logged and merged back by flush_once; retried after backoff
+            except Exception:  # noqa: BLE001 - the flush loop must survive a store bug; nothing is lost
+                self._failures += 1
+                self._consecutive += 1
+                log.exception("hotstate: flush of tier %r failed unexpectedly", self.name)
+            if self._consecutive:
+                retry_at = self._clock.now() + delay
+                delay = min(policy.retry_max, delay * 2)
+            else:
+                delay = policy.retry_initial
+            await anyio.lowlevel.checkpoint()
+
+    def _next_deadline(self, now: float) -> float:
+        """When the next flush is due, given ``now`` (pure apart from reading the pending state)."""
+        if self._dead or self._dead_deletes:
+            return now
+        if not self._transitions and not self._dirty:
+            return float("inf")
+        if self.pressure or self._durable_events or self.waiting:
+            return now  # someone is blocked on this tier: flush now
+        policy = self.policy
+        if policy.flush_due(now=now, last_flush=self._last_flush, pending_rows=self.pending_rows,
+                            dirty_runs=len(self._dirty)):
+            return now
+        return self._last_flush + policy.interval
+
+    async def flush(self) -> None:
+        """Flush everything pending now, and return once it is durable.
+
+        Raises:
+            PersistenceError: the tier failed; the batch was put back and will be retried.
+        """
+        # What is pending now; marks that arrive meanwhile go with the next flush,
+        # so a busy runtime cannot keep this call from returning.
+        target = {rid: snap.version for rid, snap in self._dirty.items()}
+        rounds = 0
+        while self._transitions or self._dead or self._dead_deletes or target:
+            await self.flush_once()
+            target = {rid: v for rid, v in target.items() if self.durable.get(rid, 0) < v}
+            rounds += 1
+            if rounds > 1 and not target and not self._dead and not self._dead_deletes:
+                break
+
+    async def flush_once(self) -> None:
+        """Write one batch (everything pending, up to ``max_batch_rows`` runs).
+
+        Raises:
+            PersistenceError: the tier failed; the batch was put back.
+        """
+        async with self._lock:
+            await self._flush_locked()
+
+    def _take_batch(self) -> tuple[dict[str, Snapshot], list[Transition]]:
+        limit = self.policy.max_batch_rows
+        dirty = self._dirty
+        if len(dirty) <= limit:
+            self._dirty = {}
+            batch = dirty
+            transitions, self._transitions = self._transitions, []
+            return batch, transitions
+        # Too many dirty runs: take the oldest `limit` and only their transitions.
+        batch = {}
+        for rid in list(dirty)[:limit]:
+            batch[rid] = dirty.pop(rid)
+        keep: list[Transition] = []
+        taken: list[Transition] = []
+        for t in self._transitions:
+            (taken if t.run_id in batch else keep).append(t)
+        self._transitions = keep
+        return batch, taken
+
+    def _encode(self, batch: dict[str, Snapshot]) -> list[StoredSnapshot]:
+        encode = self._encoder.encode
+        out: list[StoredSnapshot] = []
+        for rid, snap in batch.items():
+            try:
+                out.append(encode(snap))
+            except CodecError as exc:
+                named = CodecError(exc.tier, f"run {rid!r}: {exc.detail}")
+                named.__cause__ = exc
+                out.extend(self._encode_poisoned(rid, snap, named))
+        return out
+
+    def _encode_poisoned(self, rid: str, snap: Snapshot, exc: CodecError) -> list[StoredSnapshot]:
+        """An unencodable payload fails its run; its header still reaches the store."""
+        if rid not in self._poisoned:
+            self._poisoned.add(rid)
+            self._codec_errors += 1
+            log.error("hotstate: run %r cannot be persisted to %r: %s", rid, self.name, exc)
+            self.on_codec_error(rid, exc)
+        if snap.status is not Status.failed:
+            return []  # the run is being failed; its failed snapshot will be written
+        return [encode_snapshot(snap._replace(payload=None, signals=()), self._encoder.codec)]
+
+    async def _flush_locked(self) -> None:
+        dead, self._dead = self._dead, []
+        dead_deletes, self._dead_deletes = self._dead_deletes, []
+        batch, transitions = self._take_batch()
+        started = self._clock.now()
+        self._last_flush = started
+        t0 = time.perf_counter()
+        try:
+            stored = self._encode(batch)
+            if stored or transitions:
+                result = await self.store.save(stored, transitions)
+                self._stale += result.stale
+            for record in dead:
+                await self.store.save_dead_letter(record)
+            for rid in dead_deletes:
+                await self.store.delete_dead_letter(rid)
+        except Exception as exc:
+            self._merge_back(batch, transitions, dead, dead_deletes)
+            self._failures += 1
+            self._consecutive += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            if self._consecutive == 1 or self._consecutive % 100 == 0:
+                log.warning("hotstate: flush of tier %r failed (%d in a row), will retry: %s",
+                            self.name, self._consecutive, self._last_error)
+            if isinstance(exc, PersistenceError):
+                raise
+            raise StoreUnavailableError(self.name, self._last_error) from exc
+        duration = time.perf_counter() - t0
+        self._consecutive = 0
+        self._last_error = None
+        self._flushes += 1
+        self._snapshots_written += len(stored)
+        self._transitions_written += len(transitions)
+        self._rows_last = len(stored) + len(transitions)
+        self._last_duration = duration
+        self._max_duration = max(self._max_duration, duration)
+        nbytes = sum(len(s.body) for s in stored)
+        self._bytes += nbytes
+        if stored:
+            self._avg_bytes = nbytes / len(stored)
+        self._acknowledge(batch)
+        if self.pressure and not self.policy.over_bound(
+            pending_rows=self.pending_rows, pending_bytes=len(self._dirty) * self._avg_bytes
+        ):
+            self._set_pressure(False)
+
+    def _acknowledge(self, batch: dict[str, Snapshot]) -> None:
+        durable = self.durable
+        waiting = self.waiting
+        events = self._durable_events
+        for rid, snap in batch.items():
+            if durable.get(rid, 0) < snap.version:
+                durable[rid] = snap.version
+            if waiting:
+                item = waiting.pop(rid, None)
+                if item is not None:
+                    self.on_durable(item)
+            if events:
+                pending = events.get(rid)
+                if pending:
+                    keep = [(v, e) for v, e in pending if v > snap.version]
+                    for v, e in pending:
+                        if v <= snap.version:
+                            e.set()
+                    if keep:
+                        events[rid] = keep
+                    else:
+                        del events[rid]
+
+    def _merge_back(
+        self,
+        batch: dict[str, Snapshot],
+        transitions: list[Transition],
+        dead: list[StoredDeadLetter],
+        dead_deletes: list[str],
+    ) -> None:
+        """Put a failed batch back; snapshots marked meanwhile are newer and win."""
+        dirty = self._dirty
+        for rid, snap in batch.items():
+            newer = dirty.get(rid)
+            if newer is None or newer.version < snap.version:
+                dirty[rid] = snap
+        self._transitions = transitions + self._transitions
+        self._dead = dead + self._dead
+        self._dead_deletes = dead_deletes + self._dead_deletes
+
+    def forget(self, run_id: str) -> None:
+        """Drop per-run bookkeeping of a run that is gone from memory."""
+        self.durable.pop(run_id, None)
+        self._poisoned.discard(run_id)
+
+
+@final
+class Persistence:
+    """All tiers of a runtime, seen as one ``TransitionSink``.
+
+    Args:
+        tiers: the tiers, fastest first (recovery prefers the highest verified version).
+        codec: the payload codec shared by all tiers.
+        clock: time for intervals and backoff.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], codec: Codec, clock: Clock) -> None:
+        names = [t.store.tier for t in tiers]
+        if len(set(names)) != len(names):
+            raise ConfigError("tiers", names, "tier names must be unique (pass tier=... to the stores)")
+        self.encoder = SnapshotEncoder(codec)
+        self.persisters = [Persister(t, self.encoder, clock) for t in tiers]
+        self.write_through = [p for p in self.persisters if p.policy.write_through]
+        self._state = "new"
+
+    @property
+    def mark(self) -> Callable[[Snapshot, Transition], None]:
+        """The one O(1) call per transition (the only tier's own ``mark`` when there is one)."""
+        persisters = self.persisters
+        if len(persisters) == 1:
+            return persisters[0].mark
+        marks = [p.mark for p in persisters]
+
+        def mark(snapshot: Snapshot, transition: Transition) -> None:
+            for m in marks:
+                m(snapshot, transition)
+
+        return mark
+
+    async def open(self) -> None:
+        """Open every store."""
+        for p in self.persisters:
+            await p.store.open()
+        self._state = "open"
+
+    async def flush(self) -> None:
+        """Flush every tier now.
+
+        Raises:
+            PersistenceError: a tier failed (the others were still flushed).
+        """
+        errors: list[PersistenceError] = []
+        for p in self.persisters:
+            try:
+                await p.flush()
+            except PersistenceError as exc:
+                errors.append(exc)
+        self._release()
+        if errors:
+            raise errors[0]
+
+    def _release(self) -> None:
+        """Drop cached encodings every tier has written."""
+        encoder = self.encoder
+        if not len(encoder):
+            return
+        for rid, (version, _) in list(encoder._cache.items()):
+            if all(p.durable.get(rid, 0) >= version for p in self.persisters):
+                encoder.release(rid, version)
+
+    async def aclose(self) -> None:
+        """Close every store (after the final flush)."""
+        self._state = "closed"
+        for p in self.persisters:
+            try:
+                await p.store.aclose()
+            except Exception:  # noqa: BLE001 - close the others whatever one does
+                log.exception("hotstate: closing tier %r failed", p.name)
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_state", "closed") == "open":
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)

@@ -1,0 +1,142 @@
+"""``FlushPolicy``: when a tier flushes, how much it may hold, and whether steps wait for it.
+
+Pure: ``flush_due`` takes ``now`` and the pending figures as arguments, so it is
+tested with plain numbers (STYLE.md F.19).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import final
+
+from hotstate._errors import ConfigError
+from hotstate._validate import integer, number
+
+__all__ = ["FlushPolicy"]
+
+
+def _positive(field: str, value: object, *, allow_zero: bool = False) -> None:
+    number(field, value, strict=not allow_zero)
+
+
+def _count(field: str, value: object) -> None:
+    if value is not None:
+        integer(field, value, minimum=1)
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlushPolicy:
+    """How one tier's persister flushes.
+
+    Write-behind (the default): steps never wait for I/O; the latest snapshot
+    per run and every transition are flushed every ``interval`` seconds, or
+    sooner when ``max_batch_rows`` runs are dirty. A crash can lose at most
+    ``interval`` plus one flush duration of work.
+
+    Write-through (``write_through=True``): a run advances only after its
+    snapshot is durable in this tier. Every run waiting at that moment shares
+    one transaction (group commit); ``interval`` is ignored.
+
+    Attributes:
+        interval: seconds between write-behind flushes (> 0).
+        max_batch_rows: flush early once this many runs are dirty (>= 1).
+        max_pending_rows: memory bound in unflushed rows (snapshots + transitions);
+            above it, steps wait (backpressure) instead of anything being dropped.
+            None: no bound.
+        max_pending_bytes: memory bound in estimated bytes of unflushed
+            snapshots (estimated from the sizes measured at the last flush). None: no bound.
+        write_through: steps wait until their snapshot is durable in this tier.
+        ack_timeout: seconds ``wait_durable`` waits before ``DurabilityTimeoutError``.
+        retry_initial: first backoff after a failed flush (seconds).
+        retry_max: cap of that backoff (seconds).
+
+    Raises:
+        ConfigError: a field is out of range; the message names it.
+    """
+
+    interval: float = 1.0
+    max_batch_rows: int = 10_000
+    max_pending_rows: int | None = 1_000_000
+    max_pending_bytes: int | None = None
+    write_through: bool = False
+    ack_timeout: float = 5.0
+    retry_initial: float = 0.05
+    retry_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive("FlushPolicy.interval", self.interval)
+        _count("FlushPolicy.max_batch_rows", self.max_batch_rows)
+        _count("FlushPolicy.max_pending_rows", self.max_pending_rows)
+        _count("FlushPolicy.max_pending_bytes", self.max_pending_bytes)
+        _positive("FlushPolicy.ack_timeout", self.ack_timeout)
+        _positive("FlushPolicy.retry_initial", self.retry_initial)
+        _positive("FlushPolicy.retry_max", self.retry_max)
+        if self.retry_max < self.retry_initial:
+            raise ConfigError("FlushPolicy.retry_max", self.retry_max, "must be >= retry_initial")
+        if not isinstance(self.write_through, bool):
+            raise ConfigError("FlushPolicy.write_through", self.write_through, "must be a bool")
+
+    @classmethod
+    def write_behind(cls, interval: float, **options: int | float | None) -> FlushPolicy:
+        """A write-behind policy flushing every ``interval`` seconds.
+
+        Args:
+            interval: seconds between flushes.
+            **options: other fields.
+
+        Returns:
+            The policy.
+
+        Raises:
+            ConfigError: a field is out of range.
+        """
+        return cls(interval=interval, **options)  # type: ignore[arg-type]
+
+    @classmethod
+    def through(cls, **options: int | float | None) -> FlushPolicy:
+        """A write-through policy with group commit.
+
+        Args:
+            **options: other fields.
+
+        Returns:
+            The policy.
+
+        Raises:
+            ConfigError: a field is out of range.
+        """
+        return cls(write_through=True, **options)  # type: ignore[arg-type]
+
+    def flush_due(self, *, now: float, last_flush: float, pending_rows: int, dirty_runs: int) -> bool:
+        """Decide whether a flush should start now.
+
+        Args:
+            now: the current monotonic time.
+            last_flush: when the previous flush started.
+            pending_rows: unflushed snapshots + transitions.
+            dirty_runs: runs with an unflushed snapshot.
+
+        Returns:
+            True if something is pending and the interval has passed, the batch
+            is full, or the policy is write-through.
+        """
+        if pending_rows <= 0:
+            return False
+        if self.write_through or dirty_runs >= self.max_batch_rows:
+            return True
+        return now - last_flush >= self.interval
+
+    def over_bound(self, *, pending_rows: int, pending_bytes: float) -> bool:
+        """Return True when unflushed state passes the memory bound (steps must wait).
+
+        Args:
+            pending_rows: unflushed snapshots + transitions.
+            pending_bytes: their estimated size in bytes.
+
+        Returns:
+            True above either bound.
+        """
+        if self.max_pending_rows is not None and pending_rows > self.max_pending_rows:
+            return True
+        return self.max_pending_bytes is not None and pending_bytes > self.max_pending_bytes

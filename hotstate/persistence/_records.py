@@ -1,0 +1,374 @@
+"""Stored records: what a Store keeps for a Snapshot, a Transition and a dead letter.
+
+The "Store" box of the DESIGN.md diagram holds these, never hotstate's own
+classes pickled (STYLE.md D.14): header fields are plain columns / hash fields so
+listing never unpickles, errors and transitions are JSON, and only the user's
+payload (with the run's pending signals) goes through the ``Codec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hotstate._errors import CodecError, CorruptSnapshotError
+from hotstate.actors._snapshot import (
+    ErrorInfo,
+    Snapshot,
+    Status,
+    Transition,
+    TransitionKind,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hotstate.persistence._codec import Codec
+
+__all__ = [
+    "RunHeader",
+    "SaveResult",
+    "StoredDeadLetter",
+    "StoredSnapshot",
+    "decode_snapshot",
+    "encode_snapshot",
+    "error_from_json",
+    "error_to_json",
+    "errors_from_json",
+    "errors_to_json",
+    "header_of",
+    "transition_from_json",
+    "transition_from_row",
+    "transition_to_json",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunHeader:
+    """The plain-data header of a stored snapshot: what listing and filtering read.
+
+    Attributes:
+        run_id: the run's id.
+        workflow: the workflow's name.
+        workflow_version: the workflow definition's version.
+        version: the snapshot version (the version guard compares this).
+        step: the step cursor.
+        status: the status as stored (a ``Status`` value).
+        updated_at: wall-clock time of this version.
+        attempt: the attempt number at the cursor.
+    """
+
+    run_id: str
+    workflow: str
+    workflow_version: int
+    version: int
+    step: int
+    status: str
+    updated_at: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredSnapshot:
+    """A snapshot as a store keeps it.
+
+    Attributes:
+        header: the plain-data header.
+        error: JSON text of the ``ErrorInfo`` fields, or None.
+        body: codec output (digest-framed) of ``{"payload": ..., "signals": ...}``.
+    """
+
+    header: RunHeader
+    error: str | None
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredDeadLetter:
+    """A dead-letter record as a store keeps it.
+
+    Attributes:
+        run_id: the run's id.
+        workflow: the workflow's name.
+        at: wall-clock time the run was dead-lettered.
+        error: JSON of the final ``ErrorInfo``.
+        attempts: JSON list of the ``ErrorInfo`` of every failed attempt.
+        compensation_errors: JSON list of ``ErrorInfo`` raised by compensations.
+        snapshot: the final snapshot.
+    """
+
+    run_id: str
+    workflow: str
+    at: float
+    error: str
+    attempts: str
+    compensation_errors: str
+    snapshot: StoredSnapshot
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveResult:
+    """What one ``Store.save`` did.
+
+    Attributes:
+        written: snapshots actually written.
+        stale: snapshots skipped because the stored version was >= theirs.
+        transitions: transitions newly stored (a repeated (run_id, version) is ignored).
+    """
+
+    written: int
+    stale: int
+    transitions: int
+
+
+_ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(ErrorInfo))
+
+
+def _error_dict(error: ErrorInfo) -> dict[str, Any]:
+    return {name: getattr(error, name) for name in _ERROR_FIELDS}
+
+
+def error_to_json(error: ErrorInfo) -> str:
+    """Serialize an ``ErrorInfo`` as JSON text (plain data, never pickled).
+
+    Args:
+        error: the record.
+
+    Returns:
+        JSON text of its fields.
+    """
+    return json.dumps(_error_dict(error), separators=(",", ":"))
+
+
+def _error_from_dict(data: object, tier: str) -> ErrorInfo:
+    if not isinstance(data, dict):
+        raise CodecError(tier, f"stored error is not an object: {type(data).__name__}")
+    try:
+        return ErrorInfo(
+            type=str(data["type"]),
+            message=str(data["message"]),
+            traceback=str(data["traceback"]),
+            step=int(data["step"]),
+            step_name=str(data["step_name"]),
+            attempt=int(data["attempt"]),
+            at=float(data["at"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CodecError(tier, f"stored error is malformed: {exc!r}") from exc
+
+
+def _loads(text: str, tier: str, what: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CodecError(tier, f"stored {what} is not JSON: {exc}") from exc
+
+
+def error_from_json(text: str, *, tier: str = "codec") -> ErrorInfo:
+    """Rebuild an ``ErrorInfo`` from ``error_to_json`` output.
+
+    Args:
+        text: the JSON text.
+        tier: the tier it came from (for error messages).
+
+    Returns:
+        The record.
+
+    Raises:
+        CodecError: the text is not a valid error record.
+    """
+    return _error_from_dict(_loads(text, tier, "error"), tier)
+
+
+def errors_to_json(errors: list[ErrorInfo] | tuple[ErrorInfo, ...]) -> str:
+    """Serialize a list of ``ErrorInfo`` (dead-letter attempts) as a JSON array.
+
+    Args:
+        errors: the records.
+
+    Returns:
+        JSON text.
+    """
+    return json.dumps([_error_dict(e) for e in errors], separators=(",", ":"))
+
+
+def errors_from_json(text: str, *, tier: str = "codec") -> list[ErrorInfo]:
+    """Rebuild a list of ``ErrorInfo`` from ``errors_to_json`` output.
+
+    Args:
+        text: the JSON text.
+        tier: the tier it came from (for error messages).
+
+    Returns:
+        The records.
+
+    Raises:
+        CodecError: the text is not a JSON array of error records.
+    """
+    data = _loads(text, tier, "error list")
+    if not isinstance(data, list):
+        raise CodecError(
+            tier, f"stored error list is not an array: {type(data).__name__}"
+        )
+    return [_error_from_dict(item, tier) for item in data]
+
+
+def transition_to_json(transition: Transition) -> str:
+    """Serialize a ``Transition`` as a compact JSON array (plain data, never pickled).
+
+    Args:
+        transition: the record.
+
+    Returns:
+        JSON text ``[run_id, version, kind, step, status, at, detail]``.
+    """
+    t = transition
+    return json.dumps(
+        [t.run_id, t.version, str(t.kind), t.step, str(t.status), t.at, t.detail],
+        separators=(",", ":"),
+    )
+
+
+def transition_from_row(row: Sequence[Any], *, tier: str = "codec") -> Transition:
+    """Rebuild a ``Transition`` from its plain fields.
+
+    Args:
+        row: ``(run_id, version, kind, step, status, at, detail)``.
+        tier: the tier it came from (for error messages).
+
+    Returns:
+        The record.
+
+    Raises:
+        CodecError: the fields are malformed (e.g. an unknown kind or status).
+    """
+    try:
+        run_id, version, kind, step, status, at, detail = row
+        return Transition(
+            run_id=str(run_id),
+            version=int(version),
+            kind=TransitionKind(kind),
+            step=int(step),
+            status=Status(status),
+            at=float(at),
+            detail=None if detail is None else str(detail),
+        )
+    except (TypeError, ValueError) as exc:
+        raise CodecError(tier, f"stored transition is malformed: {exc!r}") from exc
+
+
+def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transition:
+    """Rebuild a ``Transition`` from ``transition_to_json`` output.
+
+    Args:
+        text: the JSON text.
+        tier: the tier it came from (for error messages).
+
+    Returns:
+        The record.
+
+    Raises:
+        CodecError: the text is not a valid transition.
+    """
+    data = _loads(
+        text.decode() if isinstance(text, bytes) else text, tier, "transition"
+    )
+    if not isinstance(data, list):
+        raise CodecError(
+            tier, f"stored transition is not an array: {type(data).__name__}"
+        )
+    return transition_from_row(data, tier=tier)
+
+
+def header_of(snapshot: Snapshot) -> RunHeader:
+    """Build the stored header of a snapshot.
+
+    Args:
+        snapshot: the snapshot.
+
+    Returns:
+        Its header.
+    """
+    return RunHeader(
+        run_id=snapshot.run_id,
+        workflow=snapshot.workflow,
+        workflow_version=snapshot.workflow_version,
+        version=snapshot.version,
+        step=snapshot.step,
+        status=str(snapshot.status),
+        updated_at=snapshot.updated_at,
+        attempt=snapshot.attempt,
+    )
+
+
+def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
+    """Encode a snapshot once, for every tier (DESIGN.md "Codec and trust").
+
+    Args:
+        snapshot: the snapshot.
+        codec: encodes the payload and pending signals.
+
+    Returns:
+        The stored form.
+
+    Raises:
+        CodecError: the payload or a signal's data cannot be encoded.
+    """
+    body = codec.encode({"payload": snapshot.payload, "signals": snapshot.signals})
+    error = None if snapshot.error is None else error_to_json(snapshot.error)
+    return StoredSnapshot(header=header_of(snapshot), error=error, body=body)
+
+
+def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snapshot:
+    """Verify and decode a stored snapshot.
+
+    The body's digest is verified before anything is unpickled.
+
+    Args:
+        stored: the stored form.
+        codec: the codec it was encoded with (same key).
+        tier: the tier it came from (for error messages).
+
+    Returns:
+        The snapshot.
+
+    Raises:
+        CorruptSnapshotError: the body does not verify; it was never unpickled.
+        CodecError: the verified body, the error or the status is malformed.
+    """
+    h = stored.header
+    try:
+        body = codec.decode(stored.body, tier=tier, run_id=h.run_id)
+    except CorruptSnapshotError as exc:
+        if exc.version is not None:
+            raise
+        reason = str(exc).removeprefix(
+            f"[{exc.tier}] run {exc.run_id!r} v{exc.version}: "
+        )
+        raise CorruptSnapshotError(tier, h.run_id, h.version, reason) from None
+    if not isinstance(body, dict) or "payload" not in body:
+        raise CodecError(
+            tier, f"run {h.run_id!r} v{h.version}: body is not a snapshot body"
+        )
+    try:
+        status = Status(h.status)
+        signals = tuple((str(name), data) for name, data in body.get("signals") or ())
+    except (TypeError, ValueError) as exc:
+        raise CodecError(tier, f"run {h.run_id!r} v{h.version}: {exc}") from exc
+    return Snapshot(
+        run_id=h.run_id,
+        workflow=h.workflow,
+        workflow_version=h.workflow_version,
+        version=h.version,
+        step=h.step,
+        status=status,
+        payload=body["payload"],
+        error=None
+        if stored.error is None
+        else error_from_json(stored.error, tier=tier),
+        updated_at=h.updated_at,
+        attempt=h.attempt,
+        signals=signals,
+    )

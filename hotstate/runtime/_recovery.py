@@ -1,0 +1,208 @@
+"""Recovery after a process crash: find every unfinished run, pick its best verified copy.
+
+DESIGN.md, Recovery: read the unfinished runs' headers from every tier, take per
+run the highest version whose digest verifies (falling back to an older copy,
+from another tier, when the newest is corrupt, and reporting it). Payloads are
+decoded only for the chosen copies; loads run in chunks with bounded concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, final
+
+import anyio
+
+from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
+from hotstate.actors import TERMINAL_STATUSES, Snapshot, Status
+from hotstate.persistence import StoredSnapshot, decode_snapshot
+
+if TYPE_CHECKING:
+    from hotstate.persistence import Codec, Store
+
+__all__ = ["CorruptCopy", "RecoveredRun", "RecoveryReport", "find_runs"]
+
+log = logging.getLogger("hotstate.recovery")
+
+_UNFINISHED = tuple(s.value for s in Status if s not in TERMINAL_STATUSES)
+_PAGE = 10_000
+_CHUNK = 2_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveredRun:
+    """One run brought back into memory.
+
+    Attributes:
+        run_id: the run.
+        workflow: its workflow.
+        tier: the tier whose copy was used.
+        version: the version resumed from.
+        status: its status in that copy.
+    """
+
+    run_id: str
+    workflow: str
+    tier: str
+    version: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CorruptCopy:
+    """A stored copy that failed verification (it was never unpickled).
+
+    Attributes:
+        run_id: the run.
+        tier: where the copy is.
+        version: the version its header claims.
+        reason: why it was rejected.
+    """
+
+    run_id: str
+    tier: str
+    version: int
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryReport:
+    """What ``Runtime(recover=True)`` found and did.
+
+    Attributes:
+        resumed: runs rebuilt in memory and continuing.
+        already_finished: runs unfinished in one tier but finished in a newer copy in another.
+        corrupt: copies that failed verification (a fallback copy was used when one verified).
+        lost: runs with no verifiable copy at all (reported, left in the stores).
+        unregistered: ``(run_id, workflow)`` of runs whose workflow is not registered
+            (reported, never deleted).
+        tier_errors: tiers that could not be read, with the error.
+        seconds: how long recovery took.
+    """
+
+    resumed: tuple[RecoveredRun, ...] = ()
+    already_finished: tuple[str, ...] = ()
+    corrupt: tuple[CorruptCopy, ...] = ()
+    lost: tuple[str, ...] = ()
+    unregistered: tuple[tuple[str, str], ...] = ()
+    tier_errors: Mapping[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def by_tier(self) -> dict[str, int]:
+        """Count resumed runs per source tier.
+
+        Returns:
+            ``{tier: count}``.
+        """
+        out: dict[str, int] = {}
+        for r in self.resumed:
+            out[r.tier] = out.get(r.tier, 0) + 1
+        return out
+
+
+async def _scan_unfinished(store: Store) -> dict[str, str]:
+    """Return ``{run_id: workflow}`` of every unfinished run in ``store`` (headers only)."""
+    found: dict[str, str] = {}
+    after: str | None = None
+    while True:
+        page = await store.scan(status=_UNFINISHED, after=after, limit=_PAGE)
+        for header in page:
+            found[header.run_id] = header.workflow
+        if len(page) < _PAGE:
+            return found
+        after = page[-1].run_id
+
+
+async def _load_all(store: Store, run_ids: Sequence[str], concurrency: int) -> dict[str, StoredSnapshot]:
+    out: dict[str, StoredSnapshot] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def chunk(ids: Sequence[str]) -> None:
+        async with limiter:
+            out.update(await store.load_many(ids))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(0, len(run_ids), _CHUNK):
+            tg.start_soon(chunk, run_ids[i : i + _CHUNK])
+    return out
+
+
+async def find_runs(
+    stores: Sequence[Store],
+    codec: Codec,
+    registered: Mapping[str, object],
+    *,
+    concurrency: int = 4,
+) -> tuple[list[Snapshot], RecoveryReport]:
+    """Find the best verified snapshot of every unfinished run across ``stores``.
+
+    Args:
+        stores: the tiers, in the runtime's order.
+        codec: the codec (with the key) that verifies and decodes payloads.
+        registered: the registered workflows by name.
+        concurrency: chunks loaded at once per tier.
+
+    Returns:
+        The snapshots to resume (registered workflows only, unfinished in their
+        best copy) and the report.
+    """
+    t0 = time.perf_counter()
+    tier_errors: dict[str, str] = {}
+    workflows: dict[str, str] = {}
+    for store in stores:
+        try:
+            workflows.update(await _scan_unfinished(store))
+        except PersistenceError as exc:
+            tier_errors[store.tier] = str(exc)
+            log.error("hotstate recovery: cannot scan tier %r: %s", store.tier, exc)
+    unregistered = tuple(sorted((rid, wf) for rid, wf in workflows.items() if wf not in registered))
+    ids = sorted(rid for rid, wf in workflows.items() if wf in registered)
+    copies: dict[str, list[tuple[int, int, str, StoredSnapshot]]] = {rid: [] for rid in ids}
+    for order, store in enumerate(stores):
+        if store.tier in tier_errors:
+            continue
+        try:
+            loaded = await _load_all(store, ids, concurrency)
+        except PersistenceError as exc:
+            tier_errors[store.tier] = str(exc)
+            continue
+        for rid, stored in loaded.items():
+            # Highest version first; on a tie, the earlier (faster) tier.
+            copies[rid].append((-stored.header.version, order, store.tier, stored))
+    resumed: list[Snapshot] = []
+    report_resumed: list[RecoveredRun] = []
+    finished: list[str] = []
+    corrupt: list[CorruptCopy] = []
+    lost: list[str] = []
+    for rid in ids:
+        snap = None
+        for _, _, tier, stored in sorted(copies[rid], key=lambda c: (c[0], c[1])):
+            try:
+                snap = decode_snapshot(stored, codec, tier=tier)
+            except (CorruptSnapshotError, CodecError) as exc:
+                corrupt.append(CorruptCopy(run_id=rid, tier=tier, version=stored.header.version, reason=str(exc)))
+                log.warning("hotstate recovery: corrupt copy of run %r in %r v%d: %s", rid, tier, stored.header.version, exc)
+                continue
+            if snap.status in TERMINAL_STATUSES:
+                finished.append(rid)
+            else:
+                resumed.append(snap)
+                report_resumed.append(RecoveredRun(run_id=rid, workflow=snap.workflow, tier=tier,
+                                                   version=snap.version, status=snap.status.value))
+            break
+        if snap is None:
+            lost.append(rid)
+    report = RecoveryReport(
+        resumed=tuple(report_resumed),
+        already_finished=tuple(finished),
+        corrupt=tuple(corrupt),
+        lost=tuple(lost),
+        unregistered=unregistered,
+        tier_errors=tier_errors,
+        seconds=time.perf_counter() - t0,
+    )
+    return resumed, report
