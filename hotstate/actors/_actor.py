@@ -25,8 +25,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
-import anyio
-
 from hotstate._errors import StepResultError, StepTimeoutError
 from hotstate.actors._context import StepContext
 from hotstate.actors._history import STEP_RUNNING, History
@@ -41,6 +39,8 @@ from hotstate.actors._snapshot import (
 from hotstate.actors._workflow import Finish
 
 if TYPE_CHECKING:
+    import anyio
+
     from hotstate.actors._workflow import Step, Workflow
 
 __all__ = ["ActorHost", "Publisher", "RunActor", "TransitionSink"]
@@ -260,7 +260,7 @@ class RunActor:
                     if self._take_interrupt() is None:
                         raise  # shutdown or an outer cancel scope: not ours to handle
                     continue  # "cancel": the cancel message waits in the mailbox
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a step/compensation failure is the user's exception: recorded, supervised
                     self._step_failed(host, step, exc)
                     continue
                 if awaitable.get(type(result), True) and self._bad_result(host, run_id, step, result):
@@ -329,7 +329,7 @@ class RunActor:
             if reason == "timeout" and step.timeout is not None:
                 self._step_failed(host, step, StepTimeoutError(step.name, step.timeout))
             return _FAILED  # "cancel": the cancel message waits in the mailbox
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a step/compensation failure is the user's exception: recorded, supervised
             self._step_failed(host, step, exc)
             return _FAILED
         finally:
@@ -496,7 +496,7 @@ class RunActor:
                     if isinstance(result, Coroutine):
                         result.close()
                     raise StepResultError(s.run_id, f"{step.name} (compensation)", result)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a step/compensation failure is the user's exception: recorded, supervised
                 info = ErrorInfo.from_exception(exc, step=j, step_name=step.name, attempt=1, at=host.wall())
                 self.comp_errors = (*self.comp_errors, info)
                 self._commit(host, TransitionKind.compensation_failed, info.summary, step=j)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskStatus
 
 from hotstate._errors import (
     CodecError,
@@ -29,9 +27,17 @@ from hotstate._errors import (
 )
 from hotstate.actors import Snapshot, Status, Transition
 from hotstate.persistence._policy import FlushPolicy
-from hotstate.persistence._records import StoredDeadLetter, StoredSnapshot, encode_snapshot
+from hotstate.persistence._records import (
+    StoredDeadLetter,
+    StoredSnapshot,
+    encode_snapshot,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from anyio.abc import TaskStatus
+
     from hotstate._clock import Clock
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._store import Store
@@ -52,7 +58,7 @@ class Tier:
     """
 
     store: Store
-    policy: FlushPolicy = FlushPolicy()
+    policy: FlushPolicy = field(default_factory=FlushPolicy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,7 +260,7 @@ class Persister:
             last_error=self._last_error,
         )
 
-    async def wait_durable(self, run_id: str, version: int, timeout: float | None = None) -> None:
+    async def wait_durable(self, run_id: str, version: int, timeout: float | None = None) -> None:  # noqa: ASYNC109 - on the injectable clock, defaulting to the policy's ack_timeout
         """Wait until ``run_id`` is durable at ``version`` or later in this tier.
 
         Args:
@@ -316,7 +322,7 @@ class Persister:
                 await self.flush_once()
             except PersistenceError:
                 pass  # counted, logged and merged back by flush_once; retried after backoff
-            except Exception:  # noqa: BLE001 - the flush loop must survive a store bug; nothing is lost
+            except Exception:
                 self._failures += 1
                 self._consecutive += 1
                 log.exception("hotstate: flush of tier %r failed unexpectedly", self.name)
@@ -571,7 +577,7 @@ class Persistence:
         for p in self.persisters:
             try:
                 await p.store.aclose()
-            except Exception:  # noqa: BLE001 - close the others whatever one does
+            except Exception:
                 log.exception("hotstate: closing tier %r failed", p.name)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:

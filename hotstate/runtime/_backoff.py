@@ -7,13 +7,16 @@ so tests check them exhaustively with plain numbers (STYLE.md F.19).
 from __future__ import annotations
 
 import math
-import random
 from collections import deque
 from dataclasses import dataclass
-from typing import final
+from typing import TYPE_CHECKING, final
 
 from hotstate._validate import integer, number
-from hotstate.actors import RetryPolicy
+
+if TYPE_CHECKING:
+    import random
+
+    from hotstate.actors import RetryPolicy
 
 __all__ = ["RestartIntensity", "RestartWindow", "backoff_delay"]
 

@@ -9,7 +9,6 @@ rescheduled when the flush that unblocks them is acknowledged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
@@ -17,6 +16,8 @@ import anyio
 from hotstate.actors._actor import MSG_FAIL
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hotstate._errors import CodecError
     from hotstate.actors import RunActor
     from hotstate.persistence import Persistence

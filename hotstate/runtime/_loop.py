@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Awaitable, Callable
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import TYPE_CHECKING, TypeVar, TypeVarTuple, Unpack
 
 import anyio
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 __all__ = ["run", "uvloop_available"]
 
@@ -19,7 +21,7 @@ def uvloop_available() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def run(main: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts], use_uvloop: bool = True) -> T:
+def run(main: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts, use_uvloop: bool = True) -> T:
     """Run ``main(*args)`` in a new event loop and return its result.
 
     Args:

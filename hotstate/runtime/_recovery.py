@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, final
 
@@ -21,6 +20,8 @@ from hotstate.actors import TERMINAL_STATUSES, Snapshot, Status
 from hotstate.persistence import StoredSnapshot, decode_snapshot
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from hotstate.persistence import Codec, Store
 
 __all__ = ["CorruptCopy", "RecoveredRun", "RecoveryReport", "find_runs"]

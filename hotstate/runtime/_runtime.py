@@ -19,7 +19,6 @@ import random
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -27,18 +26,18 @@ import anyio
 import anyio.lowlevel
 
 from hotstate._clock import Clock, SystemClock
-from hotstate._validate import integer, number, text
 from hotstate._errors import (
     ConfigError,
     HotstateInternalError,
+    PersistenceError,
     RunCancelledError,
     RunFailedError,
     RunFinishedError,
-    PersistenceError,
     RunNotFoundError,
     RuntimeClosedError,
     WorkflowNotRegisteredError,
 )
+from hotstate._validate import integer, number, text
 from hotstate.actors import (
     TERMINAL_STATUSES,
     RunActor,
@@ -55,20 +54,23 @@ from hotstate.persistence import (
     Persistence,
     PersisterStatistics,
     PickleCodec,
+    StoredDeadLetter,
     Tier,
     decode_snapshot,
     encode_snapshot,
+    error_to_json,
+    errors_to_json,
 )
-from hotstate.persistence import StoredDeadLetter, error_to_json, errors_to_json
 from hotstate.runtime._backoff import RestartIntensity
+from hotstate.runtime._durability import Durability
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._queries import RunIndex
-from hotstate.runtime._supervisor import DeadLetter, Supervisor, SupervisorStatistics
-from hotstate.runtime._durability import Durability
 from hotstate.runtime._recovery import RecoveryReport, find_runs
+from hotstate.runtime._supervisor import DeadLetter, Supervisor, SupervisorStatistics
 from hotstate.runtime._timers import TimerHandle, TimerService
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
     from hotstate.actors import Step
@@ -685,7 +687,12 @@ class Runtime:
         return out
 
     async def wait_durable(
-        self, run_id: str, version: int | None = None, *, tier: str | None = None, timeout: float | None = None
+        self,
+        run_id: str,
+        version: int | None = None,
+        *,
+        tier: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - on the injectable clock, per tier
     ) -> None:
         """Wait until the run's snapshot is durable (in every tier, or in ``tier``).
 
@@ -952,8 +959,11 @@ class Runtime:
             handle.cancel()
 
     def _handoff(self) -> None:
-        """The watch: runs once the scheduler task has yielded. If it yielded inside a
-        run's turn, a step suspended: that task keeps the run, a new one takes the queue."""
+        """The watch: runs once the scheduler task has yielded.
+
+        If it yielded inside a run's turn, a step suspended: that task keeps the
+        run, and a new task takes the ready queue.
+        """
         self._watch_armed = False
         if self._worker_actor is not None:
             self._worker_actor = None
@@ -1077,4 +1087,4 @@ class Runtime:
 
     def _internal_error(self, where: str) -> None:
         self._internal_errors += 1
-        log.exception("hotstate internal error in %s", where)
+        log.exception("hotstate internal error in %s", where)  # noqa: LOG004 - only called from except blocks

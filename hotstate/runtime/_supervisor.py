@@ -7,13 +7,14 @@ figures, and never sleeps: waits are deadlines on the timer service.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, final
 
 from hotstate.runtime._backoff import RestartIntensity, RestartWindow, backoff_delay
 
 if TYPE_CHECKING:
+    import random
+
     from hotstate._clock import Clock
     from hotstate.actors import ErrorInfo, RunActor, Snapshot, Step
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, final
 
 import anyio
-from anyio.abc import TaskStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from anyio.abc import TaskStatus
+
     from hotstate._clock import Clock
 
 __all__ = ["TimerService"]
@@ -98,6 +100,6 @@ class TimerService:
     def _fire(self, handle: TimerHandle) -> None:
         try:
             handle.callback()
-        except Exception:  # noqa: BLE001 - a timer callback bug must not stop every other timer
+        except Exception:
             self.errors += 1
             log.exception("hotstate timer callback failed")

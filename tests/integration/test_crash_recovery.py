@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import signal
@@ -16,10 +17,13 @@ import pytest
 from hotstate import Runtime, Status, Tier
 from hotstate.persistence import FlushPolicy, SQLiteStore
 
-sys.path.insert(0, str(Path(__file__).parent))
-from crash_child import workflow  # noqa: E402
-
 CHILD = Path(__file__).with_name("crash_child.py")
+_spec = importlib.util.spec_from_file_location("crash_child", CHILD)
+assert _spec is not None
+assert _spec.loader is not None
+_child = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_child)
+workflow = _child.workflow
 RUNS, STEPS = 60, 20
 
 
