@@ -70,9 +70,9 @@ async def suite_policies(args: argparse.Namespace, url: str, out: list[dict[str,
         ceiling = persist.median([await w1.ceiling(n, k) for _ in range(rounds)])
         out.append(row(f"bare asyncio loop (N={n:,})", ceiling, "steps/s"))
         raw_sql = persist.median([await persist.raw_sqlite_upsert(persist.tmpdir() / "raw.db", n * k, body) for _ in range(rounds)])
-        out.append(row(f"raw aiosqlite upsert, {n * k:,} rows, 1 txn", raw_sql, "rows/s"))
+        out.append(row(f"raw aiosqlite, {n * k:,} snapshot+transition rows", raw_sql, "rows/s"))
         raw_vk = persist.median([await persist.raw_valkey_mset(url, n * k, body) for _ in range(rounds)])
-        out.append(row(f"raw valkey MSET x1000, {n * k:,} keys", raw_vk, "keys/s"))
+        out.append(row(f"raw valkey MSET x1000, {n * k:,} snapshot+transition", raw_vk, "rows/s"))
         memory = 0.0
         for name in POLICIES:
             values = []
@@ -100,11 +100,11 @@ async def suite_flush(args: argparse.Namespace, url: str, out: list[dict[str, An
     raw_sql = persist.median([await persist.raw_sqlite_upsert(tmp / f"raw{i}.db", n, body) for i in range(rounds)])
     async with SQLiteStore(tmp / "flush.db") as store:
         sql = await persist.sustained_flush(store, n, rounds)
-    out.append(row("persister -> sqlite", sql, "snapshots/s", "raw aiosqlite upsert", raw_sql))
+    out.append(row("persister -> sqlite", sql, "snapshots/s", "raw aiosqlite, same rows", raw_sql))
     raw_vk = persist.median([await persist.raw_valkey_mset(url, n, body) for _ in range(rounds)])
     async with ValkeyStore(url, prefix=f"bench-flush-{time.monotonic_ns()}") as vstore:
         vk = await persist.sustained_flush(vstore, n, rounds)
-    out.append(row("persister -> valkey", vk, "snapshots/s", "raw valkey MSET x1000", raw_vk))
+    out.append(row("persister -> valkey", vk, "snapshots/s", "raw valkey MSET, same keys", raw_vk))
 
 
 async def suite_recovery(args: argparse.Namespace, out: list[dict[str, Any]]) -> None:

@@ -84,7 +84,8 @@ async def w1_with_tiers(n: int, k: int, tiers: list[Tier]) -> float:
 # ------------------------------------------------------------------ ceilings
 
 async def raw_sqlite_upsert(path: Path, rows: int, body_size: int) -> float:
-    """Raw aiosqlite: one transaction, ``executemany`` upsert of ``rows`` rows; rows/s."""
+    """Raw aiosqlite, one transaction: ``executemany`` upsert of ``rows`` snapshot rows
+    plus ``executemany`` insert of ``rows`` transition rows (what a flush writes); rows/s."""
     body = os.urandom(body_size)
     async with aiosqlite.connect(path, isolation_level=None) as db:
         await db.execute("PRAGMA journal_mode = WAL")
@@ -93,7 +94,12 @@ async def raw_sqlite_upsert(path: Path, rows: int, body_size: int) -> float:
             "CREATE TABLE IF NOT EXISTS raw (run_id TEXT PRIMARY KEY, workflow TEXT, workflow_version INTEGER, "
             "version INTEGER, step INTEGER, status TEXT, updated_at REAL, attempt INTEGER, error TEXT, body BLOB) WITHOUT ROWID"
         )
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS raw_t (run_id TEXT, version INTEGER, kind TEXT, step INTEGER, status TEXT, "
+            "at REAL, detail TEXT, PRIMARY KEY (run_id, version)) WITHOUT ROWID"
+        )
         data = [(f"r{i}", "w1", 1, 2, 1, "running", 1.0, 1, None, body) for i in range(rows)]
+        trans = [(f"r{i}", 2, "step", 0, "running", 1.0, None) for i in range(rows)]
         t0 = time.perf_counter()
         await db.execute("BEGIN IMMEDIATE")
         await db.executemany(
@@ -101,20 +107,27 @@ async def raw_sqlite_upsert(path: Path, rows: int, body_size: int) -> float:
             "body = excluded.body WHERE excluded.version > raw.version",
             data,
         )
+        await db.executemany("INSERT OR IGNORE INTO raw_t VALUES (?,?,?,?,?,?,?)", trans)
         await db.execute("COMMIT")
         return rows / (time.perf_counter() - t0)
 
 
 async def raw_valkey_mset(url: str, keys: int, body_size: int) -> float:
-    """Raw Valkey: ``MSET`` in 1,000-key chunks of ``keys`` keys; keys/s."""
+    """Raw Valkey: ``MSET`` in 1,000-key chunks of ``keys`` snapshot keys plus
+    ``keys`` transition keys (what a flush writes); snapshots/s."""
     import valkey.asyncio as valkey_asyncio
 
     client = valkey_asyncio.Valkey.from_url(url)
     body = os.urandom(body_size)
+    tjson = b'["r0000000",2,"step",0,"running",1700000000.0,null]'
     try:
         t0 = time.perf_counter()
-        for i in range(0, keys, 1000):
-            await client.mset({f"raw:{j}": body for j in range(i, min(keys, i + 1000))})
+        for i in range(0, keys, 500):
+            chunk: dict[str, bytes] = {}
+            for j in range(i, min(keys, i + 500)):
+                chunk[f"raw:{j}"] = body
+                chunk[f"raw:t:{j}"] = tjson
+            await client.mset(chunk)
         rate = keys / (time.perf_counter() - t0)
         await client.flushdb()
         return rate

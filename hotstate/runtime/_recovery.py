@@ -181,7 +181,10 @@ async def find_runs(
     lost: list[str] = []
     for rid in ids:
         snap = None
-        for _, _, tier, stored in sorted(copies[rid], key=lambda c: (c[0], c[1])):
+        candidates = copies[rid]
+        if len(candidates) > 1:
+            candidates.sort(key=lambda c: (c[0], c[1]))
+        for _, _, tier, stored in candidates:
             try:
                 snap = decode_snapshot(stored, codec, tier=tier)
             except (CorruptSnapshotError, CodecError) as exc:

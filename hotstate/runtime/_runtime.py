@@ -13,6 +13,7 @@ task. Runs on asyncio (plain or uvloop): interrupts use ``Task.uncancel``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import random
@@ -381,11 +382,23 @@ class Runtime:
     async def _recover_runs(self) -> None:
         assert self._persistence is not None  # noqa: S101
         stores = [p.store for p in self._persistence.persisters]
-        snapshots, report = await find_runs(stores, self._codec, self._workflows, concurrency=self._recovery_concurrency)
-        self.recovery_report = report
-        for snap in snapshots:
-            if snap.run_id not in self._actors:
-                self._adopt(snap, TransitionKind.resumed)
+        # Recovery builds ~5 long-lived objects per run; with 100,000 runs the
+        # cyclic GC's repeated full passes over them cost more than the rest of
+        # recovery (measured: 3.9 s -> see the benchmark). Nothing here makes
+        # cycles, so collection is paused for the bulk load and restored after.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            snapshots, report = await find_runs(
+                stores, self._codec, self._workflows, concurrency=self._recovery_concurrency
+            )
+            self.recovery_report = report
+            for snap in snapshots:
+                if snap.run_id not in self._actors:
+                    self._adopt(snap, TransitionKind.resumed)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         log.info("hotstate: recovered %d run(s) in %.3f s (%d corrupt copies, %d unregistered, %d lost)",
                  len(report.resumed), report.seconds, len(report.corrupt), len(report.unregistered), len(report.lost))
 
@@ -393,15 +406,18 @@ class Runtime:
         """Bring a stored run into memory at ``snap`` and record ``kind`` (resumed)."""
         wf = self._workflows[snap.workflow]
         status = snap.status
-        if status in (Status.retrying, Status.pending):
+        if status is Status.retrying or status is Status.pending:
             status = Status.running  # the backoff timer died with the old process: retry now
+        run_id = snap.run_id
         actor = RunActor(wf, snap, History(snap.version))
-        self._actors[snap.run_id] = actor
-        self._index.add(snap.run_id, snap.workflow, snap.status)
+        self._actors[run_id] = actor
+        self._index.add(run_id, snap.workflow, snap.status)
         now = self.wall()
-        new = snap._replace(version=snap.version + 1, status=status, updated_at=now)
-        detail = f"from v{snap.version}"
-        self.commit(actor, new, Transition(snap.run_id, new.version, kind, new.step, status, now, detail))
+        v = snap.version + 1
+        # _new, not _replace: recovery adopts 100,000 runs, and _replace costs ~3 us each.
+        new = _new(Snapshot, (run_id, snap.workflow, snap.workflow_version, v, snap.step, status,
+                              snap.payload, snap.error, now, snap.attempt, snap.signals))
+        self.commit(actor, new, _new(Transition, (run_id, v, kind, snap.step, status, now, f"from v{v - 1}")))
         if status is not Status.waiting and status not in TERMINAL_STATUSES:
             self._schedule(actor)
         return actor
