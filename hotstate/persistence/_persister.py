@@ -175,6 +175,7 @@ class Persister:
         self.on_codec_error: Callable[[str, CodecError], None] = lambda _rid, _exc: None
         self.on_pressure: Callable[[bool], None] = lambda _on: None
         self.pressure = False
+        self._stopping = False
         bound = tier.policy.max_pending_rows
         self._bound_rows = bound if bound is not None else 1 << 62
         self._urgent_rows = 0 if tier.policy.write_through else tier.policy.max_batch_rows
@@ -298,13 +299,18 @@ class Persister:
 
     # ----------------------------------------------------------- the loop
 
+    def stop(self) -> None:
+        """Let the flush loop finish the flush in progress, if any, and exit (shutdown)."""
+        self._stopping = True
+        self._poke()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The flush loop: flush when due, back off after failures. Runs until cancelled."""
+        """The flush loop: flush when due, back off after failures; until ``stop()`` or cancelled."""
         task_status.started()
         policy = self.policy
         delay = policy.retry_initial
         retry_at = 0.0
-        while True:
+        while not self._stopping:
             now = self._clock.now()
             deadline = self._next_deadline(now)
             if self._consecutive:
@@ -353,6 +359,10 @@ class Persister:
         Raises:
             PersistenceError: the tier failed; the batch was put back and will be retried.
         """
+        # A batch the loop is writing right now is not in _dirty any more: wait
+        # for it first (the lock), or this call could return before it is durable.
+        async with self._lock:
+            pass
         # What is pending now; marks that arrive meanwhile go with the next flush,
         # so a busy runtime cannot keep this call from returning.
         target = {rid: snap.version for rid, snap in self._dirty.items()}
@@ -431,8 +441,10 @@ class Persister:
                 await self.store.save_dead_letter(record)
             for rid in dead_deletes:
                 await self.store.delete_dead_letter(rid)
-        except Exception as exc:
+        except BaseException as exc:
             self._merge_back(batch, transitions, dead, dead_deletes)
+            if not isinstance(exc, Exception):
+                raise  # cancelled mid-write: the batch is back in pending, nothing is dropped
             self._failures += 1
             self._consecutive += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
@@ -545,6 +557,11 @@ class Persistence:
         for p in self.persisters:
             await p.store.open()
         self._state = "open"
+
+    def stop_loops(self) -> None:
+        """Ask every flush loop to exit after its flush in progress (before the final flush)."""
+        for p in self.persisters:
+            p.stop()
 
     async def flush(self) -> None:
         """Flush every tier now.

@@ -285,6 +285,7 @@ def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transitio
 
 
 _new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
+_STATUS_BY_VALUE: dict[str, Status] = {s.value: s for s in Status}
 
 
 def header_of(snapshot: Snapshot) -> RunHeader:
@@ -350,23 +351,16 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snaps
         raise CodecError(
             tier, f"run {h.run_id!r} v{h.version}: body is not a snapshot body"
         )
+    # Recovery decodes every unfinished run: a dict lookup instead of Status()
+    # and positional construction keep this under ~3 us per snapshot.
+    status = _STATUS_BY_VALUE.get(h.status)
     try:
-        status = Status(h.status)
-        signals = tuple((str(name), data) for name, data in body.get("signals") or ())
+        if status is None:
+            status = Status(h.status)
+        raw = body.get("signals")
+        signals = tuple((str(name), data) for name, data in raw) if raw else ()
     except (TypeError, ValueError) as exc:
         raise CodecError(tier, f"run {h.run_id!r} v{h.version}: {exc}") from exc
-    return Snapshot(
-        run_id=h.run_id,
-        workflow=h.workflow,
-        workflow_version=h.workflow_version,
-        version=h.version,
-        step=h.step,
-        status=status,
-        payload=body["payload"],
-        error=None
-        if stored.error is None
-        else error_from_json(stored.error, tier=tier),
-        updated_at=h.updated_at,
-        attempt=h.attempt,
-        signals=signals,
-    )
+    error = None if stored.error is None else error_from_json(stored.error, tier=tier)
+    return _new(Snapshot, (h.run_id, h.workflow, h.workflow_version, h.version, h.step, status,
+                           body["payload"], error, h.updated_at, h.attempt, signals))

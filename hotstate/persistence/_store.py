@@ -144,6 +144,33 @@ class Store(Protocol):
         """
         ...
 
+    async def scan_snapshots(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[StoredSnapshot]:
+        """Page through whole stored snapshots (header, error, body) by run id.
+
+        Recovery's bulk read: one pass instead of ``scan`` then ``load_many``.
+        Bodies are returned as stored, not decoded.
+
+        Args:
+            status: keep only runs in this status (or any of these statuses).
+            workflow: keep only runs of this workflow.
+            after: the cursor: run ids strictly greater than this one.
+            limit: the page size.
+
+        Returns:
+            Up to ``limit`` snapshots ordered by run id.
+
+        Raises:
+            StoreUnavailableError: the backend failed.
+        """
+        ...
+
     async def history(self, run_id: str) -> list[Transition]:
         """Read a run's stored transitions, ordered by version.
 

@@ -371,6 +371,9 @@ class Runtime:
     async def _final_flush(self) -> None:
         """Flush every tier at shutdown: shielded, so it always tries, with a deadline, so it never hangs."""
         assert self._persistence is not None  # noqa: S101
+        # The loops finish (never abandon) a flush in progress and exit, so the
+        # task-group cancellation that follows interrupts no write.
+        self._persistence.stop_loops()
         with anyio.move_on_after(self._flush_timeout, shield=True) as scope:
             try:
                 await self._persistence.flush()
@@ -393,27 +396,32 @@ class Runtime:
                 stores, self._codec, self._workflows, concurrency=self._recovery_concurrency
             )
             self.recovery_report = report
-            for snap in snapshots:
+            for snap, highest in snapshots:
                 if snap.run_id not in self._actors:
-                    self._adopt(snap, TransitionKind.resumed)
+                    self._adopt(snap, TransitionKind.resumed, highest)
         finally:
             if gc_was_enabled:
                 gc.enable()
         log.info("hotstate: recovered %d run(s) in %.3f s (%d corrupt copies, %d unregistered, %d lost)",
                  len(report.resumed), report.seconds, len(report.corrupt), len(report.unregistered), len(report.lost))
 
-    def _adopt(self, snap: Snapshot, kind: TransitionKind) -> RunActor:
-        """Bring a stored run into memory at ``snap`` and record ``kind`` (resumed)."""
+    def _adopt(self, snap: Snapshot, kind: TransitionKind, highest: int = 0) -> RunActor:
+        """Bring a stored run into memory at ``snap`` and record ``kind`` (resumed).
+
+        The new version is above ``highest``, the newest version any tier claims
+        for the run (a corrupt copy's too): versions are never reused.
+        """
         wf = self._workflows[snap.workflow]
         status = snap.status
         if status is Status.retrying or status is Status.pending:
             status = Status.running  # the backoff timer died with the old process: retry now
         run_id = snap.run_id
-        actor = RunActor(wf, snap, History(snap.version))
+        base = max(snap.version, highest)
+        actor = RunActor(wf, snap, History(base))
         self._actors[run_id] = actor
         self._index.add(run_id, snap.workflow, snap.status)
         now = self.wall()
-        v = snap.version + 1
+        v = base + 1
         # _new, not _replace: recovery adopts 100,000 runs, and _replace costs ~3 us each.
         new = _new(Snapshot, (run_id, snap.workflow, snap.workflow_version, v, snap.step, status,
                               snap.payload, snap.error, now, snap.attempt, snap.signals))
