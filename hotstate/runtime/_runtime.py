@@ -740,6 +740,45 @@ class Runtime:
         for p in persisters:
             await p.wait_durable(run_id, v, timeout)
 
+    async def purge_finished(self, older_than: float) -> dict[str, int]:
+        """Forget finished runs last updated more than ``older_than`` seconds ago.
+
+        They leave memory and every tier (snapshot and history). Runs with a
+        dead letter stay in memory so they can still be retried; their
+        dead-letter record keeps the final snapshot in the tiers.
+
+        Args:
+            older_than: age in seconds (by ``updated_at``, wall clock).
+
+        Returns:
+            How many runs were purged: ``{"hot": n, "<tier>": n, ...}``.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            ConfigError: ``older_than`` is negative or not a number.
+            PersistenceError: a tier failed (memory was purged already).
+        """
+        self._check_open()
+        number("purge_finished.older_than", older_than)
+        before = self.wall() - older_than
+        gone: list[str] = []
+        for status in TERMINAL_STATUSES:
+            for rid in list(self._index.by_status[status]):
+                actor = self._actors[rid]
+                snap = actor.snapshot
+                if snap.updated_at < before and rid not in self._supervisor.dead_letters and not actor.running:
+                    gone.append(rid)
+                    del self._actors[rid]
+                    self._index.remove(rid, snap.workflow, status)
+        out = {"hot": len(gone)}
+        if self._persistence is not None:
+            await self._persistence.flush()  # a purged run's last versions must not arrive after the delete
+            for p in self._persistence.persisters:
+                for rid in gone:
+                    p.forget(rid)
+                out[p.name] = await p.store.purge_finished(before=before)
+        return out
+
     def tier_statistics(self) -> list[PersisterStatistics]:
         """Return each tier's persister figures (flushes, rows, lag, failures, ...).
 

@@ -311,3 +311,36 @@ async def test_dead_letters_are_persisted_and_removed_when_retried():
         assert await run.wait_finished() == {}
         await rt.flush()
         assert await store.dead_letters() == []
+
+
+async def test_purge_finished_forgets_old_finished_runs_in_memory_and_in_the_tiers():
+    clock = ManualClock()
+    store = MemoryStore()
+
+    async def boom(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        raise ValueError("no")
+
+    failing = Workflow("failing", [Step(fn=boom, retry=RetryPolicy.never())])
+    async with Runtime([LINEAR, SIGNAL, failing], clock=clock, tiers=[Tier(store, FlushPolicy(interval=60.0))]) as rt:
+        old = [await rt.spawn(LINEAR, {"n": i}) for i in range(5)]
+        for run in old:
+            await run.wait_finished()
+        dead = await rt.spawn(failing, {})
+        with pytest.raises(RunFailedError):
+            await dead.wait_finished()
+        waiting = await rt.spawn(SIGNAL, {"n": 0})
+        await clock.advance(100.0)
+        fresh = await rt.spawn(LINEAR, {"n": 0})
+        await fresh.wait_finished()
+        await settle()
+        counts = await rt.purge_finished(50.0)
+        assert counts == {"hot": 5, "memory": 6}  # the store drops the dead-lettered run too
+        for run in old:
+            with pytest.raises(Exception, match="no such run"):
+                rt.get(run.run_id)
+            assert await store.load(run.run_id) is None
+        assert rt.get(fresh.run_id).status is Status.done  # too young
+        assert rt.get(waiting.run_id).status is Status.waiting  # not finished
+        assert rt.get(dead.run_id).status is Status.failed  # dead-lettered: kept for retry
+        assert [d.run_id for d in rt.dead_letters()] == [dead.run_id]
+        assert len(await store.dead_letters()) == 1
