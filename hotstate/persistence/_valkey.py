@@ -486,23 +486,7 @@ class ValkeyStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[StoredSnapshot]:
-        """Page through whole stored snapshots (header, error, body) by run id.
-
-        Recovery's bulk read: one pass instead of ``scan`` then ``load_many``.
-        Bodies are returned as stored, not decoded.
-
-        Args:
-            status: keep only runs in this status (or any of these statuses).
-            workflow: keep only runs of this workflow.
-            after: the cursor: run ids strictly greater than this one.
-            limit: the page size.
-
-        Returns:
-            Up to ``limit`` snapshots ordered by run id.
-
-        Raises:
-            StoreUnavailableError: the backend failed.
-        """
+        """Page through whole stored snapshots by run id; see ``Store.scan_snapshots``."""
         headers = await self.scan(status=status, workflow=workflow, after=after, limit=limit)
         loaded = await self.load_many([h.run_id for h in headers])
         return [loaded[h.run_id] for h in headers if h.run_id in loaded]
