@@ -375,7 +375,7 @@ class Persister:
                 break
 
     async def flush_once(self) -> None:
-        """Write one batch (everything pending, up to ``max_batch_rows`` runs).
+        """Write everything pending, in saves of at most ``max_batch_rows`` runs.
 
         Raises:
             PersistenceError: the tier failed; the batch was put back.
@@ -383,24 +383,35 @@ class Persister:
         async with self._lock:
             await self._flush_locked()
 
-    def _take_batch(self) -> tuple[dict[str, Snapshot], list[Transition]]:
+    def _chunks(
+        self, batch: dict[str, Snapshot], transitions: list[Transition]
+    ) -> list[tuple[dict[str, Snapshot], list[Transition]]]:
+        """Split a flush into saves of at most ``max_batch_rows`` runs, each with its runs' transitions.
+
+        One pass over the transitions however many chunks there are: a flush
+        never rescans what it leaves for later (it leaves nothing).
+        """
         limit = self.policy.max_batch_rows
-        dirty = self._dirty
-        if len(dirty) <= limit:
-            self._dirty = {}
-            batch = dirty
-            transitions, self._transitions = self._transitions, []
-            return batch, transitions
-        # Too many dirty runs: take the oldest `limit` and only their transitions.
-        batch = {}
-        for rid in list(dirty)[:limit]:
-            batch[rid] = dirty.pop(rid)
-        keep: list[Transition] = []
-        taken: list[Transition] = []
-        for t in self._transitions:
-            (taken if t.run_id in batch else keep).append(t)
-        self._transitions = keep
-        return batch, taken
+        if len(batch) <= limit:
+            return [(batch, transitions)]
+        by_run: dict[str, list[Transition]] = {}
+        for t in transitions:
+            group = by_run.get(t.run_id)
+            if group is None:
+                by_run[t.run_id] = [t]
+            else:
+                group.append(t)
+        items = list(batch.items())
+        chunks: list[tuple[dict[str, Snapshot], list[Transition]]] = []
+        for i in range(0, len(items), limit):
+            chunk = dict(items[i : i + limit])
+            chunk_transitions: list[Transition] = []
+            for rid in chunk:
+                chunk_transitions.extend(by_run.pop(rid, ()))
+            chunks.append((chunk, chunk_transitions))
+        for leftover in by_run.values():  # transitions whose run has no dirty snapshot
+            chunks[-1][1].extend(leftover)
+        return chunks
 
     def _encode(self, batch: dict[str, Snapshot]) -> list[StoredSnapshot]:
         encode = self._encoder.encode
@@ -428,21 +439,35 @@ class Persister:
     async def _flush_locked(self) -> None:
         dead, self._dead = self._dead, []
         dead_deletes, self._dead_deletes = self._dead_deletes, []
-        batch, transitions = self._take_batch()
-        started = self._clock.now()
-        self._last_flush = started
+        batch, self._dirty = self._dirty, {}
+        transitions, self._transitions = self._transitions, []
+        self._last_flush = self._clock.now()
         t0 = time.perf_counter()
+        chunks = self._chunks(batch, transitions)
+        done = snapshots = rows = nbytes = 0
         try:
-            stored = self._encode(batch)
-            if stored or transitions:
-                result = await self.store.save(stored, transitions)
-                self._stale += result.stale
+            for chunk, chunk_transitions in chunks:
+                stored = self._encode(chunk)
+                if stored or chunk_transitions:
+                    result = await self.store.save(stored, chunk_transitions)
+                    self._stale += result.stale
+                done += 1
+                self._acknowledge(chunk)
+                snapshots += len(stored)
+                rows += len(stored) + len(chunk_transitions)
+                nbytes += sum(len(x.body) for x in stored)
             for record in dead:
                 await self.store.save_dead_letter(record)
             for rid in dead_deletes:
                 await self.store.delete_dead_letter(rid)
         except BaseException as exc:
-            self._merge_back(batch, transitions, dead, dead_deletes)
+            rest = chunks[done:]
+            self._merge_back(
+                {rid: snap for chunk, _ in rest for rid, snap in chunk.items()},
+                [t for _, chunk_transitions in rest for t in chunk_transitions],
+                dead,
+                dead_deletes,
+            )
             if not isinstance(exc, Exception):
                 raise  # cancelled mid-write: the batch is back in pending, nothing is dropped
             self._failures += 1
@@ -458,16 +483,14 @@ class Persister:
         self._consecutive = 0
         self._last_error = None
         self._flushes += 1
-        self._snapshots_written += len(stored)
-        self._transitions_written += len(transitions)
-        self._rows_last = len(stored) + len(transitions)
+        self._snapshots_written += snapshots
+        self._transitions_written += rows - snapshots
+        self._rows_last = rows
         self._last_duration = duration
         self._max_duration = max(self._max_duration, duration)
-        nbytes = sum(len(s.body) for s in stored)
         self._bytes += nbytes
-        if stored:
-            self._avg_bytes = nbytes / len(stored)
-        self._acknowledge(batch)
+        if snapshots:
+            self._avg_bytes = nbytes / snapshots
         if self.pressure and not self.policy.over_bound(
             pending_rows=self.pending_rows, pending_bytes=len(self._dirty) * self._avg_bytes
         ):

@@ -344,3 +344,20 @@ async def test_purge_finished_forgets_old_finished_runs_in_memory_and_in_the_tie
         assert rt.get(dead.run_id).status is Status.failed  # dead-lettered: kept for retry
         assert [d.run_id for d in rt.dead_letters()] == [dead.run_id]
         assert len(await store.dead_letters()) == 1
+
+
+async def test_a_flush_with_more_dirty_runs_than_max_batch_rows_writes_all_of_them_in_chunks():
+    store = MemoryStore()
+    clock = ManualClock()
+    policy = FlushPolicy(interval=60.0, max_batch_rows=3)
+    async with Runtime([SIGNAL], clock=clock, tiers=[Tier(store, policy)]) as rt:
+        runs = [await rt.spawn(SIGNAL, {"n": i}) for i in range(10)]
+        await settle()  # a full batch is due at once: the loop flushes without waiting for the interval
+        await rt.flush()
+        # 10 dirty runs, saves of at most 3 runs each
+        assert store.saves >= 4
+        assert rt.tier_statistics()[0].pending_snapshots == 0
+        assert rt.tier_statistics()[0].pending_transitions == 0
+        for run in runs:
+            assert rt.durable_versions(run.run_id)["memory"] == rt.get(run.run_id).version
+            assert len(await store.history(run.run_id)) == rt.get(run.run_id).version
