@@ -78,7 +78,9 @@ async def suite_policies(args: argparse.Namespace, url: str, out: list[dict[str,
             values = []
             for r in range(rounds):
                 tmp = persist.tmpdir()
-                values.append(await persist.w1_with_tiers(n, k, policy_tiers(name, url, tmp, f"{n}-{r}-{time.monotonic_ns()}")))
+                tag = f"{n}-{r}-{time.monotonic_ns()}"
+                values.append(await persist.w1_with_tiers(n, k, policy_tiers(name, url, tmp, tag)))
+                await persist.drop_prefix(url, f"bench-{tag}")  # keep the server as the ceilings found it
             value = persist.median(values)
             if name == "memory-only":
                 memory = value
@@ -102,8 +104,10 @@ async def suite_flush(args: argparse.Namespace, url: str, out: list[dict[str, An
         sql = await persist.sustained_flush(store, n, rounds)
     out.append(row("persister -> sqlite", sql, "snapshots/s", "raw aiosqlite, same rows", raw_sql))
     raw_vk = persist.median([await persist.raw_valkey_mset(url, n, body) for _ in range(rounds)])
-    async with ValkeyStore(url, prefix=f"bench-flush-{time.monotonic_ns()}") as vstore:
+    prefix = f"bench-flush-{time.monotonic_ns()}"
+    async with ValkeyStore(url, prefix=prefix) as vstore:
         vk = await persist.sustained_flush(vstore, n, rounds)
+    await persist.drop_prefix(url, prefix)
     out.append(row("persister -> valkey", vk, "snapshots/s", "raw valkey MSET, same keys", raw_vk))
 
 

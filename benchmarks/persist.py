@@ -129,8 +129,31 @@ async def raw_valkey_mset(url: str, keys: int, body_size: int) -> float:
                 chunk[f"raw:t:{j}"] = tjson
             await client.mset(chunk)
         rate = keys / (time.perf_counter() - t0)
-        await client.flushdb()
+        await drop_keys(client, "raw:*")
         return rate
+    finally:
+        await client.aclose()
+
+
+async def drop_keys(client: Any, pattern: str) -> None:
+    """Delete this benchmark's keys only (never FLUSHDB: the server may be someone's)."""
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=pattern, count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+
+
+async def drop_prefix(url: str, prefix: str) -> None:
+    """Delete every key a ValkeyStore with ``prefix`` wrote."""
+    import valkey.asyncio as valkey_asyncio
+
+    client = valkey_asyncio.Valkey.from_url(url)
+    try:
+        await drop_keys(client, f"{prefix}:*")
     finally:
         await client.aclose()
 
