@@ -83,6 +83,8 @@ class PersisterStatistics:
         backpressure: True while steps wait for this tier to drain.
         backpressure_events: times the memory bound was crossed.
         codec_errors: snapshots that could not be encoded (their runs failed).
+        resets: times the store reported it had lost its data (e.g. Valkey restarted
+            empty); each time the runtime wrote what it holds in memory again.
         last_error: the last flush error's message, or None.
     """
 
@@ -103,6 +105,7 @@ class PersisterStatistics:
     backpressure: bool
     backpressure_events: int
     codec_errors: int
+    resets: int
     last_error: str | None
 
 
@@ -174,6 +177,7 @@ class Persister:
         self.on_durable: Callable[[Any], None] = lambda _item: None
         self.on_codec_error: Callable[[str, CodecError], None] = lambda _rid, _exc: None
         self.on_pressure: Callable[[bool], None] = lambda _on: None
+        self.on_reset: Callable[[], None] = lambda: None
         self.pressure = False
         self._stopping = False
         bound = tier.policy.max_pending_rows
@@ -187,6 +191,7 @@ class Persister:
         self._bytes = 0
         self._pressure_events = 0
         self._codec_errors = 0
+        self._resets = 0
         self._last_error: str | None = None
 
     # ------------------------------------------------------------ hot path
@@ -258,6 +263,7 @@ class Persister:
             backpressure=self.pressure,
             backpressure_events=self._pressure_events,
             codec_errors=self._codec_errors,
+            resets=self._resets,
             last_error=self._last_error,
         )
 
@@ -445,12 +451,14 @@ class Persister:
         t0 = time.perf_counter()
         chunks = self._chunks(batch, transitions)
         done = snapshots = rows = nbytes = 0
+        reset = False
         try:
             for chunk, chunk_transitions in chunks:
                 stored = self._encode(chunk)
                 if stored or chunk_transitions:
                     result = await self.store.save(stored, chunk_transitions)
                     self._stale += result.stale
+                    reset = reset or result.reset
                 done += 1
                 self._acknowledge(chunk)
                 snapshots += len(stored)
@@ -491,10 +499,24 @@ class Persister:
         self._bytes += nbytes
         if snapshots:
             self._avg_bytes = nbytes / snapshots
+        if reset:
+            self._store_was_reset()
         if self.pressure and not self.policy.over_bound(
             pending_rows=self.pending_rows, pending_bytes=len(self._dirty) * self._avg_bytes
         ):
             self._set_pressure(False)
+
+    def _store_was_reset(self) -> None:
+        """The store lost its data: nothing acknowledged before is there any more."""
+        self._resets += 1
+        self.durable.clear()
+        log.warning("hotstate: tier %r lost its data (e.g. restarted empty); writing every run it held again", self.name)
+        self.on_reset()
+
+    def repopulate(self, snapshot: Snapshot, transitions: Sequence[Transition]) -> None:
+        """Queue a run's current snapshot and the transitions still in memory (after a reset)."""
+        self._dirty[snapshot.run_id] = snapshot
+        self._transitions.extend(transitions)
 
     def _acknowledge(self, batch: dict[str, Snapshot]) -> None:
         durable = self.durable

@@ -118,11 +118,14 @@ class SaveResult:
         written: snapshots actually written.
         stale: snapshots skipped because the stored version was >= theirs.
         transitions: transitions newly stored (a repeated (run_id, version) is ignored).
+        reset: the store found it had lost its data since it was opened (e.g. a
+            Valkey server restarted empty); what was written before is gone.
     """
 
     written: int
     stale: int
     transitions: int
+    reset: bool = False
 
 
 _ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(ErrorInfo))

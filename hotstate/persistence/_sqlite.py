@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
 
 import aiosqlite
+import anyio
+import anyio.to_thread
 
 from hotstate._errors import (
     ConfigError,
@@ -211,11 +213,20 @@ class SQLiteStore(StoreBase):
 
     async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
         if read_only:
-            conn = await aiosqlite.connect(
-                self._read_uri, uri=True, isolation_level=None
-            )
+            pending = aiosqlite.connect(self._read_uri, uri=True, isolation_level=None)
         else:
-            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            pending = aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            conn = await pending
+        except BaseException:
+            # A failed aiosqlite connect queues its worker thread's stop but does
+            # not wait for it; if the event loop closed first, the thread would
+            # raise "Event loop is closed". Wait for the thread while the loop lives.
+            thread = getattr(pending, "_thread", None)
+            if thread is not None and thread.is_alive():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(thread.join, 5.0)
+            raise
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             if not read_only:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import valkey.asyncio as avalkey
@@ -65,7 +66,7 @@ _HEADER_FIELDS: Final = (
 )
 _SNAPSHOT_FIELDS: Final = (*_HEADER_FIELDS, "error", "body")
 
-# ARGV: prefix, headers JSON, transitions JSON, then one body per snapshot.
+# ARGV: prefix, headers JSON, transitions JSON, epoch, then one body per snapshot.
 # The headers travel as one JSON array of string fields (cjson decodes it
 # server-side) and bodies as separate ARGV entries, so binary bytes survive and
 # the client packs ~1 argument per snapshot instead of ~13: packing arguments
@@ -75,6 +76,14 @@ _SAVE_LUA: Final = """
 local p = ARGV[1]
 local heads = cjson.decode(ARGV[2])
 local trans = cjson.decode(ARGV[3])
+-- The epoch key is set when a store opens; if it is gone (or another one is
+-- there), the server lost this prefix's data since: report it so the caller
+-- can write what it still holds again.
+local reset = 0
+if redis.call('GET', p .. ':epoch') ~= ARGV[4] then
+  reset = 1
+  redis.call('SET', p .. ':epoch', ARGV[4])
+end
 -- Pass 1 reads every run's current header and checks every key's type before
 -- any write, so the only failure a script can meet midway (WRONGTYPE) leaves
 -- nothing half-written.
@@ -119,7 +128,7 @@ for j = 1, #heads do
   else
     redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', h[3],
       'version', h[4], 'step', h[5], 'status', st, 'updated_at', h[7],
-      'attempt', h[8], 'body', ARGV[3 + j])
+      'attempt', h[8], 'body', ARGV[4 + j])
     if h[9] ~= '' then
       redis.call('HSET', key, 'error', h[9])
     elseif c[4] then
@@ -151,7 +160,7 @@ for j = 1, #trans do
     enc(t[5]) .. ',' .. fmt('%.17g', t[6]) .. ',' .. detail .. ']'
   added = added + redis.call('HSETNX', p .. ':hist:' .. t[1], version, text)
 end
-return {written, stale, added}
+return {written, stale, added, reset}
 """
 
 # ARGV: prefix, cut-off, then run ids. KEYS is unused (key names derive from the
@@ -271,6 +280,7 @@ class ValkeyStore(StoreBase):
         self._client = client
         self._owns_client = client is None
         self._save_script: AsyncScript | None = None
+        self._epoch = ""
         self._purge_script: AsyncScript | None = None
 
     def __repr__(self) -> str:
@@ -321,6 +331,11 @@ class ValkeyStore(StoreBase):
             raise
         self._save_script = self._client.register_script(_SAVE_LUA)
         self._purge_script = self._client.register_script(_PURGE_LUA)
+        # Adopt the prefix's epoch (other processes share it), or start one.
+        async with self._errors("read the epoch"):
+            await self._client.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)
+            epoch = await self._client.get(f"{self.prefix}:epoch")
+        self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         self._opened = True
 
     async def _drop_client(self) -> None:
@@ -357,13 +372,13 @@ class ValkeyStore(StoreBase):
         # members serialise as their values): a json.dumps per transition cost
         # ~3 us each, more than the step that made it.
         trans = json.dumps(list(transitions), separators=(",", ":"))
-        args: list[str | bytes] = [self.prefix, heads, trans]
+        args: list[str | bytes] = [self.prefix, heads, trans, self._epoch]
         args.extend(bytes(s.body) for s in snapshots)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         async with self._errors("save"):
-            written, stale, added = await self._save_script(args=args, client=client)
+            written, stale, added, reset = await self._save_script(args=args, client=client)
         return SaveResult(
-            written=int(written), stale=int(stale), transitions=int(added)
+            written=int(written), stale=int(stale), transitions=int(added), reset=bool(reset)
         )
 
     async def load(self, run_id: str) -> StoredSnapshot | None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from hotstate.actors import Step
-    from hotstate.persistence import Codec, Persistence
+    from hotstate.persistence import Codec, Persistence, Persister
     from hotstate.runtime._durability import Durability
     from hotstate.runtime._events import EventBus
     from hotstate.runtime._queries import RunIndex
@@ -184,7 +184,7 @@ class RuntimeHost:
 
     # ------------------------------------------------------------- scheduler
 
-    def _store_dead_letter(self, letter: DeadLetter) -> None:
+    def _store_dead_letter(self, letter: DeadLetter, persisters: list[Persister] | None = None) -> None:
         assert self._persistence is not None  # noqa: S101
         snap = letter.snapshot
         try:
@@ -200,7 +200,7 @@ class RuntimeHost:
             compensation_errors=errors_to_json(letter.compensation_errors),
             snapshot=stored,
         )
-        for p in self._persistence.persisters:
+        for p in self._persistence.persisters if persisters is None else persisters:
             p.mark_dead_letter(record)
 
     def _schedule(self, actor: RunActor) -> None:

@@ -9,6 +9,7 @@ interrupts use ``Task.uncancel``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -48,6 +49,7 @@ from hotstate.actors._history import History
 from hotstate.persistence import (
     Codec,
     Persistence,
+    Persister,
     PersisterStatistics,
     PickleCodec,
     Tier,
@@ -143,6 +145,8 @@ class Runtime(RuntimeHost):
             self.mark = self._persistence.mark
             self._durability = Durability(self._persistence, self._schedule, self._actors_get, self._set_hold)
             self.hold = self._durability.hold
+            for p in self._persistence.persisters:
+                p.on_reset = functools.partial(self._repopulate, p)
         self._recover = bool(recover)
         self._recovery_concurrency = recovery_concurrency
         self.recovery_report: RecoveryReport | None = None
@@ -260,6 +264,15 @@ class Runtime(RuntimeHost):
                 log.error("hotstate: final flush failed; unflushed state is lost with this process: %s", exc)
         if scope.cancelled_caught:
             log.error("hotstate: final flush did not finish within %.3g s", self._flush_timeout)
+
+    def _repopulate(self, persister: Persister) -> None:
+        """A tier lost its data: queue every run held in memory, with its history and dead letter."""
+        for actor in self._actors.values():
+            snap = actor.snapshot
+            persister.repopulate(snap, actor.history.transitions(snap.run_id))
+        for letter in self._supervisor.dead_letters.values():
+            self._store_dead_letter(letter, [persister])
+        persister._poke()
 
     async def _recover_runs(self) -> None:
         assert self._persistence is not None  # noqa: S101
