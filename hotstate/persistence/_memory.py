@@ -49,6 +49,7 @@ class MemoryStore(StoreBase):
         self._runs: dict[str, StoredSnapshot] = {}
         self._history: dict[str, dict[int, Transition]] = {}
         self._dead: dict[str, StoredDeadLetter] = {}
+        self._versions: dict[str, dict[int, StoredSnapshot]] = {}
         # Testability hooks (fault injection without mocks): while `down` is
         # true every call fails like an unreachable server; `saves` counts
         # successful save() calls, which is how tests see group commit.
@@ -234,6 +235,20 @@ class MemoryStore(StoreBase):
         self._check_open()
         return self._dead.pop(run_id, None) is not None
 
+    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+        """Keep point-in-time copies; see ``Store.save_versions``."""
+        self._check_open()
+        for stored in snapshots:
+            kept = self._versions.setdefault(stored.header.run_id, {})
+            kept.setdefault(stored.header.version, _own(stored))
+
+    async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
+        """The newest kept copy at or before ``version``; see ``Store.load_version``."""
+        self._check_open()
+        kept = self._versions.get(run_id, {})
+        older = [v for v in kept if v <= version]
+        return kept[max(older)] if older else None
+
     async def purge_finished(self, *, before: float) -> int:
         """Delete old finished runs; see ``Store.purge_finished``.
 
@@ -255,4 +270,5 @@ class MemoryStore(StoreBase):
         for run_id in doomed:
             del self._runs[run_id]
             self._history.pop(run_id, None)
+            self._versions.pop(run_id, None)
         return len(doomed)

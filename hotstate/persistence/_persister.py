@@ -174,6 +174,7 @@ class Persister:
         self._last_flush = clock.now()
         self._avg_bytes = 0.0
         self._poisoned: set[str] = set()
+        self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
         self.on_durable: Callable[[Any], None] = lambda _item: None
         self.on_codec_error: Callable[[str, CodecError], None] = lambda _rid, _exc: None
         self.on_pressure: Callable[[bool], None] = lambda _on: None
@@ -459,6 +460,8 @@ class Persister:
                     result = await self.store.save(stored, chunk_transitions)
                     self._stale += result.stale
                     reset = reset or result.reset
+                if self.policy.keep_every is not None and stored:
+                    await self._keep_versions(stored)
                 done += 1
                 self._acknowledge(chunk)
                 snapshots += len(stored)
@@ -505,6 +508,17 @@ class Persister:
             pending_rows=self.pending_rows, pending_bytes=len(self._dirty) * self._avg_bytes
         ):
             self._set_pressure(False)
+
+    async def _keep_versions(self, stored: list[StoredSnapshot]) -> None:
+        """Keep a point-in-time copy when a run's version enters a new ``keep_every`` span."""
+        every = self.policy.keep_every
+        assert every is not None  # noqa: S101 - checked by the caller
+        kept = self._kept
+        keep = [s for s in stored if s.header.version // every > kept.get(s.header.run_id, -1)]
+        if keep:
+            await self.store.save_versions(keep)
+            for s in keep:
+                kept[s.header.run_id] = s.header.version // every
 
     def _store_was_reset(self) -> None:
         """The store lost its data: nothing acknowledged before is there any more."""
@@ -562,6 +576,7 @@ class Persister:
         """Drop per-run bookkeeping of a run that is gone from memory."""
         self.durable.pop(run_id, None)
         self._poisoned.discard(run_id)
+        self._kept.pop(run_id, None)
 
 
 @final

@@ -50,6 +50,10 @@ class FlushPolicy:
         ack_timeout: seconds ``wait_durable`` waits before ``DurabilityTimeoutError``.
         retry_initial: first backoff after a failed flush (seconds).
         retry_max: cap of that backoff (seconds).
+        keep_every: also keep a point-in-time copy of each run about every this
+            many versions (time travel, ``Runtime.snapshot_at``); None keeps only
+            the latest snapshot. With coalescing, the copy kept for a span of
+            ``keep_every`` versions is the first one flushed in it.
 
     Raises:
         ConfigError: a field is out of range; the message names it.
@@ -63,6 +67,7 @@ class FlushPolicy:
     ack_timeout: float = 5.0
     retry_initial: float = 0.05
     retry_max: float = 5.0
+    keep_every: int | None = None
 
     def __post_init__(self) -> None:
         _positive("FlushPolicy.interval", self.interval)
@@ -72,6 +77,7 @@ class FlushPolicy:
         _positive("FlushPolicy.ack_timeout", self.ack_timeout)
         _positive("FlushPolicy.retry_initial", self.retry_initial)
         _positive("FlushPolicy.retry_max", self.retry_max)
+        _count("FlushPolicy.keep_every", self.keep_every)
         if self.retry_max < self.retry_initial:
             raise ConfigError("FlushPolicy.retry_max", self.retry_max, "must be >= retry_initial")
         if not isinstance(self.write_through, bool):

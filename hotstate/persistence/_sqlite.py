@@ -73,6 +73,19 @@ CREATE TABLE IF NOT EXISTS transitions (
     detail TEXT,
     PRIMARY KEY (run_id, version)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshot_versions (
+    run_id TEXT NOT NULL,
+    workflow TEXT NOT NULL,
+    workflow_version INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    attempt INTEGER NOT NULL,
+    error TEXT,
+    body BLOB NOT NULL,
+    PRIMARY KEY (run_id, version)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     run_id TEXT PRIMARY KEY,
     workflow TEXT NOT NULL,
@@ -132,6 +145,11 @@ DELETE FROM transitions WHERE run_id IN (
 )
 """
 _PURGE_RUNS: Final = "DELETE FROM runs WHERE status IN (?, ?, ?) AND updated_at < ?"
+_PURGE_VERSIONS: Final = """
+DELETE FROM snapshot_versions WHERE run_id IN (
+    SELECT run_id FROM runs WHERE status IN (?, ?, ?) AND updated_at < ?
+)
+"""
 
 
 def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
@@ -538,6 +556,26 @@ class SQLiteStore(StoreBase):
             )
             return cur.rowcount > 0
 
+    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+        """Keep point-in-time copies in one transaction; see ``Store.save_versions``."""
+        if not snapshots:
+            return
+        async with self._transaction("save_versions") as conn:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO snapshot_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_snapshot_row(s) for s in snapshots],
+            )
+
+    async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
+        """The newest kept copy at or before ``version``; see ``Store.load_version``."""
+        rows = await self._fetchall(
+            "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
+            "attempt, error, body FROM snapshot_versions WHERE run_id = ? AND version <= ? "
+            "ORDER BY version DESC LIMIT 1",
+            [run_id, version],
+        )
+        return _stored(rows[0]) if rows else None
+
     async def purge_finished(self, *, before: float) -> int:
         """Delete old finished runs and their history; see ``Store.purge_finished``.
 
@@ -553,5 +591,6 @@ class SQLiteStore(StoreBase):
         params = [*sorted(FINISHED_STATUSES), before]
         async with self._transaction("purge_finished") as conn:
             await conn.execute(_PURGE_TRANSITIONS, params)
+            await conn.execute(_PURGE_VERSIONS, params)
             cur = await conn.execute(_PURGE_RUNS, params)
             return cur.rowcount

@@ -221,6 +221,32 @@ class Store(Protocol):
         """
         ...
 
+    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+        """Keep these snapshots as point-in-time copies (time travel); idempotent per version.
+
+        Args:
+            snapshots: the copies to keep.
+
+        Raises:
+            StoreUnavailableError: the backend failed.
+        """
+        ...
+
+    async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
+        """Return the newest kept copy of ``run_id`` at or before ``version``.
+
+        Args:
+            run_id: the run.
+            version: the newest version wanted.
+
+        Returns:
+            The copy, or None when none is kept that early.
+
+        Raises:
+            StoreUnavailableError: the backend failed.
+        """
+        ...
+
     async def purge_finished(self, *, before: float) -> int:
         """Delete finished runs (done, failed, cancelled) last updated before ``before``.
 

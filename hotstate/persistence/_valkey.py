@@ -175,7 +175,7 @@ for i = 3, #ARGV do
   local key = p .. ':run:' .. rid
   local h = redis.call('HMGET', key, 'status', 'workflow', 'updated_at')
   if h[1] and finished[h[1]] and tonumber(h[3]) < before then
-    redis.call('DEL', key, p .. ':hist:' .. rid)
+    redis.call('DEL', key, p .. ':hist:' .. rid, p .. ':ver:' .. rid)
     redis.call('ZREM', p .. ':status:' .. h[1], rid)
     redis.call('ZREM', p .. ':wf:' .. h[2], rid)
     redis.call('ZREM', p .. ':runs', rid)
@@ -597,6 +597,34 @@ class ValkeyStore(StoreBase):
             pipe.hdel(self._key("dead", "body"), run_id)
             removed, _ = await pipe.execute()
         return bool(removed)
+
+    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+        """Keep point-in-time copies (hash ``P:ver:{run}``: version -> body, version:h -> header); see ``Store.save_versions``."""
+        if not snapshots:
+            return
+        async with self._errors("save_versions"), self._c().pipeline(transaction=False) as pipe:
+            for s in snapshots:
+                key = self._key("ver", s.header.run_id)
+                v = str(s.header.version)
+                pipe.hsetnx(key, v, cast("Any", bytes(s.body)))  # valkey-py types values as str; bytes are sent as is
+                pipe.hsetnx(key, v + ":h", json.dumps([*s.header, s.error]))
+            await pipe.execute()
+
+    async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
+        """The newest kept copy at or before ``version``; see ``Store.load_version``."""
+        client = self._c()
+        key = self._key("ver", run_id)
+        async with self._errors("load_version"):
+            fields = await cast("Awaitable[list[bytes]]", client.hkeys(key))
+            kept = [int(f) for f in (_text(x) for x in fields) if f.isdigit() and int(f) <= version]
+            if not kept:
+                return None
+            v = str(max(kept))
+            body, head = await cast("Awaitable[list[bytes | None]]", client.hmget(key, [v, v + ":h"]))
+        if body is None or head is None:
+            return None
+        *header, error = json.loads(_text(head))
+        return StoredSnapshot(header=RunHeader(*header), error=error, body=bytes(body))
 
     async def purge_finished(self, *, before: float) -> int:
         """Delete old finished runs and their history; see ``Store.purge_finished``.

@@ -671,6 +671,39 @@ class Runtime(RuntimeHost):
                 out[p.name] = await p.store.purge_finished(before=before)
         return out
 
+    async def snapshot_at(self, run_id: str, version: int, *, tier: str | None = None) -> Snapshot:
+        """Time travel: the run as it was at ``version`` (or the newest kept copy before it).
+
+        The current snapshot answers for the current version; older versions come
+        from the copies kept by tiers whose policy sets ``keep_every``.
+
+        Args:
+            run_id: the run's id.
+            version: the version wanted.
+            tier: read only this tier (default: the first that has a copy).
+
+        Returns:
+            The snapshot.
+
+        Raises:
+            RunNotFoundError: no copy at or before ``version`` is kept.
+            ConfigError: no tier has that name.
+            CorruptSnapshotError: the kept copy does not verify (never unpickled).
+        """
+        actor = self._actors.get(run_id)
+        if actor is not None and actor.snapshot.version <= version:
+            return actor.snapshot
+        persisters = [] if self._persistence is None else [
+            p for p in self._persistence.persisters if tier is None or p.name == tier
+        ]
+        if tier is not None and not persisters:
+            raise ConfigError("snapshot_at.tier", tier, "no tier has this name")
+        for p in persisters:
+            stored = await p.store.load_version(run_id, version)
+            if stored is not None:
+                return decode_snapshot(stored, self._codec, tier=p.name)
+        raise RunNotFoundError(run_id)
+
     def tier_statistics(self) -> list[PersisterStatistics]:
         """Return each tier's persister figures (flushes, rows, lag, failures, ...).
 

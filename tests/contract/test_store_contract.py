@@ -523,3 +523,15 @@ async def test_valkey_unreachable_server_is_store_unavailable() -> None:
 
 def test_valkey_client_uses_the_libvalkey_parser() -> None:
     assert ValkeyStore.fast_parser is True
+
+
+async def test_kept_versions_load_the_newest_copy_at_or_before_a_version(store: Store) -> None:
+    await store.save_versions([stored("r", 1), stored("r", 5), stored("r", 9)])
+    await store.save_versions([stored("r", 5)])  # idempotent
+    for wanted, got in [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (100, 9)]:
+        found = await store.load_version("r", wanted)
+        assert found is not None
+        assert found.header.version == got
+        assert found.body == stored("r", got).body
+    assert await store.load_version("r", 0) is None
+    assert await store.load_version("other", 10) is None

@@ -21,6 +21,8 @@ from hotstate.persistence import FlushPolicy
         ("max_pending_bytes", 0),
         ("ack_timeout", 0),
         ("retry_initial", -0.1),
+        ("keep_every", 0),
+        ("keep_every", 1.5),
     ],
 )
 def test_invalid_policy_values_raise_config_error_naming_the_field(field, value):

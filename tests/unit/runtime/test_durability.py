@@ -361,3 +361,25 @@ async def test_a_flush_with_more_dirty_runs_than_max_batch_rows_writes_all_of_th
         for run in runs:
             assert rt.durable_versions(run.run_id)["memory"] == rt.get(run.run_id).version
             assert len(await store.history(run.run_id)) == rt.get(run.run_id).version
+
+
+async def test_keep_every_gives_time_travel_to_earlier_versions():
+    store = MemoryStore()
+    clock = ManualClock()
+    policy = FlushPolicy(interval=1.0, keep_every=2)
+    async with Runtime([SIGNAL], clock=clock, tiers=[Tier(store, policy)]) as rt:
+        run = await rt.spawn(SIGNAL, {"n": 0}, run_id="tt")
+        await settle()
+        await rt.flush()  # v3 (waiting, payload n=1) is kept
+        waiting_version = rt.get("tt").version
+        await run.send("go", "x")
+        await run.wait_finished()
+        await rt.flush()
+        final = rt.get("tt")
+        assert (await rt.snapshot_at("tt", final.version)) == final
+        past = await rt.snapshot_at("tt", waiting_version)
+        assert past.version == waiting_version
+        assert past.status is Status.waiting
+        assert past.payload == {"n": 1}
+        with pytest.raises(Exception, match="no such run"):
+            await rt.snapshot_at("tt", 0)
