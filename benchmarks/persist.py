@@ -13,8 +13,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,30 +40,11 @@ from hotstate.persistence import (
 BLOB = w1.BLOB
 
 
-@dataclass(frozen=True, slots=True)
-class Figure:
-    """One measured figure (median of rounds) and its ceiling."""
-
-    name: str
-    value: float
-    unit: str
-    ceiling_name: str = ""
-    ceiling: float = 0.0
-
-    @property
-    def ratio(self) -> float | None:
-        """value / ceiling, when there is a ceiling."""
-        return self.value / self.ceiling if self.ceiling else None
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
 # ---------------------------------------------------------------- W1 policies
-
-StoreFactory = Callable[[str], Store]
-
 
 async def w1_with_tiers(n: int, k: int, tiers: list[Tier]) -> float:
     """W1 with persistence: steps/s from the first spawn until every run is done."""
@@ -228,13 +207,6 @@ async def recovery_time(path: Path, runs: int, rounds: int = 1) -> tuple[float, 
     return median(times), resumed
 
 
-async def timed(fn: Callable[[], Awaitable[float]], rounds: int) -> float:
-    return median([await fn() for _ in range(rounds)])
-
-
 def tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="hotstate-bench-"))
 
-
-def unused(*_: Any) -> None:
-    """Keep linters quiet about names kept for the report."""

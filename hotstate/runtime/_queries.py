@@ -47,13 +47,10 @@ class RunIndex:
         """Return the ids matching both filters (None matches all).
 
         Order: by when each run entered the filtered status (or was spawned, for
-        a workflow filter alone); with no filter, grouped by workflow.
+        a workflow filter alone). With no filter at all the runtime lists its
+        runs in spawn order itself, so both filters None returns every run
+        grouped by workflow.
         """
-        if status is None and workflow is None:
-            out: list[str] = []
-            for ids in self.by_workflow.values():
-                out.extend(ids)
-            return out
         if status is None:
             return list(self.by_workflow.get(workflow or "", ()))
         by_status = self.by_status.get(status, {})
