@@ -79,7 +79,7 @@ async def suite_policies(args: argparse.Namespace, url: str, out: list[dict[str,
             for r in range(rounds):
                 tmp = persist.tmpdir()
                 tag = f"{n}-{r}-{time.monotonic_ns()}"
-                values.append(await persist.w1_with_tiers(n, k, policy_tiers(name, url, tmp, tag)))
+                values.append(await w1.hotstate_run(n, k, tiers=policy_tiers(name, url, tmp, tag)))
                 await persist.drop_prefix(url, f"bench-{tag}")  # keep the server as the ceilings found it
             value = persist.median(values)
             if name == "memory-only":

@@ -46,20 +46,6 @@ def median(values: list[float]) -> float:
 
 # ---------------------------------------------------------------- W1 policies
 
-async def w1_with_tiers(n: int, k: int, tiers: list[Tier]) -> float:
-    """W1 with persistence: steps/s from the first spawn until every run is done."""
-    wf = w1.workflow(k)
-    gc.collect()
-    async with Runtime([wf], tiers=tiers) as rt:
-        t0 = time.perf_counter()
-        handles = [await rt.spawn(wf, {"n": 0, "id": f"r{i}", "blob": BLOB}) for i in range(n)]
-        for h in handles:
-            await h.wait_finished()
-        elapsed = time.perf_counter() - t0
-        assert rt.count(status=Status.done) == n  # noqa: S101
-    return n * k / elapsed
-
-
 # ------------------------------------------------------------------ ceilings
 
 async def raw_sqlite_upsert(path: Path, rows: int, body_size: int) -> float:

@@ -59,8 +59,11 @@ async def ceiling(n: int, k: int) -> float:
     return n * k / (time.perf_counter() - t0)
 
 
-async def hotstate_memory(n: int, k: int, **runtime_options: Any) -> float:
-    """hotstate, memory only: N concurrent spawns, wait for all; steps/s."""
+async def hotstate_run(n: int, k: int, **runtime_options: Any) -> float:
+    """hotstate: N concurrent spawns, wait until every run is done; steps/s.
+
+    Memory-only by default; pass ``tiers=[...]`` for a persistence policy.
+    """
     wf = workflow(k)
     gc.collect()
     async with Runtime([wf], **runtime_options) as rt:
@@ -92,10 +95,10 @@ class W1Result:
 
 async def measure(n: int = 10_000, k: int = 10, rounds: int = 5) -> W1Result:
     """Alternate ceiling and hotstate rounds and return the medians."""
-    await hotstate_memory(min(n, 1000), k)  # warm-up: imports, code paths
+    await hotstate_run(min(n, 1000), k)  # warm-up: imports, code paths
     await ceiling(min(n, 1000), k)
     ceil, hot = [], []
     for _ in range(rounds):
         ceil.append(await ceiling(n, k))
-        hot.append(await hotstate_memory(n, k))
+        hot.append(await hotstate_run(n, k))
     return W1Result(n, k, rounds, statistics.median(ceil), statistics.median(hot))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import anyio
 import anyio.lowlevel
 
-__all__ = ["ManualClock"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["ManualClock", "checkpoint_until"]
 
 
 @final
@@ -82,3 +85,21 @@ class ManualClock:
         # Let woken tasks, and what they wake in turn, run before returning.
         for _ in range(20):
             await anyio.lowlevel.checkpoint()
+
+
+async def checkpoint_until(condition: Callable[[], bool], *, checkpoints: int = 5_000) -> None:
+    """Let other tasks run, one checkpoint at a time (no time passes), until ``condition()`` holds.
+
+    Args:
+        condition: checked before each checkpoint.
+        checkpoints: how many checkpoints to allow before giving up.
+
+    Raises:
+        AssertionError: the condition still fails after ``checkpoints`` checkpoints.
+    """
+    with anyio.fail_after(5):  # a hang guard only: the loop is bounded by checkpoints
+        for _ in range(checkpoints):
+            if condition():
+                return
+            await anyio.lowlevel.checkpoint()
+    raise AssertionError(f"condition still false after {checkpoints} checkpoints")

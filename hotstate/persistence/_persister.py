@@ -531,6 +531,12 @@ class Persister:
         """Queue a run's current snapshot and the transitions still in memory (after a reset)."""
         self._dirty[snapshot.run_id] = snapshot
         self._transitions.extend(transitions)
+        self._poke()
+
+    def notify_when_durable(self, run_id: str, item: Any) -> None:
+        """Hand ``item`` to ``on_durable`` once ``run_id``'s next flush is acknowledged; flush soon."""
+        self.waiting[run_id] = item
+        self._poke()
 
     def _acknowledge(self, batch: dict[str, Snapshot]) -> None:
         durable = self.durable

@@ -77,8 +77,7 @@ class Durability:
         run_id = actor.snapshot.run_id
         for p in self._through:
             if p.durable.get(run_id, 0) < version:
-                p.waiting[run_id] = actor
-                p._poke()
+                p.notify_when_durable(run_id, actor)
                 return True
         return False
 

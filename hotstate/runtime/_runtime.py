@@ -272,7 +272,6 @@ class Runtime(RuntimeHost):
             persister.repopulate(snap, actor.history.transitions(snap.run_id))
         for letter in self._supervisor.dead_letters.values():
             self._store_dead_letter(letter, [persister])
-        persister._poke()
 
     async def _recover_runs(self) -> None:
         assert self._persistence is not None  # noqa: S101

@@ -20,33 +20,11 @@ from hotstate import (
     TransitionKind,
     Workflow,
 )
-from hotstate.testing import ManualClock
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
 
     from hotstate.actors import StepFn
     from hotstate.runtime import Subscription
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Let the loop run (checkpoints only: no time passes) until ``condition`` holds."""
-    with anyio.fail_after(5):  # hang guard only; the loop is bounded by checkpoints
-        for _ in range(5_000):
-            if condition():
-                return
-            await anyio.lowlevel.checkpoint()
-    raise AssertionError("condition still false after 5000 checkpoints")
-
-
-@pytest.fixture
-def until() -> Callable[[Callable[[], bool]], Awaitable[None]]:
-    return _until
 
 
 async def add_one(payload, ctx):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -28,32 +28,8 @@ from hotstate import (
     Workflow,
     WorkflowNotRegisteredError,
 )
-from hotstate.testing import ManualClock
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
 
 NEVER = RetryPolicy.never()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Let the loop run (checkpoints only: no time passes) until ``condition`` holds."""
-    with anyio.fail_after(5):  # hang guard only; the loop is bounded by checkpoints
-        for _ in range(5_000):
-            if condition():
-                return
-            await anyio.lowlevel.checkpoint()
-    raise AssertionError("condition still false after 5000 checkpoints")
-
-
-@pytest.fixture
-def until() -> Callable[[Callable[[], bool]], Awaitable[None]]:
-    return _until
 
 
 async def add_one(payload: Any, ctx: Any) -> Any:

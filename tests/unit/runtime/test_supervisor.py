@@ -27,7 +27,7 @@ from hotstate import (
     Workflow,
 )
 from hotstate.runtime import backoff_delay
-from hotstate.testing import ManualClock
+from hotstate.testing import ManualClock, checkpoint_until
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -71,37 +71,12 @@ async def drive(
     time: the run is finished or waits on a timer (a backoff or a step timeout).
     """
     for _ in range(max_rounds):
-        await _until(lambda: rt.get(run_id).finished or rt.statistics().timers > 0)
+        await checkpoint_until(lambda: rt.get(run_id).finished or rt.statistics().timers > 0)
         if rt.get(run_id).finished:
             break
         await clock.advance(step)
     with anyio.fail_after(5):
         return await rt.wait_finished(run_id)
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    return random.Random(1234)
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Let the loop run (checkpoints only: no time passes) until ``condition`` holds."""
-    with anyio.fail_after(5):  # hang guard only; the loop is bounded by checkpoints
-        for _ in range(5_000):
-            if condition():
-                return
-            await anyio.lowlevel.checkpoint()
-    raise AssertionError("condition still false after 5000 checkpoints")
-
-
-@pytest.fixture
-def until() -> Callable[[Callable[[], bool]], Awaitable[None]]:
-    return _until
 
 
 # ------------------------------------------------------------------ retry

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -13,20 +12,11 @@ import anyio
 import pytest
 
 from hotstate.runtime import TimerService
-from hotstate.testing import ManualClock
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    return random.Random(1234)
+    from hotstate.testing import ManualClock
 
 
 @asynccontextmanager
