@@ -4,7 +4,9 @@
 - ``hotstate.actors`` imports neither ``runtime`` nor ``persistence``, and no I/O library;
 - ``hotstate.persistence`` does not import ``runtime``;
 - only ``hotstate/__init__.py`` imports from all three subpackages;
-- ``_errors.py`` and ``_clock.py`` are leaves.
+- ``_errors.py`` and ``_clock.py`` are leaves;
+- ``hotstate._cli`` and ``hotstate._bench`` are applications on top of the three
+  layers: they may import anything, and nothing else in hotstate imports them.
 
 Every import counts, including those under ``if TYPE_CHECKING:``: a layer that
 needs another layer's names for typing still depends on it. Importing the root
@@ -23,6 +25,7 @@ import hotstate
 
 PACKAGE_DIR = Path(hotstate.__file__).parent
 SUBPACKAGES = ("actors", "runtime", "persistence")
+APPLICATIONS = ("_cli", "_bench")
 IO_LIBRARIES = ("valkey", "aiosqlite", "sqlite3")
 
 
@@ -78,6 +81,14 @@ def violations(path: Path, source: str) -> list[str]:
     parts = module.split(".")
     own = parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else None
     problems: list[str] = []
+    if len(parts) > 1 and parts[1] in APPLICATIONS:
+        return problems
+    if module != "hotstate.__main__":
+        problems += [
+            f"{module} imports the application {name}"
+            for name in sorted(imports)
+            if name.split(".")[:2] in (["hotstate", app] for app in APPLICATIONS)
+        ]
     if own == "actors":
         problems += [
             f"{module} imports hotstate.{layer}"

@@ -18,7 +18,6 @@ from typing import Any
 
 import aiosqlite
 
-from benchmarks import w1
 from hotstate import (
     FlushPolicy,
     PickleCodec,
@@ -29,6 +28,7 @@ from hotstate import (
     Transition,
     TransitionKind,
 )
+from hotstate._bench import _w1 as w1
 from hotstate.persistence import (
     Persister,
     SnapshotEncoder,

@@ -1,0 +1,46 @@
+"""The ``hotstate`` entry point: builds the parser from each subcommand module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One module per subcommand, each exposing ``register(subparsers)``.
+SUBCOMMAND_MODULES = (
+    "hotstate._bench._main",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``hotstate`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="hotstate",
+        description="hotstate: asyncio workflow runtime with durable hot state.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from hotstate import __version__
+
+    return f"hotstate {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hotstate`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        print("hotstate: interrupted", file=sys.stderr)
+        return 130
+    return status
