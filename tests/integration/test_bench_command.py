@@ -1,0 +1,53 @@
+"""``hotstate bench`` end to end at tiny sizes: every suite runs, figures and targets land in the JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hotstate._cli import main
+
+TINY = [
+    "--n", "200", "--k", "3", "--rounds", "1", "--sizes", "100", "--flush-rows", "200",
+    "--recovery-runs", "300", "--idle-runs", "500", "--scale-sizes", "100,300",
+]
+
+
+def test_every_default_suite_runs_and_writes_its_figures(tmp_path, valkey_url, capsys):
+    out = tmp_path / "latest.json"
+    status = main(["bench", *TINY, "--valkey-url", valkey_url, "--sqlite", str(tmp_path), "--json", str(out)])
+    assert status == 0
+    document = json.loads(out.read_text())
+    names = [f["name"] for f in document["figures"]]
+    for expected in (
+        "hotstate memory-only",
+        "write-through sqlite FULL, group commit (N=100)",
+        "persister -> sqlite",
+        "persister -> valkey",
+        "recovered runs per second",
+        "memory per idle run (N=500)",
+        "W1 steps/s at N=300",
+    ):
+        assert expected in names
+    assert all(f["value"] > 0 for f in document["figures"] if f["unit"] != "bytes")
+    assert [p["runs"] for p in document["scale"]] == [100, 300]
+    ratios = {f["name"]: f["ratio"] for f in document["figures"]}
+    assert ratios["hotstate memory-only"] is not None
+    text = capsys.readouterr().out
+    assert "Summary" in text
+    assert "ratio to ceiling" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--suite", "nope"], "unknown suite"),
+        (["--sizes", "ten"], "whole numbers"),
+        (["--scale-sizes", "0"], "positive"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+    ],
+)
+def test_bad_bench_arguments_exit_2_with_a_message(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
