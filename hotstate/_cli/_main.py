@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 # One module per subcommand, each exposing ``register(subparsers)``.
 SUBCOMMAND_MODULES = (
     "hotstate._bench._main",
+    "hotstate._cli._runs",
+    "hotstate._cli._advise",
 )
 
 
@@ -31,6 +35,12 @@ def _version() -> str:
     return f"hotstate {__version__}"
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds through every ``finally``: servers and child processes
+    # the command started are stopped, as on Ctrl-C.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``hotstate`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -38,9 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         status: int = args.func(args)
     except KeyboardInterrupt:
         print("hotstate: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return status

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +57,37 @@ def test_every_default_suite_runs_and_writes_its_figures(tmp_path, valkey_url, c
 def test_bad_bench_arguments_exit_2_with_a_message(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose: it is no longer serving
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_private_valkey_server_stops_when_the_benchmark_is_interrupted(tmp_path, sig):
+    with subprocess.Popen(
+        [sys.executable, "-m", "hotstate", "bench", "--suite", "policies", "--sizes", "300000",
+         "--rounds", "3", "--json", str(tmp_path / "x.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        pid = None
+        for line in proc.stdout:
+            match = re.search(r"private valkey-server at \S+ \(pid (\d+)\)", line)
+            if match:
+                pid = int(match.group(1))
+                break
+        assert pid is not None
+        assert _alive(pid)
+        proc.send_signal(sig)
+        status = proc.wait(timeout=30)
+    assert status != 0
+    assert not _alive(pid)
+    assert not (tmp_path / "x.json").exists()
