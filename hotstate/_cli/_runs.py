@@ -219,7 +219,10 @@ def _stores(args: argparse.Namespace) -> list[Store]:
             raise _UsageError("--prefix must not be empty")
         stores.append(
             ValkeyStore(
-                args.valkey_url, prefix=args.prefix, socket_timeout=_VALKEY_TIMEOUT
+                args.valkey_url,
+                prefix=args.prefix,
+                socket_timeout=_VALKEY_TIMEOUT,
+                read_only=args.action != "retry",  # inspecting never writes a key
             )
         )
     if not stores:
@@ -360,7 +363,7 @@ def _verify(stored: StoredSnapshot, tier: str) -> None:
     try:
         # Verification only: the payload is not needed here, and unpickling it
         # would import the user's classes.
-        codec._verify(stored.body, tier, h.run_id)
+        codec.verify(stored.body, tier=tier, run_id=h.run_id)
     except CorruptSnapshotError as exc:
         reason = exc.detail.split(": ", 1)[-1]
         raise CorruptSnapshotError(tier, h.run_id, h.version, reason) from None

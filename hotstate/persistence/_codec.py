@@ -130,6 +130,23 @@ class _FramedCodec:
         prefix = _MAGIC + bytes((self._algorithm, fmt))
         return b"".join((prefix, self._digest(prefix, body), body))
 
+    def verify(self, data: bytes, *, tier: str = "", run_id: str = "") -> None:
+        """Check a frame's digest (or HMAC) without decoding its payload.
+
+        For tools that inspect stored copies (``hotstate runs show``): nothing
+        is unpickled, so no user class is imported.
+
+        Args:
+            data: the stored frame.
+            tier: named in the error.
+            run_id: named in the error.
+
+        Raises:
+            CorruptSnapshotError: the frame is malformed, was altered, or was
+                written with another key (or none).
+        """
+        self._verify(data, tier, run_id)
+
     def _verify(self, data: bytes, tier: str, run_id: str) -> tuple[int, memoryview]:
         """Check the frame and digest; returns (format, body). Never decodes the body."""
         if type(data) is bytes and len(data) >= _HEADER_SIZE:

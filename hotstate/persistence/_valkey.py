@@ -259,6 +259,8 @@ class ValkeyStore(StoreBase):
         client: an existing client to use instead of ``url``. It must not
             decode responses; the store does not close it.
         socket_timeout: seconds to wait on connect and on each reply.
+        read_only: never write (for inspection tools): ``open`` does not
+            create the epoch key, and every write raises ``PersistenceError``.
     """
 
     fast_parser: Final[bool] = LIBVALKEY_AVAILABLE
@@ -272,8 +274,10 @@ class ValkeyStore(StoreBase):
         tier: str = "valkey",
         client: avalkey.Valkey | None = None,
         socket_timeout: float = 5.0,
+        read_only: bool = False,
     ) -> None:
         self.tier = tier
+        self.read_only = read_only
         self.url = url
         self.prefix = prefix
         self.socket_timeout = socket_timeout
@@ -301,6 +305,12 @@ class ValkeyStore(StoreBase):
             ):
                 raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
             raise PersistenceError(self.tier, f"{action}: {exc}") from exc
+
+    def _w(self, action: str) -> avalkey.Valkey:
+        """The client, for a write."""
+        if self.read_only:
+            raise PersistenceError(self.tier, f"{action}: this store was opened read-only")
+        return self._c()
 
     def _c(self) -> avalkey.Valkey:
         self._check_open()
@@ -333,9 +343,10 @@ class ValkeyStore(StoreBase):
         self._purge_script = self._client.register_script(_PURGE_LUA)
         # Adopt the prefix's epoch (other processes share it), or start one.
         async with self._errors("read the epoch"):
-            await self._client.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)
+            if not self.read_only:
+                await self._client.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)
             epoch = await self._client.get(f"{self.prefix}:epoch")
-        self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch or "")
         self._opened = True
 
     async def _drop_client(self) -> None:
@@ -364,7 +375,7 @@ class ValkeyStore(StoreBase):
             StoreUnavailableError: the server is unreachable, read-only or out
                 of memory.
         """
-        client = self._c()
+        client = self._w("save")
         if not snapshots and not transitions:
             return SaveResult(written=0, stale=0, transitions=0)
         heads = json.dumps([_header_args(s) for s in snapshots], separators=(",", ":"))
@@ -548,7 +559,7 @@ class ValkeyStore(StoreBase):
         }
         async with (
             self._errors("save_dead_letter"),
-            self._c().pipeline(transaction=True) as pipe,
+            self._w("save_dead_letter").pipeline(transaction=True) as pipe,
         ):
             pipe.hset(self._key("dead"), record.run_id, json.dumps(meta))
             pipe.hset(self._key("dead", "body"), mapping={record.run_id: bytes(s.body)})
@@ -591,7 +602,7 @@ class ValkeyStore(StoreBase):
         """
         async with (
             self._errors("delete_dead_letter"),
-            self._c().pipeline(transaction=True) as pipe,
+            self._w("delete_dead_letter").pipeline(transaction=True) as pipe,
         ):
             pipe.hdel(self._key("dead"), run_id)
             pipe.hdel(self._key("dead", "body"), run_id)
@@ -602,7 +613,7 @@ class ValkeyStore(StoreBase):
         """Keep point-in-time copies (hash ``P:ver:{run}``: version -> body, version:h -> header); see ``Store.save_versions``."""
         if not snapshots:
             return
-        async with self._errors("save_versions"), self._c().pipeline(transaction=False) as pipe:
+        async with self._errors("save_versions"), self._w("save_versions").pipeline(transaction=False) as pipe:
             for s in snapshots:
                 key = self._key("ver", s.header.run_id)
                 v = str(s.header.version)
@@ -641,7 +652,7 @@ class ValkeyStore(StoreBase):
         Raises:
             StoreUnavailableError: the server is unreachable.
         """
-        client = self._c()
+        client = self._w("purge_finished")
         assert self._purge_script is not None  # noqa: S101  (set with _opened)
         purged = 0
         for status in sorted(FINISHED_STATUSES):

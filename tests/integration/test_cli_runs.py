@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from hotstate import (
+    PersistenceError,
     RetryPolicy,
     RunFailedError,
     Runtime,
@@ -21,6 +22,7 @@ from hotstate import (
     Step,
     StepContext,
     Tier,
+    Transition,
     TransitionKind,
     Workflow,
 )
@@ -432,3 +434,26 @@ def test_list_pages_through_the_store(
     ]
     _, out, _ = cli(capsys, "--sqlite", str(db), "--json", "list")
     assert len(json.loads(out)) == 5
+
+
+def test_inspecting_valkey_writes_no_key_even_under_a_wrong_prefix(
+    capsys: pytest.CaptureFixture[str], valkey_url: str, valkey_prefix: str
+) -> None:
+    import valkey
+
+    status, _, _ = cli(capsys, "--valkey-url", valkey_url, "--prefix", valkey_prefix, "list")
+    assert status == 0
+    status, _, err = cli(capsys, "--valkey-url", valkey_url, "--prefix", valkey_prefix, "show", "nope")
+    assert status == 1
+    assert "nope" in err
+    with valkey.Valkey.from_url(valkey_url) as client:
+        assert list(client.scan_iter(match=f"{valkey_prefix}:*")) == []
+
+
+async def test_a_read_only_valkey_store_refuses_every_write(valkey_url: str, valkey_prefix: str) -> None:
+    async with ValkeyStore(valkey_url, prefix=valkey_prefix, read_only=True) as store:
+        with pytest.raises(PersistenceError, match="read-only"):
+            await store.save([], [Transition("r", 1, TransitionKind.spawned, 0, Status.pending, 0.0, None)])
+        with pytest.raises(PersistenceError, match="read-only"):
+            await store.purge_finished(before=0.0)
+        assert await store.load("r") is None
