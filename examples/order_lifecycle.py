@@ -1,10 +1,11 @@
 """The order lifecycle: placed -> payment confirmed (signal) -> shipped (signal) -> delivered.
 
-Order A meets a carrier outage once: the ship step fails, is retried after a
-backoff, and succeeds. Order B's carrier rejects it for good: the run gives up,
-refunds the payment and releases the stock (compensations, newest first), and
-lands in the dead-letter store. Every transition is printed as it happens, with
-where each order is at that moment.
+The workflow is ``hotstate._cli._orders.order_workflow`` (the one ``hotstate demo``
+runs on many orders through a crash). Order A meets a carrier outage once: the
+ship step fails, is retried after a backoff, and succeeds. Order B's carrier
+rejects it for good: the run gives up, refunds the payment and releases the
+stock (compensations, newest first), and lands in the dead-letter store. Every
+transition is printed as it happens, with where each order is at that moment.
 
 Run it: ``python -m examples.order_lifecycle``
 """
@@ -17,62 +18,18 @@ import anyio
 
 import hotstate
 import hotstate.runtime
-from hotstate import RetryPolicy, RunFailedError, Runtime, Step, StepContext, Workflow
+from hotstate import RunFailedError, Runtime, StepContext
+from hotstate._cli._orders import new_order, order_workflow
 
 
-class CarrierDownError(ConnectionError):
-    """Transient: worth retrying."""
+def show_compensation(effect: str, ctx: StepContext, order: dict[str, Any]) -> None:
+    if effect == "refund":
+        print(f"    compensation: refund {order['paid']} to {ctx.run_id} (key {ctx.idempotency_key})")
+    elif effect == "release_stock":
+        print(f"    compensation: release stock of {ctx.run_id} (key {ctx.idempotency_key})")
 
 
-class AddressRejectedError(ValueError):
-    """Permanent: retrying cannot help."""
-
-
-outages = {"order-A": 1}  # the carrier is down for order A's first attempt
-
-
-async def place(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    return {**order, "stock_reserved": True}
-
-
-async def confirm_payment(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    return {**order, "paid": ctx.signal["amount"]}
-
-
-async def ship(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    if order["address"] == "nowhere":
-        raise AddressRejectedError(f"carrier cannot deliver to {order['address']!r}")
-    if outages.get(ctx.run_id, 0) > 0:
-        outages[ctx.run_id] -= 1
-        raise CarrierDownError("carrier API timed out")
-    await anyio.sleep(0.01)  # the carrier call
-    return {**order, "tracking": f"TRK-{ctx.idempotency_key}"}
-
-
-async def deliver(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    return {**order, "delivered_to": ctx.signal}
-
-
-def release_stock(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    print(f"    compensation: release stock of {ctx.run_id} (key {ctx.idempotency_key})")
-    return {**order, "stock_reserved": False}
-
-
-def refund(order: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    print(f"    compensation: refund {order['paid']} to {ctx.run_id} (key {ctx.idempotency_key})")
-    return {**order, "refunded": order["paid"]}
-
-
-ORDER = Workflow(
-    "order",
-    [
-        Step(fn=place, compensate=release_stock),
-        Step(fn=confirm_payment, wait_for="payment_confirmed", compensate=refund),
-        Step(fn=ship, wait_for="shipped", retry=RetryPolicy(
-            max_attempts=3, initial_delay=0.05, jitter=0.0, non_retryable=(AddressRejectedError,))),
-        Step(fn=deliver, wait_for="delivered"),
-    ],
-)
+ORDER = order_workflow(show_compensation)
 
 
 async def main() -> None:
@@ -91,8 +48,8 @@ async def main() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch, rt.subscribe(workflow="order"))
-            a = await rt.spawn(ORDER, {"item": "lamp", "address": "1 Main St"}, run_id="order-A")
-            b = await rt.spawn(ORDER, {"item": "sofa", "address": "nowhere"}, run_id="order-B")
+            a = await rt.spawn(ORDER, new_order("lamp", "1 Main St", carrier_outages=1), run_id="order-A")
+            b = await rt.spawn(ORDER, new_order("sofa", "nowhere"), run_id="order-B")
             await anyio.sleep(0.02)
             print("where now:", where("order-A"), "|", where("order-B"))
             for run in (a, b):

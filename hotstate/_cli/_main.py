@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = (
     "hotstate._bench._main",
     "hotstate._cli._runs",
     "hotstate._cli._advise",
+    "hotstate._cli._demo",
 )
 
 
