@@ -452,8 +452,14 @@ class Persister:
         t0 = time.perf_counter()
         chunks = self._chunks(batch, transitions)
         done = snapshots = rows = nbytes = 0
-        reset = False
+        reset = dead_saved = False
         try:
+            # Dead letters go before the run rows: after a crash between the two,
+            # recovery finds a letter newer than the run's row and records the
+            # run as failed (never a failed run without its letter).
+            for record in dead:
+                await self.store.save_dead_letter(record)
+            dead_saved = True
             for chunk, chunk_transitions in chunks:
                 stored = self._encode(chunk)
                 if stored or chunk_transitions:
@@ -467,8 +473,8 @@ class Persister:
                 snapshots += len(stored)
                 rows += len(stored) + len(chunk_transitions)
                 nbytes += sum(len(x.body) for x in stored)
-            for record in dead:
-                await self.store.save_dead_letter(record)
+            # Deletions (retried letters) after the rows: a crash between leaves a
+            # stale letter that recovery recognises (older than its run) and deletes.
             for rid in dead_deletes:
                 await self.store.delete_dead_letter(rid)
         except BaseException as exc:
@@ -476,7 +482,7 @@ class Persister:
             self._merge_back(
                 {rid: snap for chunk, _ in rest for rid, snap in chunk.items()},
                 [t for _, chunk_transitions in rest for t in chunk_transitions],
-                dead,
+                [] if dead_saved else dead,
                 dead_deletes,
             )
             if not isinstance(exc, Exception):

@@ -17,14 +17,20 @@ import anyio
 
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, Snapshot, Status
-from hotstate.persistence import StoredSnapshot, decode_snapshot
+from hotstate.persistence import (
+    StoredSnapshot,
+    decode_snapshot,
+    error_from_json,
+    errors_from_json,
+)
+from hotstate.runtime._supervisor import DeadLetter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from hotstate.persistence import Codec, Store
 
-__all__ = ["CorruptCopy", "RecoveredRun", "RecoveryReport", "find_runs"]
+__all__ = ["CorruptCopy", "RecoveredRun", "RecoveryReport", "find_dead_letters", "find_runs"]
 
 log = logging.getLogger("hotstate.recovery")
 
@@ -82,6 +88,13 @@ class RecoveryReport:
         unregistered: ``(run_id, workflow)`` of runs whose workflow is not registered
             (reported, never deleted).
         tier_errors: tiers that could not be read, with the error.
+        dead_letters: runs whose dead letter was loaded (``dead_letters()``
+            lists them and ``retry_dead_letter`` works after the restart).
+        failed_before_crash: runs that had failed for good (their dead letter
+            was durable) while a tier's run row still showed them unfinished:
+            recorded as failed, not resumed.
+        stale_dead_letters: dead letters of runs retried before the crash
+            (the run is newer than its letter): deleted.
         seconds: how long recovery took.
     """
 
@@ -91,6 +104,9 @@ class RecoveryReport:
     lost: tuple[str, ...] = ()
     unregistered: tuple[tuple[str, str], ...] = ()
     tier_errors: Mapping[str, str] = field(default_factory=dict)
+    dead_letters: tuple[str, ...] = ()
+    failed_before_crash: tuple[str, ...] = ()
+    stale_dead_letters: tuple[str, ...] = ()
     seconds: float = 0.0
 
     def by_tier(self) -> dict[str, int]:
@@ -222,3 +238,50 @@ async def find_runs(
         seconds=time.perf_counter() - t0,
     )
     return resumed, report
+
+
+async def find_dead_letters(
+    stores: Sequence[Store], codec: Codec
+) -> tuple[dict[str, DeadLetter], list[CorruptCopy], dict[str, str]]:
+    """Every run's newest verified dead letter across ``stores``.
+
+    A run's dead letter may sit in one tier only (a crash between tiers'
+    flushes); the copy with the highest snapshot version that verifies wins.
+
+    Returns:
+        The dead letters by run id, the copies that failed verification, and
+        the tiers that could not be read (with the error).
+    """
+    best: dict[str, DeadLetter] = {}
+    corrupt: list[CorruptCopy] = []
+    errors: dict[str, str] = {}
+    for store in stores:
+        try:
+            records = await store.dead_letters()
+        except PersistenceError as exc:
+            errors[store.tier] = str(exc)
+            log.error("hotstate recovery: cannot read the dead letters of tier %r: %s", store.tier, exc)
+            continue
+        for record in records:
+            version = record.snapshot.header.version
+            held = best.get(record.run_id)
+            if held is not None and held.snapshot.version >= version:
+                continue
+            try:
+                snap = decode_snapshot(record.snapshot, codec, tier=store.tier)
+                letter = DeadLetter(
+                    run_id=record.run_id,
+                    workflow=record.workflow,
+                    snapshot=snap,
+                    error=error_from_json(record.error, tier=store.tier),
+                    attempts=tuple(errors_from_json(record.attempts, tier=store.tier)),
+                    compensation_errors=tuple(errors_from_json(record.compensation_errors, tier=store.tier)),
+                    at=record.at,
+                )
+            except (CorruptSnapshotError, CodecError) as exc:
+                corrupt.append(CorruptCopy(run_id=record.run_id, tier=f"{store.tier} (dead letter)",
+                                           version=version, reason=str(exc)))
+                log.warning("hotstate recovery: corrupt dead letter of run %r in %r: %s", record.run_id, store.tier, exc)
+                continue
+            best[record.run_id] = letter
+    return best, corrupt, errors

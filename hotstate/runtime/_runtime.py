@@ -9,6 +9,7 @@ interrupts use ``Task.uncancel``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import itertools
@@ -61,7 +62,7 @@ from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle, RuntimeStatistics
 from hotstate.runtime._host import RuntimeHost
 from hotstate.runtime._queries import RunIndex
-from hotstate.runtime._recovery import RecoveryReport, find_runs
+from hotstate.runtime._recovery import RecoveryReport, find_dead_letters, find_runs
 from hotstate.runtime._supervisor import DeadLetter, Supervisor
 from hotstate.runtime._timers import TimerService
 
@@ -286,15 +287,98 @@ class Runtime(RuntimeHost):
             snapshots, report = await find_runs(
                 stores, self._codec, self._workflows, concurrency=self._recovery_concurrency
             )
-            self.recovery_report = report
+            letters, bad_letters, letter_errors = await find_dead_letters(stores, self._codec)
+            failed: list[str] = []
             for snap, highest in snapshots:
-                if snap.run_id not in self._actors:
+                if snap.run_id in self._actors:
+                    continue
+                letter = letters.get(snap.run_id)
+                if letter is not None and letter.snapshot.version >= snap.version:
+                    # Dead letters are written before the run rows in a flush: the
+                    # run failed for good, but its final row missed the crash.
+                    self._adopt_failed(letter, highest)
+                    failed.append(snap.run_id)
+                else:
                     self._adopt(snap, TransitionKind.resumed, highest)
+            loaded, stale = await self._load_dead_letters(letters, set(failed))
+            self.recovery_report = dataclasses.replace(
+                report,
+                resumed=tuple(r for r in report.resumed if r.run_id not in set(failed)),
+                corrupt=(*report.corrupt, *bad_letters),
+                tier_errors={**letter_errors, **report.tier_errors},
+                dead_letters=tuple(loaded),
+                failed_before_crash=tuple(failed),
+                stale_dead_letters=tuple(stale),
+            )
+            report = self.recovery_report
         finally:
             if gc_was_enabled:
                 gc.enable()
         log.info("hotstate: recovered %d run(s) in %.3f s (%d corrupt copies, %d unregistered, %d lost)",
                  len(report.resumed), report.seconds, len(report.corrupt), len(report.unregistered), len(report.lost))
+
+    def _adopt_failed(self, letter: DeadLetter, highest: int) -> None:
+        """Record a run that failed for good before the crash (its dead letter is newer than its row)."""
+        snap = letter.snapshot
+        run_id = snap.run_id
+        base = max(snap.version, highest)
+        actor = RunActor(self._workflows[snap.workflow], snap, History(base))
+        self._actors[run_id] = actor
+        self._index.add(run_id, snap.workflow, snap.status)
+        now = self.wall()
+        v = base + 1  # above any copy a tier claims: versions are never reused
+        new = _new(Snapshot, (run_id, snap.workflow, snap.workflow_version, v, snap.step, Status.failed,
+                              snap.payload, snap.error, now, snap.attempt, snap.signals))
+        self.commit(actor, new, _new(Transition, (run_id, v, TransitionKind.failed, snap.step, Status.failed, now,
+                                                  f"recovered from its dead letter (v{snap.version})")))
+
+    async def _load_dead_letters(
+        self, letters: dict[str, DeadLetter], failed: set[str]
+    ) -> tuple[list[str], list[str]]:
+        """Hold the stores' dead letters in memory again, so they can be listed and retried.
+
+        A letter older than its run (retried before the crash, the deletion not
+        yet durable) is stale: it is deleted from every tier instead.
+
+        Returns:
+            The run ids loaded, and the stale ones deleted.
+        """
+        assert self._persistence is not None  # noqa: S101
+        persisters = self._persistence.persisters
+        newest: dict[str, int] = {}
+        unknown = [rid for rid in letters if rid not in self._actors]
+        for p in persisters:
+            try:
+                found = await p.store.load_many(unknown) if unknown else {}
+            except PersistenceError as exc:
+                log.error("hotstate recovery: cannot read runs of tier %r: %s", p.name, exc)
+                continue
+            for rid, stored in found.items():
+                newest[rid] = max(newest.get(rid, 0), stored.header.version)
+        loaded: list[str] = []
+        stale: list[str] = []
+        for rid, letter in letters.items():
+            actor = self._actors.get(rid)
+            version = letter.snapshot.version
+            newer = actor.snapshot.version if actor is not None else newest.get(rid, 0)
+            # Letters are written before run rows, so a row newer than its run's
+            # newest letter means the run was retried after that letter.
+            if rid not in failed and newer > version:
+                stale.append(rid)
+                for p in persisters:
+                    p.mark_dead_letter_deleted(rid)
+                continue
+            if letter.workflow not in self._workflows:
+                log.warning("hotstate recovery: dead letter of run %r names unregistered workflow %r; left in the stores",
+                            rid, letter.workflow)
+                continue
+            if actor is None:
+                snap = letter.snapshot
+                self._actors[rid] = RunActor(self._workflows[snap.workflow], snap, History(snap.version))
+                self._index.add(rid, snap.workflow, snap.status)
+            self._supervisor.dead_letters[rid] = letter
+            loaded.append(rid)
+        return loaded, stale
 
     def _adopt(self, snap: Snapshot, kind: TransitionKind, highest: int = 0) -> RunActor:
         """Bring a stored run into memory at ``snap`` and record ``kind`` (resumed).
