@@ -159,10 +159,17 @@ def _recovered(rt: Runtime, ids: list[str]) -> dict[str, Any]:
     resumed = {r.run_id: r for r in report.resumed if r.run_id in mine}
     durable_v = [resumed[rid].version if rid in resumed else 0 for rid in ids]
     durable_step = [rt.get(rid).step if rid in resumed else 0 for rid in ids]
+    # Dead-lettered runs come back with their letter (finished, not resumed):
+    # their letter's version is what was durable.
+    letters = {d.run_id: d.snapshot for d in rt.dead_letters() if d.run_id in mine}
+    for i, rid in enumerate(ids):
+        if rid in letters:
+            durable_v[i], durable_step[i] = letters[rid].version, letters[rid].step
     by_tier = Counter(r.tier for r in resumed.values())
     return {"resumed": len(resumed), "by_tier": dict(by_tier), "corrupt": len(report.corrupt),
             "lost": len(report.lost), "unregistered": len(report.unregistered), "seconds": report.seconds,
-            "durable_v": durable_v, "durable_step": durable_step, "already_finished": 0, "respawned": 0}
+            "durable_v": durable_v, "durable_step": durable_step, "already_finished": len(letters),
+            "respawned": 0}
 
 
 async def _spawn_all(rt: Runtime, wf: Workflow, ids: list[str], driver: _Driver, args: argparse.Namespace,
