@@ -338,7 +338,7 @@ class JsonCodec(_FramedCodec):
         _, body = self._verify(data, tier, run_id)
         try:
             return json.loads(bytes(body))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CodecError(
                 tier or "codec", f"run {run_id!r}: verified body is not JSON: {exc}"
             ) from exc

@@ -160,14 +160,14 @@ def _error_from_dict(data: object, tier: str) -> ErrorInfo:
             attempt=int(data["attempt"]),
             at=float(data["at"]),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CodecError(tier, f"stored error is malformed: {exc!r}") from exc
 
 
-def _loads(text: str, tier: str, what: str) -> object:
+def _loads(text: str | bytes, tier: str, what: str) -> object:
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CodecError(tier, f"stored {what} is not JSON: {exc}") from exc
 
 
@@ -260,7 +260,7 @@ def transition_from_row(row: Sequence[Any], *, tier: str = "codec") -> Transitio
             at=float(at),
             detail=None if detail is None else str(detail),
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(tier, f"stored transition is malformed: {exc!r}") from exc
 
 
@@ -277,9 +277,7 @@ def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transitio
     Raises:
         CodecError: the text is not a valid transition.
     """
-    data = _loads(
-        text.decode() if isinstance(text, bytes) else text, tier, "transition"
-    )
+    data = _loads(text, tier, "transition")
     if not isinstance(data, list):
         raise CodecError(
             tier, f"stored transition is not an array: {type(data).__name__}"
@@ -356,8 +354,8 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snaps
         )
     # Recovery decodes every unfinished run: a dict lookup instead of Status()
     # and positional construction keep this under ~3 us per snapshot.
-    status = _STATUS_BY_VALUE.get(h.status)
     try:
+        status = _STATUS_BY_VALUE.get(h.status)
         if status is None:
             status = Status(h.status)
         raw = body.get("signals")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
@@ -19,6 +20,7 @@ import anyio
 import anyio.to_thread
 
 from hotstate._errors import (
+    CodecError,
     ConfigError,
     HotstateInternalError,
     PersistenceError,
@@ -39,7 +41,6 @@ from hotstate.persistence._store import (
 )
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import AsyncIterator, Iterable, Sequence
 
     from hotstate.actors._snapshot import Transition
@@ -161,13 +162,46 @@ def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
 _new = tuple.__new__  # NamedTuples without the keyword-parsing __new__ frame
 
 
-def _header(row: sqlite3.Row | tuple[Any, ...]) -> RunHeader:
+def _malformed(row: sqlite3.Row | tuple[Any, ...], tier: str) -> CodecError:
+    """A row whose header columns do not have their types (written by something else)."""
+    names = ("run_id", "workflow", "workflow_version", "version", "step", "status", "updated_at", "attempt")
+    types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, int, str, (int, float), int)
+    bad = [f"{n}={v!r}" for n, t, v in zip(names, types, row[:8], strict=True) if not isinstance(v, t)]
+    if len(row) > 9 and not isinstance(row[9], bytes | bytearray | memoryview):
+        bad.append(f"body is a {type(row[9]).__name__}")
+    return CodecError(tier, f"run {row[0]!r}: stored header is malformed: {', '.join(bad)}")
+
+
+def _well_formed(row: sqlite3.Row | tuple[Any, ...]) -> bool:
+    # Columns keep whatever type was written: a text version would reach the
+    # version guard and recovery's ordering as a str (#5). Type checks cost
+    # ~0.2 us per row on recovery's path.
+    return (
+        type(row[3]) is int
+        and type(row[2]) is int
+        and type(row[4]) is int
+        and type(row[7]) is int
+        and type(row[5]) is str
+        and type(row[1]) is str
+        and type(row[6]) in (float, int)
+    )
+
+
+def _header(row: sqlite3.Row | tuple[Any, ...], tier: str) -> RunHeader:
+    if not _well_formed(row):
+        raise _malformed(row, tier)
     return _new(RunHeader, row[:8])
 
 
-def _stored(row: sqlite3.Row | tuple[Any, ...]) -> StoredSnapshot:
+def _stored(row: sqlite3.Row | tuple[Any, ...], tier: str) -> StoredSnapshot:
     body = row[9]
-    return _new(StoredSnapshot, (_new(RunHeader, row[:8]), row[8], body if type(body) is bytes else bytes(body)))
+    if type(body) is not bytes:
+        if not isinstance(body, bytearray | memoryview):
+            raise _malformed(row, tier)
+        body = bytes(body)
+    if not _well_formed(row):
+        raise _malformed(row, tier)
+    return _new(StoredSnapshot, (_new(RunHeader, row[:8]), row[8], body))
 
 
 @final
@@ -211,6 +245,11 @@ class SQLiteStore(StoreBase):
         self.busy_timeout = busy_timeout
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # (st_dev, st_ino) of the file the connections have open. A deleted (or
+        # replaced) file keeps accepting writes through the open descriptors on
+        # Linux, and they vanish with the process: a write must fail instead (#5).
+        self._identity: tuple[int, int] | None = None
+        self._reopened = False  # the next save reports reset=True
         # One transaction at a time on the single writer connection.
         self._write_lock = asyncio.Lock()
 
@@ -273,7 +312,50 @@ class SQLiteStore(StoreBase):
                 await self._writer.close()
                 self._writer = None
                 raise
+        self._identity = self._file_identity()
         self._opened = True
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self.path == ":memory:":
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (-1, -1)  # gone
+        return (st.st_dev, st.st_ino)
+
+    async def _check_file(self) -> None:
+        """Reopen the path if the open file was deleted or replaced; fail while it cannot be.
+
+        Raises:
+            StoreUnavailableError: the file is gone and cannot be created again
+                (e.g. its directory was deleted).
+        """
+        if self._identity is None or self._file_identity() == self._identity:
+            return
+        try:
+            writer = await self._connect(read_only=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(
+                self.tier,
+                f"the database file {self.path!r} was deleted or replaced while open, "
+                f"and cannot be opened again: {exc}",
+            ) from exc
+        try:
+            reader = await self._connect(read_only=True)
+        except BaseException:
+            await writer.close()
+            raise
+        old = (self._writer, self._reader)
+        self._writer, self._reader = writer, reader
+        self._identity = self._file_identity()
+        # A new file holds none of what was written before: save() reports a
+        # reset, so the persister writes every run it holds again.
+        self._reopened = True
+        for conn in old:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.close()
 
     async def aclose(self) -> None:
         """Close both connections. Idempotent."""
@@ -297,8 +379,10 @@ class SQLiteStore(StoreBase):
 
     @contextlib.asynccontextmanager
     async def _transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
-        conn = self._w()
+        self._w()
         async with self._write_lock, self._errors(action):
+            await self._check_file()
+            conn = self._w()
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -319,11 +403,13 @@ class SQLiteStore(StoreBase):
             transitions: the transitions.
 
         Returns:
-            What was written.
+            What was written; ``reset`` is True when the database file had been
+            deleted or replaced and this store opened a new one at its path.
 
         Raises:
-            StoreUnavailableError: SQLite failed (locked, read-only, full, I/O);
-                the transaction was rolled back.
+            StoreUnavailableError: SQLite failed (locked, read-only, full, I/O),
+                or the file was deleted and cannot be created again (its
+                directory is gone); the transaction was rolled back.
         """
         written = added = 0
         async with self._transaction("save") as conn:
@@ -347,8 +433,12 @@ class SQLiteStore(StoreBase):
                 ]
                 cur = await conn.executemany(_INSERT_TRANSITION, rows)
                 added = cur.rowcount
+        reset, self._reopened = self._reopened, False
         return SaveResult(
-            written=written, stale=len(snapshots) - written, transitions=added
+            written=written,
+            stale=len(snapshots) - written,
+            transitions=added,
+            reset=reset,
         )
 
     async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
@@ -366,9 +456,11 @@ class SQLiteStore(StoreBase):
 
         Raises:
             StoreUnavailableError: SQLite failed.
+            CodecError: the row's header columns have the wrong types (written
+                by something other than hotstate).
         """
         rows = await self._fetchall(_SELECT_RUNS + " WHERE run_id = ?", (run_id,))
-        return _stored(rows[0]) if rows else None
+        return _stored(rows[0], self.tier) if rows else None
 
     async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
         """Read several runs' snapshots; see ``Store.load_many``.
@@ -381,6 +473,7 @@ class SQLiteStore(StoreBase):
 
         Raises:
             StoreUnavailableError: SQLite failed.
+            CodecError: a row's header columns have the wrong types.
         """
         found: dict[str, StoredSnapshot] = {}
         ids = list(dict.fromkeys(run_ids))
@@ -391,7 +484,7 @@ class SQLiteStore(StoreBase):
                 f"{_SELECT_RUNS} WHERE run_id IN ({', '.join('?' * len(part))})",
                 part,
             )
-            found.update((row[0], _stored(row)) for row in rows)
+            found.update((row[0], _stored(row, self.tier)) for row in rows)
         return found
 
     async def scan(
@@ -416,9 +509,10 @@ class SQLiteStore(StoreBase):
         Raises:
             ConfigError: ``limit`` < 1.
             StoreUnavailableError: SQLite failed.
+            CodecError: a row's header columns have the wrong types.
         """
         rows = await self._page(_SELECT_HEADERS, status, workflow, after, limit)
-        return [_header(row) for row in rows]
+        return [_header(row, self.tier) for row in rows]
 
     async def scan_snapshots(
         self,
@@ -430,7 +524,7 @@ class SQLiteStore(StoreBase):
     ) -> list[StoredSnapshot]:
         """Page through whole stored snapshots by run id; see ``Store.scan_snapshots``."""
         rows = await self._page(_SELECT_RUNS, status, workflow, after, limit)
-        return [_stored(row) for row in rows]
+        return [_stored(row, self.tier) for row in rows]
 
     async def _page(
         self,
@@ -533,7 +627,7 @@ class SQLiteStore(StoreBase):
                 error=r[3],
                 attempts=r[4],
                 compensation_errors=r[5],
-                snapshot=_stored((r[0], r[1], *r[6:])),
+                snapshot=_stored((r[0], r[1], *r[6:]), self.tier),
             )
             for r in rows
         ]
@@ -574,7 +668,7 @@ class SQLiteStore(StoreBase):
             "ORDER BY version DESC LIMIT 1",
             [run_id, version],
         )
-        return _stored(rows[0]) if rows else None
+        return _stored(rows[0], self.tier) if rows else None
 
     async def purge_finished(self, *, before: float) -> int:
         """Delete old finished runs and their history; see ``Store.purge_finished``.

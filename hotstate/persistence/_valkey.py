@@ -27,6 +27,7 @@ from valkey import exceptions as vex
 from valkey.utils import LIBVALKEY_AVAILABLE
 
 from hotstate._errors import (
+    CodecError,
     HotstateInternalError,
     PersistenceError,
     StoreUnavailableError,
@@ -199,26 +200,31 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _header(values: Sequence[bytes | None]) -> RunHeader | None:
+def _header(values: Sequence[bytes | None], tier: str) -> RunHeader | None:
     if any(v is None for v in values):
         return None
-    run_id, wf, wf_version, version, step, status, updated_at, attempt = (
-        _text(v) for v in values if v is not None
-    )
-    return RunHeader(
-        run_id=run_id,
-        workflow=wf,
-        workflow_version=int(wf_version),
-        version=int(version),
-        step=int(step),
-        status=status,
-        updated_at=float(updated_at),
-        attempt=int(attempt),
-    )
+    try:
+        run_id, wf, wf_version, version, step, status, updated_at, attempt = (
+            _text(v) for v in values if v is not None
+        )
+        return RunHeader(
+            run_id=run_id,
+            workflow=wf,
+            workflow_version=int(wf_version),
+            version=int(version),
+            step=int(step),
+            status=status,
+            updated_at=float(updated_at),
+            attempt=int(attempt),
+        )
+    except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CodecError(
+            tier, f"run {values[0]!r}: stored header is malformed: {exc}"
+        ) from exc
 
 
-def _stored(values: Sequence[bytes | None]) -> StoredSnapshot | None:
-    header = _header(values[: len(_HEADER_FIELDS)])
+def _stored(values: Sequence[bytes | None], tier: str) -> StoredSnapshot | None:
+    header = _header(values[: len(_HEADER_FIELDS)], tier)
     error, body = values[len(_HEADER_FIELDS)], values[len(_HEADER_FIELDS) + 1]
     if header is None or body is None:
         return None
@@ -429,7 +435,7 @@ class ValkeyStore(StoreBase):
             replies: list[list[bytes | None]] = await pipe.execute()
         found = {}
         for run_id, values in zip(ids, replies, strict=True):
-            stored = _stored(values)
+            stored = _stored(values, self.tier)
             if stored is not None:
                 found[run_id] = stored
         return found
@@ -439,7 +445,7 @@ class ValkeyStore(StoreBase):
             for run_id in run_ids:
                 pipe.hmget(self._key("run", run_id), [*_HEADER_FIELDS])
             replies: list[list[bytes | None]] = await pipe.execute()
-        return [h for values in replies if (h := _header(values)) is not None]
+        return [h for values in replies if (h := _header(values, self.tier)) is not None]
 
     async def _index_page(
         self, keys: Sequence[str], after: str | None, count: int
@@ -534,7 +540,10 @@ class ValkeyStore(StoreBase):
                 "Awaitable[dict[bytes, bytes]]",
                 self._c().hgetall(self._key("hist", run_id)),
             )
-        ordered = sorted(raw.items(), key=lambda kv: int(kv[0]))
+        try:
+            ordered = sorted(raw.items(), key=lambda kv: int(kv[0]))
+        except ValueError as exc:
+            raise CodecError(self.tier, f"run {run_id!r}: stored history has a malformed version: {exc}") from exc
         return [transition_from_json(v, tier=self.tier) for _, v in ordered]
 
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
@@ -585,7 +594,7 @@ class ValkeyStore(StoreBase):
         for run_id, raw in metas.items():
             body = bodies.get(run_id)
             if body is not None:
-                records.append(_dead_letter(json.loads(raw), body))
+                records.append(_dead_letter(raw, body, self.tier))
         return sorted(records, key=lambda d: (d.at, d.run_id))
 
     async def delete_dead_letter(self, run_id: str) -> bool:
@@ -671,7 +680,15 @@ class ValkeyStore(StoreBase):
         return purged
 
 
-def _dead_letter(meta: dict[str, Any], body: bytes) -> StoredDeadLetter:
+def _dead_letter(raw: bytes, body: bytes, tier: str) -> StoredDeadLetter:
+    """A stored dead letter; a tampered or foreign record is a ``CodecError``, never a crash."""
+    try:
+        return _dead_letter_fields(json.loads(raw), body)
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise CodecError(tier, f"a stored dead letter is malformed: {exc!r}") from exc
+
+
+def _dead_letter_fields(meta: dict[str, Any], body: bytes) -> StoredDeadLetter:
     h = meta["header"]
     header = RunHeader(
         run_id=h["run_id"],

@@ -270,7 +270,7 @@ def test_a_verified_frame_with_a_malformed_body_raises_codec_error(body: bytes) 
 
 
 @pytest.mark.parametrize("codec", [PickleCodec(), JsonCodec(), PickleCodec(key=b"k" * 32)])
-def test_verify_accepts_intact_frames_and_names_the_run_for_altered_ones(codec) -> None:
+def test_verify_accepts_intact_frames_and_names_the_run_for_altered_ones(codec: PickleCodec | JsonCodec) -> None:
     frame = codec.encode({"a": 1})
     codec.verify(frame, tier="sqlite", run_id="r1")  # intact: no error, nothing decoded
     flipped = frame[:-1] + bytes([frame[-1] ^ 1])
