@@ -233,6 +233,11 @@ class Persister:
     # -------------------------------------------------------------- queries
 
     @property
+    def failing(self) -> bool:
+        """True while the tier's latest flush failed (it is being retried)."""
+        return self._consecutive > 0
+
+    @property
     def pending_rows(self) -> int:
         """Unflushed snapshots + transitions."""
         return len(self._dirty) + len(self._transitions)

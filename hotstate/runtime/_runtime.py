@@ -53,6 +53,8 @@ from hotstate.persistence import (
     Persister,
     PersisterStatistics,
     PickleCodec,
+    Store,
+    StoredSnapshot,
     Tier,
     decode_snapshot,
 )
@@ -448,7 +450,10 @@ class Runtime(RuntimeHost):
         """Start a run of ``workflow`` with ``payload``.
 
         Idempotent on ``run_id``: if a run with that id exists, its handle is
-        returned and nothing new is started.
+        returned and nothing new is started. An id not in memory is looked up
+        in the tiers; a tier whose flushes are failing, or that does not answer
+        within its policy's ``ack_timeout``, is skipped for that lookup, so an
+        outage never stalls ``spawn``.
 
         Args:
             workflow: a registered workflow or its name.
@@ -498,13 +503,34 @@ class Runtime(RuntimeHost):
             self._start_worker()
         return RunHandle._new(self, run_id)
 
+    async def _load_within(self, store: Store, run_id: str, seconds: float) -> tuple[bool, StoredSnapshot | None]:
+        """``(True, store.load(run_id))``, or ``(False, None)`` after ``seconds`` on the runtime's clock (not the loop's)."""
+        result: tuple[bool, StoredSnapshot | None] = (False, None)
+        clock = self._clock
+        async with anyio.create_task_group() as tg:
+
+            async def watchdog() -> None:
+                await clock.sleep_until(clock.now() + seconds)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watchdog)
+            result = (True, await store.load(run_id))
+            tg.cancel_scope.cancel()
+        return result
+
     async def _adopt_stored(self, run_id: str) -> bool:
         """spawn() with an id that only a store knows: bring that run back, never a duplicate."""
         assert self._persistence is not None  # noqa: S101
         for p in self._persistence.persisters:
+            if p.failing:
+                continue  # a down tier must not stall every spawn for its socket timeout
             try:
-                stored = await p.store.load(run_id)
+                answered, stored = await self._load_within(p.store, run_id, p.policy.ack_timeout)
             except PersistenceError:
+                continue
+            if not answered:
+                log.warning("hotstate: tier %r did not answer within %.3g s; spawn(%r) did not wait for it",
+                            p.name, p.policy.ack_timeout, run_id)
                 continue
             if stored is None:
                 continue

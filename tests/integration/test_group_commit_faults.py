@@ -120,8 +120,9 @@ async def test_a_sigstopped_valkey_turns_write_through_waiters_into_timeouts_the
         assert stoppable_valkey.pid is not None
         os.kill(stoppable_valkey.pid, signal.SIGSTOP)
         try:
-            # Generated ids: spawn(run_id=...) first reads every tier for an existing
-            # run, and that read waits for the stopped server (see the report on #5).
+            # Generated ids: spawn(run_id=...) first asks every tier for an existing
+            # run, and waits up to ack_timeout on this ManualClock for the stopped
+            # server (tests/unit/runtime/test_spawn_lookup.py covers that bound).
             handles = [await rt.spawn(LINEAR, {"n": i}) for i in range(10)]
             ids = [h.run_id for h in handles]
             errors = await expect_timeouts(rt, clock, ids)
