@@ -87,3 +87,14 @@ async def test_a_failing_tier_is_not_asked_at_all():
         assert rt.get("b").status in (Status.pending, Status.waiting)
         store.hang = False
         store.inner.down = False
+
+
+async def test_with_the_system_clock_the_bound_is_a_deadline_on_the_lookup():
+    store = HangingLoads()
+    tiers = [Tier(store, FlushPolicy(interval=60.0, ack_timeout=0.05))]
+    async with Runtime([PARKED], tiers=tiers) as rt:
+        store.hang = True
+        with anyio.fail_after(5):  # hang guard only; the bound is the 0.05 s ack_timeout
+            await rt.spawn(PARKED, {}, run_id="y")
+        assert rt.get("y").version >= 1
+        store.hang = False
