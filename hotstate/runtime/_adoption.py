@@ -85,7 +85,9 @@ class StoreBackedHost(RuntimeHost):
                     failed.append(snap.run_id)
                 else:
                     self._adopt(snap, TransitionKind.resumed, highest)
-            loaded, stale = await self._load_dead_letters(letters, set(failed))
+            failed_set = set(failed)
+            loaded, stale = await self._load_dead_letters(letters, failed_set)
+            failed.extend(sorted(failed_set - set(failed)))
             self.recovery_report = dataclasses.replace(
                 report,
                 resumed=tuple(r for r in report.resumed if r.run_id not in set(failed)),
@@ -123,7 +125,10 @@ class StoreBackedHost(RuntimeHost):
         """Hold the stores' dead letters in memory again, so they can be listed and retried.
 
         A letter older than its run (retried before the crash, the deletion not
-        yet durable) is stale: it is deleted from every tier instead.
+        yet durable) is stale: it is deleted from every tier instead. A letter
+        newer than every stored row of its run (the crash came between the
+        letter and the row) has its final row written now; such runs are added
+        to ``failed``.
 
         Returns:
             The run ids loaded, and the stale ones deleted.
@@ -158,9 +163,15 @@ class StoreBackedHost(RuntimeHost):
                             rid, letter.workflow)
                 continue
             if actor is None:
-                snap = letter.snapshot
-                self._actors[rid] = RunActor(self._workflows[snap.workflow], snap, History(snap.version))
-                self._index.add(rid, snap.workflow, snap.status)
+                if newer < version:
+                    # No tier holds the run's final row (its letter went first and
+                    # the crash came before the row): write it now.
+                    self._adopt_failed(letter, newer)
+                    failed.add(rid)
+                else:
+                    snap = letter.snapshot
+                    self._actors[rid] = RunActor(self._workflows[snap.workflow], snap, History(snap.version))
+                    self._index.add(rid, snap.workflow, snap.status)
             self._supervisor.dead_letters[rid] = letter
             loaded.append(rid)
         return loaded, stale
@@ -219,31 +230,57 @@ class StoreBackedHost(RuntimeHost):
         return result
 
     async def _adopt_stored(self, run_id: str) -> bool:
-        """spawn() with an id that only a store knows: bring that run back, never a duplicate."""
+        """spawn() with an id that only a store knows: bring that run back, never a duplicate.
+
+        Every answering tier is asked, and the highest version that verifies
+        wins (as in recovery): a run finished in a slow tier is never resumed
+        from an older copy in a fast one, and the resumed run continues above
+        every version any tier claims.
+
+        Raises:
+            WorkflowNotRegisteredError: the stored run's workflow is not registered.
+            CorruptSnapshotError: copies exist, but none verifies.
+        """
         assert self._persistence is not None  # noqa: S101
-        for p in self._persistence.persisters:
+        copies: list[tuple[int, int, str, StoredSnapshot]] = []
+        for order, p in enumerate(self._persistence.persisters):
             if p.failing:
                 continue  # a down tier must not stall every spawn for its socket timeout
             try:
                 answered, stored = await self._load_within(p.store, run_id, p.policy.ack_timeout)
-            except PersistenceError:
+            except PersistenceError as exc:
+                log.warning("hotstate: spawn(%r) could not ask tier %r: %s", run_id, p.name, exc)
                 continue
             if not answered:
                 log.warning("hotstate: tier %r did not answer within %.3g s; spawn(%r) did not wait for it",
                             p.name, p.policy.ack_timeout, run_id)
                 continue
-            if stored is None:
+            if stored is not None:
+                copies.append((-stored.header.version, order, p.name, stored))
+        if not copies:
+            return False
+        if run_id in self._actors:  # adopted by a concurrent spawn meanwhile
+            return True
+        copies.sort(key=lambda c: (c[0], c[1]))
+        highest = -copies[0][0]
+        workflow = copies[0][3].header.workflow
+        if workflow not in self._workflows:
+            raise WorkflowNotRegisteredError(run_id, workflow)
+        error: PersistenceError | None = None
+        for _, _, tier, stored in copies:
+            try:
+                snap = decode_snapshot(stored, self._codec, tier=tier)
+            except PersistenceError as exc:  # corrupt or undecodable: fall back to the next copy
+                log.warning("hotstate: spawn(%r): copy in %r v%d does not verify: %s",
+                            run_id, tier, stored.header.version, exc)
+                error = error or exc
                 continue
-            if run_id in self._actors:  # adopted by a concurrent spawn meanwhile
-                return True
-            if stored.header.workflow not in self._workflows:
-                raise WorkflowNotRegisteredError(run_id, stored.header.workflow)
-            snap = decode_snapshot(stored, self._codec, tier=p.name)
             if snap.finished:
                 actor = RunActor(self._workflows[snap.workflow], snap, History(snap.version))
                 self._actors[run_id] = actor
                 self._index.add(run_id, snap.workflow, snap.status)
             else:
-                self._adopt(snap, TransitionKind.resumed)
+                self._adopt(snap, TransitionKind.resumed, highest)
             return True
-        return False
+        assert error is not None  # noqa: S101 - every copy failed to decode
+        raise error

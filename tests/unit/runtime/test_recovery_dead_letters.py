@@ -148,3 +148,40 @@ async def _load(store: MemoryStore, run_id: str) -> Any:
 async def _letters(store: MemoryStore) -> list[StoredDeadLetter]:
     async with store:
         return await store.dead_letters()
+
+
+async def test_a_run_that_exists_only_as_a_dead_letter_gets_its_row_written():
+    # The run failed for good before any of its rows reached the tier; its letter did.
+    store = MemoryStore()
+    codec = PickleCodec()
+    async with store:
+        failed = Snapshot("o4", "order", ORDER.version, 4, 1, Status.failed, {"first": True}, None, 1.0)
+        await store.save_dead_letter(_failed_letter(failed, codec))
+    async with Runtime([ORDER], tiers=tier(store), recover=True) as rt:
+        report = rt.recovery_report
+        assert report is not None
+        assert report.failed_before_crash == ("o4",)
+        assert rt.get("o4").status is Status.failed
+        assert [d.run_id for d in rt.dead_letters()] == ["o4"]
+    row = await _load(store, "o4")
+    assert (row.header.status, row.header.version) == ("failed", 5)
+
+
+async def test_spawn_of_a_stored_id_takes_the_newest_copy_across_tiers():
+    # The fast tier lags behind: it still has the run at step 1, the slow one has it done.
+    fast, slow = MemoryStore(tier="fast"), MemoryStore(tier="slow")
+    codec = PickleCodec()
+    running = Snapshot("o5", "order", ORDER.version, 3, 1, Status.running, {"first": True}, None, 1.0)
+    done = running._replace(version=6, step=2, status=Status.done, payload={"first": True, "charged": True})
+    async with fast:
+        await fast.save([encode_snapshot(running, codec)], [])
+    async with slow:
+        await slow.save([encode_snapshot(done, codec)], [])
+    ATTEMPTS.clear()
+    tiers = [Tier(fast, FlushPolicy(interval=60.0)), Tier(slow, FlushPolicy(interval=60.0))]
+    async with Runtime([ORDER], tiers=tiers) as rt:
+        handle = await rt.spawn(ORDER, {"fresh": True}, run_id="o5")
+        assert rt.get("o5").status is Status.done
+        assert rt.get("o5").version == 6
+        assert await handle.wait_finished() == {"first": True, "charged": True}
+    assert ATTEMPTS == {}  # nothing ran again
