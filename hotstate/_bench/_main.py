@@ -35,8 +35,10 @@ from hotstate.runtime import uvloop_available
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale")
-"""Every suite, in the order they run; all run by default."""
+SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale", "sweep", "reliability")
+"""Every suite, in the order they run."""
+DEFAULT_SUITES = SUITES[:-1]
+"""Run by default: all but ``reliability`` (200 SIGKILL trials per policy take ~10 minutes)."""
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Bench:
     scratch: Path
     figures: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    plot_points: Any = None  # the sweep's points, plotted once the run is over
 
     def db(self, name: str) -> Path:
         """A fresh SQLite path in the scratch folder."""
@@ -236,6 +239,49 @@ async def suite_scale(b: Bench) -> None:
     ]
 
 
+async def suite_sweep(b: Bench) -> None:
+    """Throughput against the measured loss window, per tier and flush interval (SIGKILL trials)."""
+    from hotstate._bench import _sweep
+
+    url = _need_url(b)
+    print("\nFlush-interval sweep: per tier and interval, steps/s of a child and the loss window "
+          "measured by SIGKILLing it (target: window <= interval + one flush)")
+    with Progress("sweep", 1) as bar:
+        points = await _sweep.run_sweep(valkey_url=url, workdir=b.scratch, quick=b.args.quick,
+                                        use_uvloop=not b.args.no_uvloop, progress=bar.update)
+    for p in points:
+        name = "write-through" if p.interval == 0 else f"{p.interval * 1000:g} ms"
+        b.figure(f"sweep {p.tier} {name}: steps/s", p.steps_per_s, "steps/s")
+        b.figure(f"sweep {p.tier} {name}: max loss window (ms)", p.loss_window_max * 1000, "ms",
+                 target=f"<= interval + flush ({(p.interval + p.flush_duration) * 1000:.0f} ms)",
+                 met=p.within_target)
+    b.extra["sweep"] = _sweep.to_json(points)
+    b.plot_points = points
+
+
+async def suite_reliability(b: Bench) -> None:
+    """SIGKILL trials per flush policy with every invariant checked."""
+    from hotstate._bench import _reliability
+
+    url = _need_url(b)
+    trials = b.args.trials or (_reliability.QUICK_TRIALS if b.args.quick else _reliability.DEFAULT_TRIALS)
+    print(f"\nReliability: {trials} SIGKILL trials per policy (mixed workload: signals, retries, compensations)")
+    with Progress("reliability", 1) as bar:
+        report = await _reliability.run_reliability(valkey_url=url, workdir=b.scratch, trials=trials,
+                                                    use_uvloop=not b.args.no_uvloop, progress=bar.update)
+    for p in report.policies:
+        b.figure(f"{p.policy}: invariant violations in {p.trials} trials", p.invariant_violations, "violations",
+                 target="0", met=p.invariant_violations == 0)
+        b.figure(f"{p.policy}: runs checked", p.runs_checked, "runs")
+        if p.write_through:
+            b.figure(f"{p.policy}: acknowledged steps lost", p.acknowledged_steps_lost, "steps",
+                     target="0", met=p.acknowledged_steps_lost == 0)
+        b.figure(f"{p.policy}: max loss window (ms)", p.max_loss_window * 1000, "ms",
+                 target=f"within the policy window in every trial ({p.trials_within_window}/{p.trials})",
+                 met=p.trials_within_window == p.trials)
+    b.extra["reliability"] = report.to_json()
+
+
 SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "w1": suite_w1,
     "policies": suite_policies,
@@ -243,8 +289,10 @@ SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "recovery": suite_recovery,
     "memory": suite_memory,
     "scale": suite_scale,
+    "sweep": suite_sweep,
+    "reliability": suite_reliability,
 }
-NEEDS_VALKEY = frozenset({"policies", "flush"})
+NEEDS_VALKEY = frozenset({"policies", "flush", "sweep", "reliability"})
 
 
 def _need_url(b: Bench) -> str:
@@ -262,7 +310,8 @@ async def main_async(b: Bench) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` options."""
-    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated, from {', '.join(SUITES)}")
+    parser.add_argument("--suite", default=",".join(DEFAULT_SUITES),
+                        help=f"comma-separated, from {', '.join(SUITES)} (default: all but reliability)")
     parser.add_argument("--n", type=int, default=10_000, help="W1 runs started concurrently")
     parser.add_argument("--k", type=int, default=10, help="W1 steps per run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; medians are reported")
@@ -271,6 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recovery-runs", type=int, default=100_000, help="unfinished runs to recover")
     parser.add_argument("--idle-runs", type=int, default=None, help="idle runs for the memory suite (100,000; 1,000,000 with --full)")
     parser.add_argument("--scale-sizes", default="1000,10000,100000,1000000", help="N values of the scale curve")
+    parser.add_argument("--trials", type=int, default=None, help="SIGKILL trials per policy in the reliability suite (200; 3 with --quick)")
     parser.add_argument("--valkey-url", default=None, help="use this Valkey instead of a private embedded one")
     parser.add_argument("--sqlite", default=None, metavar="PATH", help="put the SQLite databases in PATH's folder")
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute, for CI")
@@ -306,6 +356,8 @@ def _configure(args: argparse.Namespace) -> None:
     unknown = sorted(set(args.suite) - set(SUITES))
     if unknown or not args.suite:
         raise _UsageError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+    if args.trials is not None and args.trials < 1:
+        raise _UsageError("--trials must be at least 1")
     for option in ("n", "k", "rounds", "flush_rows", "recovery_runs"):
         if getattr(args, option) < 1:
             raise _UsageError(f"--{option.replace('_', '-')} must be at least 1")
@@ -369,6 +421,11 @@ def run_command(args: argparse.Namespace) -> int:
     }
     path.write_text(json.dumps(document, indent=2))
     print(f"\nfigures written to {path}")
+    if bench.plot_points:
+        from hotstate._bench._plot import plot_tuning
+
+        png = plot_tuning(bench.plot_points, path.with_name("tuning.png"))
+        print(f"tuning curve (steps/s against the measured loss window) plotted to {png}")
     missed = [f["name"] for f in bench.figures if f["met"] is False]
     if missed:
         print(f"targets missed: {len(missed)} (see the summary)")

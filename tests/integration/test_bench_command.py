@@ -20,9 +20,10 @@ TINY = [
 ]
 
 
-def test_every_default_suite_runs_and_writes_its_figures(tmp_path, valkey_url, capsys):
+def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url, capsys):
     out = tmp_path / "latest.json"
-    status = main(["bench", *TINY, "--valkey-url", valkey_url, "--sqlite", str(tmp_path), "--json", str(out)])
+    status = main(["bench", *TINY, "--suite", "w1,policies,flush,recovery,memory,scale",
+                   "--valkey-url", valkey_url, "--sqlite", str(tmp_path), "--json", str(out)])
     assert status == 0
     document = json.loads(out.read_text())
     names = [f["name"] for f in document["figures"]]
@@ -45,6 +46,22 @@ def test_every_default_suite_runs_and_writes_its_figures(tmp_path, valkey_url, c
     assert "ratio to ceiling" in text
 
 
+def test_the_sigkill_suites_write_the_sweep_the_reliability_figures_and_the_plot(tmp_path, valkey_url):
+    out = tmp_path / "latest.json"
+    status = main(["bench", "--quick", "--suite", "sweep,reliability", "--trials", "1",
+                   "--valkey-url", valkey_url, "--json", str(out)])
+    assert status == 0
+    document = json.loads(out.read_text())
+    assert {(p["tier"], p["interval"]) for p in document["sweep"]} >= {("valkey", 0.01), ("sqlite", 0.1)}
+    for point in document["sweep"]:
+        assert point["trials"] >= 1
+        assert point["steps_per_s"] > 0
+    assert document["reliability"]["violations"] == 0
+    assert len(document["reliability"]["policies"]) == 4
+    png = (tmp_path / "tuning.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -52,6 +69,7 @@ def test_every_default_suite_runs_and_writes_its_figures(tmp_path, valkey_url, c
         (["--sizes", "ten"], "whole numbers"),
         (["--scale-sizes", "0"], "positive"),
         (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--trials", "0"], "--trials must be at least 1"),
     ],
 )
 def test_bad_bench_arguments_exit_2_with_a_message(argv, message, capsys):
