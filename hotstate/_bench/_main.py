@@ -225,17 +225,21 @@ async def suite_scale(b: Bench) -> None:
     print(f"\nScale curve: W1 K={b.args.k} at N = {', '.join(f'{s:,}' for s in sizes)} (median of {rounds}; 1 above 500k)")
     with Progress("scale curve", len(sizes)) as bar:
         points = await scale.scale_curve(sizes, b.args.k, rounds, bar.update)
-    base = points[0].steps_per_s
+    base, base_ceiling = points[0].steps_per_s, points[0].ceiling_steps_per_s
     for p in points:
         last = p is points[-1] and p.runs >= 1_000_000
+        b.figure(f"bare asyncio loop at N={p.runs:,}", p.ceiling_steps_per_s, "steps/s",
+                 f"bare loop at N={points[0].runs:,}", base_ceiling)
         b.figure(f"W1 steps/s at N={p.runs:,}", p.steps_per_s, "steps/s", f"N={points[0].runs:,}", base,
                  target=f">= {scale.SCALE_TARGET_RATIO}x at N=1,000" if last else "",
                  met=p.steps_per_s >= scale.SCALE_TARGET_RATIO * base if last else None)
+        b.figure(f"W1 at N={p.runs:,} against the bare loop at N={p.runs:,}", p.steps_per_s, "steps/s",
+                 "bare loop, same N", p.ceiling_steps_per_s)
         if p.runs >= 100_000:  # below that, RSS pages and allocator reuse drown the signal
             b.figure(f"memory per W1 run at N={p.runs:,} ({p.payload_bytes} B payload)", p.bytes_per_run, "bytes")
     b.extra["scale"] = [
         {"runs": p.runs, "steps_per_s": p.steps_per_s, "bytes_per_run": p.bytes_per_run,
-         "payload_bytes": p.payload_bytes} for p in points
+         "payload_bytes": p.payload_bytes, "ceiling_steps_per_s": p.ceiling_steps_per_s} for p in points
     ]
 
 

@@ -8,7 +8,10 @@ scale curve uses the W1 payload (a 200-character string and two fields), whose
 size is reported beside it.
 
 Targets (issue #4): at most 1 KiB per idle run; steps/s at 1,000,000 runs at
-least 0.8x steps/s at 1,000 runs.
+least 0.8x steps/s at 1,000 runs. Each point also measures the bare asyncio
+loop (one task per run, as in W1) at the same size, so the curve shows how much
+of the drop at large sizes the interpreter and the memory hierarchy cause for
+any asyncio program, and how much is hotstate's.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class ScalePoint:
     steps_per_s: float
     bytes_per_run: float
     payload_bytes: int
+    ceiling_steps_per_s: float
 
 
 def w1_payload_bytes() -> int:
@@ -105,8 +109,9 @@ def w1_payload_bytes() -> int:
 
 
 async def scale_point(runs: int, k: int, rounds: int) -> ScalePoint:
-    """Median W1 steps/s at ``runs`` runs, and the RSS growth per run of one round."""
+    """Median W1 steps/s at ``runs`` runs, the RSS growth per run of one round, and the bare loop at the same size."""
     rates = []
+    ceilings = []
     samples: list[int] = []
 
     def sample(rt: Runtime) -> None:
@@ -119,7 +124,9 @@ async def scale_point(runs: int, k: int, rounds: int) -> ScalePoint:
         rates.append(await w1.hotstate_run(runs, k, on_done=sample))
         if r == 0:
             per_run = (samples[0] - before) / runs
-    return ScalePoint(runs, statistics.median(rates), per_run, w1_payload_bytes())
+        gc.collect()
+        ceilings.append(await w1.ceiling(runs, k))
+    return ScalePoint(runs, statistics.median(rates), per_run, w1_payload_bytes(), statistics.median(ceilings))
 
 
 async def scale_curve(
