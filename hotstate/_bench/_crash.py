@@ -229,6 +229,22 @@ class TrialResult:
         """True when the measured loss window is inside the policy's, plus ``allowance``."""
         return self.loss_window <= self.policy_window + allowance
 
+    @property
+    def saturated_window(self) -> float:
+        """The bound when a flush can outlast the interval (s).
+
+        One flush is in flight at a time, so a version committed just after a
+        flush took its batch waits for that flush and then for the next: the
+        longer of the interval and a flush, plus one flush (two flushes under
+        write-through). It equals ``policy_window`` while flushes are shorter
+        than the interval.
+        """
+        return max(self.interval, self.flush_duration) + self.flush_duration
+
+    def within_saturated_window(self) -> bool:
+        """True when the measured loss window is inside ``saturated_window``."""
+        return self.loss_window <= self.saturated_window
+
 
 # ------------------------------------------------------------------- stores
 

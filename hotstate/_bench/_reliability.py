@@ -51,6 +51,8 @@ class PolicyReliability:
         max_loss_window: the longest loss window (s).
         policy_window: the longest promised window over the trials: interval + flush (s).
         trials_within_window: trials whose loss window was inside their own policy window.
+        trials_within_saturated_window: trials inside the longer of interval and
+            flush, plus one flush (the bound when flushes outlast the interval).
         acknowledged_steps_lost: acknowledged versions lost (must be 0 under write-through).
         write_through: whether the policy is write-through.
         examples: the first few violation texts.
@@ -66,6 +68,7 @@ class PolicyReliability:
     max_loss_window: float
     policy_window: float
     trials_within_window: int
+    trials_within_saturated_window: int
     acknowledged_steps_lost: int
     write_through: bool
     examples: tuple[str, ...] = ()
@@ -113,6 +116,7 @@ def summarize(policy: str, results: Sequence[TrialResult]) -> PolicyReliability:
         max_loss_window=max((r.loss_window for r in results), default=0.0),
         policy_window=max((r.policy_window for r in results), default=0.0),
         trials_within_window=sum(r.within_window() for r in results),
+        trials_within_saturated_window=sum(r.within_saturated_window() for r in results),
         acknowledged_steps_lost=sum(r.acknowledged_steps_lost for r in results),
         write_through=any(r.write_through for r in results),
         examples=tuple(examples),

@@ -48,6 +48,9 @@ class SweepPoint:
         loss_window_p50: their median (s).
         flush_duration: the longest flush any trial's child reported (s).
         trials: SIGKILL trials behind the point.
+        within_saturated_bound: every trial's window <= max(interval,
+            flush_duration) + flush_duration: the bound when flushes outlast
+            the interval (equal to the target otherwise).
         within_target: every trial's window <= interval + flush_duration (and,
             for write-through, no acknowledged step lost).
         acknowledged_steps_lost: over all trials.
@@ -64,6 +67,7 @@ class SweepPoint:
     within_target: bool
     acknowledged_steps_lost: int = 0
     violations: int = 0
+    within_saturated_bound: bool = True
 
     @property
     def label(self) -> str:
@@ -109,6 +113,8 @@ def summarize_point(tier: str, interval: float, results: Sequence[TrialResult]) 
         flush_duration=flush,
         trials=len(results),
         within_target=held and bool(results),
+        within_saturated_bound=bool(results) and acknowledged == 0
+        and all(r.loss_window <= max(interval, flush) + flush for r in results),
         acknowledged_steps_lost=acknowledged,
         violations=sum(len(r.violations) for r in results),
     )
@@ -176,7 +182,7 @@ async def run_sweep(
 
 
 _KEYS = ("tier", "interval", "steps_per_s", "loss_window_max", "loss_window_p50", "flush_duration", "trials",
-         "within_target")
+         "within_target", "within_saturated_bound")
 
 
 def to_json(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
@@ -184,8 +190,8 @@ def to_json(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
 
     Returns:
         One dict per point with ``tier``, ``interval``, ``steps_per_s``,
-        ``loss_window_max``, ``loss_window_p50``, ``flush_duration``, ``trials``
-        and ``within_target``.
+        ``loss_window_max``, ``loss_window_p50``, ``flush_duration``, ``trials``,
+        ``within_target`` and ``within_saturated_bound``.
     """
     out = []
     for p in points:
