@@ -42,7 +42,7 @@ from hotstate.persistence import EmbeddedValkey, FlushPolicy, SQLiteStore, Valke
 from hotstate.testing import ManualClock
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
     from hotstate.actors import Transition
     from hotstate.persistence import SaveResult, StoredSnapshot
@@ -96,29 +96,18 @@ def assert_parked_at_durable(rt: Runtime, run_ids: list[str], tier: str) -> None
 # ------------------------------------------------- 1. a tier that stops answering
 
 
-@pytest.fixture
-def stoppable_valkey() -> Iterator[EmbeddedValkey]:
-    server = EmbeddedValkey().start()
-    try:
-        yield server
-    finally:
-        if server.pid is not None:
-            os.kill(server.pid, signal.SIGCONT)  # never leave a stopped process behind
-        server.stop()
-
-
 async def test_a_sigstopped_valkey_turns_write_through_waiters_into_timeouts_then_catches_up(
-    stoppable_valkey: EmbeddedValkey,
+    ephemeral_valkey: EmbeddedValkey,
 ) -> None:
     clock = ManualClock()
-    store = ValkeyStore(stoppable_valkey.url, prefix="gc", socket_timeout=30.0)
+    store = ValkeyStore(ephemeral_valkey.url, prefix="gc", socket_timeout=30.0)
     policy = FlushPolicy.through(ack_timeout=ACK)
     async with Runtime([LINEAR], tiers=[Tier(store, policy)], clock=clock, flush_timeout=5.0) as rt:
         first = (await rt.spawn(LINEAR, {"n": 0}, run_id="before")).run_id
         with anyio.fail_after(GUARD):
             assert await rt.wait_finished(first) == {"n": STEPS}
-        assert stoppable_valkey.pid is not None
-        os.kill(stoppable_valkey.pid, signal.SIGSTOP)
+        assert ephemeral_valkey.pid is not None
+        os.kill(ephemeral_valkey.pid, signal.SIGSTOP)
         try:
             # Generated ids: spawn(run_id=...) first asks every tier for an existing
             # run, and waits up to ack_timeout on this ManualClock for the stopped
@@ -133,7 +122,7 @@ async def test_a_sigstopped_valkey_turns_write_through_waiters_into_timeouts_the
                 assert isinstance(exc, TimeoutError)
             assert_parked_at_durable(rt, ids, "valkey")
         finally:
-            os.kill(stoppable_valkey.pid, signal.SIGCONT)
+            os.kill(ephemeral_valkey.pid, signal.SIGCONT)
         with anyio.fail_after(GUARD):
             for i, rid in enumerate(ids):
                 assert await rt.wait_finished(rid) == {"n": i + STEPS}

@@ -39,7 +39,7 @@ from hotstate.persistence import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 KEY = b"k" * 32
 GUARD = 10  # seconds; a hang guard only
@@ -105,24 +105,6 @@ async def assert_in_both_stores(
             history = await store.history(rid)
             assert [t.version for t in history] == list(range(1, hot.version + 1)), (store.tier, rid)
             assert [t.kind for t in history] == [t.kind for t in rt.history(rid)], (store.tier, rid)
-
-
-@pytest.fixture
-def private_valkey() -> Iterator[EmbeddedValkey]:
-    server = EmbeddedValkey(persistence=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def ephemeral_valkey() -> Iterator[EmbeddedValkey]:
-    server = EmbeddedValkey(persistence=False).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # ------------------------------------------------------------------ 1. workload

@@ -31,7 +31,7 @@ from hotstate import (
 from hotstate.persistence import EmbeddedValkey, FlushPolicy, SQLiteStore, ValkeyStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
 GUARD = 20  # seconds; a hang guard only
@@ -61,19 +61,10 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
             await anyio.sleep(0.002)
 
 
-@pytest.fixture
-def server() -> Iterator[EmbeddedValkey]:
-    valkey = EmbeddedValkey(persistence=True).start()
-    try:
-        yield valkey
-    finally:
-        valkey.stop()
-
-
 async def test_valkey_killed_mid_load_keeps_memory_bounded_with_backpressure_and_catches_up(
-    server: EmbeddedValkey, tmp_path: Path
+    private_valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
-    vk = ValkeyStore(server.url, prefix="outage", socket_timeout=1.0)
+    vk = ValkeyStore(private_valkey.url, prefix="outage", socket_timeout=1.0)
     sq = SQLiteStore(tmp_path / "runs.db")
     vk_policy = FlushPolicy(interval=0.010, max_pending_rows=BOUND, retry_initial=0.005, retry_max=0.02)
     tiers = [Tier(vk, vk_policy), Tier(sq, FlushPolicy(interval=0.05))]
@@ -86,7 +77,7 @@ async def test_valkey_killed_mid_load_keeps_memory_bounded_with_backpressure_and
         # The load starts (every run is scheduled) and the server dies under it.
         for rid in ids:
             await rt.send(rid, "go", rid)
-        server.kill()
+        private_valkey.kill()
 
         def valkey() -> Any:
             return rt.tier_statistics()[0]
@@ -125,7 +116,7 @@ async def test_valkey_killed_mid_load_keeps_memory_bounded_with_backpressure_and
                 assert rt.durable_versions(rid)["sqlite"] == v
             assert rt.tier_statistics()[1].consecutive_failures == 0
 
-            await anyio.to_thread.run_sync(server.start)  # same port, data kept (AOF)
+            await anyio.to_thread.run_sync(private_valkey.start)  # same port, data kept (AOF)
             await wait_until(lambda: late == ["late"])
         with anyio.fail_after(GUARD):
             for rid in ids:
