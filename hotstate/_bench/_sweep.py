@@ -11,9 +11,9 @@ The target: the loss window never exceeds the interval plus one flush duration
 acknowledged is lost and the window is within one group commit. Each point says
 whether its trials held it.
 
-The sweep's workload has no runs that fail for good: a dead-letter record makes
-the persister flush at once (``Persister._next_deadline``), which would hide
-the interval under test.
+The sweep's workload has no runs that fail for good, so every point measures
+the same plain mix of steps, signals and retries; the reliability suite runs the
+full mixed workload with compensations and dead letters.
 """
 
 from __future__ import annotations

@@ -208,6 +208,19 @@ class MemoryStore(StoreBase):
         self._check_open()
         self._dead[record.run_id] = record
 
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+        """Store several dead letters; see ``Store.save_dead_letters``.
+
+        Args:
+            records: the records.
+
+        Raises:
+            PersistenceError: the store is not open.
+        """
+        self._check_open()
+        for record in records:
+            self._dead[record.run_id] = record
+
     async def dead_letters(self) -> list[StoredDeadLetter]:
         """List dead letters, oldest first; see ``Store.dead_letters``.
 

@@ -353,9 +353,12 @@ class Persister:
 
     def _next_deadline(self, now: float) -> float:
         """When the next flush is due, given ``now`` (pure apart from reading the pending state)."""
-        if self._dead or self._dead_deletes:
-            return now
-        if not self._transitions and not self._dirty:
+        # Dead letters keep the tier's cadence like any other row: a crash before
+        # they are durable re-runs the failed step and dead-letters it again.
+        # Flushing at once for each of them made a steady trickle of failures
+        # flush back to back (measured in the sweep: SQLite flushes ran without
+        # pause and the loss window grew past the interval plus one flush).
+        if not self._transitions and not self._dirty and not self._dead and not self._dead_deletes:
             return float("inf")
         if self.pressure or self._durable_events or self.waiting:
             return now  # someone is blocked on this tier: flush now
@@ -462,8 +465,8 @@ class Persister:
             # Dead letters go before the run rows: after a crash between the two,
             # recovery finds a letter newer than the run's row and records the
             # run as failed (never a failed run without its letter).
-            for record in dead:
-                await self.store.save_dead_letter(record)
+            if dead:  # one transaction for all of them: a flush may carry many
+                await self.store.save_dead_letters(dead)
             dead_saved = True
             for chunk, chunk_transitions in chunks:
                 stored = self._encode(chunk)

@@ -196,6 +196,17 @@ class Store(Protocol):
         """
         ...
 
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+        """Store several dead-letter records at once (one transaction / round trip).
+
+        Args:
+            records: the records; a later one for the same run replaces an earlier one.
+
+        Raises:
+            StoreUnavailableError: the backend failed; nothing was written.
+        """
+        ...
+
     async def dead_letters(self) -> list[StoredDeadLetter]:
         """List the dead-letter records, oldest first.
 

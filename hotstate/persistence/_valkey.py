@@ -555,23 +555,40 @@ class ValkeyStore(StoreBase):
         Raises:
             StoreUnavailableError: the server is unreachable.
         """
-        s = record.snapshot
-        meta = {
-            "run_id": record.run_id,
-            "workflow": record.workflow,
-            "at": record.at,
-            "error": record.error,
-            "attempts": record.attempts,
-            "compensation_errors": record.compensation_errors,
-            "header": dict(zip(_HEADER_FIELDS, _header_args(s)[:8], strict=True)),
-            "snapshot_error": s.error,
-        }
+        await self.save_dead_letters([record])
+
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+        """Store several dead letters in one ``MULTI``; see ``Store.save_dead_letters``.
+
+        Args:
+            records: the records.
+
+        Raises:
+            StoreUnavailableError: the server is unreachable.
+        """
+        if not records:
+            return
+        metas: dict[str, str] = {}
+        bodies: dict[str, bytes] = {}
+        for record in records:
+            s = record.snapshot
+            metas[record.run_id] = json.dumps({
+                "run_id": record.run_id,
+                "workflow": record.workflow,
+                "at": record.at,
+                "error": record.error,
+                "attempts": record.attempts,
+                "compensation_errors": record.compensation_errors,
+                "header": dict(zip(_HEADER_FIELDS, _header_args(s)[:8], strict=True)),
+                "snapshot_error": s.error,
+            })
+            bodies[record.run_id] = bytes(s.body)
         async with (
-            self._errors("save_dead_letter"),
-            self._w("save_dead_letter").pipeline(transaction=True) as pipe,
+            self._errors("save_dead_letters"),
+            self._w("save_dead_letters").pipeline(transaction=True) as pipe,
         ):
-            pipe.hset(self._key("dead"), record.run_id, json.dumps(meta))
-            pipe.hset(self._key("dead", "body"), mapping={record.run_id: bytes(s.body)})
+            pipe.hset(self._key("dead"), mapping=metas)
+            pipe.hset(self._key("dead", "body"), mapping=bodies)
             await pipe.execute()
 
     async def dead_letters(self) -> list[StoredDeadLetter]:

@@ -384,6 +384,18 @@ def dead_letter(run_id: str, at: float) -> StoredDeadLetter:
     )
 
 
+async def test_dead_letters_save_in_one_batch_and_the_last_record_of_a_run_wins(
+    store: Store,
+) -> None:
+    batch = [dead_letter(f"b{i}", float(i)) for i in range(50)]
+    await store.save_dead_letters([*batch, dead_letter("b7", 99.0)])
+    listed = await store.dead_letters()
+    assert [d.run_id for d in listed] == [f"b{i}" for i in range(50) if i != 7] + ["b7"]
+    assert listed[-1] == dead_letter("b7", 99.0)
+    await store.save_dead_letters([])  # nothing to write is fine
+    assert len(await store.dead_letters()) == 50
+
+
 async def test_dead_letters_are_saved_listed_oldest_first_and_deleted(
     store: Store,
 ) -> None:
