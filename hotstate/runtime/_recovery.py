@@ -95,7 +95,7 @@ class RecoveryReport:
             recorded as failed, not resumed.
         stale_dead_letters: dead letters of runs retried before the crash
             (the run is newer than its letter): deleted.
-        seconds: how long recovery took.
+        seconds: how long recovery took, from the first read to the last run adopted.
     """
 
     resumed: tuple[RecoveredRun, ...] = ()
