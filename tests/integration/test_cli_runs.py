@@ -424,7 +424,7 @@ def test_a_foreign_sqlite_database_is_refused_and_left_untouched(
 def test_list_pages_through_the_store(
     db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("hotstate._cli._runs._PAGE", 2)
+    monkeypatch.setattr("hotstate._cli._runs_actions._PAGE", 2)
     _, out, _ = cli(capsys, "--sqlite", str(db), "--json", "list", "--limit", "4")
     assert [r["run_id"] for r in json.loads(out)] == [
         "lin-0",
