@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from hotstate._bench._results import results_dir
+from hotstate._bench._sweep import SweepPoint
 from hotstate._errors import ConfigError
 from hotstate._validate import number
 from hotstate.persistence import FlushPolicy
@@ -42,27 +43,6 @@ MIN_INTERVAL: Final = 0.001  # seconds; below it per-flush overhead dominates
 ROWS_PER_UPDATE: Final = 2  # one snapshot + one transition
 CYCLES_OF_HEADROOM: Final = 4
 MIN_PENDING_ROWS: Final = 10_000
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SweepPoint:
-    """One measured write-behind interval from the benchmark's sweep.
-
-    Attributes:
-        tier: ``"sqlite"`` or ``"valkey"``.
-        interval: the flush interval (seconds).
-        steps_per_s: throughput measured at that interval.
-        loss_window_max: the largest measured loss window (seconds).
-        loss_window_p50: the median loss window (seconds).
-        flush_duration: a flush's duration (seconds).
-    """
-
-    tier: str
-    interval: float
-    steps_per_s: float
-    loss_window_max: float
-    loss_window_p50: float
-    flush_duration: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -395,7 +375,14 @@ def _sweep(raw: object) -> tuple[SweepPoint, ...]:
             continue
         points.append(
             SweepPoint(
-                tier=str(item["tier"]), **{k: float(v or 0) for k, v in values.items()}
+                tier=str(item["tier"]),
+                interval=float(values["interval"] or 0),
+                steps_per_s=float(values["steps_per_s"] or 0),
+                loss_window_max=float(values["loss_window_max"] or 0),
+                loss_window_p50=float(values["loss_window_p50"] or 0),
+                flush_duration=float(values["flush_duration"] or 0),
+                trials=int(item.get("trials") or 0),
+                within_target=bool(item.get("within_target")),
             )
         )
     return tuple(points)

@@ -46,6 +46,8 @@ def point(
         loss_window_max=loss_max,
         loss_window_p50=loss_max / 2,
         flush_duration=loss_max - interval,
+        trials=3,
+        within_target=True,
     )
 
 
