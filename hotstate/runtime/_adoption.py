@@ -87,12 +87,12 @@ class StoreBackedHost(RuntimeHost):
                     failed.append(snap.run_id)
                 else:
                     self._adopt(snap, TransitionKind.resumed, highest)
-            failed_set = set(failed)
-            loaded, stale = await self._load_dead_letters(letters, failed_set)
-            failed.extend(sorted(failed_set.difference(failed)))
+            loaded, stale, rows_written = await self._load_dead_letters(letters, set(failed))
+            failed.extend(rows_written)
             resumed = report.resumed
-            if failed_set:
-                resumed = tuple(r for r in resumed if r.run_id not in failed_set)
+            if failed:
+                failed_ids = set(failed)
+                resumed = tuple(r for r in resumed if r.run_id not in failed_ids)
             self.recovery_report = dataclasses.replace(
                 report,
                 resumed=resumed,
@@ -127,17 +127,18 @@ class StoreBackedHost(RuntimeHost):
 
     async def _load_dead_letters(
         self, letters: dict[str, DeadLetter], failed: set[str]
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], list[str], list[str]]:
         """Hold the stores' dead letters in memory again, so they can be listed and retried.
 
+        ``failed`` are the runs already recorded as failed from their letter.
         A letter older than its run (retried before the crash, the deletion not
         yet durable) is stale: it is deleted from every tier instead. A letter
         newer than every stored row of its run (the crash came between the
-        letter and the row) has its final row written now; such runs are added
-        to ``failed``.
+        letter and the row) has its final row written now.
 
         Returns:
-            The run ids loaded, and the stale ones deleted.
+            The run ids loaded, the stale ones deleted, and the runs whose
+            final row was written from their letter.
         """
         assert self._persistence is not None  # noqa: S101
         persisters = self._persistence.persisters
@@ -153,6 +154,7 @@ class StoreBackedHost(RuntimeHost):
                 newest[rid] = max(newest.get(rid, 0), stored.header.version)
         loaded: list[str] = []
         stale: list[str] = []
+        rows_written: list[str] = []
         for rid, letter in letters.items():
             actor = self._actors.get(rid)
             version = letter.snapshot.version
@@ -173,14 +175,14 @@ class StoreBackedHost(RuntimeHost):
                     # No tier holds the run's final row (its letter went first and
                     # the crash came before the row): write it now.
                     self._adopt_failed(letter, newer)
-                    failed.add(rid)
+                    rows_written.append(rid)
                 else:
                     snap = letter.snapshot
                     self._actors[rid] = RunActor(self._workflows[snap.workflow], snap, History(snap.version))
                     self._index.add(rid, snap.workflow, snap.status)
             self._supervisor.dead_letters[rid] = letter
             loaded.append(rid)
-        return loaded, stale
+        return loaded, stale, rows_written
 
     def _adopt(self, snap: Snapshot, kind: TransitionKind, highest: int = 0) -> RunActor:
         """Bring a stored run into memory at ``snap`` and record ``kind`` (resumed).
