@@ -175,6 +175,15 @@ class Workload:
     pace: float = 0.0
 
 
+def saturated_bound(interval: float, flush: float) -> float:
+    """What a crash can lose when flushes may outlast the interval (s).
+
+    One flush is in flight at a time: a version committed just after a flush
+    took its batch waits for that flush and then for the next one.
+    """
+    return max(interval, flush) + flush
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrialResult:
     """What one SIGKILL trial found.
@@ -239,7 +248,7 @@ class TrialResult:
         write-through). It equals ``policy_window`` while flushes are shorter
         than the interval.
         """
-        return max(self.interval, self.flush_duration) + self.flush_duration
+        return saturated_bound(self.interval, self.flush_duration)
 
     def within_saturated_window(self) -> bool:
         """True when the measured loss window is inside ``saturated_window``."""

@@ -35,6 +35,8 @@ from hotstate.runtime import uvloop_available
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from hotstate._bench._sweep import SweepPoint
+
 SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale", "sweep", "reliability")
 """Every suite, in the order they run."""
 DEFAULT_SUITES = SUITES[:-1]
@@ -50,7 +52,7 @@ class Bench:
     scratch: Path
     figures: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    plot_points: Any = None  # the sweep's points, plotted once the run is over
+    plot_points: list[SweepPoint] = field(default_factory=list)  # plotted once the run is over
 
     def db(self, name: str) -> Path:
         """A fresh SQLite path in the scratch folder."""
@@ -246,6 +248,7 @@ async def suite_scale(b: Bench) -> None:
 async def suite_sweep(b: Bench) -> None:
     """Throughput against the measured loss window, per tier and flush interval (SIGKILL trials)."""
     from hotstate._bench import _sweep
+    from hotstate._bench._crash import saturated_bound
 
     url = _need_url(b)
     print("\nFlush-interval sweep: per tier and interval, steps/s of a child and the loss window "
@@ -254,14 +257,13 @@ async def suite_sweep(b: Bench) -> None:
         points = await _sweep.run_sweep(valkey_url=url, workdir=b.scratch, quick=b.args.quick,
                                         use_uvloop=not b.args.no_uvloop, progress=bar.update)
     for p in points:
-        name = "write-through" if p.interval == 0 else f"{p.interval * 1000:g} ms"
-        b.figure(f"sweep {p.tier} {name}: steps/s", p.steps_per_s, "steps/s")
-        b.figure(f"sweep {p.tier} {name}: max loss window (ms)", p.loss_window_max * 1000, "ms",
+        b.figure(f"sweep {p.label}: steps/s", p.steps_per_s, "steps/s")
+        b.figure(f"sweep {p.label}: max loss window (ms)", p.loss_window_max * 1000, "ms",
                  target=f"<= interval + flush ({(p.interval + p.flush_duration) * 1000:.0f} ms)",
                  met=p.within_target)
         if not p.within_target:
-            bound = max(p.interval, p.flush_duration) + p.flush_duration
-            b.figure(f"sweep {p.tier} {name}: flush outlasts the interval", p.loss_window_max * 1000, "ms",
+            bound = saturated_bound(p.interval, p.flush_duration)
+            b.figure(f"sweep {p.label}: flush outlasts the interval", p.loss_window_max * 1000, "ms",
                      target=f"<= max(interval, flush) + flush ({bound * 1000:.0f} ms)",
                      met=p.within_saturated_bound)
     b.extra["sweep"] = _sweep.to_json(points)

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hotstate._bench._crash import CrashPolicy, TrialResult, Workload, run_trial
+from hotstate._bench._crash import (
+    CrashPolicy,
+    TrialResult,
+    Workload,
+    run_trial,
+    saturated_bound,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -114,7 +120,7 @@ def summarize_point(tier: str, interval: float, results: Sequence[TrialResult]) 
         trials=len(results),
         within_target=held and bool(results),
         within_saturated_bound=bool(results) and acknowledged == 0
-        and all(r.loss_window <= max(interval, flush) + flush for r in results),
+        and all(r.loss_window <= saturated_bound(interval, flush) for r in results),
         acknowledged_steps_lost=acknowledged,
         violations=sum(len(r.violations) for r in results),
     )
