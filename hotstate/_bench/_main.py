@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -89,7 +90,7 @@ async def _rounds(label: str, rounds: int, fn: Callable[[], Awaitable[float]]) -
         for _ in range(rounds):
             values.append(await fn())
             bar.advance()
-    return persist.median(values)
+    return statistics.median(values)
 
 
 async def suite_w1(b: Bench) -> None:

@@ -40,12 +40,6 @@ from hotstate.persistence import (
 BLOB = w1.BLOB
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-# ---------------------------------------------------------------- W1 policies
-
 # ------------------------------------------------------------------ ceilings
 
 async def raw_sqlite_upsert(path: Path, rows: int, body_size: int) -> float:
@@ -150,7 +144,7 @@ async def sustained_flush(store: Store, n: int, rounds: int = 3) -> float:
         t0 = time.perf_counter()
         await persister.flush()
         rates.append(n / (time.perf_counter() - t0))
-    return median(rates)
+    return statistics.median(rates)
 
 
 def body_size() -> int:
@@ -190,7 +184,7 @@ async def recovery_time(path: Path, runs: int, rounds: int = 1) -> tuple[float, 
             assert report is not None  # noqa: S101
             resumed = len(report.resumed)
             # leaving flushes 'resumed' transitions for every run; not part of the figure
-    return median(times), resumed
+    return statistics.median(times), resumed
 
 
 def tmpdir() -> Path:
