@@ -19,6 +19,7 @@ The names most code needs are re-exported here.
 from __future__ import annotations
 
 from hotstate._clock import Clock, SystemClock
+from hotstate._instrument import Instrument
 from hotstate._errors import (
     CodecError,
     ConfigError,
@@ -79,6 +80,7 @@ __all__ = [
     "FlushPolicy",
     "HotstateError",
     "HotstateInternalError",
+    "Instrument",
     "JsonCodec",
     "PersistenceError",
     "PickleCodec",

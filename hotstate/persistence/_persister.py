@@ -28,6 +28,7 @@ from hotstate._errors import (
 from hotstate.actors import Snapshot, Status, Transition
 from hotstate.persistence._policy import FlushPolicy
 from hotstate.persistence._records import (
+    SaveResult,
     StoredDeadLetter,
     StoredSnapshot,
     encode_snapshot,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from hotstate._clock import Clock
+    from hotstate._instrument import Instruments
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._store import Store
 
@@ -156,8 +158,12 @@ class Persister:
         clock: time for intervals and backoff.
     """
 
-    def __init__(self, tier: Tier, encoder: SnapshotEncoder, clock: Clock) -> None:
+    def __init__(
+        self, tier: Tier, encoder: SnapshotEncoder, clock: Clock, instruments: Instruments | None = None
+    ) -> None:
         self.store = tier.store
+        self._instruments = instruments if instruments is not None and (
+            instruments.save_started or instruments.save_finished) else None
         self.policy = tier.policy
         self.name = tier.store.tier
         self._encoder = encoder
@@ -471,7 +477,7 @@ class Persister:
             for chunk, chunk_transitions in chunks:
                 stored = self._encode(chunk)
                 if stored or chunk_transitions:
-                    result = await self.store.save(stored, chunk_transitions)
+                    result = await self._save(stored, chunk_transitions)
                     self._stale += result.stale
                     reset = reset or result.reset
                 if self.policy.keep_every is not None and stored:
@@ -522,6 +528,19 @@ class Persister:
             pending_rows=self.pending_rows, pending_bytes=len(self._dirty) * self._avg_bytes
         ):
             self._set_pressure(False)
+
+    async def _save(self, stored: list[StoredSnapshot], transitions: list[Transition]) -> SaveResult:
+        instruments = self._instruments
+        if instruments is None:
+            return await self.store.save(stored, transitions)
+        instruments.saving(self.name)
+        try:
+            result = await self.store.save(stored, transitions)
+        except BaseException as exc:
+            instruments.saved(self.name, exc)
+            raise
+        instruments.saved(self.name, None)
+        return result
 
     async def _keep_versions(self, stored: list[StoredSnapshot]) -> None:
         """Keep a point-in-time copy when a run's version enters a new ``keep_every`` span."""
@@ -609,12 +628,14 @@ class Persistence:
         clock: time for intervals and backoff.
     """
 
-    def __init__(self, tiers: Sequence[Tier], codec: Codec, clock: Clock) -> None:
+    def __init__(
+        self, tiers: Sequence[Tier], codec: Codec, clock: Clock, instruments: Instruments | None = None
+    ) -> None:
         names = [t.store.tier for t in tiers]
         if len(set(names)) != len(names):
             raise ConfigError("tiers", names, "tier names must be unique (pass tier=... to the stores)")
         self.encoder = SnapshotEncoder(codec)
-        self.persisters = [Persister(t, self.encoder, clock) for t in tiers]
+        self.persisters = [Persister(t, self.encoder, clock, instruments) for t in tiers]
         self.write_through = [p for p in self.persisters if p.policy.write_through]
         self._state = "new"
 

@@ -22,6 +22,7 @@ import anyio
 import anyio.lowlevel
 
 from hotstate._clock import Clock, SystemClock
+from hotstate._instrument import Instrument, Instruments
 from hotstate._errors import (
     ConfigError,
     HotstateInternalError,
@@ -96,6 +97,8 @@ class Runtime(StoreBackedHost):
         shutdown_timeout: seconds in-flight steps get to finish at shutdown.
         flush_timeout: seconds the final flush at shutdown may take.
         steps_per_turn: steps one run may take before others get a turn (fairness).
+        instruments: observers called on every transition and store write
+            (``Instrument``); a hook no instrument overrides costs nothing.
 
     Raises:
         ConfigError: an option is out of range, or two workflows share a name.
@@ -122,6 +125,7 @@ class Runtime(StoreBackedHost):
         shutdown_timeout: float = 5.0,
         flush_timeout: float = 30.0,
         steps_per_turn: int = 100,
+        instruments: Sequence[Instrument] = (),
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
         integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
@@ -136,7 +140,11 @@ class Runtime(StoreBackedHost):
             if not isinstance(tier, Tier):
                 raise ConfigError("Runtime.tiers", tier, "must be Tier(store, policy) objects")
         self._codec: Codec = codec if codec is not None else PickleCodec()
-        self._persistence = Persistence(tiers, self._codec, self._clock) if tiers else None
+        for instrument in instruments:
+            if not isinstance(instrument, Instrument):
+                raise ConfigError("Runtime.instruments", instrument, "must be Instrument objects")
+        self._instruments = Instruments(instruments)
+        self._persistence = Persistence(tiers, self._codec, self._clock, self._instruments) if tiers else None
         self.mark: Callable[[Snapshot, Transition], None] | None = None
         self.hold = False
         self._durability: Durability | None = None
@@ -146,6 +154,7 @@ class Runtime(StoreBackedHost):
             self.hold = self._durability.hold
             for p in self._persistence.persisters:
                 p.on_reset = functools.partial(self._repopulate, p)
+        self.mark = self._instruments.wrap_mark(self.mark)
         self._recover = bool(recover)
         self._recovery_concurrency = recovery_concurrency
         self.recovery_report: RecoveryReport | None = None
