@@ -71,7 +71,7 @@ async def test_an_instrument_sees_each_store_write_start_and_end():
         assert rec.versions[-1] == ("a", 4)
 
 
-async def test_a_failing_instrument_hook_is_logged_and_the_run_goes_on(caplog: pytest.LogCaptureFixture):
+async def test_a_failing_instrument_hook_is_logged_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     async with Runtime([WF], instruments=[Broken()]) as rt:
         run = await rt.spawn(WF, {"n": 0})
         assert await run.wait_finished() == {"n": 3}
