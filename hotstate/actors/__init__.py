@@ -6,7 +6,7 @@ This layer imports neither ``hotstate.runtime`` nor ``hotstate.persistence``.
 from __future__ import annotations
 
 from hotstate.actors._actor import ActorHost, RunActor, TransitionSink
-from hotstate.actors._context import StepContext
+from hotstate.actors._context import Finish, StepContext
 from hotstate.actors._history import History
 from hotstate.actors._snapshot import (
     TERMINAL_STATUSES,
@@ -18,7 +18,6 @@ from hotstate.actors._snapshot import (
 )
 from hotstate.actors._workflow import (
     Compensation,
-    Finish,
     RetryPolicy,
     Step,
     StepFn,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from hotstate._errors import StepResultError, StepTimeoutError
-from hotstate.actors._context import StepContext
+from hotstate.actors._context import Finish, StepContext
 from hotstate.actors._history import STEP_RUNNING, History
 from hotstate.actors._snapshot import (
     TERMINAL_STATUSES,
@@ -36,7 +36,6 @@ from hotstate.actors._snapshot import (
     Transition,
     TransitionKind,
 )
-from hotstate.actors._workflow import Finish
 
 if TYPE_CHECKING:
     import anyio

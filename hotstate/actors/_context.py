@@ -1,14 +1,30 @@
-"""The ``StepContext`` a step receives: who it is, which attempt, and its idempotency key."""
+"""The ``StepContext`` a step receives (who it is, which attempt, its idempotency key) and ``Finish``."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, final
 
-from hotstate.actors._workflow import Finish
-
-__all__ = ["StepContext"]
+__all__ = ["Finish", "StepContext"]
 
 P = TypeVar("P")
+
+
+@final
+class Finish(Generic[P]):
+    """Return ``Finish(payload)`` from a step to finish the run early (status done).
+
+    Args:
+        payload: the run's final payload.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: P) -> None:
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"Finish({self.payload!r})"
+
 
 
 class StepContext(NamedTuple):

@@ -1,4 +1,4 @@
-"""Workflow definitions: ``Workflow``, ``Step``, ``RetryPolicy`` and ``Finish``.
+"""Workflow definitions: ``Workflow``, ``Step`` and ``RetryPolicy``.
 
 What a run executes, in the "actors" box of the DESIGN.md diagram. These are
 plain, validated, immutable definitions; the runtime owns the machinery.
@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, final
 
 from hotstate._errors import ConfigError
 from hotstate._validate import integer, text
@@ -21,37 +21,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Compensation",
-    "Finish",
     "RetryPolicy",
     "Step",
     "StepFn",
     "Workflow",
 ]
 
-P = TypeVar("P")
 
 StepFn = Callable[[Any, "StepContext"], Any]
 """A step: ``fn(payload, ctx) -> next payload`` (or an awaitable of it when ``async def``)."""
 
 Compensation = Callable[[Any, "StepContext"], Any]
 """A compensation: ``fn(payload, ctx) -> None | new payload`` (sync or ``async def``)."""
-
-
-@final
-class Finish(Generic[P]):
-    """Return ``Finish(payload)`` from a step to finish the run early (status done).
-
-    Args:
-        payload: the run's final payload.
-    """
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: P) -> None:
-        self.payload = payload
-
-    def __repr__(self) -> str:
-        return f"Finish({self.payload!r})"
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
