@@ -10,6 +10,7 @@ from hotstate.actors._context import Finish, StepContext
 from hotstate.actors._history import History
 from hotstate.actors._snapshot import (
     TERMINAL_STATUSES,
+    DeadLetter,
     ErrorInfo,
     Snapshot,
     Status,
@@ -28,6 +29,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ActorHost",
     "Compensation",
+    "DeadLetter",
     "ErrorInfo",
     "Finish",
     "History",

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "DeadLetter",
     "ErrorInfo",
     "Snapshot",
     "Status",
@@ -184,3 +185,26 @@ class Transition(NamedTuple):
     status: Status
     at: float
     detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    """A run that failed for good, kept so that it is never silently dropped.
+
+    Attributes:
+        run_id: the run's id.
+        workflow: the workflow's name.
+        snapshot: the final snapshot (status failed).
+        error: the error that made the run give up.
+        attempts: every recorded step failure of the run, oldest first, with times.
+        compensation_errors: compensations that raised (recorded, not hidden).
+        at: wall-clock time the record was written.
+    """
+
+    run_id: str
+    workflow: str
+    snapshot: Snapshot
+    error: ErrorInfo
+    attempts: tuple[ErrorInfo, ...]
+    compensation_errors: tuple[ErrorInfo, ...]
+    at: float

@@ -33,9 +33,8 @@ from hotstate.runtime._host import RuntimeHost
 from hotstate.runtime._recovery import RecoveryReport, find_dead_letters, find_runs
 
 if TYPE_CHECKING:
-    from hotstate.actors import Workflow
+    from hotstate.actors import DeadLetter, Workflow
     from hotstate.persistence import Persister, Store, StoredSnapshot
-    from hotstate.runtime._supervisor import DeadLetter
 
 __all__ = ["StoreBackedHost"]
 

@@ -19,7 +19,14 @@ import anyio
 import anyio.lowlevel
 
 from hotstate._errors import PersistenceError
-from hotstate.actors import TERMINAL_STATUSES, RunActor, Snapshot, Status, Transition
+from hotstate.actors import (
+    TERMINAL_STATUSES,
+    DeadLetter,
+    RunActor,
+    Snapshot,
+    Status,
+    Transition,
+)
 from hotstate.actors._actor import MSG_WAKE
 from hotstate.persistence import (
     StoredDeadLetter,
@@ -27,7 +34,6 @@ from hotstate.persistence import (
     error_to_json,
     errors_to_json,
 )
-from hotstate.runtime._supervisor import DeadLetter
 from hotstate.runtime._timers import TimerHandle
 
 if TYPE_CHECKING:

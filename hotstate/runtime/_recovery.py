@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, NamedTuple, final
 import anyio
 
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
-from hotstate.actors import TERMINAL_STATUSES, Snapshot, Status
+from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
 from hotstate.persistence import (
     StoredSnapshot,
     decode_snapshot,
     error_from_json,
     errors_from_json,
 )
-from hotstate.runtime._supervisor import DeadLetter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence

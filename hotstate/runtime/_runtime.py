@@ -22,7 +22,6 @@ import anyio
 import anyio.lowlevel
 
 from hotstate._clock import Clock, SystemClock
-from hotstate._instrument import Instrument, Instruments
 from hotstate._errors import (
     ConfigError,
     HotstateInternalError,
@@ -34,9 +33,11 @@ from hotstate._errors import (
     RuntimeClosedError,
     WorkflowNotRegisteredError,
 )
+from hotstate._instrument import Instrument, Instruments
 from hotstate._validate import integer, number, text
 from hotstate.actors import (
     TERMINAL_STATUSES,
+    DeadLetter,
     RunActor,
     Snapshot,
     Status,
@@ -60,7 +61,7 @@ from hotstate.runtime._durability import Durability
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle, RuntimeStatistics
 from hotstate.runtime._queries import RunIndex
-from hotstate.runtime._supervisor import DeadLetter, Supervisor
+from hotstate.runtime._supervisor import Supervisor
 from hotstate.runtime._timers import TimerService
 
 if TYPE_CHECKING:
