@@ -1,23 +1,23 @@
 """The ``Store`` protocol: the "Store" box of the DESIGN.md diagram (section "Stores").
 
-Every store (memory, SQLite, Valkey) keeps the same contract, checked by one
-shared suite in ``tests/contract``:
-
-- ``save`` writes a batch atomically where the backend allows;
-- writes are version-monotonic: a stored snapshot is never replaced by one with a
-  lower or equal version, whatever order batches arrive in;
-- transitions are idempotent by ``(run_id, version)``;
-- ``scan`` pages through headers ordered by run id and never decodes a body;
-- backend failures surface as ``StoreUnavailableError`` (transient).
+``Store``'s docstrings are the one statement of the contract every store
+(memory, SQLite, Valkey) keeps; one shared suite in ``tests/contract`` checks
+it. ``StoreBase`` holds the open/closed bookkeeping the three share.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 
 from hotstate._errors import ConfigError, PersistenceError
 from hotstate.actors._snapshot import TERMINAL_STATUSES
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -39,7 +39,32 @@ FINISHED_STATUSES: Final[frozenset[str]] = frozenset(str(s) for s in TERMINAL_ST
 
 @runtime_checkable
 class Store(Protocol):
-    """An async persistence tier.
+    """An async persistence tier: the one statement of the store contract.
+
+    ``MemoryStore``, ``SQLiteStore`` and ``ValkeyStore`` implement it and carry
+    a docstring only where they differ. A store of your own needs no
+    inheritance (matching signatures is enough); ``tests/contract`` shows what
+    it must do.
+
+    Versions only go up (DESIGN.md "Stores"): a stored snapshot is never
+    replaced by one whose ``header.version`` is lower than or equal to its own,
+    whatever order batches arrive in, and a transition is stored at most once
+    per ``(run_id, version)``. So the same batch can be written again (after an
+    error, or a connection lost mid-write) without harm. A stale snapshot is
+    not an error: ``save`` counts it, and no store raises ``StaleVersionError``.
+
+    A store keeps each body as the bytes it was given and never decodes one:
+    reads return bodies as stored, and the codec verifies them.
+
+    Errors any method may raise:
+
+    - ``StoreUnavailableError``: the backend failed in a way a retry may fix
+      (unreachable, timed out, locked, busy, read-only, full, out of memory).
+      The persister retries with backoff.
+    - ``PersistenceError`` (any other kind): a retry will not help. The store
+      is not open (a call before ``open`` or after ``aclose``), it was opened
+      read-only and the call writes, or the backend refused the request (a key
+      of another type, a file that is not an SQLite database).
 
     Attributes:
         tier: the tier's name (``"memory"``, ``"sqlite"``, ``"valkey"`` or a
@@ -53,11 +78,13 @@ class Store(Protocol):
 
         Raises:
             StoreUnavailableError: the backend cannot be reached.
+            PersistenceError: the backend refused (e.g. the file is not an
+                SQLite database).
         """
         ...
 
     async def aclose(self) -> None:
-        """Release connections. Idempotent."""
+        """Release connections; the stored data stays for a later ``open``. Idempotent."""
         ...
 
     async def __aenter__(self) -> Self: ...
@@ -72,22 +99,32 @@ class Store(Protocol):
     async def save(
         self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
     ) -> SaveResult:
-        """Write a batch of snapshots and transitions, atomically where possible.
+        """Write a batch of snapshots and transitions atomically.
 
-        A snapshot whose stored version is >= its own is skipped (counted as
-        stale); a transition already stored for its ``(run_id, version)`` is
+        Other readers see all of the batch or none of it. A snapshot is written
+        only when the store holds no snapshot of its run or an older version;
+        otherwise it is stale and skipped. A transition whose
+        ``(run_id, version)`` is already stored, or repeated in the batch, is
         ignored.
 
         Args:
-            snapshots: the newest snapshot per run (any order).
-            transitions: the transitions to append.
+            snapshots: snapshots in any order; a run may appear more than once
+                (its highest version wins).
+            transitions: the transitions to append, in any order.
 
         Returns:
-            What was written.
+            The counts: each snapshot is either ``written`` or ``stale``
+            (``written + stale == len(snapshots)``); ``transitions`` counts the
+            transitions newly stored. ``reset`` is True when the store found it
+            had lost everything written before (a server restarted empty, a
+            database file replaced): the caller should write again every run it
+            holds. A reset is reported by one ``save`` only.
 
         Raises:
-            StoreUnavailableError: the backend failed; nothing (or, where the
-                backend cannot roll back, an idempotent prefix) was written.
+            StoreUnavailableError: the write failed. Nothing was written, or
+                (a connection lost after the server applied it) all of it; a
+                retry of the same batch is safe either way.
+            PersistenceError: the backend refused the batch; nothing was written.
         """
         ...
 
@@ -101,7 +138,9 @@ class Store(Protocol):
             The snapshot, or None when the run is not stored.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the read failed.
+            CodecError: the stored header is malformed (written by something
+                other than hotstate).
         """
         ...
 
@@ -109,13 +148,14 @@ class Store(Protocol):
         """Read several runs' snapshots in one go.
 
         Args:
-            run_ids: the runs.
+            run_ids: the runs; repeats are read once.
 
         Returns:
-            The stored snapshots by run id; missing runs are left out.
+            The stored snapshots by run id; runs not stored are left out.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the read failed.
+            CodecError: a stored header is malformed.
         """
         ...
 
@@ -127,20 +167,23 @@ class Store(Protocol):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        """Page through run headers ordered by run id, never decoding a body.
+        """Page through run headers ordered by run id, never reading a body.
 
         Args:
             status: keep only runs in this status (or any of these statuses).
             workflow: keep only runs of this workflow.
-            after: the cursor: return run ids strictly greater than this one.
-            limit: the page size (at most this many headers).
+            after: the cursor: only run ids strictly greater than this one.
+            limit: the page size.
 
         Returns:
-            Up to ``limit`` headers; pass the last one's ``run_id`` as ``after``
-            for the next page. Fewer than ``limit`` means the end.
+            Up to ``limit`` headers ordered by run id. Pass the last one's
+            ``run_id`` as ``after`` for the next page; fewer than ``limit``
+            means there is no next page.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            ConfigError: ``limit`` is below 1.
+            StoreUnavailableError: the read failed.
+            CodecError: a stored header is malformed.
         """
         ...
 
@@ -155,19 +198,21 @@ class Store(Protocol):
         """Page through whole stored snapshots (header, error, body) by run id.
 
         Recovery's bulk read: one pass instead of ``scan`` then ``load_many``.
-        Bodies are returned as stored, not decoded.
+        Filters and paging are those of ``scan``.
 
         Args:
             status: keep only runs in this status (or any of these statuses).
             workflow: keep only runs of this workflow.
-            after: the cursor: run ids strictly greater than this one.
+            after: the cursor: only run ids strictly greater than this one.
             limit: the page size.
 
         Returns:
-            Up to ``limit`` snapshots ordered by run id.
+            Up to ``limit`` snapshots ordered by run id, bodies as stored.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            ConfigError: ``limit`` is below 1.
+            StoreUnavailableError: the read failed.
+            CodecError: a stored header is malformed.
         """
         ...
 
@@ -181,7 +226,8 @@ class Store(Protocol):
             The transitions (empty when none are stored).
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the read failed.
+            CodecError: a stored transition is malformed.
         """
         ...
 
@@ -192,18 +238,20 @@ class Store(Protocol):
             record: the record.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the write failed.
         """
         ...
 
     async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
-        """Store several dead-letter records at once (one transaction / round trip).
+        """Store several dead-letter records atomically (one transaction or round trip).
 
         Args:
-            records: the records; a later one for the same run replaces an earlier one.
+            records: the records. Each replaces the record stored for its run,
+                and the last one for a run in ``records`` wins.
 
         Raises:
-            StoreUnavailableError: the backend failed; nothing was written.
+            StoreUnavailableError: the write failed; nothing was written, or
+                (a connection lost after the backend applied it) all of it.
         """
         ...
 
@@ -211,10 +259,11 @@ class Store(Protocol):
         """List the dead-letter records, oldest first.
 
         Returns:
-            The records.
+            The records ordered by ``at``, then run id.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the read failed.
+            CodecError: a stored record is malformed.
         """
         ...
 
@@ -225,26 +274,29 @@ class Store(Protocol):
             run_id: the run.
 
         Returns:
-            True when a record was removed.
+            True when a record was removed, False when there was none.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the write failed.
         """
         ...
 
     async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
-        """Keep these snapshots as point-in-time copies (time travel); idempotent per version.
+        """Keep point-in-time copies of snapshots (time travel).
+
+        A copy is kept per ``(run_id, version)``: the first one stored stays,
+        so writing one again changes nothing.
 
         Args:
             snapshots: the copies to keep.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the write failed.
         """
         ...
 
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
-        """Return the newest kept copy of ``run_id`` at or before ``version``.
+        """Read the newest kept copy of a run at or before a version.
 
         Args:
             run_id: the run.
@@ -254,23 +306,26 @@ class Store(Protocol):
             The copy, or None when none is kept that early.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the read failed.
+            CodecError: the kept copy's header is malformed.
         """
         ...
 
     async def purge_finished(self, *, before: float) -> int:
         """Delete finished runs (done, failed, cancelled) last updated before ``before``.
 
-        Their snapshot and history go; dead-letter records stay.
+        A run goes with its history and kept copies; dead-letter records stay.
 
         Args:
-            before: wall-clock cut-off (exclusive).
+            before: the wall-clock cut-off (exclusive), compared with
+                ``header.updated_at``.
 
         Returns:
             How many runs were deleted.
 
         Raises:
-            StoreUnavailableError: the backend failed.
+            StoreUnavailableError: the delete failed; some runs may already be
+                gone, and calling again is safe.
         """
         ...
 
@@ -290,22 +345,22 @@ def check_limit(limit: int) -> None:
         raise ConfigError("limit", limit, "must be >= 1")
 
 
-class StoreBase:
-    """Open/closed bookkeeping shared by the stores: context manager and leak warning."""
+class StoreBase(Store):
+    """Open/closed bookkeeping shared by the stores: context manager and leak warning.
+
+    It subclasses ``Store`` so that mypy checks the stores' ``@override``
+    methods against the protocol; a store of your own need not.
+    """
 
     tier: str
     _opened: bool = False
 
-    async def open(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    async def aclose(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
+    @override
     async def __aenter__(self) -> Self:
         await self.open()
         return self
 
+    @override
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
