@@ -8,6 +8,7 @@ never change what the store holds.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, final
 
 from hotstate._errors import StoreUnavailableError
@@ -18,6 +19,11 @@ from hotstate.persistence._store import (
     check_limit,
     status_filter,
 )
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -56,34 +62,24 @@ class MemoryStore(StoreBase):
         self.down = False
         self.saves = 0
 
+    @override
     def _check_open(self) -> None:
         super()._check_open()
         if self.down:
             raise StoreUnavailableError(self.tier, "store is down (MemoryStore.down)")
 
+    @override
     async def open(self) -> None:
-        """Mark the store open. Idempotent."""
         self._opened = True
 
+    @override
     async def aclose(self) -> None:
-        """Mark the store closed; the data stays for a later ``open``."""
         self._opened = False
 
+    @override
     async def save(
         self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
     ) -> SaveResult:
-        """Write a batch; see ``Store.save``.
-
-        Args:
-            snapshots: the snapshots.
-            transitions: the transitions.
-
-        Returns:
-            What was written.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         written = stale = added = 0
         # No await below: the whole batch is applied atomically w.r.t. other tasks.
@@ -102,36 +98,17 @@ class MemoryStore(StoreBase):
         self.saves += 1
         return SaveResult(written=written, stale=stale, transitions=added)
 
+    @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
-        """Read a run's snapshot; see ``Store.load``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            The snapshot or None.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         return self._runs.get(run_id)
 
+    @override
     async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
-        """Read several runs' snapshots; see ``Store.load_many``.
-
-        Args:
-            run_ids: the runs.
-
-        Returns:
-            The snapshots found, by run id.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         return {r: s for r in run_ids if (s := self._runs.get(r)) is not None}
 
+    @override
     async def scan(
         self,
         *,
@@ -140,21 +117,6 @@ class MemoryStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        """Page through headers by run id; see ``Store.scan``.
-
-        Args:
-            status: status filter.
-            workflow: workflow filter.
-            after: exclusive run-id cursor.
-            limit: page size.
-
-        Returns:
-            Up to ``limit`` headers.
-
-        Raises:
-            ConfigError: ``limit`` < 1.
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         check_limit(limit)
         statuses = status_filter(status)
@@ -168,6 +130,7 @@ class MemoryStore(StoreBase):
         headers.sort(key=lambda h: h.run_id)
         return headers[:limit]
 
+    @override
     async def scan_snapshots(
         self,
         *,
@@ -176,104 +139,52 @@ class MemoryStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[StoredSnapshot]:
-        """Page through whole stored snapshots by run id; see ``Store.scan_snapshots``."""
         headers = await self.scan(status=status, workflow=workflow, after=after, limit=limit)
         return [self._runs[h.run_id] for h in headers]
 
+    @override
     async def history(self, run_id: str) -> list[Transition]:
-        """Read a run's transitions by version; see ``Store.history``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            The transitions.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         per_run = self._history.get(run_id, {})
         return [per_run[v] for v in sorted(per_run)]
 
+    @override
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        """Store a dead letter; see ``Store.save_dead_letter``.
-
-        Args:
-            record: the record.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         self._dead[record.run_id] = record
 
+    @override
     async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
-        """Store several dead letters; see ``Store.save_dead_letters``.
-
-        Args:
-            records: the records.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         for record in records:
             self._dead[record.run_id] = record
 
+    @override
     async def dead_letters(self) -> list[StoredDeadLetter]:
-        """List dead letters, oldest first; see ``Store.dead_letters``.
-
-        Returns:
-            The records.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         return sorted(self._dead.values(), key=lambda d: (d.at, d.run_id))
 
+    @override
     async def delete_dead_letter(self, run_id: str) -> bool:
-        """Remove a dead letter; see ``Store.delete_dead_letter``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            True when one was removed.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         return self._dead.pop(run_id, None) is not None
 
+    @override
     async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
-        """Keep point-in-time copies; see ``Store.save_versions``."""
         self._check_open()
         for stored in snapshots:
             kept = self._versions.setdefault(stored.header.run_id, {})
             kept.setdefault(stored.header.version, _own(stored))
 
+    @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
-        """The newest kept copy at or before ``version``; see ``Store.load_version``."""
         self._check_open()
         kept = self._versions.get(run_id, {})
         older = [v for v in kept if v <= version]
         return kept[max(older)] if older else None
 
+    @override
     async def purge_finished(self, *, before: float) -> int:
-        """Delete old finished runs; see ``Store.purge_finished``.
-
-        Args:
-            before: wall-clock cut-off (exclusive).
-
-        Returns:
-            How many runs were deleted.
-
-        Raises:
-            PersistenceError: the store is not open.
-        """
         self._check_open()
         doomed = [
             run_id
