@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sqlite3
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -41,6 +42,11 @@ from hotstate.persistence._store import (
     check_limit,
     status_filter,
 )
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable, Sequence
@@ -342,12 +348,8 @@ class SQLiteStore(StoreBase):
             raise
         return conn
 
+    @override
     async def open(self) -> None:
-        """Open the writer (creating the schema) and the reader connection. Idempotent.
-
-        Raises:
-            StoreUnavailableError: the file or its directory cannot be opened.
-        """
         if self._opened:
             return
         async with self._errors(f"open {self.path!r}"):
@@ -404,8 +406,8 @@ class SQLiteStore(StoreBase):
                 with contextlib.suppress(sqlite3.Error):
                     await conn.close()
 
+    @override
     async def aclose(self) -> None:
-        """Close both connections. Idempotent."""
         self._opened = False
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
@@ -440,23 +442,18 @@ class SQLiteStore(StoreBase):
                         await conn.rollback()
                 raise
 
+    @override
     async def save(
         self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
     ) -> SaveResult:
-        """Write a batch in one transaction; see ``Store.save``.
+        """Write the batch in one transaction; a failed one is rolled back.
 
-        Args:
-            snapshots: the snapshots.
-            transitions: the transitions.
-
-        Returns:
-            What was written; ``reset`` is True when the database file had been
-            deleted or replaced and this store opened a new one at its path.
-
-        Raises:
-            StoreUnavailableError: SQLite failed (locked, read-only, full, I/O),
-                or the file was deleted and cannot be created again (its
-                directory is gone); the transaction was rolled back.
+        Before each write transaction the store checks that its path still
+        names the file it has open. When the file was deleted or replaced, the
+        store opens the path again (creating an empty database if nothing is
+        there), and the next ``save`` reports ``reset``: the file now open
+        holds none of what was written before. While the path cannot be opened
+        (its directory is gone), writes raise ``StoreUnavailableError``.
         """
         written = added = 0
         async with self._transaction("save") as conn:
@@ -489,36 +486,13 @@ class SQLiteStore(StoreBase):
         async with self._errors("read"):
             return list(await self._r().execute_fetchall(sql, params))
 
+    @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
-        """Read a run's snapshot; see ``Store.load``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            The snapshot or None.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-            CodecError: the row's header columns have the wrong types (written
-                by something other than hotstate).
-        """
         rows = await self._fetchall(_SELECT_RUNS + " WHERE run_id = ?", (run_id,))
         return _stored(rows[0], self.tier) if rows else None
 
+    @override
     async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
-        """Read several runs' snapshots; see ``Store.load_many``.
-
-        Args:
-            run_ids: the runs.
-
-        Returns:
-            The snapshots found, by run id.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-            CodecError: a row's header columns have the wrong types.
-        """
         found: dict[str, StoredSnapshot] = {}
         ids = list(dict.fromkeys(run_ids))
         chunk = 500  # well under SQLITE_MAX_VARIABLE_NUMBER on old builds (999)
@@ -531,6 +505,7 @@ class SQLiteStore(StoreBase):
             found.update((row[0], _stored(row, self.tier)) for row in rows)
         return found
 
+    @override
     async def scan(
         self,
         *,
@@ -539,25 +514,10 @@ class SQLiteStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        """Page through headers by run id, reading header columns only; see ``Store.scan``.
-
-        Args:
-            status: status filter.
-            workflow: workflow filter.
-            after: exclusive run-id cursor.
-            limit: page size.
-
-        Returns:
-            Up to ``limit`` headers.
-
-        Raises:
-            ConfigError: ``limit`` < 1.
-            StoreUnavailableError: SQLite failed.
-            CodecError: a row's header columns have the wrong types.
-        """
         rows = await self._page(_SELECT_HEADERS, status, workflow, after, limit)
         return [_header(row, self.tier) for row in rows]
 
+    @override
     async def scan_snapshots(
         self,
         *,
@@ -566,7 +526,6 @@ class SQLiteStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[StoredSnapshot]:
-        """Page through whole stored snapshots by run id; see ``Store.scan_snapshots``."""
         rows = await self._page(_SELECT_RUNS, status, workflow, after, limit)
         return [_stored(row, self.tier) for row in rows]
 
@@ -596,19 +555,8 @@ class SQLiteStore(StoreBase):
             sql += " WHERE " + " AND ".join(where)
         return await self._fetchall(sql + " ORDER BY run_id LIMIT ?", [*params, limit])
 
+    @override
     async def history(self, run_id: str) -> list[Transition]:
-        """Read a run's transitions by version; see ``Store.history``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            The transitions.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-            CodecError: a stored kind or status is unknown.
-        """
         rows = await self._fetchall(
             "SELECT run_id, version, kind, step, status, at, detail FROM transitions "
             "WHERE run_id = ? ORDER BY version",
@@ -616,26 +564,12 @@ class SQLiteStore(StoreBase):
         )
         return [transition_from_row(tuple(row), tier=self.tier) for row in rows]
 
+    @override
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        """Store a dead letter, replacing the run's earlier one; see ``Store.save_dead_letter``.
-
-        Args:
-            record: the record.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-        """
         await self.save_dead_letters([record])
 
+    @override
     async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
-        """Store several dead letters in one transaction; see ``Store.save_dead_letters``.
-
-        Args:
-            records: the records.
-
-        Raises:
-            StoreUnavailableError: SQLite failed; the transaction was rolled back.
-        """
         if not records:
             return
         rows = [_dead_letter_row(r) for r in records]
@@ -646,15 +580,8 @@ class SQLiteStore(StoreBase):
                 rows,
             )
 
+    @override
     async def dead_letters(self) -> list[StoredDeadLetter]:
-        """List dead letters, oldest first; see ``Store.dead_letters``.
-
-        Returns:
-            The records.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-        """
         rows = await self._fetchall(
             "SELECT run_id, workflow, at, error, attempts, compensation_errors, "
             "workflow_version, version, step, status, updated_at, attempt, "
@@ -673,26 +600,16 @@ class SQLiteStore(StoreBase):
             for r in rows
         ]
 
+    @override
     async def delete_dead_letter(self, run_id: str) -> bool:
-        """Remove a dead letter; see ``Store.delete_dead_letter``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            True when one was removed.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-        """
         async with self._transaction("delete_dead_letter") as conn:
             cur = await conn.execute(
                 "DELETE FROM dead_letters WHERE run_id = ?", (run_id,)
             )
             return cur.rowcount > 0
 
+    @override
     async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
-        """Keep point-in-time copies in one transaction; see ``Store.save_versions``."""
         if not snapshots:
             return
         async with self._transaction("save_versions") as conn:
@@ -701,8 +618,8 @@ class SQLiteStore(StoreBase):
                 [_snapshot_row(s) for s in snapshots],
             )
 
+    @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
-        """The newest kept copy at or before ``version``; see ``Store.load_version``."""
         rows = await self._fetchall(
             "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
             "attempt, error, body FROM snapshot_versions WHERE run_id = ? AND version <= ? "
@@ -711,18 +628,8 @@ class SQLiteStore(StoreBase):
         )
         return _stored(rows[0], self.tier) if rows else None
 
+    @override
     async def purge_finished(self, *, before: float) -> int:
-        """Delete old finished runs and their history; see ``Store.purge_finished``.
-
-        Args:
-            before: wall-clock cut-off (exclusive).
-
-        Returns:
-            How many runs were deleted.
-
-        Raises:
-            StoreUnavailableError: SQLite failed.
-        """
         params = [*sorted(FINISHED_STATUSES), before]
         async with self._transaction("purge_finished") as conn:
             await conn.execute(_PURGE_TRANSITIONS, params)
