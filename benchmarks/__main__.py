@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from hotstate._bench import main
+from hotstate._cli._bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

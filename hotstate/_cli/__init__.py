@@ -1,7 +1,8 @@
 """The ``hotstate`` command line: ``bench``, ``advise``, ``demo``, ``runs``.
 
-An application on top of the three layers: it may import any of them, and no
-layer imports it. Each subcommand module exposes ``register(subparsers)``, which
+The one application on top of the three layers: it may import any of them and
+the bench library ``hotstate._bench`` (which never imports it back), and nothing
+else imports it. Each subcommand module exposes ``register(subparsers)``, which
 adds its parser and sets ``func(args) -> int`` (the exit status).
 """
 

@@ -40,14 +40,14 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from hotstate._cli._advice import (
+from hotstate._cli._output import fail, print_json
+from hotstate._cli._tuning import (
     TIERS,
     Recommendation,
     TierAdvice,
     advise,
     load_measurements,
 )
-from hotstate._cli._output import fail, print_json
 from hotstate._errors import ConfigError
 from hotstate._validate import number
 

@@ -27,7 +27,8 @@ import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, TextIO
 
-from hotstate._cli._output import fail, print_json, render_table
+from hotstate._bench._table import render_table
+from hotstate._cli._output import fail, print_json
 from hotstate._errors import HotstateError
 from hotstate.persistence import EmbeddedValkey
 

@@ -10,7 +10,7 @@ import threading
 
 # One module per subcommand, each exposing ``register(subparsers)``.
 SUBCOMMAND_MODULES = (
-    "hotstate._bench._main",
+    "hotstate._cli._bench",
     "hotstate._cli._runs",
     "hotstate._cli._advise",
     "hotstate._cli._demo",

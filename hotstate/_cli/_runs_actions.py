@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from hotstate._cli._output import fail, print_json, render_table
+from hotstate._bench._table import render_table
+from hotstate._cli._output import fail, print_json
 from hotstate._errors import (
     CodecError,
     CorruptSnapshotError,

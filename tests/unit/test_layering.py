@@ -5,8 +5,10 @@
 - ``hotstate.persistence`` does not import ``runtime``;
 - only ``hotstate/__init__.py`` imports from all three subpackages;
 - ``_errors.py`` and ``_clock.py`` are leaves;
-- ``hotstate._cli`` and ``hotstate._bench`` are applications on top of the three
-  layers: they may import anything, and nothing else in hotstate imports them.
+- ``hotstate._cli`` is the application on top of the three layers and
+  ``hotstate._bench`` the library it calls: both may import the layers,
+  ``hotstate._bench`` never imports ``hotstate._cli``, and nothing else in
+  hotstate imports either.
 
 Every import counts, including those under ``if TYPE_CHECKING:``: a layer that
 needs another layer's names for typing still depends on it. Importing the root
@@ -82,6 +84,12 @@ def violations(path: Path, source: str) -> list[str]:
     own = parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else None
     problems: list[str] = []
     if len(parts) > 1 and parts[1] in APPLICATIONS:
+        if parts[1] == "_bench":
+            problems += [
+                f"{module} imports {name}: the bench library never imports the application hotstate._cli"
+                for name in sorted(imports)
+                if name.split(".")[:2] == ["hotstate", "_cli"]
+            ]
         return problems
     if module != "hotstate.__main__":
         problems += [
@@ -141,6 +149,8 @@ def test_module_imports_respect_the_layers(path):
 ACTORS_MODULE = PACKAGE_DIR / "actors" / "_example.py"
 PERSISTENCE_MODULE = PACKAGE_DIR / "persistence" / "_example.py"
 RUNTIME_MODULE = PACKAGE_DIR / "runtime" / "_example.py"
+BENCH_MODULE = PACKAGE_DIR / "_bench" / "_example.py"
+CLI_MODULE = PACKAGE_DIR / "_cli" / "_example.py"
 
 
 @pytest.mark.parametrize(
@@ -180,6 +190,11 @@ RUNTIME_MODULE = PACKAGE_DIR / "runtime" / "_example.py"
             "all three",
         ),
         (PACKAGE_DIR / "_errors.py", "from hotstate.actors import Status", "leaf"),
+        (BENCH_MODULE, "from hotstate._cli._output import fail", "hotstate._cli"),
+        (BENCH_MODULE, "from .._cli import main", "hotstate._cli"),
+        (BENCH_MODULE, "from hotstate import _cli", "hotstate._cli"),
+        (RUNTIME_MODULE, "from hotstate._bench import run_bench", "application"),
+        (PERSISTENCE_MODULE, "from hotstate._cli import main", "application"),
     ],
 )
 def test_the_layering_checker_catches_forbidden_imports(path, source, needle):
@@ -208,6 +223,9 @@ def test_the_layering_checker_catches_forbidden_imports(path, source, needle):
             PACKAGE_DIR / "__init__.py",
             "from hotstate import actors, persistence, runtime",
         ),
+        (CLI_MODULE, "from hotstate._bench import run_bench\nfrom hotstate.runtime import Runtime"),
+        (BENCH_MODULE, "from hotstate._bench._table import render_table\nfrom hotstate import Runtime"),
+        (PACKAGE_DIR / "__main__.py", "from hotstate._cli import main"),
     ],
 )
 def test_the_layering_checker_allows_imports_that_point_the_right_way(path, source):

@@ -10,7 +10,7 @@ import pytest
 
 from hotstate import ConfigError
 from hotstate._cli import main
-from hotstate._cli._advice import (
+from hotstate._cli._tuning import (
     DEFAULT_FLUSH_RATE,
     Measurements,
     SweepPoint,

