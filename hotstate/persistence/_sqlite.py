@@ -57,9 +57,10 @@ __all__ = ["SQLiteStore"]
 
 _SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
+# The columns `runs` and `snapshot_versions` share after run_id: RunHeader's
+# fields in its order (_snapshot_row and _stored rely on it), then the
+# snapshot's error and body. `dead_letters` holds a snapshot in another order.
+_SNAPSHOT_COLUMNS: Final = """
     workflow TEXT NOT NULL,
     workflow_version INTEGER NOT NULL,
     version INTEGER NOT NULL,
@@ -68,7 +69,11 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at REAL NOT NULL,
     attempt INTEGER NOT NULL,
     error TEXT,
-    body BLOB NOT NULL
+    body BLOB NOT NULL"""
+
+_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,{_SNAPSHOT_COLUMNS}
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, run_id);
 CREATE INDEX IF NOT EXISTS runs_workflow ON runs (workflow, run_id);
@@ -83,16 +88,7 @@ CREATE TABLE IF NOT EXISTS transitions (
     PRIMARY KEY (run_id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshot_versions (
-    run_id TEXT NOT NULL,
-    workflow TEXT NOT NULL,
-    workflow_version INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    attempt INTEGER NOT NULL,
-    error TEXT,
-    body BLOB NOT NULL,
+    run_id TEXT NOT NULL,{_SNAPSHOT_COLUMNS},
     PRIMARY KEY (run_id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -217,9 +213,8 @@ _new = tuple.__new__  # NamedTuples without the keyword-parsing __new__ frame
 
 def _malformed(row: sqlite3.Row | tuple[Any, ...], tier: str) -> CodecError:
     """A row whose header columns do not have their types (written by something else)."""
-    names = ("run_id", "workflow", "workflow_version", "version", "step", "status", "updated_at", "attempt")
     types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, int, str, (int, float), int)
-    bad = [f"{n}={v!r}" for n, t, v in zip(names, types, row[:8], strict=True) if not isinstance(v, t)]
+    bad = [f"{n}={v!r}" for n, t, v in zip(RunHeader._fields, types, row[:8], strict=True) if not isinstance(v, t)]
     if len(row) > 9 and not isinstance(row[9], bytes | bytearray | memoryview):
         bad.append(f"body is a {type(row[9]).__name__}")
     return CodecError(tier, f"run {row[0]!r}: stored header is malformed: {', '.join(bad)}")
