@@ -324,9 +324,16 @@ class SQLiteStore(StoreBase):
         try:
             conn = await pending
         except BaseException:
-            # A failed aiosqlite connect queues its worker thread's stop but does
-            # not wait for it; if the event loop closed first, the thread would
-            # raise "Event loop is closed". Wait for the thread while the loop lives.
+            # aiosqlite (checked against 0.22.1, core.py) starts a worker thread
+            # per connection. When connecting fails, Connection._connect calls
+            # stop(), which queues the close with a future, and does not await
+            # it. The worker then hands its result to that future's loop with
+            # call_soon_threadsafe; if the loop has closed meanwhile, the thread
+            # dies with "RuntimeError: Event loop is closed" (omnilib/aiosqlite
+            # #241), which pytest reports as an unhandled thread exception. So
+            # wait for the thread while the loop lives. Connection has no public
+            # join (requested in omnilib/aiosqlite#387), hence the private
+            # `_thread`, read with a default in case a release renames it.
             thread = getattr(pending, "_thread", None)
             if thread is not None and thread.is_alive():
                 with anyio.CancelScope(shield=True):
