@@ -7,7 +7,11 @@ Keys (``P`` is the prefix):
   0 and the run id as member, so ``ZRANGEBYLEX`` pages by run id;
 - ``P:hist:{run_id}``: hash of version -> transition JSON (``HSETNX``, so a
   retried batch never duplicates history);
-- ``P:dead``: hash of run id -> dead-letter JSON, ``P:dead:body``: run id -> body.
+- ``P:dead``: hash of run id -> dead-letter JSON, ``P:dead:body``: run id -> body;
+- ``P:ver:{run_id}``: the kept copies, a hash of version -> body and
+  ``{version}:h`` -> header JSON (``HSETNX``);
+- ``P:epoch``: a random id set when the first store opens the prefix (see
+  ``ValkeyStore.save``).
 
 ``save`` is one ``EVALSHA`` of a Lua script that applies the whole batch
 server-side, including the version guard, so it is one round trip and atomic
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import uuid
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
@@ -45,6 +50,11 @@ from hotstate.persistence._store import (
     check_limit,
     status_filter,
 )
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
@@ -324,12 +334,8 @@ class ValkeyStore(StoreBase):
             raise HotstateInternalError("ValkeyStore is open without a client")
         return self._client
 
+    @override
     async def open(self) -> None:
-        """Connect, check the server answers, and register the Lua scripts. Idempotent.
-
-        Raises:
-            StoreUnavailableError: the server cannot be reached.
-        """
         if self._opened:
             return
         if self._client is None:
@@ -360,26 +366,22 @@ class ValkeyStore(StoreBase):
         if client is not None and self._owns_client:
             await client.aclose()
 
+    @override
     async def aclose(self) -> None:
-        """Close the connection pool (unless the client was given). Idempotent."""
         self._opened = False
         await self._drop_client()
 
+    @override
     async def save(
         self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
     ) -> SaveResult:
-        """Write a batch with one EVALSHA, version guard inside; see ``Store.save``.
+        """Write the batch with one ``EVALSHA``, the version guard inside the script.
 
-        Args:
-            snapshots: the snapshots.
-            transitions: the transitions.
-
-        Returns:
-            What was written.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable, read-only or out
-                of memory.
+        ``reset`` is True when the script finds the prefix's epoch key gone or
+        changed: the server lost the prefix's data (restarted empty, flushed).
+        The script then sets the key again. Stores that share a prefix share
+        its epoch, so only the first of them to save after the loss sees
+        ``reset``. An empty batch returns at once, without a round trip.
         """
         client = self._w("save")
         if not snapshots and not transitions:
@@ -398,33 +400,13 @@ class ValkeyStore(StoreBase):
             written=int(written), stale=int(stale), transitions=int(added), reset=bool(reset)
         )
 
+    @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
-        """Read a run's snapshot; see ``Store.load``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            The snapshot or None.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-        """
         found = await self.load_many([run_id])
         return found.get(run_id)
 
+    @override
     async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
-        """Read several runs' snapshots in one pipelined round trip; see ``Store.load_many``.
-
-        Args:
-            run_ids: the runs.
-
-        Returns:
-            The snapshots found, by run id.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-        """
         client = self._c()
         ids = list(dict.fromkeys(run_ids))
         if not ids:
@@ -459,6 +441,7 @@ class ValkeyStore(StoreBase):
         members = sorted({m for reply in replies for m in reply})
         return [m.decode() for m in members[:count]]
 
+    @override
     async def scan(
         self,
         *,
@@ -467,24 +450,10 @@ class ValkeyStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        """Page through headers by run id using the index sets and header fields only.
+        """Page through the index sets, then read those runs' header fields.
 
-        See ``Store.scan``. Bodies are never fetched. Index entries are checked
-        against the header, so an index lagging a concurrent write never
-        returns a wrong row.
-
-        Args:
-            status: status filter.
-            workflow: workflow filter.
-            after: exclusive run-id cursor.
-            limit: page size.
-
-        Returns:
-            Up to ``limit`` headers.
-
-        Raises:
-            ConfigError: ``limit`` < 1.
-            StoreUnavailableError: the server is unreachable.
+        Each header is checked against the filters again, so an index lagging
+        a concurrent write never returns a wrong row.
         """
         check_limit(limit)
         statuses = status_filter(status)
@@ -509,6 +478,7 @@ class ValkeyStore(StoreBase):
             )
         return found
 
+    @override
     async def scan_snapshots(
         self,
         *,
@@ -517,24 +487,17 @@ class ValkeyStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[StoredSnapshot]:
-        """Page through whole stored snapshots by run id; see ``Store.scan_snapshots``."""
+        """``scan``, then ``load_many`` for the bodies.
+
+        A run deleted between the two is left out, so a page shorter than
+        ``limit`` is not always the last one.
+        """
         headers = await self.scan(status=status, workflow=workflow, after=after, limit=limit)
         loaded = await self.load_many([h.run_id for h in headers])
         return [loaded[h.run_id] for h in headers if h.run_id in loaded]
 
+    @override
     async def history(self, run_id: str) -> list[Transition]:
-        """Read a run's transitions by version; see ``Store.history``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            The transitions.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-            CodecError: a stored transition is malformed.
-        """
         async with self._errors("history"):
             raw = await cast(
                 "Awaitable[dict[bytes, bytes]]",
@@ -546,26 +509,12 @@ class ValkeyStore(StoreBase):
             raise CodecError(self.tier, f"run {run_id!r}: stored history has a malformed version: {exc}") from exc
         return [transition_from_json(v, tier=self.tier) for _, v in ordered]
 
+    @override
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        """Store a dead letter, replacing the run's earlier one; see ``Store.save_dead_letter``.
-
-        Args:
-            record: the record.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-        """
         await self.save_dead_letters([record])
 
+    @override
     async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
-        """Store several dead letters in one ``MULTI``; see ``Store.save_dead_letters``.
-
-        Args:
-            records: the records.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-        """
         if not records:
             return
         metas: dict[str, str] = {}
@@ -591,15 +540,8 @@ class ValkeyStore(StoreBase):
             pipe.hset(self._key("dead", "body"), mapping=bodies)
             await pipe.execute()
 
+    @override
     async def dead_letters(self) -> list[StoredDeadLetter]:
-        """List dead letters, oldest first; see ``Store.dead_letters``.
-
-        Returns:
-            The records.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-        """
         async with (
             self._errors("dead_letters"),
             self._c().pipeline(transaction=True) as pipe,
@@ -614,18 +556,8 @@ class ValkeyStore(StoreBase):
                 records.append(_dead_letter(raw, body, self.tier))
         return sorted(records, key=lambda d: (d.at, d.run_id))
 
+    @override
     async def delete_dead_letter(self, run_id: str) -> bool:
-        """Remove a dead letter; see ``Store.delete_dead_letter``.
-
-        Args:
-            run_id: the run.
-
-        Returns:
-            True when one was removed.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
-        """
         async with (
             self._errors("delete_dead_letter"),
             self._w("delete_dead_letter").pipeline(transaction=True) as pipe,
@@ -635,8 +567,8 @@ class ValkeyStore(StoreBase):
             removed, _ = await pipe.execute()
         return bool(removed)
 
+    @override
     async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
-        """Keep point-in-time copies (hash ``P:ver:{run}``: version -> body, version:h -> header); see ``Store.save_versions``."""
         if not snapshots:
             return
         async with self._errors("save_versions"), self._w("save_versions").pipeline(transaction=False) as pipe:
@@ -647,8 +579,8 @@ class ValkeyStore(StoreBase):
                 pipe.hsetnx(key, v + ":h", json.dumps([*s.header, s.error]))
             await pipe.execute()
 
+    @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
-        """The newest kept copy at or before ``version``; see ``Store.load_version``."""
         client = self._c()
         key = self._key("ver", run_id)
         async with self._errors("load_version"):
@@ -663,20 +595,13 @@ class ValkeyStore(StoreBase):
         *header, error = json.loads(_text(head))
         return StoredSnapshot(header=RunHeader(*header), error=error, body=bytes(body))
 
+    @override
     async def purge_finished(self, *, before: float) -> int:
-        """Delete old finished runs and their history; see ``Store.purge_finished``.
+        """Page through the finished statuses' index sets; delete each page with a script.
 
-        Lists candidates from the status index in pages, then deletes each page
-        with a script that re-checks status and time server-side.
-
-        Args:
-            before: wall-clock cut-off (exclusive).
-
-        Returns:
-            How many runs were deleted.
-
-        Raises:
-            StoreUnavailableError: the server is unreachable.
+        The script checks status and time again server-side, so a run revived
+        since its page was listed is kept. Each page is atomic, the whole purge
+        is not.
         """
         client = self._w("purge_finished")
         assert self._purge_script is not None  # noqa: S101  (set with _opened)
