@@ -21,9 +21,15 @@ import hmac
 import json
 import os
 import pickle
+import sys
 from typing import Any, Final, Protocol, final, runtime_checkable
 
 from hotstate._errors import CodecError, ConfigError, CorruptSnapshotError
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
 
 __all__ = ["SECRET_KEY_ENV", "Codec", "JsonCodec", "PickleCodec", "frame_format"]
 
@@ -50,14 +56,20 @@ _FORMAT_NAMES: Final = {
 class Codec(Protocol):
     """Turns a payload into framed, digest-carrying bytes and back.
 
+    This protocol documents ``encode`` and ``decode`` once; ``PickleCodec`` and
+    ``JsonCodec`` implement it.
+
     Attributes:
         name: a short name for the encoding, e.g. ``"pickle"``.
     """
 
+    # Empty, so that the slotted codecs that subclass the protocol stay slotted.
+    __slots__ = ()
+
     name: str
 
     def encode(self, value: Any) -> bytes:
-        """Encode ``value`` into a verified frame.
+        """Encode ``value`` into a frame that carries its digest (or HMAC).
 
         Args:
             value: the payload.
@@ -66,15 +78,18 @@ class Codec(Protocol):
             The framed bytes.
 
         Raises:
-            CodecError: the value cannot be encoded.
+            CodecError: the value cannot be encoded; the message names its type.
         """
         ...
 
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
         """Verify a frame, then decode its body.
 
+        The body is decoded only after the digest (or HMAC) verified: bytes
+        that fail never reach the decoder (for pickle, ``pickle.loads``).
+
         Args:
-            data: bytes made by ``encode``.
+            data: bytes made by ``encode`` of a codec with the same key.
             tier: the tier the bytes came from (for error messages).
             run_id: the run the bytes belong to (for error messages).
 
@@ -82,8 +97,11 @@ class Codec(Protocol):
             The payload.
 
         Raises:
-            CorruptSnapshotError: the frame or its digest does not verify.
-            CodecError: the verified body could not be decoded.
+            CorruptSnapshotError: the frame is malformed, was altered, or was
+                made with another key (or none) or in a format this codec does
+                not read; nothing was decoded.
+            CodecError: the verified body could not be decoded (e.g. a pickle
+                names a class that no longer exists).
         """
         ...
 
@@ -99,7 +117,7 @@ def _resolve_key(key: bytes | str | None) -> bytes | None:
     return resolved
 
 
-class _FramedCodec:
+class _FramedCodec(Codec):
     """Framing, digest and verification shared by the codecs; subclasses pick the body."""
 
     __slots__ = ("_algorithm", "_key")
@@ -221,19 +239,8 @@ class PickleCodec(_FramedCodec):
     name = "pickle"
     _accepted_formats = frozenset({_FMT_PICKLE, _FMT_CLOUDPICKLE})
 
+    @override
     def encode(self, value: Any) -> bytes:
-        """Pickle ``value`` (cloudpickle when pickle refuses) and frame it.
-
-        Args:
-            value: the payload.
-
-        Returns:
-            The framed bytes.
-
-        Raises:
-            CodecError: neither pickle nor cloudpickle can serialize the value;
-                the message names the offending type.
-        """
         try:
             return self._frame(_FMT_PICKLE, pickle.dumps(value, protocol=5))
         except (pickle.PicklingError, TypeError, AttributeError):
@@ -249,23 +256,8 @@ class PickleCodec(_FramedCodec):
             raise _encode_error(value, exc) from exc
         return self._frame(_FMT_CLOUDPICKLE, body)
 
+    @override
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
-        """Verify the frame, then unpickle it.
-
-        Args:
-            data: bytes made by ``encode``.
-            tier: the tier the bytes came from (for error messages).
-            run_id: the run the bytes belong to (for error messages).
-
-        Returns:
-            The payload.
-
-        Raises:
-            CorruptSnapshotError: the frame or digest does not verify; the
-                bytes were never unpickled.
-            CodecError: the verified body could not be unpickled (e.g. a class
-                it names no longer exists).
-        """
         _, body = self._verify(data, tier, run_id)
         try:
             # The digest/HMAC was verified just above (DESIGN.md "Codec and trust").
@@ -297,18 +289,8 @@ class JsonCodec(_FramedCodec):
     name = "json"
     _accepted_formats = frozenset({_FMT_JSON})
 
+    @override
     def encode(self, value: Any) -> bytes:
-        """Serialize ``value`` as compact JSON and frame it.
-
-        Args:
-            value: plain data.
-
-        Returns:
-            The framed bytes.
-
-        Raises:
-            CodecError: the value is not plain JSON data; the message names the type.
-        """
         try:
             text = json.dumps(
                 value, separators=(",", ":"), ensure_ascii=False, allow_nan=True
@@ -320,21 +302,8 @@ class JsonCodec(_FramedCodec):
             ) from exc
         return self._frame(_FMT_JSON, text.encode())
 
+    @override
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
-        """Verify the frame, then parse the JSON body.
-
-        Args:
-            data: bytes made by ``encode``.
-            tier: the tier the bytes came from (for error messages).
-            run_id: the run the bytes belong to (for error messages).
-
-        Returns:
-            The payload.
-
-        Raises:
-            CorruptSnapshotError: the frame or digest does not verify.
-            CodecError: the verified body is not valid JSON.
-        """
         _, body = self._verify(data, tier, run_id)
         try:
             return json.loads(bytes(body))
