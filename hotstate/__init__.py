@@ -19,7 +19,6 @@ The names most code needs are re-exported here.
 from __future__ import annotations
 
 from hotstate._clock import Clock, SystemClock
-from hotstate._instrument import Instrument
 from hotstate._errors import (
     CodecError,
     ConfigError,
@@ -42,6 +41,7 @@ from hotstate._errors import (
     ValkeyServerError,
     WorkflowNotRegisteredError,
 )
+from hotstate._instrument import Instrument
 from hotstate.actors import (
     ErrorInfo,
     Finish,

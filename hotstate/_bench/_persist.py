@@ -30,6 +30,7 @@ from hotstate import (
 )
 from hotstate._bench import _w1 as w1
 from hotstate.persistence import (
+    IgnoringListener,
     Persister,
     SnapshotEncoder,
     SQLiteStore,
@@ -134,7 +135,7 @@ async def sustained_flush(store: Store, n: int, rounds: int = 3) -> float:
     encoder = SnapshotEncoder(PickleCodec())
     from hotstate import SystemClock
 
-    persister = Persister(Tier(store, FlushPolicy(interval=3600, max_batch_rows=n)), encoder, SystemClock())
+    persister = Persister(Tier(store, FlushPolicy(interval=3600, max_batch_rows=n)), encoder, SystemClock(), IgnoringListener())
     rates = []
     for r in range(rounds):
         batch = _snapshots(n, r + 2)

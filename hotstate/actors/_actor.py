@@ -197,6 +197,28 @@ class RunActor:
             self.mailbox = deque()
         self.mailbox.append((kind, name, data))
 
+    def post_signal(self, name: str, data: Any) -> None:
+        """Deliver signal ``name`` after the step in flight (the run's own step sent it)."""
+        self.post(MSG_SIGNAL, name, data)
+
+    def post_cancel(self) -> None:
+        """Cancel the run at its next turn."""
+        self.post(MSG_CANCEL)
+
+    def post_wake(self) -> None:
+        """End a retry backoff: the failed step runs again at the next turn."""
+        self.post(MSG_WAKE)
+
+    def post_fail(self, reason: str, exc: Exception) -> None:
+        """Fail the run for good at its next turn (e.g. its payload cannot be persisted)."""
+        self.post(MSG_FAIL, reason, exc)
+
+    def clear_failures(self) -> None:
+        """Forget recorded step and compensation failures (a dead letter is retried)."""
+        self.attempts = ()
+        self.comp_errors = ()
+        self.last_exc = None
+
     def runnable(self) -> bool:
         """True when a turn would make progress now."""
         if self.parked:

@@ -12,13 +12,12 @@ from hotstate.persistence._codec import (
     PickleCodec,
     frame_format,
 )
+from hotstate.persistence._listener import IgnoringListener, TierListener
 from hotstate.persistence._memory import MemoryStore
 from hotstate.persistence._persister import (
-    Persistence,
     Persister,
     PersisterStatistics,
     SnapshotEncoder,
-    Tier,
 )
 from hotstate.persistence._policy import FlushPolicy
 from hotstate.persistence._records import (
@@ -39,6 +38,7 @@ from hotstate.persistence._records import (
 )
 from hotstate.persistence._sqlite import SQLiteStore
 from hotstate.persistence._store import FINISHED_STATUSES, Store
+from hotstate.persistence._tiers import Tier, Tiers
 from hotstate.persistence._valkey import ValkeyStore
 from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
 
@@ -48,9 +48,9 @@ __all__ = [
     "Codec",
     "EmbeddedValkey",
     "FlushPolicy",
+    "IgnoringListener",
     "JsonCodec",
     "MemoryStore",
-    "Persistence",
     "Persister",
     "PersisterStatistics",
     "PickleCodec",
@@ -62,6 +62,8 @@ __all__ = [
     "StoredDeadLetter",
     "StoredSnapshot",
     "Tier",
+    "TierListener",
+    "Tiers",
     "ValkeyServerError",
     "ValkeyStore",
     "decode_snapshot",

@@ -1,18 +1,21 @@
-"""The write-behind ``Persister`` (one per tier) and the ``Persistence`` fan-out over tiers.
+"""The write-behind ``Persister`` (one per tier) and the ``SnapshotEncoder`` the tiers share.
 
 The "Persister" box of DESIGN.md: ``mark`` is O(1) and does no I/O (it keeps
 the newest snapshot per run and appends the transition); the flush loop
 coalesces, encodes once (shared across tiers through ``SnapshotEncoder``),
 writes one batch, and only then acknowledges durability. A failed flush puts
-its batch back (newer versions win) and retries with capped backoff.
+its batch back (newer versions win) and retries with capped backoff. Dead
+letters cross in as domain objects and are encoded in the flush too. What the
+owner must hear (durable, pressure, codec error, reset) goes to the
+``TierListener`` given to the constructor. ``Tiers`` (``_tiers.py``) holds one
+persister per tier.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
@@ -20,47 +23,34 @@ import anyio.lowlevel
 
 from hotstate._errors import (
     CodecError,
-    ConfigError,
     DurabilityTimeoutError,
     PersistenceError,
     StoreUnavailableError,
 )
-from hotstate.actors import Snapshot, Status, Transition
-from hotstate.persistence._policy import FlushPolicy
+from hotstate.actors import DeadLetter, Snapshot, Status, Transition
 from hotstate.persistence._records import (
     SaveResult,
     StoredDeadLetter,
     StoredSnapshot,
     encode_snapshot,
+    error_to_json,
+    errors_to_json,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from anyio.abc import TaskStatus
 
     from hotstate._clock import Clock
     from hotstate._instrument import Instruments
     from hotstate.persistence._codec import Codec
-    from hotstate.persistence._store import Store
+    from hotstate.persistence._listener import TierListener
+    from hotstate.persistence._tiers import Tier
 
-__all__ = ["Persistence", "Persister", "PersisterStatistics", "SnapshotEncoder", "Tier"]
+__all__ = ["Persister", "PersisterStatistics", "SnapshotEncoder"]
 
 log = logging.getLogger("hotstate.persistence")
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Tier:
-    """A store and the policy its persister flushes with.
-
-    Attributes:
-        store: where snapshots go.
-        policy: when and how they go there.
-    """
-
-    store: Store
-    policy: FlushPolicy = field(default_factory=FlushPolicy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +105,10 @@ class PersisterStatistics:
 class SnapshotEncoder:
     """Encodes each (run, version) once, however many tiers flush it.
 
+    An encoding is kept until every tier has that version durable, then freed
+    (``acknowledged``), so a long-running service holds encodings only of what
+    some tier has still to write.
+
     Args:
         codec: the payload codec.
     """
@@ -122,7 +116,12 @@ class SnapshotEncoder:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self._cache: dict[str, tuple[int, StoredSnapshot]] = {}
+        self._durable: list[dict[str, int]] = []  # each tier's durable versions
         self.encodes = 0
+
+    def track(self, durable: dict[str, int]) -> None:
+        """Count one more tier: an encoding is freed once ``durable`` (and every other tracked map) holds its version."""
+        self._durable.append(durable)
 
     def encode(self, snapshot: Snapshot) -> StoredSnapshot:
         """Encode ``snapshot`` (or return the cached encoding of that version).
@@ -138,11 +137,18 @@ class SnapshotEncoder:
         self._cache[snapshot.run_id] = (snapshot.version, stored)
         return stored
 
-    def release(self, run_id: str, version: int) -> None:
-        """Forget the cached encoding once every tier has ``version`` durable."""
+    def acknowledged(self, run_id: str, version: int) -> None:
+        """A tier has ``version`` of ``run_id`` durable: free the encoding once every tier has it."""
         hit = self._cache.get(run_id)
-        if hit is not None and hit[0] <= version:
+        if hit is None:
+            return
+        held = hit[0]
+        if held <= version and all(d.get(run_id, 0) >= held for d in self._durable):
             del self._cache[run_id]
+
+    def forget(self, run_id: str) -> None:
+        """Drop the encoding of a run that left memory (purged)."""
+        self._cache.pop(run_id, None)
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -156,24 +162,34 @@ class Persister:
         tier: the store and its flush policy.
         encoder: the encoder shared by all tiers.
         clock: time for intervals and backoff.
+        listener: told when a parked item may go on, about pressure, codec
+            errors and a store that lost its data.
+        instruments: observers of each store write (none: no cost).
     """
 
     def __init__(
-        self, tier: Tier, encoder: SnapshotEncoder, clock: Clock, instruments: Instruments | None = None
+        self,
+        tier: Tier,
+        encoder: SnapshotEncoder,
+        clock: Clock,
+        listener: TierListener,
+        instruments: Instruments | None = None,
     ) -> None:
         self.store = tier.store
+        self.durable: dict[str, int] = {}
         self._instruments = instruments if instruments is not None and (
             instruments.save_started or instruments.save_finished) else None
         self.policy = tier.policy
         self.name = tier.store.tier
         self._encoder = encoder
+        encoder.track(self.durable)
         self._clock = clock
+        self._listener = listener
         self._dirty: dict[str, Snapshot] = {}
         self._transitions: list[Transition] = []
-        self._dead: list[StoredDeadLetter] = []
+        self._dead: list[DeadLetter] = []
         self._dead_deletes: list[str] = []
-        self.durable: dict[str, int] = {}
-        self.waiting: dict[str, Any] = {}  # run_id -> what to hand on_durable once durable
+        self.waiting: dict[str, Any] = {}  # run_id -> what to hand the listener once durable
         self._durable_events: dict[str, list[tuple[int, anyio.Event]]] = {}
         self._lock = anyio.Lock()
         self._sleep: anyio.CancelScope | None = None
@@ -181,10 +197,6 @@ class Persister:
         self._avg_bytes = 0.0
         self._poisoned: set[str] = set()
         self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
-        self.on_durable: Callable[[Any], None] = lambda _item: None
-        self.on_codec_error: Callable[[str, CodecError], None] = lambda _rid, _exc: None
-        self.on_pressure: Callable[[bool], None] = lambda _on: None
-        self.on_reset: Callable[[], None] = lambda: None
         self.pressure = False
         self._stopping = False
         bound = tier.policy.max_pending_rows
@@ -215,9 +227,9 @@ class Persister:
         if n + len(dirty) > self._bound_rows and not self.pressure:
             self._set_pressure(True)
 
-    def mark_dead_letter(self, record: StoredDeadLetter) -> None:
-        """Queue a dead-letter record for the next flush."""
-        self._dead.append(record)
+    def mark_dead_letter(self, letter: DeadLetter) -> None:
+        """Queue a dead letter for the next flush (encoded there, like snapshots)."""
+        self._dead.append(letter)
         self._poke()
 
     def mark_dead_letter_deleted(self, run_id: str) -> None:
@@ -234,7 +246,7 @@ class Persister:
         if on:
             self._pressure_events += 1
             self._poke()
-        self.on_pressure(on)
+        self._listener.pressure(self.name, on)
 
     # -------------------------------------------------------------- queries
 
@@ -452,7 +464,7 @@ class Persister:
             self._poisoned.add(rid)
             self._codec_errors += 1
             log.error("hotstate: run %r cannot be persisted to %r: %s", rid, self.name, exc)
-            self.on_codec_error(rid, exc)
+            self._listener.codec_error(rid, exc)
         if snap.status is not Status.failed:
             return []  # the run is being failed; its failed snapshot will be written
         return [encode_snapshot(snap._replace(payload=None, signals=()), self._encoder.codec)]
@@ -472,7 +484,7 @@ class Persister:
             # recovery finds a letter newer than the run's row and records the
             # run as failed (never a failed run without its letter).
             if dead:  # one transaction for all of them: a flush may carry many
-                await self.store.save_dead_letters(dead)
+                await self.store.save_dead_letters([self._encode_dead_letter(letter) for letter in dead])
             dead_saved = True
             for chunk, chunk_transitions in chunks:
                 stored = self._encode(chunk)
@@ -529,6 +541,23 @@ class Persister:
         ):
             self._set_pressure(False)
 
+    def _encode_dead_letter(self, letter: DeadLetter) -> StoredDeadLetter:
+        """The stored form of a dead letter; an unencodable payload is written as its header only."""
+        snap = letter.snapshot
+        try:
+            stored = self._encoder.encode(snap)
+        except PersistenceError:
+            stored = encode_snapshot(snap._replace(payload=None, signals=()), self._encoder.codec)
+        return StoredDeadLetter(
+            run_id=letter.run_id,
+            workflow=letter.workflow,
+            at=letter.at,
+            error=error_to_json(letter.error),
+            attempts=errors_to_json(letter.attempts),
+            compensation_errors=errors_to_json(letter.compensation_errors),
+            snapshot=stored,
+        )
+
     async def _save(self, stored: list[StoredSnapshot], transitions: list[Transition]) -> SaveResult:
         instruments = self._instruments
         if instruments is None:
@@ -558,7 +587,7 @@ class Persister:
         self._resets += 1
         self.durable.clear()
         log.warning("hotstate: tier %r lost its data (e.g. restarted empty); writing every run it held again", self.name)
-        self.on_reset()
+        self._listener.reset(self.name)
 
     def repopulate(self, snapshot: Snapshot, transitions: Sequence[Transition]) -> None:
         """Queue a run's current snapshot and the transitions still in memory (after a reset)."""
@@ -567,7 +596,7 @@ class Persister:
         self._poke()
 
     def notify_when_durable(self, run_id: str, item: Any) -> None:
-        """Hand ``item`` to ``on_durable`` once ``run_id``'s next flush is acknowledged; flush soon."""
+        """Hand ``item`` to the listener once ``run_id``'s next flush is acknowledged; flush soon."""
         self.waiting[run_id] = item
         self._poke()
 
@@ -575,13 +604,15 @@ class Persister:
         durable = self.durable
         waiting = self.waiting
         events = self._durable_events
+        acknowledged = self._encoder.acknowledged
         for rid, snap in batch.items():
             if durable.get(rid, 0) < snap.version:
                 durable[rid] = snap.version
+            acknowledged(rid, snap.version)
             if waiting:
                 item = waiting.pop(rid, None)
                 if item is not None:
-                    self.on_durable(item)
+                    self._listener.durable(item)
             if events:
                 pending = events.get(rid)
                 if pending:
@@ -598,7 +629,7 @@ class Persister:
         self,
         batch: dict[str, Snapshot],
         transitions: list[Transition],
-        dead: list[StoredDeadLetter],
+        dead: list[DeadLetter],
         dead_deletes: list[str],
     ) -> None:
         """Put a failed batch back; snapshots marked meanwhile are newer and win."""
@@ -614,90 +645,6 @@ class Persister:
     def forget(self, run_id: str) -> None:
         """Drop per-run bookkeeping of a run that is gone from memory."""
         self.durable.pop(run_id, None)
+        self._encoder.forget(run_id)
         self._poisoned.discard(run_id)
         self._kept.pop(run_id, None)
-
-
-@final
-class Persistence:
-    """All tiers of a runtime, seen as one ``TransitionSink``.
-
-    Args:
-        tiers: the tiers, fastest first (recovery prefers the highest verified version).
-        codec: the payload codec shared by all tiers.
-        clock: time for intervals and backoff.
-    """
-
-    def __init__(
-        self, tiers: Sequence[Tier], codec: Codec, clock: Clock, instruments: Instruments | None = None
-    ) -> None:
-        names = [t.store.tier for t in tiers]
-        if len(set(names)) != len(names):
-            raise ConfigError("tiers", names, "tier names must be unique (pass tier=... to the stores)")
-        self.encoder = SnapshotEncoder(codec)
-        self.persisters = [Persister(t, self.encoder, clock, instruments) for t in tiers]
-        self.write_through = [p for p in self.persisters if p.policy.write_through]
-        self._state = "new"
-
-    @property
-    def mark(self) -> Callable[[Snapshot, Transition], None]:
-        """The one O(1) call per transition (the only tier's own ``mark`` when there is one)."""
-        persisters = self.persisters
-        if len(persisters) == 1:
-            return persisters[0].mark
-        marks = [p.mark for p in persisters]
-
-        def mark(snapshot: Snapshot, transition: Transition) -> None:
-            for m in marks:
-                m(snapshot, transition)
-
-        return mark
-
-    async def open(self) -> None:
-        """Open every store."""
-        for p in self.persisters:
-            await p.store.open()
-        self._state = "open"
-
-    def stop_loops(self) -> None:
-        """Ask every flush loop to exit after its flush in progress (before the final flush)."""
-        for p in self.persisters:
-            p.stop()
-
-    async def flush(self) -> None:
-        """Flush every tier now.
-
-        Raises:
-            PersistenceError: a tier failed (the others were still flushed).
-        """
-        errors: list[PersistenceError] = []
-        for p in self.persisters:
-            try:
-                await p.flush()
-            except PersistenceError as exc:
-                errors.append(exc)
-        self._release()
-        if errors:
-            raise errors[0]
-
-    def _release(self) -> None:
-        """Drop cached encodings every tier has written."""
-        encoder = self.encoder
-        if not len(encoder):
-            return
-        for rid, (version, _) in list(encoder._cache.items()):
-            if all(p.durable.get(rid, 0) >= version for p in self.persisters):
-                encoder.release(rid, version)
-
-    async def aclose(self) -> None:
-        """Close every store (after the final flush)."""
-        self._state = "closed"
-        for p in self.persisters:
-            try:
-                await p.store.aclose()
-            except Exception:
-                log.exception("hotstate: closing tier %r failed", p.name)
-
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        if getattr(self, "_state", "closed") == "open":
-            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)

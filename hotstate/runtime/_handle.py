@@ -1,54 +1,44 @@
-"""``RunHandle`` (a handle on one run) and ``RuntimeStatistics`` (the runtime's figures)."""
+"""``RunHandle``: a handle on one run, held by users and passed around freely.
+
+It knows its runtime only through ``RunOwner``, the five calls it makes, so
+this module does not import ``_runtime.py`` (which imports it).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from hotstate.actors import Snapshot, Transition
-    from hotstate.persistence import PersisterStatistics
-    from hotstate.runtime._runtime import Runtime
-    from hotstate.runtime._supervisor import SupervisorStatistics
 
-__all__ = ["RunHandle", "RuntimeStatistics"]
+__all__ = ["RunHandle", "RunOwner"]
 
 _HANDLE_TOKEN: Final = object()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RuntimeStatistics:
-    """Figures of a runtime, read with ``Runtime.statistics()``.
+class RunOwner(Protocol):
+    """What a ``RunHandle`` asks of its runtime (``Runtime`` implements it)."""
 
-    Attributes:
-        runs: runs held in memory.
-        by_status: how many runs are in each status.
-        transitions: transitions committed since start.
-        ready: runs waiting in the ready queue.
-        tasks: scheduler and step-hosting tasks alive.
-        timers: scheduled deadlines (backoffs, timeouts).
-        subscribers: live subscriptions.
-        subscriber_overflows: subscribers cut off for falling behind.
-        internal_errors: crashes in hotstate's own machinery (each logged).
-        supervisor: the supervisor's figures.
-        tiers: each persistence tier's figures.
-        throttle_waits: times a run was parked by backpressure.
-    """
+    def get(self, run_id: str) -> Snapshot:
+        """The run's latest snapshot."""
+        ...
 
-    runs: int
-    by_status: Mapping[str, int]
-    transitions: int
-    ready: int
-    tasks: int
-    timers: int
-    subscribers: int
-    subscriber_overflows: int
-    internal_errors: int
-    supervisor: SupervisorStatistics
-    tiers: tuple[PersisterStatistics, ...] = ()
-    throttle_waits: int = 0
+    async def wait_finished(self, run_id: str) -> Any:
+        """Wait for the run to finish and return its final payload."""
+        ...
+
+    async def send(self, run_id: str, signal: str, data: Any = None) -> None:
+        """Send a signal to the run."""
+        ...
+
+    async def cancel(self, run_id: str) -> None:
+        """Cancel the run."""
+        ...
+
+    def history(self, run_id: str) -> list[Transition]:
+        """The run's transitions, oldest first."""
+        ...
+
 
 
 @final
@@ -57,14 +47,14 @@ class RunHandle:
 
     __slots__ = ("_runtime", "run_id")
 
-    def __init__(self, runtime: Runtime, run_id: str, *, _token: object = None) -> None:
+    def __init__(self, runtime: RunOwner, run_id: str, *, _token: object = None) -> None:
         if _token is not _HANDLE_TOKEN:
             raise TypeError("RunHandle is created by Runtime.spawn or Runtime.handle")
         self._runtime = runtime
         self.run_id = run_id
 
     @classmethod
-    def _new(cls, runtime: Runtime, run_id: str) -> RunHandle:
+    def _new(cls, runtime: RunOwner, run_id: str) -> RunHandle:
         handle = object.__new__(cls)  # skips the guarded __init__: spawn is on W1's path
         handle._runtime = runtime
         handle.run_id = run_id

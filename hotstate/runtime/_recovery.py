@@ -4,6 +4,8 @@ DESIGN.md, Recovery: read the unfinished runs' headers from every tier, take per
 run the highest version whose digest verifies (falling back to an older copy,
 from another tier, when the newest is corrupt, and reporting it). Payloads are
 decoded only for the chosen copies; loads run in chunks with bounded concurrency.
+``choose_copy`` is that rule, written once: recovery and the adoption of one
+stored id (``spawn``) both use it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ if TYPE_CHECKING:
 
     from hotstate.persistence import Codec, Store
 
-__all__ = ["CorruptCopy", "RecoveredRun", "RecoveryReport", "find_dead_letters", "find_runs"]
+__all__ = [
+    "Choice",
+    "CorruptCopy",
+    "RecoveredRun",
+    "RecoveryReport",
+    "choose_copy",
+    "find_dead_letters",
+    "find_runs",
+]
 
 log = logging.getLogger("hotstate.recovery")
 
@@ -72,6 +82,58 @@ class CorruptCopy:
     tier: str
     version: int
     reason: str
+
+
+class Choice(NamedTuple):
+    """What ``choose_copy`` picked for one run.
+
+    Attributes:
+        snapshot: the newest copy that verifies, decoded (None: none verifies).
+        tier: the tier it came from ("" when none verifies).
+        highest: the highest version any copy claims, a corrupt one included.
+        corrupt: the copies that failed verification, newest first.
+        error: the first verification error (to raise when nothing verifies).
+    """
+
+    snapshot: Snapshot | None
+    tier: str
+    highest: int
+    corrupt: list[CorruptCopy]
+    error: PersistenceError | None
+
+
+def _newest_first(copy: tuple[str, StoredSnapshot]) -> int:
+    return -copy[1].header.version
+
+
+def choose_copy(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> Choice:
+    """The one copy-choice rule: the newest copy that verifies wins.
+
+    A version tie goes to the earlier (faster) tier; a copy that does not verify
+    is reported and the next newest is tried; it is never unpickled.
+
+    Args:
+        run_id: the run.
+        copies: ``(tier, stored copy)`` in tier order (not empty).
+        codec: the codec (with the key) that verifies and decodes payloads.
+
+    Returns:
+        The choice.
+    """
+    if len(copies) > 1:
+        copies = sorted(copies, key=_newest_first)  # stable: tier order on a version tie
+    corrupt: list[CorruptCopy] = []
+    error: PersistenceError | None = None
+    for tier, stored in copies:
+        try:
+            snap = decode_snapshot(stored, codec, tier=tier)
+        except (CorruptSnapshotError, CodecError) as exc:
+            corrupt.append(CorruptCopy(run_id=run_id, tier=tier, version=stored.header.version, reason=str(exc)))
+            log.warning("hotstate: copy of run %r in %r v%d does not verify: %s", run_id, tier, stored.header.version, exc)
+            error = error or exc
+            continue
+        return Choice(snap, tier, copies[0][1].header.version, corrupt, error)
+    return Choice(None, "", copies[0][1].header.version, corrupt, error)
 
 
 @final
@@ -195,38 +257,29 @@ async def find_runs(
                 found.update(await _load_all(store, missing, concurrency))
             except PersistenceError as exc:
                 tier_errors[store.tier] = str(exc)
-    copies: dict[str, list[tuple[int, int, str, StoredSnapshot]]] = {rid: [] for rid in ids}
-    for order, (store, found) in enumerate(zip(stores, per_tier, strict=True)):
+    copies: dict[str, list[tuple[str, StoredSnapshot]]] = {rid: [] for rid in ids}
+    for store, found in zip(stores, per_tier, strict=True):
         for rid in ids:
             copy = found.get(rid)
             if copy is not None:
-                # Highest version first; on a tie, the earlier (faster) tier.
-                copies[rid].append((-copy.header.version, order, store.tier, copy))
+                copies[rid].append((store.tier, copy))
     resumed: list[tuple[Snapshot, int]] = []
     report_resumed: list[RecoveredRun] = []
     finished: list[str] = []
     corrupt: list[CorruptCopy] = []
     lost: list[str] = []
     for rid in ids:
-        snap = None
-        candidates = copies[rid]
-        if len(candidates) > 1:
-            candidates.sort(key=lambda c: (c[0], c[1]))
-        for _, _, tier, stored in candidates:
-            try:
-                snap = decode_snapshot(stored, codec, tier=tier)
-            except (CorruptSnapshotError, CodecError) as exc:
-                corrupt.append(CorruptCopy(run_id=rid, tier=tier, version=stored.header.version, reason=str(exc)))
-                log.warning("hotstate recovery: corrupt copy of run %r in %r v%d: %s", rid, tier, stored.header.version, exc)
-                continue
-            if snap.status in TERMINAL_STATUSES:
-                finished.append(rid)
-            else:
-                resumed.append((snap, -candidates[0][0]))
-                report_resumed.append(_new(RecoveredRun, (rid, snap.workflow, tier, snap.version, snap.status.value)))
-            break
+        choice = choose_copy(rid, copies[rid], codec)
+        if choice.corrupt:
+            corrupt.extend(choice.corrupt)
+        snap = choice.snapshot
         if snap is None:
             lost.append(rid)
+        elif snap.status in TERMINAL_STATUSES:
+            finished.append(rid)
+        else:
+            resumed.append((snap, choice.highest))
+            report_resumed.append(_new(RecoveredRun, (rid, snap.workflow, choice.tier, snap.version, snap.status.value)))
     report = RecoveryReport(
         resumed=tuple(report_resumed),
         already_finished=tuple(finished),

@@ -1,22 +1,29 @@
 """``Runtime``: the embedding entry point (the "Runtime" box of DESIGN.md).
 
-It owns one anyio task group. Runnable actors wait in a ready queue served by a
-scheduler task that runs their steps inline (``_host.py``). An idle run (waiting
-for a signal, or backing off) holds no task. Runs on asyncio (plain or uvloop):
-interrupts use ``Task.uncancel``.
+The public API and the lifecycle only. ``__init__`` builds the parts:
+
+- ``RunRegistry`` (``_registry.py``): the runs held in memory and their indexes;
+- ``Scheduler`` (``_scheduler.py``): the ready queue and its tasks, the
+  ``ActorHost`` the actors call and the ``TierListener`` the tiers report to;
+  it builds the ``Tiers`` (``persistence/_tiers.py``), every tier behind one door;
+- ``Adoption`` (``_adoption.py``): recovery, and ``spawn`` of a stored id;
+- the ``Supervisor``, the ``TimerService`` and the ``EventBus``.
+
+Start-up and shut-down run in named phases on one ``AsyncExitStack``, so
+teardown is the reverse of start-up. Each user method is validation plus a call
+into a part. Runs on asyncio (plain or uvloop): interrupts use ``Task.uncancel``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import random
 import uuid
 import warnings
-from collections import deque
-from typing import TYPE_CHECKING, Any, Final, final
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import anyio
 import anyio.lowlevel
@@ -38,34 +45,25 @@ from hotstate._validate import integer, number, text
 from hotstate.actors import (
     TERMINAL_STATUSES,
     DeadLetter,
-    RunActor,
     Snapshot,
     Status,
     Transition,
     TransitionKind,
     Workflow,
 )
-from hotstate.actors._actor import MSG_CANCEL, MSG_SIGNAL
-from hotstate.actors._history import History
-from hotstate.persistence import (
-    Codec,
-    Persistence,
-    PersisterStatistics,
-    PickleCodec,
-    Tier,
-    decode_snapshot,
-)
-from hotstate.runtime._adoption import StoreBackedHost
+from hotstate.persistence import Codec, PersisterStatistics, PickleCodec, Tier
+from hotstate.runtime._adoption import Adoption
 from hotstate.runtime._backoff import RestartIntensity
-from hotstate.runtime._durability import Durability
 from hotstate.runtime._events import EventBus, Subscription
-from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle, RuntimeStatistics
-from hotstate.runtime._queries import RunIndex
+from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle
+from hotstate.runtime._registry import RunRegistry
+from hotstate.runtime._scheduler import Scheduler
+from hotstate.runtime._statistics import RuntimeStatistics
 from hotstate.runtime._supervisor import Supervisor
 from hotstate.runtime._timers import TimerService
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
     from types import TracebackType
 
     from hotstate.runtime._recovery import RecoveryReport
@@ -75,12 +73,9 @@ __all__ = ["Runtime"]
 
 log = logging.getLogger("hotstate.runtime")
 
-_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
-_PENDING: Final = Status.pending
-_SPAWNED: Final = TransitionKind.spawned
 
 @final
-class Runtime(StoreBackedHost):
+class Runtime:
     """Runs workflows as in-memory actors. Use it as an async context manager.
 
     Args:
@@ -129,88 +124,78 @@ class Runtime(StoreBackedHost):
         instruments: Sequence[Instrument] = (),
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
+        number("Runtime.flush_timeout", flush_timeout, strict=True)
         integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
         integer("Runtime.recovery_concurrency", recovery_concurrency, minimum=1)
-        self._clock: Clock = clock if clock is not None else SystemClock()
-        self.wall = self._clock.wall
-        self._actors: dict[str, RunActor] = {}
-        self._actors_get = self._actors.get
-        self._rng = rng if rng is not None else random.Random()
-        number("Runtime.flush_timeout", flush_timeout, strict=True)
-        for tier in tiers:
-            if not isinstance(tier, Tier):
-                raise ConfigError("Runtime.tiers", tier, "must be Tier(store, policy) objects")
-        self._codec: Codec = codec if codec is not None else PickleCodec()
         for instrument in instruments:
             if not isinstance(instrument, Instrument):
                 raise ConfigError("Runtime.instruments", instrument, "must be Instrument objects")
-        self._instruments = Instruments(instruments)
-        self._persistence = Persistence(tiers, self._codec, self._clock, self._instruments) if tiers else None
-        self.mark: Callable[[Snapshot, Transition], None] | None = None
-        self.hold = False
-        self._durability: Durability | None = None
-        if self._persistence is not None:
-            self.mark = self._persistence.mark
-            self._durability = Durability(self._persistence, self._schedule, self._actors_get, self._set_hold)
-            self.hold = self._durability.hold
-            for p in self._persistence.persisters:
-                p.on_reset = functools.partial(self._repopulate, p)
-        self.mark = self._instruments.wrap_mark(self.mark)
-        self._recover = bool(recover)
-        self._recovery_concurrency = recovery_concurrency
-        self.recovery_report: RecoveryReport | None = None
-        self._shutdown_timeout = float(shutdown_timeout)
-        self._flush_timeout = float(flush_timeout)
-        self._steps_per_turn = steps_per_turn
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._wall = self._clock.wall
+        self._codec: Codec = codec if codec is not None else PickleCodec()
         self._workflows: dict[str, Workflow] = {}
         for wf in workflows:
             self.register(wf)
-        self._supervisor = Supervisor(intensity or RestartIntensity(), self._clock, self._rng)
+        self._recover = bool(recover)
+        self.recovery_report: RecoveryReport | None = None
+        self._shutdown_timeout = float(shutdown_timeout)
+        self._flush_timeout = float(flush_timeout)
+        self._supervisor = Supervisor(intensity or RestartIntensity(), self._clock,
+                                      rng if rng is not None else random.Random())
         self._timers = TimerService(self._clock)
         self._bus = EventBus()
-        self._index = RunIndex()
-        self._pending = self._index.by_status[Status.pending]
-        self._ready: deque[RunActor] = deque()
-        self._worker_active = False
-        self._worker_actor: RunActor | None = None
-        self._watch_armed = False
-        self._tasks = 0
-        self._tasks_idle: anyio.Event | None = None
-        self._transitions = 0
-        self._internal_errors = 0
+        self._registry = RunRegistry()
+        self._scheduler = Scheduler(
+            self._registry, self._supervisor, self._timers, self._bus, self._clock,
+            tiers=tiers, codec=self._codec, instruments=Instruments(instruments), steps_per_turn=steps_per_turn,
+        )
+        self._tiers = self._scheduler.tiers
+        self._adoption = Adoption(
+            self._registry, self._scheduler, self._supervisor, self._workflows, self._codec, self._wall,
+            concurrency=recovery_concurrency,
+        )
         self._ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._state = "new"  # new -> open -> closing -> closed
-        self.stopping = False
+        self._stack: AsyncExitStack | None = None
+        self._state: Literal["new", "open", "closing", "closed"] = "new"
 
     # ------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Runtime:
         if self._state != "new":
             raise RuntimeClosedError("a Runtime can be entered only once")
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
+        stack = AsyncExitStack()
         try:
-            await tg.start(self._timers.run)
-            if self._persistence is not None:
-                await self._persistence.open()
-                for p in self._persistence.persisters:
-                    await tg.start(p.run)
-                self._state = "open"
-                if self._recover:
-                    await self._recover_runs()
+            await self._start(stack)
+            if self._recover:
+                self.recovery_report = await self._adoption.recover()
         except BaseException:
             self._state = "closed"
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            if self._persistence is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._persistence.aclose()
+            await stack.aclose()
             raise
-        self._state = "open"
+        self._stack = stack
         return self
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        """Start the parts in order; each pushes its teardown, so teardown runs in reverse.
+
+        1. the tiers' stores open (closed last, shielded);
+        2. the task group (cancelled, then awaited, at teardown);
+        3. the timer service and every tier's flush loop, in that group;
+        4. the scheduler serves the ready queue.
+        """
+        stack.push_async_callback(self._close_tiers)
+        await self._tiers.open()
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        await tg.start(self._timers.run)
+        await self._tiers.run_loops(tg)
+        self._scheduler.start(tg)
+        self._state = "open"
+
+    async def _close_tiers(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._tiers.aclose()
 
     async def __aexit__(
         self,
@@ -219,16 +204,11 @@ class Runtime(StoreBackedHost):
         tb: TracebackType | None,
     ) -> bool | None:
         await self._shutdown()
-        tg = self._tg
-        assert tg is not None  # noqa: S101 - set by __aenter__
-        tg.cancel_scope.cancel()
         self._state = "closed"
-        try:
-            return await tg.__aexit__(exc_type, exc, tb)
-        finally:
-            if self._persistence is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._persistence.aclose()
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
         """Shut down gracefully: stop accepting, let in-flight steps finish, then cancel.
@@ -242,44 +222,42 @@ class Runtime(StoreBackedHost):
         await self.__aexit__(None, None, None)
 
     async def _shutdown(self) -> None:
+        """The graceful phases: drain the steps in flight, flush every tier, release the waiters."""
         if self._state != "open":
             return
         self._state = "closing"
-        self.stopping = True
-        with anyio.move_on_after(self._shutdown_timeout, shield=True):
-            while self._tasks:
-                self._tasks_idle = anyio.Event()
-                await self._tasks_idle.wait()
-        if self._tasks:
-            log.warning("hotstate: %d step(s) still running after %.3g s; cancelling them", self._tasks, self._shutdown_timeout)
-        if self._persistence is not None:
-            await self._final_flush()
+        left = await self._scheduler.drain(self._shutdown_timeout)
+        if left:
+            log.warning("hotstate: %d step(s) still running after %.3g s; cancelling them", left, self._shutdown_timeout)
+        await self._final_flush()
         self._bus.close_all()
-        for actor in self._actors.values():
-            if actor.waiters is not None:  # wake wait_finished callers: they raise RuntimeClosedError
-                actor.waiters.set()
-                actor.waiters = None
+        self._scheduler.wake_waiters()  # wait_finished callers raise RuntimeClosedError
 
     async def _final_flush(self) -> None:
         """Flush every tier at shutdown: shielded, so it always tries, with a deadline, so it never hangs."""
-        assert self._persistence is not None  # noqa: S101
         # The loops finish (never abandon) a flush in progress and exit, so the
         # task-group cancellation that follows interrupts no write.
-        self._persistence.stop_loops()
+        self._tiers.stop_loops()
         with anyio.move_on_after(self._flush_timeout, shield=True) as scope:
             try:
-                await self._persistence.flush()
+                await self._tiers.flush()
             except PersistenceError as exc:
                 log.error("hotstate: final flush failed; unflushed state is lost with this process: %s", exc)
         if scope.cancelled_caught:
             log.error("hotstate: final flush did not finish within %.3g s", self._flush_timeout)
+
+    @property
+    def state(self) -> Literal["new", "open", "closing", "closed"]:
+        """The lifecycle state: ``new`` until entered, ``open``, ``closing`` during shutdown, then ``closed``."""
+        return self._state
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", "closed") in ("open", "closing"):
             _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)
 
     def __repr__(self) -> str:
-        return f"<Runtime {self._state} runs={len(getattr(self, '_actors', ()))}>"
+        registry = getattr(self, "_registry", None)
+        return f"<Runtime {self._state} runs={0 if registry is None else len(registry)}>"
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -337,37 +315,22 @@ class Runtime(StoreBackedHost):
         """
         if self._state != "open":
             self._check_open()
-        if self.hold and self._durability is not None:
-            await self._durability.wait_gate()  # backpressure: a tier is over its memory bound
+        scheduler = self._scheduler
+        if scheduler.hold:
+            await scheduler.wait_gate()  # backpressure: a tier is over its memory bound
         name = workflow if isinstance(workflow, str) else workflow.name
         if run_id is None:
             run_id = f"{self._id_prefix}{next(self._ids)}"
         else:
-            if run_id in self._actors:
+            if run_id in self._registry.actors:
                 return RunHandle._new(self, run_id)
             text("spawn.run_id", run_id)
-            if self._persistence is not None and await self._adopt_stored(run_id):
+            if len(self._tiers) and await self._adoption.adopt(run_id):
                 return RunHandle._new(self, run_id)
         wf = self._workflows.get(name)
         if wf is None or (wf is not workflow and not isinstance(workflow, str)):
             raise WorkflowNotRegisteredError(run_id, name)
-        now = self.wall()
-        snap = _new(Snapshot, (run_id, name, wf.version, 1, 0, _PENDING, payload, None, now, 1, ()))
-        tr = _new(Transition, (run_id, 1, _SPAWNED, 0, _PENDING, now, None))
-        actor = RunActor(wf, snap, History(0, tr))
-        self._actors[run_id] = actor
-        self._pending[run_id] = None  # RunIndex.add, inlined
-        self._index.workflow_bucket(name)[run_id] = None
-        self._transitions += 1
-        if self.mark is not None:
-            self.mark(snap, tr)
-        if self._bus.count:
-            self._publish(tr, name)
-        # _schedule, inlined: spawn is on W1's measured path.
-        actor.queued = True
-        self._ready.append(actor)
-        if not self._worker_active:
-            self._start_worker()
+        scheduler.spawn_new(wf, run_id, payload)
         return RunHandle._new(self, run_id)
 
     def handle(self, run_id: str) -> RunHandle:
@@ -382,7 +345,7 @@ class Runtime(StoreBackedHost):
         Raises:
             RunNotFoundError: no such run.
         """
-        self._actor(run_id)
+        self._registry.actor(run_id)
         return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
 
     # --------------------------------------------------------------- queries
@@ -399,7 +362,7 @@ class Runtime(StoreBackedHost):
         Raises:
             RunNotFoundError: no such run.
         """
-        actor = self._actors.get(run_id)
+        actor = self._registry.get(run_id)
         if actor is None:
             raise RunNotFoundError(run_id)
         return actor.snapshot
@@ -421,15 +384,16 @@ class Runtime(StoreBackedHost):
             ConfigError: ``status`` is not a status name.
         """
         st = self._status(status)
+        registry = self._registry
         if st is None and workflow is None:
-            actors_in_order = iter(self._actors.values())  # spawn order, across workflows
+            actors_in_order = iter(registry)  # spawn order, across workflows
             if limit is not None:
                 actors_in_order = itertools.islice(actors_in_order, limit)
             return [a.snapshot for a in actors_in_order]
-        ids = self._index.select(st, workflow)
+        ids = registry.select(st, workflow)
         if limit is not None:
             ids = ids[:limit]
-        actors = self._actors
+        actors = registry.actors
         return [actors[rid].snapshot for rid in ids]
 
     def count(self, *, status: Status | str | None = None, workflow: str | None = None) -> int:
@@ -445,12 +409,7 @@ class Runtime(StoreBackedHost):
         Raises:
             ConfigError: ``status`` is not a status name.
         """
-        st = self._status(status)
-        if workflow is None and st is not None:
-            return self._index.count(st)
-        if workflow is None:
-            return len(self._actors)
-        return len(self._index.select(st, workflow))
+        return self._registry.count(self._status(status), workflow)
 
     @staticmethod
     def _status(status: Status | str | None) -> Status | None:
@@ -473,7 +432,7 @@ class Runtime(StoreBackedHost):
         Raises:
             RunNotFoundError: no such run.
         """
-        return self._actor(run_id).history.transitions(run_id)
+        return self._registry.actor(run_id).history.transitions(run_id)
 
     def subscribe(
         self, *, run_id: str | None = None, workflow: str | None = None, maxsize: int = 1000
@@ -509,8 +468,7 @@ class Runtime(StoreBackedHost):
             PersistenceError: a tier failed (its batch was put back and is retried).
         """
         self._check_open()
-        if self._persistence is not None:
-            await self._persistence.flush()
+        await self._tiers.flush()
 
     def durable_versions(self, run_id: str) -> dict[str, int]:
         """Where is this run, per tier? ``{"hot": 12, "valkey": 12, "sqlite": 9}``; no I/O.
@@ -527,11 +485,7 @@ class Runtime(StoreBackedHost):
         Raises:
             RunNotFoundError: no such run.
         """
-        out = {"hot": self.get(run_id).version}
-        if self._persistence is not None:
-            for p in self._persistence.persisters:
-                out[p.name] = p.durable.get(run_id, 0)
-        return out
+        return {"hot": self.get(run_id).version, **self._tiers.durable_versions(run_id)}
 
     async def wait_durable(
         self,
@@ -555,13 +509,7 @@ class Runtime(StoreBackedHost):
             DurabilityTimeoutError: not durable in time; the tier is down or slow.
         """
         v = self.get(run_id).version if version is None else version
-        if self._persistence is None:
-            raise ConfigError("wait_durable", run_id, "the runtime is memory-only (no tiers)")
-        persisters = [p for p in self._persistence.persisters if tier is None or p.name == tier]
-        if not persisters:
-            raise ConfigError("wait_durable.tier", tier, "no tier has this name")
-        for p in persisters:
-            await p.wait_durable(run_id, v, timeout)
+        await self._tiers.wait_durable(run_id, v, tier=tier, timeout=timeout)
 
     async def purge_finished(self, older_than: float) -> dict[str, int]:
         """Forget finished runs last updated more than ``older_than`` seconds ago.
@@ -583,24 +531,17 @@ class Runtime(StoreBackedHost):
         """
         self._check_open()
         number("purge_finished.older_than", older_than)
-        before = self.wall() - older_than
+        before = self._wall() - older_than
+        registry = self._registry
+        letters = self._supervisor.dead_letters
         gone: list[str] = []
         for status in TERMINAL_STATUSES:
-            for rid in list(self._index.by_status[status]):
-                actor = self._actors[rid]
-                snap = actor.snapshot
-                if snap.updated_at < before and rid not in self._supervisor.dead_letters and not actor.running:
+            for rid in list(registry.by_status[status]):
+                actor = registry.actors[rid]
+                if actor.snapshot.updated_at < before and rid not in letters and not actor.running:
                     gone.append(rid)
-                    del self._actors[rid]
-                    self._index.remove(rid, snap.workflow, status)
-        out = {"hot": len(gone)}
-        if self._persistence is not None:
-            await self._persistence.flush()  # a purged run's last versions must not arrive after the delete
-            for p in self._persistence.persisters:
-                for rid in gone:
-                    p.forget(rid)
-                out[p.name] = await p.store.purge_finished(before=before)
-        return out
+                    registry.remove(rid)
+        return {"hot": len(gone), **await self._tiers.purge(gone, before)}
 
     async def snapshot_at(self, run_id: str, version: int, *, tier: str | None = None) -> Snapshot:
         """Time travel: the run as it was at ``version`` (or the newest kept copy before it).
@@ -621,19 +562,13 @@ class Runtime(StoreBackedHost):
             ConfigError: no tier has that name.
             CorruptSnapshotError: the kept copy does not verify (never unpickled).
         """
-        actor = self._actors.get(run_id)
+        actor = self._registry.get(run_id)
         if actor is not None and actor.snapshot.version <= version:
             return actor.snapshot
-        persisters = [] if self._persistence is None else [
-            p for p in self._persistence.persisters if tier is None or p.name == tier
-        ]
-        if tier is not None and not persisters:
-            raise ConfigError("snapshot_at.tier", tier, "no tier has this name")
-        for p in persisters:
-            stored = await p.store.load_version(run_id, version)
-            if stored is not None:
-                return decode_snapshot(stored, self._codec, tier=p.name)
-        raise RunNotFoundError(run_id)
+        snap = await self._tiers.load_version(run_id, version, tier=tier)
+        if snap is None:
+            raise RunNotFoundError(run_id)
+        return snap
 
     def tier_statistics(self) -> list[PersisterStatistics]:
         """Return each tier's persister figures (flushes, rows, lag, failures, ...).
@@ -641,9 +576,7 @@ class Runtime(StoreBackedHost):
         Returns:
             One frozen record per tier, in order.
         """
-        if self._persistence is None:
-            return []
-        return [p.statistics() for p in self._persistence.persisters]
+        return self._tiers.statistics()
 
     def statistics(self) -> RuntimeStatistics:
         """Return the runtime's current figures.
@@ -651,19 +584,21 @@ class Runtime(StoreBackedHost):
         Returns:
             A frozen record.
         """
+        scheduler = self._scheduler
         return RuntimeStatistics(
-            runs=len(self._actors),
-            by_status={s.value: n for s, ids in self._index.by_status.items() if (n := len(ids))},
-            transitions=self._transitions,
-            ready=len(self._ready),
-            tasks=self._tasks,
+            runs=len(self._registry),
+            by_status={s.value: n for s, ids in self._registry.by_status.items() if (n := len(ids))},
+            transitions=scheduler.transitions,
+            ready=scheduler.ready,
+            tasks=scheduler.tasks,
             timers=len(self._timers),
             subscribers=self._bus.count,
             subscriber_overflows=self._bus.overflows,
-            internal_errors=self._internal_errors + self._timers.errors,
+            internal_errors=scheduler.internal_errors + self._timers.errors,
             supervisor=self._supervisor.statistics(),
-            tiers=tuple(self.tier_statistics()),
-            throttle_waits=self._durability.throttle_waits if self._durability else 0,
+            tiers=tuple(self._tiers.statistics()),
+            throttle_waits=scheduler.throttle_waits,
+            published=self._bus.published,
         )
 
     # ------------------------------------------------------- run interaction
@@ -683,7 +618,7 @@ class Runtime(StoreBackedHost):
             RunCancelledError: the run was cancelled.
             RuntimeClosedError: the runtime shut down before the run finished.
         """
-        actor = self._actor(run_id)
+        actor = self._registry.actor(run_id)
         while actor.snapshot.status not in TERMINAL_STATUSES:
             if self._state != "open":
                 raise RuntimeClosedError(f"run {run_id!r} did not finish before the runtime closed")
@@ -717,18 +652,18 @@ class Runtime(StoreBackedHost):
             ConfigError: no step of the run's workflow waits for ``signal``.
         """
         self._check_open()
-        actor = self._actor(run_id)
+        actor = self._registry.actor(run_id)
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
         if not any(step.wait_for == signal for step in actor.workflow.steps):
             raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
         if actor.running and actor.host_task is asyncio.current_task():
-            actor.post(MSG_SIGNAL, signal, data)  # the run's own step is sending: apply after it
+            actor.post_signal(signal, data)  # the run's own step is sending: apply after it
         else:
-            actor.accept_signal(self, signal, data)
+            actor.accept_signal(self._scheduler, signal, data)
         if actor.runnable():
-            self._schedule(actor)
+            self._scheduler.schedule(actor)
 
     async def cancel(self, run_id: str) -> None:
         """Cancel a run: a suspended step is cancelled, and the run ends ``cancelled``.
@@ -746,24 +681,15 @@ class Runtime(StoreBackedHost):
             RunFinishedError: the run has finished.
         """
         self._check_open()
-        actor = self._actor(run_id)
+        actor = self._registry.actor(run_id)
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, "cancel")
-        actor.post(MSG_CANCEL)
-        task = actor.host_task
-        if (
-            actor.running
-            and actor.interrupt is None
-            and status is not Status.compensating
-            and task is not None
-            and task is not asyncio.current_task()
-        ):
-            # The run's turn is in another task, which can only be suspended
-            # inside a step: interrupt that step (see _actor.py).
-            actor.interrupt = "cancel"
-            task.cancel()
-        self._schedule(actor)
+        actor.post_cancel()
+        if status is not Status.compensating:
+            # A turn in another task can only be suspended inside a step: interrupt it.
+            self._scheduler.interrupt(actor, "cancel")
+        self._scheduler.schedule(actor)
 
     async def retry_dead_letter(self, run_id: str, *, from_step: int | str | None = None) -> RunHandle:
         """Run a dead-lettered run again, with a fresh retry budget.
@@ -787,7 +713,7 @@ class Runtime(StoreBackedHost):
         letter = self._supervisor.dead_letters.get(run_id)
         if letter is None:
             raise RunNotFoundError(run_id)
-        actor = self._actor(run_id)
+        actor = self._registry.actor(run_id)
         steps = actor.workflow.steps
         if from_step is None:
             cursor = letter.error.step
@@ -798,21 +724,13 @@ class Runtime(StoreBackedHost):
         if isinstance(cursor, bool) or not 0 <= cursor < len(steps):
             raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
         del self._supervisor.dead_letters[run_id]
-        if self._persistence is not None:
-            for p in self._persistence.persisters:
-                p.mark_dead_letter_deleted(run_id)
-        actor.attempts = ()
-        actor.comp_errors = ()
-        actor.last_exc = None
+        self._tiers.mark_dead_letter_deleted(run_id)
+        actor.clear_failures()
         s = actor.snapshot
-        now = self.wall()
+        now = self._wall()
         new = s._replace(version=s.version + 1, step=cursor, status=Status.running, error=None, attempt=1, updated_at=now)
-        self.commit(actor, new, Transition(run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, None))
-        self._schedule(actor)
+        self._scheduler.commit(
+            actor, new, Transition(run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, None)
+        )
+        self._scheduler.schedule(actor)
         return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
-
-    def _actor(self, run_id: str) -> RunActor:
-        actor = self._actors.get(run_id)
-        if actor is None:
-            raise RunNotFoundError(run_id)
-        return actor

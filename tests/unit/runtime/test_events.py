@@ -311,11 +311,11 @@ async def test_no_transition_is_published_when_nobody_listens(clock):
         run = await rt.spawn("w", 0)
         with anyio.fail_after(5):
             await run.wait_finished()
-        assert rt.bus.published == 0
+        assert rt.statistics().published == 0
         sub = rt.subscribe(run_id=run.run_id)
         again = await rt.spawn("w", 0)
         with anyio.fail_after(5):
             await again.wait_finished()
-        assert rt.bus.published == len(again.history())
+        assert rt.statistics().published == len(again.history())
         assert drain(sub) == []
         await sub.aclose()

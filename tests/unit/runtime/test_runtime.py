@@ -1003,7 +1003,7 @@ async def test_shutdown_waits_for_the_step_in_flight_then_starts_no_other(clock,
         return payload
 
     async def release_once_stopping(rt: Runtime) -> None:
-        await until(lambda: rt.stopping)
+        await until(lambda: rt.state == "closing")
         release.set()
 
     wf = Workflow("w", [first, in_flight, after])
@@ -1084,7 +1084,7 @@ async def test_wait_finished_callers_get_runtime_closed_when_the_runtime_shuts_d
             run = await rt.spawn("order", 1)
             await until(lambda: rt.get(run.run_id).status is Status.waiting)
             tg.start_soon(waiter, rt, run.run_id)
-            await until(lambda: rt._actors[run.run_id].waiters is not None)
+            await until(lambda: rt._registry.actor(run.run_id).waiters is not None)
     assert len(outcome) == 1
     with pytest.raises(RuntimeClosedError):
         await rt.wait_finished(run.run_id)

@@ -1,0 +1,426 @@
+"""``Scheduler``: the ready queue and its tasks; the ``ActorHost`` and the ``TierListener``.
+
+Runnable actors wait in a ready queue served by a scheduler task that runs
+their steps inline. The task arms a watch (``loop.call_soon``) before it can
+yield; the watch runs only once the task has yielded, so if it finds the task
+inside a run's turn, that run's step has suspended: the task stays with that run
+as its host and a fresh task takes the queue (``_handoff``). This costs one
+callback per yield instead of anything per step. An idle run holds no task.
+
+The actors call in through the ``ActorHost`` protocol (commit, failure
+decisions, timers); the tiers report through ``TierListener`` (a parked run may
+go on, backpressure, an unencodable payload, a store that lost its data). Runs
+that must not advance yet are parked: they hold no task and sit in a tier's
+``waiting`` map or the throttled list until the flush that unblocks them is
+acknowledged. This class is the only writer of an actor's scheduling fields
+(``queued``, ``running``, ``host_task``, ``parked``, ``interrupt``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final, final
+
+import anyio
+import anyio.lowlevel
+
+from hotstate.actors import (
+    TERMINAL_STATUSES,
+    DeadLetter,
+    RunActor,
+    Snapshot,
+    Status,
+    Transition,
+    TransitionKind,
+)
+from hotstate.actors._history import History
+from hotstate.persistence import Tiers
+from hotstate.runtime._timers import TimerHandle
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from hotstate._clock import Clock
+    from hotstate._errors import CodecError
+    from hotstate._instrument import Instruments
+    from hotstate.actors import Step, Workflow
+    from hotstate.persistence import Codec, Tier
+    from hotstate.runtime._events import EventBus
+    from hotstate.runtime._registry import RunRegistry
+    from hotstate.runtime._supervisor import Supervisor
+    from hotstate.runtime._timers import TimerService
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger("hotstate.runtime")
+
+# A scheduler task yields to the event loop after this many steps, so a burst
+# of synchronous steps never starves other tasks (STYLE.md: every N steps).
+_STEPS_PER_YIELD: Final = 256
+
+_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
+_PENDING: Final = Status.pending
+_SPAWNED: Final = TransitionKind.spawned
+
+
+@final
+class Scheduler:
+    """Runs actors' turns from a ready queue; what actors and tiers call into.
+
+    It builds the ``Tiers`` it marks into, because the tiers report back to it:
+    building them here needs no late binding in either direction.
+
+    Args:
+        registry: the runs held in memory.
+        supervisor: failure decisions and dead letters.
+        timers: deadlines for wake-ups and step timeouts.
+        bus: where transitions are published.
+        clock: the wall clock for stamps.
+        tiers: the persistence tiers (none: memory-only).
+        codec: the payload codec of every tier.
+        instruments: observers of transitions and store writes.
+        steps_per_turn: steps one run may take before others get a turn.
+    """
+
+    def __init__(
+        self,
+        registry: RunRegistry,
+        supervisor: Supervisor,
+        timers: TimerService,
+        bus: EventBus,
+        clock: Clock,
+        *,
+        tiers: Sequence[Tier],
+        codec: Codec,
+        instruments: Instruments,
+        steps_per_turn: int,
+    ) -> None:
+        self._registry = registry
+        self._supervisor = supervisor
+        self._timers = timers
+        self._bus = bus
+        self.wall = clock.wall
+        self.tiers = Tiers(tiers, codec, clock, self, instruments)
+        self.mark = instruments.wrap_mark(self.tiers.mark)
+        self.hold = self.tiers.write_through
+        self.stopping = False
+        self._open = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._ready: deque[RunActor] = deque()
+        self._worker_active = False
+        self._worker_actor: RunActor | None = None
+        self._watch_armed = False
+        self._steps_per_turn = steps_per_turn
+        self.tasks = 0
+        self._tasks_idle: anyio.Event | None = None
+        self.transitions = 0
+        self.internal_errors = 0
+        self._pressured: set[str] = set()
+        self._throttled: list[RunActor] = []
+        self._gate: anyio.Event | None = None  # spawn waits on it under backpressure
+        self.throttle_waits = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Serve the ready queue from tasks of ``task_group`` from now on."""
+        self._tg = task_group
+        self._open = True
+        if self._ready:
+            self._start_worker()
+
+    async def drain(self, timeout: float) -> int:  # noqa: ASYNC109 - a shielded deadline, not a cancellation point
+        """Start no new step; give the steps in flight ``timeout`` seconds to finish.
+
+        Returns:
+            How many tasks were still running at the deadline.
+        """
+        self._open = False
+        self.stopping = True
+        with anyio.move_on_after(timeout, shield=True):
+            while self.tasks:
+                self._tasks_idle = anyio.Event()
+                await self._tasks_idle.wait()
+        return self.tasks
+
+    def wake_waiters(self) -> None:
+        """Wake every ``wait_finished`` caller (they see the runtime closed)."""
+        for actor in self._registry:
+            if actor.waiters is not None:
+                actor.waiters.set()
+                actor.waiters = None
+
+    @property
+    def ready(self) -> int:
+        """Runs waiting in the ready queue."""
+        return len(self._ready)
+
+    # ------------------------------------------------------------ ActorHost
+
+    @property
+    def bus(self) -> EventBus:
+        """The event bus (ActorHost)."""
+        return self._bus
+
+    def must_wait(self, actor: RunActor, version: int) -> bool:
+        """Park ``actor`` until it may advance past ``version`` (ActorHost)."""
+        if self._pressured:
+            self.throttle_waits += 1
+            self._throttled.append(actor)
+            return True
+        return self.tiers.park_until_durable(actor.snapshot.run_id, version, actor)
+
+    def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
+        """Make ``snapshot`` current: history, status index, tiers, subscribers (ActorHost).
+
+        The actor's fast path (``RunActor.turn``) and ``spawn_new`` do the same
+        inline; ``tests/unit/runtime/test_scheduler.py`` checks that all three agree.
+        """
+        old = actor.snapshot.status
+        actor.snapshot = snapshot
+        if snapshot.status is not old:
+            by_status = self._registry.by_status
+            del by_status[old][snapshot.run_id]
+            by_status[snapshot.status][snapshot.run_id] = None
+        actor.history.add(transition)
+        self.transitions += 1
+        if self.mark is not None:
+            self.mark(snapshot, transition)
+        if self._bus.count:
+            self._publish(transition, snapshot.workflow)
+
+    def _publish(self, transition: Transition, workflow: str) -> None:
+        try:
+            self._bus.publish(transition, workflow)
+        except Exception:  # noqa: BLE001 - a subscriber bug must not stop the run
+            self.internal_error("event bus publish")
+
+    def retry_delay(self, actor: RunActor, step: Step, exc: Exception) -> float | None:
+        """Ask the supervisor whether to retry (ActorHost)."""
+        if self.stopping:
+            return 0.0  # shutdown is not a failure verdict: retry when resumed
+        return self._supervisor.retry_delay(actor, step, exc)
+
+    def schedule_wake(self, actor: RunActor, delay: float) -> None:
+        """Wake ``actor`` after ``delay`` seconds (ActorHost)."""
+
+        def wake() -> None:
+            if self._open:
+                actor.post_wake()
+                self.schedule(actor)
+
+        self._timers.call_later(delay, wake)
+
+    def arm_timeout(self, actor: RunActor, timeout: float) -> TimerHandle:
+        """Cancel the actor's suspended step after ``timeout`` seconds (ActorHost)."""
+
+        def expire() -> None:
+            self.interrupt(actor, "timeout")  # fires only while the step's task is suspended in it
+
+        return self._timers.call_later(timeout, expire)
+
+    def disarm(self, handle: object) -> None:
+        """Cancel a timeout timer (ActorHost)."""
+        if isinstance(handle, TimerHandle):
+            handle.cancel()
+
+    def interrupt(self, actor: RunActor, reason: str) -> bool:
+        """Cancel the step ``actor`` is suspended in, from another task (see ``_actor.py``).
+
+        Returns:
+            True when a suspended step was interrupted.
+        """
+        task = actor.host_task
+        if actor.running and actor.interrupt is None and task is not None and task is not asyncio.current_task():
+            actor.interrupt = reason
+            task.cancel()
+            return True
+        return False
+
+    def finished(self, actor: RunActor) -> None:
+        """A run reached a terminal status (ActorHost)."""
+        snap = actor.snapshot
+        if snap.status is Status.failed and snap.error is not None:
+            letter = self._supervisor.dead_letters[snap.run_id] = DeadLetter(
+                run_id=snap.run_id,
+                workflow=snap.workflow,
+                snapshot=snap,
+                error=snap.error,
+                attempts=actor.attempts,
+                compensation_errors=actor.comp_errors,
+                at=self.wall(),
+            )
+            self.tiers.mark_dead_letter(letter)  # encoded in each tier's flush
+        if actor.attempts:
+            self._supervisor.forget(snap.run_id)  # only runs that failed once have a window
+        if actor.waiters is not None:
+            actor.waiters.set()
+            actor.waiters = None
+
+    # ------------------------------------------------------------ TierListener
+
+    def durable(self, item: Any) -> None:
+        """A parked run's snapshot is durable in a write-through tier: schedule it (TierListener)."""
+        self.schedule(item)
+
+    def pressure(self, tier: str, on: bool) -> None:
+        """A tier crossed its memory bound: park steps, or let them go again (TierListener)."""
+        if on:
+            if not self._pressured:
+                log.warning("hotstate: tier %r passed its memory bound; steps wait until it drains", tier)
+            self._pressured.add(tier)
+            self.hold = True
+            return
+        self._pressured.discard(tier)
+        self.hold = self.tiers.write_through or bool(self._pressured)
+        if not self._pressured:
+            throttled, self._throttled = self._throttled, []
+            for actor in throttled:
+                self.schedule(actor)
+            if self._gate is not None:
+                self._gate.set()
+                self._gate = None
+
+    def codec_error(self, run_id: str, exc: CodecError) -> None:
+        """A run's payload cannot be encoded: fail the run for good (TierListener)."""
+        actor = self._registry.get(run_id)
+        if actor is None or actor.snapshot.finished:
+            return
+        actor.post_fail("its payload cannot be persisted", exc)
+        self.schedule(actor)
+
+    def reset(self, tier: str) -> None:
+        """``tier`` lost its data: write every run held in memory, its history and dead letter again (TierListener)."""
+        self.tiers.repopulate(
+            tier,
+            ((a.snapshot, a.history.transitions(a.snapshot.run_id)) for a in self._registry),
+            self._supervisor.dead_letters.values(),
+        )
+
+    async def wait_gate(self) -> None:
+        """Wait while any tier is over its memory bound (spawn's backpressure)."""
+        while self._pressured:
+            if self._gate is None:
+                self._gate = anyio.Event()
+            await self._gate.wait()
+
+    # ------------------------------------------------------------ scheduling
+
+    def spawn_new(self, workflow: Workflow, run_id: str, payload: Any) -> None:
+        """Hold, record and queue a new run at version 1 (``Runtime.spawn``'s fast path).
+
+        What ``RunRegistry.add``, ``commit`` and ``schedule`` do, inlined: spawn is
+        on W1's measured path.
+        """
+        name = workflow.name
+        now = self.wall()
+        snap = _new(Snapshot, (run_id, name, workflow.version, 1, 0, _PENDING, payload, None, now, 1, ()))
+        tr = _new(Transition, (run_id, 1, _SPAWNED, 0, _PENDING, now, None))
+        actor = RunActor(workflow, snap, History(0, tr))
+        registry = self._registry
+        registry.actors[run_id] = actor
+        registry.by_status[_PENDING][run_id] = None
+        registry.workflow_bucket(name)[run_id] = None
+        self.transitions += 1
+        if self.mark is not None:
+            self.mark(snap, tr)
+        if self._bus.count:
+            self._publish(tr, name)
+        actor.queued = True
+        self._ready.append(actor)
+        if not self._worker_active and self._open:
+            self._start_worker()
+
+    def schedule(self, actor: RunActor) -> None:
+        """Put ``actor`` in the ready queue (unparking it) unless it is queued or running."""
+        actor.parked = False
+        if actor.queued or actor.running:
+            return
+        actor.queued = True
+        self._ready.append(actor)
+        if not self._worker_active and self._open:
+            self._start_worker()
+
+    def _handoff(self) -> None:
+        """The watch: runs once the scheduler task has yielded.
+
+        If it yielded inside a run's turn, a step suspended: that task keeps the
+        run, and a new task takes the ready queue.
+        """
+        self._watch_armed = False
+        if self._worker_actor is not None:
+            self._worker_actor = None
+            self._worker_active = False
+            if self._ready:
+                self._start_worker()
+
+    def _arm_watch(self) -> None:
+        if not self._watch_armed:
+            self._watch_armed = True
+            asyncio.get_running_loop().call_soon(self._handoff)
+
+    def _start_worker(self) -> None:
+        tg = self._tg
+        if tg is None:  # pragma: no cover - _open implies started
+            return
+        self._worker_active = True
+        self.tasks += 1
+        tg.start_soon(self._serve, name="hotstate-scheduler")
+
+    async def _serve(self) -> None:
+        """Serve the ready queue; stays with a run as its host when a step suspends."""
+        ready = self._ready
+        budget = self._steps_per_turn
+        task = asyncio.current_task()
+        yield_at = self.transitions + _STEPS_PER_YIELD
+        turns = 0
+        self._arm_watch()
+        try:
+            while True:
+                if not ready or self.stopping:
+                    self._worker_active = False
+                    return
+                actor = ready.popleft()
+                actor.queued = False
+                self._worker_actor = actor
+                actor.running = True
+                actor.host_task = task
+                try:
+                    fast = await actor.turn(self, budget)
+                    self.transitions += fast  # not `+= await`: that reads the counter before the await
+                except Exception:  # noqa: BLE001 - isolate a bug in one run from the others
+                    self.internal_error(f"turn of run {actor.run_id!r}")
+                finally:
+                    actor.running = False
+                    actor.host_task = None
+                # Only the task in the scheduler role may write _worker_actor: after
+                # a handoff it belongs to the new scheduler task, not to this host.
+                handed_off = self._worker_actor is not actor
+                if not handed_off:
+                    self._worker_actor = None
+                if actor.runnable():
+                    if actor.snapshot.status in TERMINAL_STATUSES:
+                        actor.mailbox = None  # messages to a finished run have nowhere to go
+                    else:
+                        self.schedule(actor)
+                if handed_off:
+                    if self._worker_active or not ready:
+                        return  # this task only hosted a step; a scheduler already runs
+                    self._worker_active = True
+                    self._arm_watch()
+                elif self.transitions >= yield_at or (turns := turns + 1) >= _STEPS_PER_YIELD:
+                    turns = 0
+                    yield_at = self.transitions + _STEPS_PER_YIELD
+                    await anyio.lowlevel.checkpoint()  # the armed watch finds no turn: no handoff
+                    self._arm_watch()
+        finally:
+            self.tasks -= 1
+            if self.tasks == 0 and self._tasks_idle is not None:
+                self._tasks_idle.set()
+
+    def internal_error(self, where: str) -> None:
+        """Count and log a crash in hotstate's own machinery (call from an ``except`` block)."""
+        self.internal_errors += 1
+        log.exception("hotstate internal error in %s", where)  # noqa: LOG004 - only called from except blocks
