@@ -35,6 +35,7 @@ from hotstate.actors._snapshot import (
     Status,
     Transition,
     TransitionKind,
+    new_tuple as _new,
 )
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ MSG_CANCEL: Final = 1
 MSG_WAKE: Final = 2
 MSG_FAIL: Final = 3  # fail the run for good (e.g. its payload cannot be persisted)
 
-_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
 _RUNNING = Status.running
 _PENDING = Status.pending
 _WAITING = Status.waiting

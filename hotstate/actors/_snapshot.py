@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import traceback
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -26,7 +26,14 @@ __all__ = [
     "Status",
     "Transition",
     "TransitionKind",
+    "new_tuple",
 ]
+
+new_tuple: Final = tuple.__new__
+"""``new_tuple(Snapshot, (...))`` builds a NamedTuple from its fields in order, without the
+keyword-parsing ``__new__`` frame. Only the measured paths use it (the step loop,
+spawn, recovery's 100,000 adoptions, decoding headers); the field order it relies
+on is pinned by ``tests/unit/actors/test_snapshot.py``."""
 
 
 class Status(enum.StrEnum):

@@ -20,6 +20,7 @@ from hotstate.actors._snapshot import (
     Status,
     Transition,
     TransitionKind,
+    new_tuple as _new,
 )
 
 if TYPE_CHECKING:
@@ -285,7 +286,6 @@ def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transitio
     return transition_from_row(data, tier=tier)
 
 
-_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
 _STATUS_BY_VALUE: dict[str, Status] = {s.value: s for s in Status}
 
 

@@ -25,6 +25,7 @@ from hotstate.actors import (
     TransitionKind,
 )
 from hotstate.actors._history import History
+from hotstate.actors._snapshot import new_tuple as _new
 from hotstate.runtime._recovery import (
     RecoveryReport,
     choose_copy,
@@ -45,7 +46,6 @@ __all__ = ["Adoption"]
 
 log = logging.getLogger("hotstate.runtime")
 
-_new = tuple.__new__  # NamedTuples without the keyword-parsing __new__ frame
 
 
 @final

@@ -19,6 +19,7 @@ import anyio
 
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
+from hotstate.actors._snapshot import new_tuple as _new
 from hotstate.persistence import (
     StoredSnapshot,
     decode_snapshot,
@@ -43,7 +44,6 @@ __all__ = [
 
 log = logging.getLogger("hotstate.recovery")
 
-_new = tuple.__new__
 _UNFINISHED = tuple(s.value for s in Status if s not in TERMINAL_STATUSES)
 _PAGE = 10_000
 _CHUNK = 2_000

@@ -36,6 +36,7 @@ from hotstate.actors import (
     TransitionKind,
 )
 from hotstate.actors._history import History
+from hotstate.actors._snapshot import new_tuple as _new
 from hotstate.persistence import Tiers
 from hotstate.runtime._timers import TimerHandle
 
@@ -60,7 +61,6 @@ log = logging.getLogger("hotstate.runtime")
 # of synchronous steps never starves other tasks (STYLE.md: every N steps).
 _STEPS_PER_YIELD: Final = 256
 
-_new = tuple.__new__  # builds NamedTuples without the keyword-parsing __new__ frame
 _PENDING: Final = Status.pending
 _SPAWNED: Final = TransitionKind.spawned
 

@@ -159,3 +159,21 @@ def test_history_of_a_resumed_run_numbers_versions_from_its_base():
         Transition("r1", 42, TransitionKind.resumed, 3, Status.running, 1.0, "from v41")
     ]
     assert History().last_at() is None
+
+
+def test_field_orders_that_positional_construction_relies_on_are_pinned():
+    """``new_tuple(Snapshot, (...))`` is used on the measured paths: a reordered field must fail here, loudly."""
+    from hotstate.actors._context import StepContext
+    from hotstate.persistence import RunHeader
+
+    assert Snapshot._fields == (
+        "run_id", "workflow", "workflow_version", "version", "step", "status",
+        "payload", "error", "updated_at", "attempt", "signals",
+    )
+    assert Transition._fields == ("run_id", "version", "kind", "step", "status", "at", "detail")
+    assert StepContext._fields == (
+        "run_id", "workflow", "workflow_version", "step", "step_name", "attempt", "version", "signal", "compensating",
+    )
+    assert RunHeader._fields == (
+        "run_id", "workflow", "workflow_version", "version", "step", "status", "updated_at", "attempt",
+    )
