@@ -18,6 +18,8 @@ The names most code needs are re-exported here.
 
 from __future__ import annotations
 
+import logging
+
 from hotstate._clock import Clock, SystemClock
 from hotstate._errors import (
     CodecError,
@@ -115,3 +117,7 @@ __all__ = [
     "WorkflowNotRegisteredError",
     "run",
 ]
+
+# A library never configures logging: without a handler of the application's,
+# hotstate's records go nowhere instead of to the "last resort" stderr handler.
+logging.getLogger("hotstate").addHandler(logging.NullHandler())

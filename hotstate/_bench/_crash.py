@@ -1,6 +1,7 @@
 """SIGKILL crash trials: kill a child mid-workload, recover, check invariants, measure what was lost.
 
-The parent side of the trials (the child is ``_crash_child.py``). One trial:
+The parent side of the trials (the child is ``_child.py``, its memory read from
+the trace it leaves, ``_trace.py``). One trial:
 
 1. start the child on a policy (a fresh SQLite file, a fresh Valkey key prefix)
    and a shared trace file; wait for its ``ready`` line;
@@ -29,13 +30,9 @@ A write-behind policy promises at most its interval plus one flush duration.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,135 +42,28 @@ import anyio
 import anyio.to_thread
 
 from hotstate import Runtime, Status
-from hotstate._bench import _crash_child as child
+from hotstate._bench import _trial as trial
+from hotstate._bench._child import Child, ChildConfig, Ready
 from hotstate._bench._persist import drop_prefix
-from hotstate.persistence import SQLiteStore, Store, ValkeyStore
+from hotstate._bench._policy import Policy, find_policy
+from hotstate._bench._trace import Trace, TraceLayout, read_trace
+from hotstate._bench._trial import Workload
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from hotstate.actors import Transition
-
-# The violation text of a failed run without a dead-letter record.
-DEAD_LETTER_GAP = "dead letter missing"
-# The violation text of a run whose final version, after the recovering
-# runtime's graceful exit, is held only by its dead-letter record, with no run
-# row in any tier (``load``/``scan`` miss it). Known gap (#5, in progress):
-# recovery holds a letter-only run in memory without writing its row.
-# tests/integration/test_crash_trials.py tolerates exactly this one.
-ROW_GAP = "row missing"
-# The violation text of ``spawn(existing id)`` bringing back an older copy than
-# the newest one the tiers hold. Known bug: ``Runtime._adopt_stored`` adopts the
-# first tier that has the run (Valkey before SQLite), not the newest verified
-# copy, so a run done in SQLite but behind in Valkey is resumed from the old
-# Valkey copy: its finished steps run again and versions are reused.
-STALE_ADOPT = "spawn adopted an older copy"
+    from hotstate.persistence import Store
 
 # A run slot holds commit times for this many versions; the trial workflow uses
 # about 12 + work_steps versions per run (retries and compensations included).
 _VERSIONS = 48
-
-
-# ------------------------------------------------------------------- policy
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CrashPolicy:
-    """A flush policy under trial.
-
-    Attributes:
-        name: how reports name it.
-        spec: the child's tier spec, e.g. ``"valkey:0.01,sqlite:1"``; an interval
-            of ``through`` is write-through (SQLite then uses ``synchronous=FULL``).
-    """
-
-    name: str
-    spec: str
-
-    @property
-    def tiers(self) -> list[tuple[str, float | None]]:
-        """``(kind, interval)`` per tier; interval None is write-through."""
-        return child.parse_policy(self.spec)
-
-    @property
-    def write_through(self) -> bool:
-        """True when some tier is write-through (nothing acknowledged may be lost)."""
-        return any(interval is None for _, interval in self.tiers)
-
-    @property
-    def interval(self) -> float:
-        """The loss window's interval: the shortest write-behind interval (recovery
-        takes the newest copy in any tier); 0 under write-through."""
-        if self.write_through:
-            return 0.0
-        return min(interval for _, interval in self.tiers if interval is not None)
-
-    @property
-    def window_tier(self) -> int:
-        """Index of the tier that bounds the loss window (write-through first, else the fastest)."""
-        tiers = self.tiers
-        return min(range(len(tiers)), key=lambda j: -1.0 if (i := tiers[j][1]) is None else i)
-
-
-POLICIES: dict[str, CrashPolicy] = {
-    "write-behind": CrashPolicy(name="write-behind valkey 10 ms + sqlite 1 s", spec="valkey:0.01,sqlite:1"),
-    "sqlite-behind": CrashPolicy(name="sqlite-behind 100 ms", spec="sqlite:0.1"),
-    "write-through sqlite": CrashPolicy(name="write-through sqlite FULL, group commit", spec="sqlite:through"),
-    "write-through valkey": CrashPolicy(name="write-through valkey", spec="valkey:through"),
-}
-
-
-def crash_policy(name: str) -> CrashPolicy:
-    """Look a policy up by key (``"write-behind"``, ...), by full name, or build one.
-
-    ``"sqlite-behind 0.25"`` / ``"valkey-behind 0.01"`` give one write-behind tier
-    at that interval (seconds); a raw spec such as ``"valkey:0.01,sqlite:1"`` is
-    taken as it is.
-
-    Raises:
-        ValueError: the name is not understood.
-    """
-    if name in POLICIES:
-        return POLICIES[name]
-    for p in POLICIES.values():
-        if p.name == name:
-            return p
-    kind, _, interval = name.partition("-behind ")
-    if interval and kind in ("sqlite", "valkey"):
-        seconds = float(interval)
-        return CrashPolicy(name=f"{kind}-behind {_fmt(seconds)}", spec=f"{kind}:{seconds!r}")
-    child.parse_policy(name)  # raises ValueError on anything else
-    return CrashPolicy(name=name, spec=name)
-
-
-def _fmt(seconds: float) -> str:
-    return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
+# What ``stored_headers`` gives per run: the newest version any tier holds, and its step.
+Stored = dict[str, tuple[int, int]]
 
 
 # ------------------------------------------------------------------ records
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Workload:
-    """The child's workload.
-
-    Attributes:
-        inflight: runs in flight at once.
-        work_steps: plain steps after the signal wait.
-        fail_every: every this many runs fail for good (compensated, dead-lettered).
-        flaky_every: every this many runs fail once at ``flaky`` and are retried.
-        max_runs: run slots in the trace (the child stops starting runs there).
-        pace: seconds each in-flight slot rests between runs; 0 runs flat out
-            (the event loop saturated, as in the throughput sweep), above 0 offers
-            a bounded load that leaves the flush loop room to keep its cadence.
-    """
-
-    inflight: int = 64
-    work_steps: int = 6
-    fail_every: int = 10
-    flaky_every: int = 3
-    max_runs: int = 50_000
-    pace: float = 0.0
-
 
 def saturated_bound(interval: float, flush: float) -> float:
     """What a crash can lose when flushes may outlast the interval (s).
@@ -257,84 +147,58 @@ class TrialResult:
 
 # ------------------------------------------------------------------- stores
 
-def _stores(policy: CrashPolicy, db: Path, valkey_url: str, prefix: str) -> list[Store]:
-    out: list[Store] = []
-    for kind, _ in policy.tiers:
-        out.append(SQLiteStore(db) if kind == "sqlite" else ValkeyStore(valkey_url, prefix=prefix))
-    return out
-
-
-async def _stored_headers(stores: Sequence[Store]) -> dict[str, tuple[int, str]]:
-    """The newest ``(version, status)`` of every run across the tiers, from headers only.
+async def stored_headers(stores: Sequence[Store]) -> Stored:
+    """The newest ``(version, step)`` of every run across the tiers, from headers only.
 
     A dead-letter record carries the run's final snapshot and is written before
     the run's row (recovery records the run as failed from it), so it counts.
     """
-    best: dict[str, tuple[int, str]] = {}
+    best: Stored = {}
     for store in stores:
         async with store:
-            for letter in await store.dead_letters():
-                h = letter.snapshot.header
-                if h.version > best.get(h.run_id, (0, ""))[0]:
-                    best[h.run_id] = (h.version, h.status)
+            headers = [letter.snapshot.header for letter in await store.dead_letters()]
             after: str | None = None
             while True:
                 page = await store.scan(after=after, limit=5000)
-                for h in page:
-                    if h.version > best.get(h.run_id, (0, ""))[0]:
-                        best[h.run_id] = (h.version, h.status)
+                headers.extend(page)
                 if len(page) < 5000:
                     break
                 after = page[-1].run_id
+            for h in headers:
+                if h.version > best.get(h.run_id, (0, 0))[0]:
+                    best[h.run_id] = (h.version, h.step)
     return best
 
 
 # -------------------------------------------------------------------- child
 
-def _child_command(policy: CrashPolicy, trace: Path, db: Path, valkey_url: str, prefix: str,
-                   workload: Workload, use_uvloop: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "hotstate._bench._crash_child", "--policy", policy.spec, "--mmap", str(trace),
-           "--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", prefix,
-           "--max-runs", str(workload.max_runs), "--versions", str(_VERSIONS),
-           "--inflight", str(workload.inflight), "--work-steps", str(workload.work_steps),
-           "--fail-every", str(workload.fail_every), "--flaky-every", str(workload.flaky_every),
-           "--pace", repr(workload.pace)]
-    return [*cmd, "--no-uvloop"] if not use_uvloop else cmd
-
-
-async def _run_and_kill(cmd: list[str], log: Path, kill_after: float, ready_within: float) -> tuple[float, int | None, str]:
-    """Start the child, wait for ``ready``, SIGKILL it ``kill_after`` s later.
+async def _run_and_kill(config: ChildConfig, log: Path, kill_after: float, ready_within: float) -> tuple[float, int, str]:
+    """Start the child, wait for ``Ready``, SIGKILL it ``kill_after`` s later.
 
     Returns:
         ``(kill time, return code, stderr tail)``; the kill time is 0 when the
         child never became ready.
     """
-    with log.open("w+b") as err:
-        popen = functools.partial(subprocess.Popen, cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        proc = await anyio.to_thread.run_sync(popen)  # fork/exec off the loop
-        assert proc.stdout is not None  # noqa: S101 - PIPE
-        killed_at = 0.0
-        try:
-            with anyio.move_on_after(ready_within):
-                line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
-                if line.startswith("ready"):
-                    # The random moment of the crash: this wait is the trial's input, not a sync.
-                    await anyio.sleep(kill_after)
-                    killed_at = time.monotonic()
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-            await anyio.to_thread.run_sync(proc.wait)
-            proc.stdout.close()
-        err.seek(0)
-        tail = err.read().decode(errors="replace")[-2000:]
-    return killed_at, proc.returncode, tail
+    child = await anyio.to_thread.run_sync(Child, config, log)  # fork/exec off the loop
+    killed_at = 0.0
+    try:
+        message = await anyio.to_thread.run_sync(child.next_message, time.monotonic() + ready_within,
+                                                 abandon_on_cancel=True)
+        if isinstance(message, Ready):
+            # The random moment of the crash: this wait is the trial's input, not a sync.
+            await anyio.sleep(kill_after)
+            killed_at = time.monotonic()
+    except TimeoutError:
+        pass  # judged as a child that did not run until the kill
+    finally:
+        status = await anyio.to_thread.run_sync(child.kill)
+    return killed_at, status, child.stderr_tail()
 
 
 # -------------------------------------------------------------------- trial
 
 async def run_trial(
-    policy: CrashPolicy | str,
+    policy: Policy | str,
     *,
     valkey_url: str,
     workdir: Path,
@@ -349,7 +213,7 @@ async def run_trial(
     """Run one SIGKILL trial; its files and Valkey keys are deleted afterwards.
 
     Args:
-        policy: the policy (or a name ``crash_policy`` understands).
+        policy: the policy (or a name ``find_policy`` understands).
         valkey_url: the Valkey server (used only when the policy has a Valkey tier).
         workdir: where the SQLite file and the trace go.
         seed: seeds the kill moment.
@@ -368,45 +232,51 @@ async def run_trial(
     Raises:
         ValueError: the policy is not understood.
     """
-    pol = crash_policy(policy) if isinstance(policy, str) else policy
+    pol = find_policy(policy) if isinstance(policy, str) else policy
     wl = workload if workload is not None else Workload()
     rng = random.Random(seed)
     delay = rng.uniform(*kill_after)
     tag = uuid.uuid4().hex[:10]
     db, trace_path, log = workdir / f"crash-{tag}.db", workdir / f"crash-{tag}.trace", workdir / f"crash-{tag}.log"
-    prefix = f"hs-crash-{tag}"
-    layout = child.TraceLayout(wl.max_runs, _VERSIONS)
-    with trace_path.open("wb") as f:
-        f.truncate(layout.size)
+    config = ChildConfig(policy=pol.spec, sqlite=str(db), valkey_url=valkey_url, prefix=f"hs-crash-{tag}",
+                         trace=str(trace_path), runs=wl.max_runs, versions=_VERSIONS, trial=wl, use_uvloop=use_uvloop)
+    new_trace(trace_path, config.layout)
     try:
-        killed_at, rc, tail = await _run_and_kill(
-            _child_command(pol, trace_path, db, valkey_url, prefix, wl, use_uvloop), log, delay, ready_within)
-        trace = child.read_trace(trace_path, layout, len(pol.tiers))
+        killed_at, rc, tail = await _run_and_kill(config, log, delay, ready_within)
+        trace = read_trace(trace_path, config.layout, len(pol.tiers))
         return await _judge(pol, wl, trace, seed=seed, delay=delay, killed_at=killed_at, rc=rc, tail=tail,
-                            stores=lambda: _stores(pol, db, valkey_url, prefix), verify=verify)
+                            stores=lambda: pol.stores(sqlite=db, valkey_url=valkey_url, prefix=config.prefix),
+                            verify=verify)
     finally:
         if not keep:
-            await _clean(pol, valkey_url, prefix, (trace_path, log, db))
+            await clean(pol, valkey_url, config.prefix, (trace_path, log, db))
 
 
-async def _clean(pol: CrashPolicy, valkey_url: str, prefix: str, paths: tuple[Path, Path, Path]) -> None:
-    trace_path, log, db = paths
-    for path in (trace_path, log, db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        path.unlink(missing_ok=True)
-    if any(kind == "valkey" for kind, _ in pol.tiers):
+def new_trace(path: Path, layout: TraceLayout) -> None:
+    """Create the zeroed trace file a child maps."""
+    with path.open("wb") as f:
+        f.truncate(layout.size)
+
+
+async def clean(pol: Policy, valkey_url: str, prefix: str, paths: Sequence[Path]) -> None:
+    """Delete a trial's files (an SQLite file with its WAL) and its Valkey keys."""
+    for path in paths:
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            p.unlink(missing_ok=True)
+    if any(t.kind == "valkey" for t in pol.tiers):
         await drop_prefix(valkey_url, prefix)
 
 
 async def _judge(
-    pol: CrashPolicy, wl: Workload, trace: child.Trace, *, seed: int, delay: float, killed_at: float,
+    pol: Policy, wl: Workload, trace: Trace, *, seed: int, delay: float, killed_at: float,
     rc: int | None, tail: str, stores: Callable[[], list[Store]], verify: bool,
 ) -> TrialResult:
     violations: list[str] = []
     if killed_at == 0.0 or rc != -signal.SIGKILL:
         violations.append(f"child did not run until the kill (return code {rc}): {tail.strip()[-500:]}")
         killed_at = killed_at or time.monotonic()
-    stored = await _stored_headers(stores())
-    loss = _losses(pol, trace, stored, killed_at, violations)
+    stored = await stored_headers(stores())
+    loss = losses(pol, trace, stored, killed_at, violations)
     checked, corrupt, recovery_seconds = 0, 0, 0.0
     if verify and trace.started:
         checked, corrupt, recovery_seconds = await _recover_and_check(pol, wl, trace, stored, stores, violations)
@@ -417,12 +287,12 @@ async def _judge(
         steps_lost=loss.steps, runs_lost=loss.runs, loss_window=loss.window,
         acknowledged_steps_lost=loss.acknowledged, corrupt_snapshots=corrupt, violations=tuple(violations),
         steps_per_s=trace.commits / elapsed if elapsed > 0 else 0.0,
-        flush_duration=_flush_duration(pol, trace, killed_at),
+        flush_duration=flush_duration(pol, trace, killed_at),
         kill_after=delay, recovery_seconds=recovery_seconds,
     )
 
 
-def _flush_duration(pol: CrashPolicy, trace: child.Trace, killed_at: float) -> float:
+def flush_duration(pol: Policy, trace: Trace, killed_at: float) -> float:
     """The window tier's longest flush, counting the write in flight at the kill.
 
     The child's statistics cover completed flushes only; its save stamps show a
@@ -437,24 +307,38 @@ def _flush_duration(pol: CrashPolicy, trace: child.Trace, killed_at: float) -> f
 
 
 @dataclass(slots=True)
-class _Loss:
+class Loss:
+    """What the tiers miss of what the child's memory held at the kill.
+
+    Attributes:
+        steps: committed versions found in no tier.
+        runs: runs found in no tier at all (never durable).
+        runs_behind: runs whose newest committed version is in no tier.
+        steps_behind: step cursors the tiers' newest copies are behind memory's, summed.
+        window: kill time minus the commit time of the oldest lost version (s).
+        acknowledged: versions lost that the child knew durable or (write-through)
+            had acknowledged by starting the next step from them.
+    """
+
     steps: int = 0
     runs: int = 0
+    runs_behind: int = 0
+    steps_behind: int = 0
     window: float = 0.0
     acknowledged: int = 0
 
 
-def _losses(pol: CrashPolicy, trace: child.Trace, stored: dict[str, tuple[int, str]], killed_at: float,
-            violations: list[str]) -> _Loss:
-    """Compare what the child had in memory with what the tiers hold."""
-    loss = _Loss()
+def losses(pol: Policy, trace: Trace, stored: Stored, killed_at: float, violations: list[str],
+           run_ids: Sequence[str] | None = None) -> Loss:
+    """Compare what the child had in memory with what the tiers hold (run ``i`` is ``run_ids[i]``)."""
+    loss = Loss()
     oldest = killed_at
     for i in range(trace.started):
         hot = trace.hot[i]
         if hot == 0:
             continue  # an index handed out, never spawned
-        rid = child.run_id(i)
-        durable = stored.get(rid, (0, ""))[0]
+        rid = trial.run_id(i) if run_ids is None else run_ids[i]
+        durable, step = stored.get(rid, (0, 0))
         known = trace.durable[i]
         acknowledged = max(known, trace.acked[i] if pol.write_through else 0)
         if durable < known:
@@ -466,6 +350,8 @@ def _losses(pol: CrashPolicy, trace: child.Trace, stored: dict[str, tuple[int, s
         if hot > durable:
             loss.steps += hot - durable
             loss.runs += durable == 0
+            loss.runs_behind += 1
+            loss.steps_behind += max(0, trace.steps[i] - step)
             first = durable + 1
             if first < len(trace.times[i]) and trace.times[i][first] > 0:
                 oldest = min(oldest, trace.times[i][first])
@@ -476,8 +362,8 @@ def _losses(pol: CrashPolicy, trace: child.Trace, stored: dict[str, tuple[int, s
 
 
 async def _recover_and_check(
-    pol: CrashPolicy, wl: Workload, trace: child.Trace, stored: dict[str, tuple[int, str]],
-    stores: Callable[[], list[Store]], violations: list[str],
+    pol: Policy, wl: Workload, trace: Trace, stored: Stored, stores: Callable[[], list[Store]],
+    violations: list[str],
 ) -> tuple[int, int, float]:
     """Recover in a fresh runtime, drive every run to its end, check the invariants.
 
@@ -486,10 +372,10 @@ async def _recover_and_check(
     """
     from hotstate import FlushPolicy, Tier
 
-    driver = child.SignalDriver()
-    wf = child.make_workflow(work_steps=wl.work_steps, fail_every=wl.fail_every, flaky_every=wl.flaky_every,
+    driver = trial.SignalDriver()
+    wf = trial.make_workflow(work_steps=wl.work_steps, fail_every=wl.fail_every, flaky_every=wl.flaky_every,
                              request_signal=driver.request)
-    ids = [child.run_id(i) for i in range(trace.started) if trace.hot[i] > 0]
+    ids = [trial.run_id(i) for i in range(trace.started) if trace.hot[i] > 0]
     tiers = [Tier(s, FlushPolicy(interval=0.01)) for s in stores()]
     t0 = time.perf_counter()
     async with Runtime([wf], tiers=tiers, recover=True, shutdown_timeout=2.0) as rt:
@@ -501,13 +387,13 @@ async def _recover_and_check(
         violations.extend(f"unregistered workflow {wf_name!r} for {rid}" for rid, wf_name in report.unregistered)
         violations.extend(f"tier {t} unreadable at recovery: {e}" for t, e in report.tier_errors.items())
         violations.extend(f"{r.run_id} resumed from v{r.version} below the stored v{stored[r.run_id][0]}"
-                          for r in report.resumed if r.version < stored.get(r.run_id, (0, ""))[0])
+                          for r in report.resumed if r.version < stored.get(r.run_id, (0, 0))[0])
         for rid in ids:
-            handle = await rt.spawn(wf, child.payload(child.run_index(rid)), run_id=rid)
-            have = stored.get(rid, (0, ""))[0]
+            handle = await rt.spawn(wf, trial.payload(trial.run_index(rid)), run_id=rid)
+            have = stored.get(rid, (0, 0))[0]
             now = rt.get(handle.run_id).version
             if now < have:
-                violations.append(f"{STALE_ADOPT}: spawn({rid}) gave v{now}; the tiers hold v{have}")
+                violations.append(f"spawn adopted an older copy: spawn({rid}) gave v{now}; the tiers hold v{have}")
             elif have == 0 and now != 1:
                 violations.append(f"spawn({rid}) gave v{now}; no tier holds it")
         if rt.count() != len(ids):
@@ -516,7 +402,7 @@ async def _recover_and_check(
             await driver.drive(rt, ids)
         await rt.flush()
         final = {rid: rt.get(rid) for rid in ids}
-    failing = {rid for rid in ids if child.fails_for_good(child.run_index(rid), wl.fail_every)}
+    failing = {rid for rid in ids if trial.fails_for_good(trial.run_index(rid), wl.fail_every)}
     for rid, snap in final.items():
         want = Status.failed if rid in failing else Status.done
         if snap.status is not want:
@@ -526,7 +412,7 @@ async def _recover_and_check(
 
 
 async def _check_stores(stores: list[Store], final: dict[str, Any], failing: set[str],
-                        stored: dict[str, tuple[int, str]], violations: list[str]) -> None:
+                        stored: Stored, violations: list[str]) -> None:
     """After the graceful exit: final versions in the tiers, dead letters, histories."""
     letters: dict[str, int] = {}
     newest: dict[str, int] = {}
@@ -538,17 +424,12 @@ async def _check_stores(stores: list[Store], final: dict[str, Any], failing: set
             for rid, s in loaded.items():
                 newest[rid] = max(newest.get(rid, 0), s.header.version)
             for rid, snap in final.items():
-                if snap.version > stored.get(rid, (0, ""))[0]:  # changed after the crash: its history grew
+                if snap.version > stored.get(rid, (0, 0))[0]:  # changed after the crash: its history grew
                     _check_history(rid, await store.history(rid), store.tier, violations)
     for rid, snap in final.items():
-        row = newest.get(rid, 0)
-        if row == snap.version:
-            continue
-        if row == 0 and letters.get(rid) == snap.version:
-            violations.append(f"{ROW_GAP}: {rid} v{snap.version} is held only by its dead letter after a graceful exit")
-        else:
+        if (row := newest.get(rid, 0)) != snap.version:
             violations.append(f"{rid}: the tiers hold v{row} after a graceful exit, memory v{snap.version}")
-    violations.extend(f"{DEAD_LETTER_GAP}: {rid} failed for good but no tier holds its dead-letter record"
+    violations.extend(f"dead letter missing: {rid} failed for good but no tier holds its dead-letter record"
                       for rid in sorted(failing - set(letters)))
     violations.extend(f"unexpected dead letter: {rid} was not designed to fail"
                       for rid in sorted((set(letters) & set(final)) - failing))

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hotstate._bench._crash import (
-    CrashPolicy,
-    TrialResult,
-    Workload,
-    as_dict,
-    crash_policy,
-    run_trial,
-)
+from hotstate._bench._crash import TrialResult, as_dict, run_trial
+from hotstate._bench._policy import Policy, find_policy
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+    from hotstate._bench._trial import Workload
 
 __all__ = ["DEFAULT_POLICIES", "PolicyReliability", "ReliabilityReport", "run_reliability", "summarize"]
 
@@ -127,7 +123,7 @@ async def run_reliability(
     *,
     valkey_url: str,
     workdir: Path | None = None,
-    policies: Sequence[str | CrashPolicy] = DEFAULT_POLICIES,
+    policies: Sequence[str | Policy] = DEFAULT_POLICIES,
     trials: int | None = None,
     quick: bool = False,
     workload: Workload | None = None,
@@ -141,7 +137,7 @@ async def run_reliability(
     Args:
         valkey_url: the Valkey server (the caller owns it; keys are deleted per trial).
         workdir: scratch folder (default: a new temporary one).
-        policies: policy keys or names (see ``_crash.POLICIES``) or policies.
+        policies: policy keys or names (see ``_policy.POLICIES``) or policies.
         trials: trials per policy (default 200, or 3 with ``quick``).
         quick: a handful of trials.
         workload: the child's workload (default ``Workload()``).
@@ -156,7 +152,7 @@ async def run_reliability(
     Raises:
         ValueError: a policy is not understood.
     """
-    chosen = [crash_policy(p) if isinstance(p, str) else p for p in policies]
+    chosen = [find_policy(p) if isinstance(p, str) else p for p in policies]
     per_policy = trials if trials is not None else (QUICK_TRIALS if quick else DEFAULT_TRIALS)
     folder = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="hotstate-reliability-"))
     total = len(chosen) * per_policy

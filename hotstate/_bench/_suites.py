@@ -23,8 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hotstate import FlushPolicy, Tier, run
+from hotstate import run
 from hotstate._bench import _persist as persist, _scale as scale, _w1 as w1
+from hotstate._bench._policy import POLICIES, Policy
 from hotstate._bench._progress import Progress
 from hotstate._bench._results import results_dir
 from hotstate._bench._table import render_table
@@ -142,27 +143,14 @@ async def suite_w1(b: Bench) -> None:
              target=">= 1.0x bare loop", met=r.ratio >= 1.0)
 
 
-def policy_tiers(name: str, url: str, b: Bench, tag: str) -> list[Tier]:
-    """The tiers of one named flush policy."""
-    if name == "write-behind valkey 10 ms + sqlite 1 s":
-        return [Tier(ValkeyStore(url, prefix=f"bench-{tag}"), FlushPolicy(interval=0.01)),
-                Tier(SQLiteStore(b.db(tag)), FlushPolicy(interval=1.0))]
-    if name == "write-behind sqlite 100 ms":
-        return [Tier(SQLiteStore(b.db(tag)), FlushPolicy(interval=0.1))]
-    if name == "write-through sqlite FULL, group commit":
-        return [Tier(SQLiteStore(b.db(tag), synchronous="FULL"), FlushPolicy.through())]
-    if name == "write-through valkey":
-        return [Tier(ValkeyStore(url, prefix=f"bench-{tag}"), FlushPolicy.through())]
-    return []
-
-
-POLICIES = (
-    "memory-only",
-    "write-behind valkey 10 ms + sqlite 1 s",
-    "write-behind sqlite 100 ms",
-    "write-through sqlite FULL, group commit",
-    "write-through valkey",
-)
+FIGURE_POLICIES: dict[str, Policy | None] = {
+    "memory-only": None,
+    "write-behind valkey 10 ms + sqlite 1 s": POLICIES["write-behind"],
+    "write-behind sqlite 100 ms": POLICIES["sqlite-behind"],
+    "write-through sqlite FULL, group commit": POLICIES["write-through sqlite"],
+    "write-through valkey": POLICIES["write-through valkey"],
+}
+"""The policies suite's figure labels and their policies (None: memory-only)."""
 
 
 async def suite_policies(b: Bench) -> None:
@@ -180,11 +168,12 @@ async def suite_policies(b: Bench) -> None:
         raw_vk = await _rounds("raw valkey MSET", rounds, partial(persist.raw_valkey_mset, url, n * k, body))
         b.figure(f"raw valkey MSET x1000, {n * k:,} snapshot+transition", raw_vk, "rows/s")
         memory = 0.0
-        for name in POLICIES:
-            async def one(name: str = name, n: int = n) -> float:
+        for name, policy in FIGURE_POLICIES.items():
+            async def one(policy: Policy | None = policy, n: int = n) -> float:
                 tag = f"{n}-{time.monotonic_ns()}"
+                tiers = policy.build_tiers(sqlite=b.db(tag), valkey_url=url, prefix=f"bench-{tag}") if policy else []
                 try:
-                    return await w1.hotstate_run(n, k, tiers=policy_tiers(name, url, b, tag))
+                    return await w1.hotstate_run(n, k, tiers=tiers)
                 finally:
                     await persist.drop_prefix(url, f"bench-{tag}")  # leave the server as we found it
 

@@ -25,13 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hotstate._bench._crash import (
-    CrashPolicy,
-    TrialResult,
-    Workload,
-    run_trial,
-    saturated_bound,
-)
+from hotstate._bench._crash import TrialResult, run_trial, saturated_bound
+from hotstate._bench._policy import Policy, TierSpec
+from hotstate._bench._trial import Workload
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -84,11 +80,11 @@ class SweepPoint:
         return f"{self.tier} {ms:g} ms" if ms < 1000 else f"{self.tier} {self.interval:g} s"
 
 
-def point_policy(tier: str, interval: float) -> CrashPolicy:
+def point_policy(tier: str, interval: float) -> Policy:
     """The one-tier policy of a sweep point (interval 0: write-through)."""
     if interval == 0:
-        return CrashPolicy(name=f"write-through {tier}", spec=f"{tier}:through")
-    return CrashPolicy(name=f"{tier}-behind {interval:g} s", spec=f"{tier}:{interval!r}")
+        return Policy(name=f"write-through {tier}", tiers=(TierSpec(tier, None),))
+    return Policy(name=f"{tier}-behind {interval:g} s", tiers=(TierSpec(tier, interval),))
 
 
 def kill_range(interval: float) -> tuple[float, float]:

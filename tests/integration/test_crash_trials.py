@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import pytest
 
-from hotstate._bench._crash import (
-    TrialResult,
-    Workload,
-    run_trial,
-)
+from hotstate._bench._crash import TrialResult, run_trial
 from hotstate._bench._reliability import run_reliability
 from hotstate._bench._sweep import run_sweep, to_json
+from hotstate._bench._trial import Workload
 
 WORKLOAD = Workload(inflight=16, pace=0.01, max_runs=5000)
 KILL_AFTER = (0.15, 0.4)

@@ -258,3 +258,9 @@ def test_the_docstring_check_can_fail():
     assert _definition_has_docstring(tree, "C") is True
     assert _definition_has_docstring(tree, "D") is True
     assert _definition_has_docstring(tree, "E") is None
+
+
+def test_the_hotstate_logger_has_a_null_handler_so_a_library_never_prints_unasked():
+    import logging
+
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("hotstate").handlers)

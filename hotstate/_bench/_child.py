@@ -1,0 +1,204 @@
+"""The child process of every SIGKILL trial, and the parent's handle on it.
+
+``Child(config, log)`` starts ``python -m hotstate._bench._child CONFIG``, where
+CONFIG is a ``ChildConfig`` as JSON. The child runs its workload on the
+policy's tiers with a ``TraceWriter`` installed as the runtime's instrument,
+says ``Ready`` once the workload starts, and runs until the parent SIGKILLs it
+(or, out of run slots, lingers until then: every trial ends in a crash).
+
+Messages on stdout are frozen dataclasses, one JSON object per line with
+their field names and the class name under ``"message"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, TypeAlias
+
+import anyio
+
+from hotstate import Runtime
+from hotstate._bench._policy import Policy
+from hotstate._bench._trace import TraceLayout, TraceWriter
+from hotstate._bench._trial import TrialLoad, Workload
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChildConfig:
+    """Everything a child needs, given by the parent.
+
+    Attributes:
+        policy: the tiers, a ``Policy`` spec such as ``"valkey:0.01,sqlite:1"``.
+        sqlite: the SQLite file.
+        valkey_url: the Valkey server (used when the policy has a Valkey tier).
+        prefix: the Valkey key prefix.
+        trace: the trace file the parent created (``TraceLayout(runs, versions).size`` bytes).
+        runs: run slots in the trace.
+        versions: timed versions per run.
+        trial: the workload.
+        poll: seconds between durability polls.
+        linger: seconds to wait for the kill once the workload is done.
+        use_uvloop: run on uvloop.
+    """
+
+    policy: str
+    sqlite: str
+    valkey_url: str
+    prefix: str
+    trace: str
+    runs: int
+    versions: int = TraceLayout(0).versions
+    trial: Workload
+    poll: float = 0.005
+    linger: float = 120.0
+    use_uvloop: bool = True
+
+    @property
+    def layout(self) -> TraceLayout:
+        """The trace file's layout."""
+        return TraceLayout(self.runs, self.versions)
+
+    def to_json(self) -> str:
+        """The config as the child's one argument."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ChildConfig:
+        """Parse ``to_json``'s text."""
+        fields = json.loads(text)
+        return cls(**{**fields, "trial": Workload(**fields["trial"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready:
+    """The workload started (the trace's ready time is set)."""
+
+
+Message: TypeAlias = Ready
+_MESSAGES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Ready,)}
+
+
+def send(message: Message) -> None:
+    """Write one message on stdout."""
+    print(json.dumps({"message": type(message).__name__, **dataclasses.asdict(message)}), flush=True)
+
+
+def parse(line: str) -> Message:
+    """Read one message line.
+
+    Raises:
+        ValueError: not JSON.
+        KeyError: not a message.
+        TypeError: a message with other fields.
+    """
+    fields: dict[str, Any] = json.loads(line)
+    return _MESSAGES[fields.pop("message")](**fields)
+
+
+class Child:
+    """One child process, and a thread that turns its stdout into messages.
+
+    Args:
+        config: what the child runs.
+        log: where its stderr goes.
+        name: how errors name it.
+    """
+
+    def __init__(self, config: ChildConfig, log: Path, name: str = "child") -> None:
+        self.name = name
+        self.log = log
+        self._err: IO[bytes] = log.open("wb")
+        # Our own module with a config we built, no shell.
+        self.proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "hotstate._bench._child", config.to_json()],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, text=True,
+        )
+        self.pid = self.proc.pid
+        self._messages: queue.Queue[Message | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None  # noqa: S101 - PIPE
+        for line in stdout:
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by the SIGKILL
+                self._messages.put(parse(line))
+        self._messages.put(None)
+
+    def next_message(self, deadline: float) -> Message | None:
+        """The next message, or None once the child's stdout closed.
+
+        Raises:
+            TimeoutError: nothing before ``deadline`` (monotonic).
+        """
+        try:
+            return self._messages.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"{self.name} sent nothing before the deadline") from None
+
+    def kill(self) -> int:
+        """SIGKILL the child if it runs and reap it; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        status = self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._err.close()
+        return status
+
+    def stderr_tail(self, chars: int = 2000) -> str:
+        """The end of what the child wrote on stderr."""
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+async def child_main(config: ChildConfig) -> None:
+    """Run the workload until killed (or until it is done and ``linger`` passed)."""
+    tiers = Policy.parse(config.policy).build_tiers(sqlite=config.sqlite, valkey_url=config.valkey_url,
+                                                    prefix=config.prefix)
+    trace = TraceWriter(config.trace, config.layout, [t.store.tier for t in tiers])
+    load = TrialLoad(config.trial, trace)
+    try:
+        async with (
+            Runtime([load.workflow], tiers=tiers, instruments=[trace], shutdown_timeout=1.0) as rt,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(trace.poll, rt, config.poll)
+            trace.slots[TraceLayout.READY] = time.monotonic()
+            send(Ready())
+            await load.run(rt)
+            # Done: wait for the kill (a crash, as in every trial), but never
+            # outlive a parent that died without killing us.
+            with anyio.move_on_after(config.linger):
+                await anyio.sleep_forever()
+            tg.cancel_scope.cancel()
+    finally:
+        trace.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the child process: ``python -m hotstate._bench._child CONFIG_JSON``."""
+    from hotstate import run
+
+    config = ChildConfig.from_json((sys.argv[1:] if argv is None else argv)[0])
+    run(child_main, config, use_uvloop=config.use_uvloop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
