@@ -19,7 +19,7 @@ from hotstate.persistence._persister import (
     PersisterStatistics,
     SnapshotEncoder,
 )
-from hotstate.persistence._policy import FlushPolicy
+from hotstate.persistence._policy import FlushPolicy, Tier
 from hotstate.persistence._records import (
     RunHeader,
     SaveResult,
@@ -38,7 +38,7 @@ from hotstate.persistence._records import (
 )
 from hotstate.persistence._sqlite import SQLiteStore
 from hotstate.persistence._store import FINISHED_STATUSES, Store
-from hotstate.persistence._tiers import Tier, Tiers
+from hotstate.persistence._tiers import Tiers
 from hotstate.persistence._valkey import ValkeyStore
 from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from hotstate._instrument import Instruments
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._listener import TierListener
-    from hotstate.persistence._tiers import Tier
+    from hotstate.persistence._policy import Tier
 
 __all__ = ["Persister", "PersisterStatistics", "SnapshotEncoder"]
 

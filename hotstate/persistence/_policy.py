@@ -1,4 +1,4 @@
-"""``FlushPolicy``: when a tier flushes, how much it may hold, and whether steps wait for it.
+"""``FlushPolicy``: when a tier flushes, how much it may hold, and whether steps wait for it; ``Tier``: a store and its policy.
 
 Pure: ``flush_due`` takes ``now`` and the pending figures as arguments, so it is
 tested with plain numbers (STYLE.md F.19).
@@ -6,13 +6,16 @@ tested with plain numbers (STYLE.md F.19).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, final
 
 from hotstate._errors import ConfigError
 from hotstate._validate import integer, number
 
-__all__ = ["FlushPolicy"]
+if TYPE_CHECKING:
+    from hotstate.persistence._store import Store
+
+__all__ = ["FlushPolicy", "Tier"]
 
 
 def _positive(field: str, value: object, *, allow_zero: bool = False) -> None:
@@ -146,3 +149,17 @@ class FlushPolicy:
         if self.max_pending_rows is not None and pending_rows > self.max_pending_rows:
             return True
         return self.max_pending_bytes is not None and pending_bytes > self.max_pending_bytes
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A store and the policy its persister flushes with.
+
+    Attributes:
+        store: where snapshots go.
+        policy: when and how they go there.
+    """
+
+    store: Store
+    policy: FlushPolicy = field(default_factory=FlushPolicy)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
@@ -23,7 +22,7 @@ from hotstate.persistence._persister import (
     PersisterStatistics,
     SnapshotEncoder,
 )
-from hotstate.persistence._policy import FlushPolicy
+from hotstate.persistence._policy import Tier
 from hotstate.persistence._records import decode_snapshot
 
 if TYPE_CHECKING:
@@ -37,23 +36,9 @@ if TYPE_CHECKING:
     from hotstate.persistence._records import StoredSnapshot
     from hotstate.persistence._store import Store
 
-__all__ = ["Tier", "Tiers"]
+__all__ = ["Tiers"]
 
 log = logging.getLogger("hotstate.persistence")
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Tier:
-    """A store and the policy its persister flushes with.
-
-    Attributes:
-        store: where snapshots go.
-        policy: when and how they go there.
-    """
-
-    store: Store
-    policy: FlushPolicy = field(default_factory=FlushPolicy)
 
 
 @final
