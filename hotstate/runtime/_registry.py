@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, final
 
 from hotstate._errors import RunNotFoundError
-from hotstate.actors import Status
+from hotstate.actors import TERMINAL_STATUSES, Status
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Container, Iterator
 
     from hotstate.actors import RunActor
 
@@ -77,6 +77,22 @@ class RunRegistry:
         snap = actor.snapshot
         self.by_status[snap.status].pop(run_id, None)
         self.by_workflow.get(snap.workflow, {}).pop(run_id, None)
+
+    def purge_finished(self, before: float, *, keep: Container[str]) -> list[str]:
+        """Forget finished runs last updated before ``before`` (wall clock), except ``keep`` and running ones.
+
+        Returns:
+            The ids forgotten.
+        """
+        gone: list[str] = []
+        actors = self.actors
+        for status in TERMINAL_STATUSES:
+            for rid in list(self.by_status[status]):
+                actor = actors[rid]
+                if actor.snapshot.updated_at < before and rid not in keep and not actor.running:
+                    gone.append(rid)
+                    self.remove(rid)
+        return gone
 
     def select(self, status: Status | None, workflow: str | None) -> list[str]:
         """Return the ids matching both filters (None matches all).

@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import random
 import uuid
 import warnings
-from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, Literal, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
-import anyio.lowlevel
 
 from hotstate._clock import Clock, SystemClock
 from hotstate._errors import (
     ConfigError,
     HotstateInternalError,
-    PersistenceError,
     RunCancelledError,
     RunFailedError,
     RunFinishedError,
@@ -48,7 +44,6 @@ from hotstate.actors import (
     Snapshot,
     Status,
     Transition,
-    TransitionKind,
     Workflow,
 )
 from hotstate.persistence import Codec, PersisterStatistics, PickleCodec, Tier
@@ -56,6 +51,7 @@ from hotstate.runtime._adoption import Adoption
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle
+from hotstate.runtime._lifecycle import Lifecycle, State
 from hotstate.runtime._registry import RunRegistry
 from hotstate.runtime._scheduler import Scheduler
 from hotstate.runtime._statistics import RuntimeStatistics
@@ -70,8 +66,6 @@ if TYPE_CHECKING:
 
 
 __all__ = ["Runtime"]
-
-log = logging.getLogger("hotstate.runtime")
 
 
 @final
@@ -138,8 +132,6 @@ class Runtime:
             self.register(wf)
         self._recover = bool(recover)
         self.recovery_report: RecoveryReport | None = None
-        self._shutdown_timeout = float(shutdown_timeout)
-        self._flush_timeout = float(flush_timeout)
         self._supervisor = Supervisor(intensity or RestartIntensity(), self._clock,
                                       rng if rng is not None else random.Random())
         self._timers = TimerService(self._clock)
@@ -156,46 +148,19 @@ class Runtime:
         )
         self._ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
-        self._stack: AsyncExitStack | None = None
-        self._state: Literal["new", "open", "closing", "closed"] = "new"
+        self._lifecycle = Lifecycle(
+            self._tiers, self._timers, self._scheduler, self._bus,
+            shutdown_timeout=float(shutdown_timeout), flush_timeout=float(flush_timeout),
+        )
 
     # ------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Runtime:
-        if self._state != "new":
-            raise RuntimeClosedError("a Runtime can be entered only once")
-        stack = AsyncExitStack()
-        try:
-            await self._start(stack)
-            if self._recover:
-                self.recovery_report = await self._adoption.recover()
-        except BaseException:
-            self._state = "closed"
-            await stack.aclose()
-            raise
-        self._stack = stack
+        await self._lifecycle.start(self._recover_runs if self._recover else None)
         return self
 
-    async def _start(self, stack: AsyncExitStack) -> None:
-        """Start the parts in order; each pushes its teardown, so teardown runs in reverse.
-
-        1. the tiers' stores open (closed last, shielded);
-        2. the task group (cancelled, then awaited, at teardown);
-        3. the timer service and every tier's flush loop, in that group;
-        4. the scheduler serves the ready queue.
-        """
-        stack.push_async_callback(self._close_tiers)
-        await self._tiers.open()
-        tg = await stack.enter_async_context(anyio.create_task_group())
-        stack.callback(tg.cancel_scope.cancel)
-        await tg.start(self._timers.run)
-        await self._tiers.run_loops(tg)
-        self._scheduler.start(tg)
-        self._state = "open"
-
-    async def _close_tiers(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._tiers.aclose()
+    async def _recover_runs(self) -> None:
+        self.recovery_report = await self._adoption.recover()
 
     async def __aexit__(
         self,
@@ -203,12 +168,7 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        await self._shutdown()
-        self._state = "closed"
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return None
-        return await stack.__aexit__(exc_type, exc, tb)
+        return await self._lifecycle.stop(exc_type, exc, tb)
 
     async def aclose(self) -> None:
         """Shut down gracefully: stop accepting, let in-flight steps finish, then cancel.
@@ -216,54 +176,28 @@ class Runtime:
         Prefer ``async with``; this is for code that cannot use it. Runs that did
         not finish stay at their latest snapshot (a later runtime can resume them).
         """
-        if self._state in ("new", "closed"):
-            self._state = "closed"
-            return
-        await self.__aexit__(None, None, None)
-
-    async def _shutdown(self) -> None:
-        """The graceful phases: drain the steps in flight, flush every tier, release the waiters."""
-        if self._state != "open":
-            return
-        self._state = "closing"
-        left = await self._scheduler.drain(self._shutdown_timeout)
-        if left:
-            log.warning("hotstate: %d step(s) still running after %.3g s; cancelling them", left, self._shutdown_timeout)
-        await self._final_flush()
-        self._bus.close_all()
-        self._scheduler.wake_waiters()  # wait_finished callers raise RuntimeClosedError
-
-    async def _final_flush(self) -> None:
-        """Flush every tier at shutdown: shielded, so it always tries, with a deadline, so it never hangs."""
-        # The loops finish (never abandon) a flush in progress and exit, so the
-        # task-group cancellation that follows interrupts no write.
-        self._tiers.stop_loops()
-        with anyio.move_on_after(self._flush_timeout, shield=True) as scope:
-            try:
-                await self._tiers.flush()
-            except PersistenceError as exc:
-                log.error("hotstate: final flush failed; unflushed state is lost with this process: %s", exc)
-        if scope.cancelled_caught:
-            log.error("hotstate: final flush did not finish within %.3g s", self._flush_timeout)
+        await self._lifecycle.stop()
 
     @property
-    def state(self) -> Literal["new", "open", "closing", "closed"]:
+    def state(self) -> State:
         """The lifecycle state: ``new`` until entered, ``open``, ``closing`` during shutdown, then ``closed``."""
-        return self._state
+        return self._lifecycle.state
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if getattr(self, "_state", "closed") in ("open", "closing"):
+        lifecycle = getattr(self, "_lifecycle", None)
+        if lifecycle is not None and lifecycle.state in ("open", "closing"):
             _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)
 
     def __repr__(self) -> str:
         registry = getattr(self, "_registry", None)
-        return f"<Runtime {self._state} runs={0 if registry is None else len(registry)}>"
+        return f"<Runtime {self.state} runs={0 if registry is None else len(registry)}>"
 
     def _check_open(self) -> None:
-        if self._state != "open":
+        state = self._lifecycle.state
+        if state != "open":
             raise RuntimeClosedError(
                 "the runtime is not running; use `async with Runtime(...)`"
-                if self._state == "new" else "the runtime is closed"
+                if state == "new" else "the runtime is closed"
             )
 
     # -------------------------------------------------------------- workflows
@@ -313,7 +247,7 @@ class Runtime:
             WorkflowNotRegisteredError: the workflow is not registered.
             ConfigError: ``run_id`` is not a non-empty str.
         """
-        if self._state != "open":
+        if self._lifecycle.state != "open":
             self._check_open()
         scheduler = self._scheduler
         if scheduler.hold:
@@ -532,15 +466,7 @@ class Runtime:
         self._check_open()
         number("purge_finished.older_than", older_than)
         before = self._wall() - older_than
-        registry = self._registry
-        letters = self._supervisor.dead_letters
-        gone: list[str] = []
-        for status in TERMINAL_STATUSES:
-            for rid in list(registry.by_status[status]):
-                actor = registry.actors[rid]
-                if actor.snapshot.updated_at < before and rid not in letters and not actor.running:
-                    gone.append(rid)
-                    registry.remove(rid)
+        gone = self._registry.purge_finished(before, keep=self._supervisor.dead_letters)
         return {"hot": len(gone), **await self._tiers.purge(gone, before)}
 
     async def snapshot_at(self, run_id: str, version: int, *, tier: str | None = None) -> Snapshot:
@@ -620,7 +546,7 @@ class Runtime:
         """
         actor = self._registry.actor(run_id)
         while actor.snapshot.status not in TERMINAL_STATUSES:
-            if self._state != "open":
+            if self._lifecycle.state != "open":
                 raise RuntimeClosedError(f"run {run_id!r} did not finish before the runtime closed")
             if actor.waiters is None:
                 actor.waiters = anyio.Event()
@@ -725,12 +651,5 @@ class Runtime:
             raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
         del self._supervisor.dead_letters[run_id]
         self._tiers.mark_dead_letter_deleted(run_id)
-        actor.clear_failures()
-        s = actor.snapshot
-        now = self._wall()
-        new = s._replace(version=s.version + 1, step=cursor, status=Status.running, error=None, attempt=1, updated_at=now)
-        self._scheduler.commit(
-            actor, new, Transition(run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, None)
-        )
-        self._scheduler.schedule(actor)
+        self._scheduler.restart(actor, cursor)
         return RunHandle(self, run_id, _token=_HANDLE_TOKEN)

@@ -333,6 +333,16 @@ class Scheduler:
         if not self._worker_active and self._open:
             self._start_worker()
 
+    def restart(self, actor: RunActor, cursor: int) -> None:
+        """Run a dead-lettered run again from step ``cursor`` with a fresh budget (``retry_dead_letter``)."""
+        actor.clear_failures()
+        s = actor.snapshot
+        now = self.wall()
+        new = s._replace(version=s.version + 1, step=cursor, status=Status.running, error=None, attempt=1, updated_at=now)
+        self.commit(actor, new, Transition(s.run_id, new.version, TransitionKind.dead_letter_retried, cursor,
+                                           Status.running, now, None))
+        self.schedule(actor)
+
     def schedule(self, actor: RunActor) -> None:
         """Put ``actor`` in the ready queue (unparking it) unless it is queued or running."""
         actor.parked = False
