@@ -280,23 +280,30 @@ CHILD = textwrap.dedent(
             return result
 
     async def main(path, runs, after):
-        wf = Workflow("crashy", [Step(fn=work, name=f"s{i}") for i in range(6)])
+        wf = Workflow("crashy", [Step(fn=work, name=f"s{i}") for i in range(CRASHY_STEPS)])
         store = CommitThenDie(SQLiteStore(path, synchronous="FULL"), after)
         async with Runtime([wf], tiers=[Tier(store, FlushPolicy.through())]) as rt:
             handles = [await rt.spawn(wf, {"n": 0}, run_id=f"run-{i:03d}") for i in range(runs)]
             for h in handles:
                 await h.wait_finished()
 
+    CRASHY_STEPS = int(sys.argv[4])
     anyio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     """
 )
+# Every run takes CRASHY_STEPS + 1 group commits however large the groups grow
+# (a loaded machine batches all 40 runs in each): more than the largest `after`,
+# so the kill always lands mid-workload. With 6 steps, 9 commits could finish
+# everything first on a busy machine: "killed mid-workload" failed in 3 of 6
+# runs of this test at 5c74422 with the other core loaded.
+CRASHY_STEPS = 12
 
 
 def run_child(script: Path, db: Path, runs: int, after: int) -> tuple[dict[str, int], dict[str, int]]:
     """Run the child until it kills itself; return the acks seen and the versions it committed last."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(script), str(db), str(runs), str(after)],
+        [sys.executable, str(script), str(db), str(runs), str(after), str(CRASHY_STEPS)],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -333,7 +340,7 @@ async def test_a_crash_between_commit_and_ack_loses_nothing_acknowledged_and_rec
     for rid, version in acked.items():
         assert stored[rid] >= version  # a step started only from a durable version
 
-    wf = Workflow("crashy", [Step(fn=inc, name=f"s{i}") for i in range(6)])
+    wf = Workflow("crashy", [Step(fn=inc, name=f"s{i}") for i in range(CRASHY_STEPS)])
     async with Runtime([wf], tiers=[Tier(SQLiteStore(db), FlushPolicy.through())], recover=True) as rt:
         report = rt.recovery_report
         assert report is not None
