@@ -51,7 +51,9 @@ class RecordingHost:
         wait_from: ``must_wait`` answers True from this version on (None: never).
     """
 
-    def __init__(self, delays: Iterable[float | None] = (), *, wait_from: int | None = None) -> None:
+    def __init__(
+        self, delays: Iterable[float | None] = (), *, wait_from: int | None = None
+    ) -> None:
         self.stopping = False
         self.hold = False
         self.mark: Callable[[Snapshot, Transition], None] | None = self._mark
@@ -79,7 +81,9 @@ class RecordingHost:
         self.must_wait_calls.append(version)
         return self.wait_from is not None and version >= self.wait_from
 
-    def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
+    def commit(
+        self, actor: RunActor, snapshot: Snapshot, transition: Transition
+    ) -> None:
         actor.snapshot = snapshot
         actor.history.add(transition)
         self.commits.append((snapshot, transition))
@@ -107,13 +111,29 @@ class RecordingHost:
 
     def transitions(self) -> list[Transition]:
         """Every transition the actor produced, through either door, by version."""
-        return sorted((t for _, t in self.marks + self.commits), key=lambda t: t.version)
+        return sorted(
+            (t for _, t in self.marks + self.commits), key=lambda t: t.version
+        )
 
 
 def new_actor(workflow: Workflow, payload: Any, run_id: str = "r1") -> RunActor:
     """A run at version 1 (pending), as spawn leaves it."""
-    snap = Snapshot(run_id, workflow.name, workflow.version, 1, 0, Status.pending, payload, None, WALL, 1, ())
-    spawned = Transition(run_id, 1, TransitionKind.spawned, 0, Status.pending, WALL, None)
+    snap = Snapshot(
+        run_id,
+        workflow.name,
+        workflow.version,
+        1,
+        0,
+        Status.pending,
+        payload,
+        None,
+        WALL,
+        1,
+        (),
+    )
+    spawned = Transition(
+        run_id, 1, TransitionKind.spawned, 0, Status.pending, WALL, None
+    )
     return RunActor(workflow, snap, History(0, spawned))
 
 
@@ -137,14 +157,19 @@ async def test_steps_run_inline_and_the_fast_path_marks_each_transition_with_con
     host.bus.count = 1  # someone subscribes: the fast path publishes too
     fast = await actor.turn(host, 100)
     assert calls == [0, 1, 2, 3, 4]  # one turn ran every step
-    assert fast == 3  # steps 1-3; the first (pending -> running) and the last (done) went through commit
+    assert (
+        fast == 3
+    )  # steps 1-3; the first (pending -> running) and the last (done) went through commit
     assert [t.version for _, t in host.marks] == [3, 4, 5]
     assert [t.version for _, t in host.commits] == [2, 6]
     assert [t.version for t in host.transitions()] == [2, 3, 4, 5, 6]
     for snapshot, transition in host.marks:
         assert snapshot.version == transition.version
         assert snapshot.step == transition.step + 1
-        assert (snapshot.status, transition.kind) == (Status.running, TransitionKind.step)
+        assert (snapshot.status, transition.kind) == (
+            Status.running,
+            TransitionKind.step,
+        )
     assert [t for t, _ in host.bus.published] == [t for _, t in host.marks]
     assert actor.history.transitions("r1")[1:] == host.transitions()
     assert actor.snapshot.version == 6
@@ -181,8 +206,15 @@ async def test_a_step_that_raises_asks_retry_delay_and_given_none_compensates_in
         assert ctx.compensating
         undone.append(ctx.step_name)
 
-    wf = Workflow("saga", [Step(fn=work, name="a", compensate=undo), Step(fn=work, name="b", compensate=undo),
-                           Step(fn=work, name="c", compensate=undo), Step(fn=work, name="d")])
+    wf = Workflow(
+        "saga",
+        [
+            Step(fn=work, name="a", compensate=undo),
+            Step(fn=work, name="b", compensate=undo),
+            Step(fn=work, name="c", compensate=undo),
+            Step(fn=work, name="d"),
+        ],
+    )
     actor = new_actor(wf, {})
     host = RecordingHost([None])
     await actor.turn(host, 100)
@@ -190,11 +222,20 @@ async def test_a_step_that_raises_asks_retry_delay_and_given_none_compensates_in
     [(step_name, exc)] = host.retry_asked
     assert step_name == "c"
     assert isinstance(exc, ValueError)
-    assert undone == ["b", "a"]  # c never completed: only a and b are undone, newest first
+    assert undone == [
+        "b",
+        "a",
+    ]  # c never completed: only a and b are undone, newest first
     assert host.finished_runs == [("r1", Status.failed)]
     kinds = [t.kind for t in host.transitions()]
-    assert kinds == [TransitionKind.step, TransitionKind.step, TransitionKind.step_failed,
-                     TransitionKind.compensated, TransitionKind.compensated, TransitionKind.failed]
+    assert kinds == [
+        TransitionKind.step,
+        TransitionKind.step,
+        TransitionKind.step_failed,
+        TransitionKind.compensated,
+        TransitionKind.compensated,
+        TransitionKind.failed,
+    ]
     final = actor.snapshot
     assert final.status is Status.failed
     assert final.error is not None
@@ -227,9 +268,17 @@ async def test_a_step_that_raises_and_is_given_a_delay_waits_for_the_wake_and_ru
     actor.post_wake()
     assert actor.runnable()
     await actor.turn(host, 100)
-    assert attempts == [1, 2, 1]  # the retried step on attempt 2, the next step on its first
+    assert attempts == [
+        1,
+        2,
+        1,
+    ]  # the retried step on attempt 2, the next step on its first
     assert [t.kind for t in host.transitions()] == [
-        TransitionKind.step_failed, TransitionKind.retry, TransitionKind.step, TransitionKind.step]
+        TransitionKind.step_failed,
+        TransitionKind.retry,
+        TransitionKind.step,
+        TransitionKind.step,
+    ]
     assert (actor.snapshot.status, actor.snapshot.payload) == (Status.done, 2)
     assert host.finished_runs == [("r1", Status.done)]
 
@@ -255,7 +304,9 @@ async def test_a_step_that_forgets_to_await_fails_with_step_result_error():
 async def test_finish_ends_the_run_early_with_its_payload():
     calls: list[str] = []
 
-    async def early(payload: dict[str, Any], ctx: StepContext) -> Finish[dict[str, Any]]:
+    async def early(
+        payload: dict[str, Any], ctx: StepContext
+    ) -> Finish[dict[str, Any]]:
         calls.append("early")
         return Finish({"early": True})
 
@@ -268,7 +319,12 @@ async def test_finish_ends_the_run_early_with_its_payload():
     await actor.turn(host, 100)
     assert calls == ["early"]
     final = actor.snapshot
-    assert (final.status, final.payload, final.step, final.version) == (Status.done, {"early": True}, 2, 2)
+    assert (final.status, final.payload, final.step, final.version) == (
+        Status.done,
+        {"early": True},
+        2,
+        2,
+    )
     assert host.finished_runs == [("r1", Status.done)]
 
 
@@ -285,7 +341,9 @@ async def test_a_wait_for_step_parks_the_run_waiting_until_accept_signal():
     async def after(payload: int, ctx: StepContext) -> int:
         return payload * 10
 
-    wf = Workflow("signal", [Step(fn=before), Step(fn=take, wait_for="go"), Step(fn=after)])
+    wf = Workflow(
+        "signal", [Step(fn=before), Step(fn=take, wait_for="go"), Step(fn=after)]
+    )
     actor = new_actor(wf, 0)
     host = RecordingHost()
     await actor.turn(host, 100)
@@ -296,16 +354,31 @@ async def test_a_wait_for_step_parks_the_run_waiting_until_accept_signal():
     await actor.turn(host, 100)  # a turn while waiting changes nothing
     assert len(host.transitions()) == before_idle
     actor.accept_signal(host, "other", 1)  # not the awaited signal: kept, still waiting
-    assert (actor.snapshot.status, actor.snapshot.signals) == (Status.waiting, (("other", 1),))
+    assert (actor.snapshot.status, actor.snapshot.signals) == (
+        Status.waiting,
+        (("other", 1),),
+    )
     actor.accept_signal(host, "go", 7)
-    assert (actor.snapshot.status, actor.snapshot.signals) == (Status.running, (("other", 1), ("go", 7)))
+    assert (actor.snapshot.status, actor.snapshot.signals) == (
+        Status.running,
+        (("other", 1), ("go", 7)),
+    )
     await actor.turn(host, 100)
     assert got == [7]
     final = actor.snapshot
-    assert (final.status, final.payload, final.signals) == (Status.done, 80, (("other", 1),))
+    assert (final.status, final.payload, final.signals) == (
+        Status.done,
+        80,
+        (("other", 1),),
+    )
     assert [t.kind for t in host.transitions()] == [
-        TransitionKind.step, TransitionKind.waiting, TransitionKind.signal, TransitionKind.signal,
-        TransitionKind.step, TransitionKind.step]
+        TransitionKind.step,
+        TransitionKind.waiting,
+        TransitionKind.signal,
+        TransitionKind.signal,
+        TransitionKind.step,
+        TransitionKind.step,
+    ]
 
 
 async def test_a_cancel_in_the_mailbox_ends_the_run_before_its_next_step():
@@ -346,7 +419,9 @@ async def test_the_budget_limits_the_fast_steps_of_one_turn():
     assert actor.runnable()
     assert await actor.turn(host, 3) == 3
     assert calls == [0, 1, 2, 3, 4, 5, 6]
-    assert await actor.turn(host, 3) == 2  # steps 7 and 8; step 9 finishes through commit
+    assert (
+        await actor.turn(host, 3) == 2
+    )  # steps 7 and 8; step 9 finishes through commit
     assert calls == list(range(10))
     assert host.finished_runs == [("r1", Status.done)]
 
@@ -361,10 +436,16 @@ async def test_stopping_stops_the_turn_before_the_next_step():
             host.stopping = True  # shutdown begins while step 1 runs
         return payload + 1
 
-    actor = new_actor(Workflow("stop", [Step(fn=step, name=f"s{i}") for i in range(4)]), 0)
+    actor = new_actor(
+        Workflow("stop", [Step(fn=step, name=f"s{i}") for i in range(4)]), 0
+    )
     await actor.turn(host, 100)
     assert calls == [0, 1]  # step 1 finished and was committed; step 2 never started
-    assert (actor.snapshot.step, actor.snapshot.status, actor.snapshot.version) == (2, Status.running, 3)
+    assert (actor.snapshot.step, actor.snapshot.status, actor.snapshot.version) == (
+        2,
+        Status.running,
+        3,
+    )
     assert host.finished_runs == []
 
 
@@ -385,7 +466,11 @@ async def test_hold_with_must_wait_parks_the_actor_before_the_step():
     host.hold = True
     await actor.turn(host, 100)
     assert calls == [0, 1]
-    assert host.must_wait_calls == [1, 2, 3]  # asked before each step, with the version it would advance past
+    assert host.must_wait_calls == [
+        1,
+        2,
+        3,
+    ]  # asked before each step, with the version it would advance past
     assert actor.parked
     assert not actor.runnable()
     assert actor.snapshot.version == 3

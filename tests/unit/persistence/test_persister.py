@@ -46,27 +46,56 @@ if TYPE_CHECKING:
 CODEC = PickleCodec(b"k" * 32)
 
 
-def snap(run_id: str, version: int, status: Status = Status.running, payload: Any = None) -> Snapshot:
-    return Snapshot(run_id, "wf", 1, version, version - 1, status, {"v": version} if payload is None else payload,
-                    None, 1_700_000_000.0 + version, 1, ())
+def snap(
+    run_id: str, version: int, status: Status = Status.running, payload: Any = None
+) -> Snapshot:
+    return Snapshot(
+        run_id,
+        "wf",
+        1,
+        version,
+        version - 1,
+        status,
+        {"v": version} if payload is None else payload,
+        None,
+        1_700_000_000.0 + version,
+        1,
+        (),
+    )
 
 
 def trans(run_id: str, version: int, status: Status = Status.running) -> Transition:
     kind = TransitionKind.spawned if version == 1 else TransitionKind.step
-    return Transition(run_id, version, kind, version - 1, status, 1_700_000_000.0 + version, None)
+    return Transition(
+        run_id, version, kind, version - 1, status, 1_700_000_000.0 + version, None
+    )
 
 
-def mark(persister: Persister, run_id: str, version: int, status: Status = Status.running,
-         payload: Any = None) -> Snapshot:
+def mark(
+    persister: Persister,
+    run_id: str,
+    version: int,
+    status: Status = Status.running,
+    payload: Any = None,
+) -> Snapshot:
     s = snap(run_id, version, status, payload)
     persister.mark(s, trans(run_id, version, status))
     return s
 
 
 def letter_for(s: Snapshot) -> DeadLetter:
-    error = ErrorInfo.from_exception(ValueError("boom"), step=s.step, step_name="charge", attempt=1, at=s.updated_at)
-    return DeadLetter(run_id=s.run_id, workflow=s.workflow, snapshot=s, error=error, attempts=(error,),
-                      compensation_errors=(), at=s.updated_at)
+    error = ErrorInfo.from_exception(
+        ValueError("boom"), step=s.step, step_name="charge", attempt=1, at=s.updated_at
+    )
+    return DeadLetter(
+        run_id=s.run_id,
+        workflow=s.workflow,
+        snapshot=s,
+        error=error,
+        attempts=(error,),
+        compensation_errors=(),
+        at=s.updated_at,
+    )
 
 
 class Recorder:
@@ -120,7 +149,9 @@ class ScriptedStore(StoreBase):
         await self.inner.aclose()
         self._opened = False
 
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
+    ) -> SaveResult:
         self.save_calls += 1
         self.calls.append("save")
         if self.during_save is not None:
@@ -132,7 +163,12 @@ class ScriptedStore(StoreBase):
         result = await self.inner.save(snapshots, transitions)
         if self.reset_next:
             self.reset_next = False
-            return SaveResult(written=result.written, stale=result.stale, transitions=result.transitions, reset=True)
+            return SaveResult(
+                written=result.written,
+                stale=result.stale,
+                transitions=result.transitions,
+                reset=True,
+            )
         return result
 
     async def load(self, run_id: str) -> StoredSnapshot | None:
@@ -141,13 +177,29 @@ class ScriptedStore(StoreBase):
     async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
         return await self.inner.load_many(run_ids)
 
-    async def scan(self, *, status: str | Iterable[str] | None = None, workflow: str | None = None,
-                   after: str | None = None, limit: int = 1000) -> list[RunHeader]:
-        return await self.inner.scan(status=status, workflow=workflow, after=after, limit=limit)
+    async def scan(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunHeader]:
+        return await self.inner.scan(
+            status=status, workflow=workflow, after=after, limit=limit
+        )
 
-    async def scan_snapshots(self, *, status: str | Iterable[str] | None = None, workflow: str | None = None,
-                             after: str | None = None, limit: int = 1000) -> list[StoredSnapshot]:
-        return await self.inner.scan_snapshots(status=status, workflow=workflow, after=after, limit=limit)
+    async def scan_snapshots(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> list[StoredSnapshot]:
+        return await self.inner.scan_snapshots(
+            status=status, workflow=workflow, after=after, limit=limit
+        )
 
     async def history(self, run_id: str) -> list[Transition]:
         return await self.inner.history(run_id)
@@ -194,7 +246,12 @@ async def test_marks_coalesce_to_the_newest_snapshot_and_nothing_is_written_befo
     clock = ManualClock()
     listener = Recorder()
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy(interval=1.0)), SnapshotEncoder(CODEC), clock, listener)
+        p = Persister(
+            Tier(store, FlushPolicy(interval=1.0)),
+            SnapshotEncoder(CODEC),
+            clock,
+            listener,
+        )
         async with flush_loop(p):
             for v in (1, 2, 3):
                 mark(p, "r1", v)
@@ -209,13 +266,22 @@ async def test_marks_coalesce_to_the_newest_snapshot_and_nothing_is_written_befo
         assert decode_snapshot(stored, CODEC, tier="t").payload == {"v": 3}
         assert [t.version for t in await store.history("r1")] == [1, 2, 3]
         stats = p.statistics()
-        assert (stats.flushes, stats.snapshots_written, stats.transitions_written) == (1, 1, 3)
+        assert (stats.flushes, stats.snapshots_written, stats.transitions_written) == (
+            1,
+            1,
+            3,
+        )
         assert p.pending_rows == 0
 
 
 async def test_flush_once_writes_and_acknowledges_the_durable_versions():
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), Recorder())
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            Recorder(),
+        )
         mark(p, "a", 1)
         mark(p, "a", 2)
         mark(p, "b", 1)
@@ -234,18 +300,29 @@ async def test_flush_once_writes_and_acknowledges_the_durable_versions():
 async def test_a_failed_flush_merges_the_batch_back_newer_versions_win_and_nothing_is_reported_durable():
     listener = Recorder()
     async with ScriptedStore() as store:
-        p = Persister(Tier(store, FlushPolicy.through()), SnapshotEncoder(CODEC), ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy.through()),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         mark(p, "r1", 1)
         mark(p, "r1", 2)
         p.notify_when_durable("r1", "go on")
         store.fail_saves = 1
-        store.during_save = lambda: mark(p, "r1", 3)  # a newer version arrives while the save is failing
+        store.during_save = lambda: mark(
+            p, "r1", 3
+        )  # a newer version arrives while the save is failing
         with pytest.raises(StoreUnavailableError):
             await p.flush_once()
         assert listener.durables == []
         assert p.durable == {}
         stats = p.statistics()
-        assert (stats.failures, stats.consecutive_failures, stats.pending_snapshots) == (1, 1, 1)
+        assert (
+            stats.failures,
+            stats.consecutive_failures,
+            stats.pending_snapshots,
+        ) == (1, 1, 1)
         assert stats.pending_transitions == 3
         assert stats.last_error is not None
         assert "scripted failure" in stats.last_error
@@ -253,8 +330,14 @@ async def test_a_failed_flush_merges_the_batch_back_newer_versions_win_and_nothi
         await p.flush_once()
         stored = await store.load("r1")
         assert stored is not None
-        assert stored.header.version == 3  # the merged-back v2 did not replace the newer v3
-        assert [t.version for t in await store.history("r1")] == [1, 2, 3]  # in order, none lost
+        assert (
+            stored.header.version == 3
+        )  # the merged-back v2 did not replace the newer v3
+        assert [t.version for t in await store.history("r1")] == [
+            1,
+            2,
+            3,
+        ]  # in order, none lost
         assert p.durable == {"r1": 3}
         assert listener.durables == ["go on"]
         assert not p.failing
@@ -271,7 +354,9 @@ async def test_the_loop_retries_a_failed_flush_after_the_backoff_not_at_the_next
             await clock.advance(1.0)
             await checkpoint_until(lambda: p.statistics().failures == 1)
             assert p.durable == {}
-            await clock.advance(1.0)  # the interval has passed again, the backoff has not
+            await clock.advance(
+                1.0
+            )  # the interval has passed again, the backoff has not
             assert store.save_calls == 1
             await clock.advance(1.0)
             await checkpoint_until(lambda: p.durable == {"r1": 1})
@@ -285,7 +370,12 @@ async def test_the_loop_retries_a_failed_flush_after_the_backoff_not_at_the_next
 async def test_write_through_hands_the_waiting_item_to_the_listener_once_after_the_acknowledging_flush():
     listener = Recorder()
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy.through()), SnapshotEncoder(CODEC), ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy.through()),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         mark(p, "r1", 1)
         item = object()
         p.notify_when_durable("r1", item)
@@ -303,7 +393,9 @@ async def test_write_through_wakes_the_loop_at_once_without_advancing_the_clock(
     clock = ManualClock()
     listener = Recorder()
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy.through()), SnapshotEncoder(CODEC), clock, listener)
+        p = Persister(
+            Tier(store, FlushPolicy.through()), SnapshotEncoder(CODEC), clock, listener
+        )
         async with flush_loop(p):
             mark(p, "r1", 1)
             p.notify_when_durable("r1", "r1 may go on")
@@ -318,8 +410,12 @@ async def test_write_through_wakes_the_loop_at_once_without_advancing_the_clock(
 async def test_crossing_max_pending_rows_reports_pressure_once_and_draining_releases_it():
     listener = Recorder()
     async with MemoryStore(tier="mem") as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0, max_pending_rows=5)), SnapshotEncoder(CODEC),
-                      ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0, max_pending_rows=5)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         mark(p, "a", 1)
         mark(p, "a", 2)
         mark(p, "a", 3)  # 1 snapshot + 3 transitions = 4 rows
@@ -337,8 +433,12 @@ async def test_crossing_max_pending_rows_reports_pressure_once_and_draining_rele
 async def test_a_failed_flush_keeps_the_pressure_on():
     listener = Recorder()
     async with ScriptedStore(tier="mem") as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0, max_pending_rows=2)), SnapshotEncoder(CODEC),
-                      ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0, max_pending_rows=2)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         mark(p, "a", 1)
         mark(p, "a", 2)
         store.fail_saves = 1
@@ -349,14 +449,22 @@ async def test_a_failed_flush_keeps_the_pressure_on():
         assert listener.pressures == [("mem", True), ("mem", False)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: FlushPolicy.max_pending_bytes never turns backpressure on: Persister.mark checks only the rows "
-    "bound (_bound_rows); the bytes estimate (_avg_bytes) is consulted only to release pressure after a flush"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: FlushPolicy.max_pending_bytes never turns backpressure on: Persister.mark checks only the rows "
+        "bound (_bound_rows); the bytes estimate (_avg_bytes) is consulted only to release pressure after a flush"
+    ),
+)
 async def test_crossing_max_pending_bytes_reports_pressure():
     listener = Recorder()
     async with MemoryStore(tier="mem") as store:
-        policy = FlushPolicy(interval=60.0, max_pending_rows=None, max_pending_bytes=2_000)
-        p = Persister(Tier(store, policy), SnapshotEncoder(CODEC), ManualClock(), listener)
+        policy = FlushPolicy(
+            interval=60.0, max_pending_rows=None, max_pending_bytes=2_000
+        )
+        p = Persister(
+            Tier(store, policy), SnapshotEncoder(CODEC), ManualClock(), listener
+        )
         big = {"blob": b"x" * 1_000}
         mark(p, "r0", 1, payload=big)
         await p.flush_once()  # measures ~1 kB per snapshot
@@ -372,7 +480,12 @@ async def test_crossing_max_pending_bytes_reports_pressure():
 async def test_an_unencodable_payload_reports_a_codec_error_once_and_writes_the_header_only_when_failed():
     listener = Recorder()
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         lock = {"lock": threading.Lock()}
         mark(p, "bad", 1, payload=lock)
         mark(p, "good", 1)
@@ -380,7 +493,9 @@ async def test_an_unencodable_payload_reports_a_codec_error_once_and_writes_the_
         assert [rid for rid, _ in listener.codec_errors] == ["bad"]
         assert "bad" in str(listener.codec_errors[0][1])
         assert "lock" in str(listener.codec_errors[0][1])
-        assert await store.load("bad") is None  # not failed yet: nothing of it is written
+        assert (
+            await store.load("bad") is None
+        )  # not failed yet: nothing of it is written
         assert await store.load("good") is not None  # the rest of the batch is
         mark(p, "bad", 2, payload=lock)
         await p.flush_once()
@@ -391,19 +506,30 @@ async def test_an_unencodable_payload_reports_a_codec_error_once_and_writes_the_
         stored = await store.load("bad")
         assert stored is not None
         assert (stored.header.version, stored.header.status) == (3, "failed")
-        assert decode_snapshot(stored, CODEC, tier="t").payload is None  # the header, without the payload
+        assert (
+            decode_snapshot(stored, CODEC, tier="t").payload is None
+        )  # the header, without the payload
         assert [t.version for t in await store.history("bad")] == [1, 2, 3]
         assert len(listener.codec_errors) == 1
         assert p.statistics().codec_errors == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Persister._flush_locked acknowledges the whole chunk, so a run whose snapshot could not be "
-    "encoded (nothing written) is recorded durable at that version: durable_versions and wait_durable "
-    "report a version the store does not hold"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: Persister._flush_locked acknowledges the whole chunk, so a run whose snapshot could not be "
+        "encoded (nothing written) is recorded durable at that version: durable_versions and wait_durable "
+        "report a version the store does not hold"
+    ),
+)
 async def test_an_unencodable_snapshot_is_not_reported_durable():
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), Recorder())
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            Recorder(),
+        )
         mark(p, "bad", 1, payload={"lock": threading.Lock()})
         await p.flush_once()
         assert await store.load("bad") is None
@@ -416,7 +542,12 @@ async def test_an_unencodable_snapshot_is_not_reported_durable():
 async def test_a_store_reporting_a_reset_tells_the_listener_and_forgets_the_durable_versions():
     listener = Recorder()
     async with ScriptedStore(tier="valkeyish") as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         mark(p, "old", 1)
         await p.flush_once()
         assert listener.resets == []
@@ -431,22 +562,32 @@ async def test_a_store_reporting_a_reset_tells_the_listener_and_forgets_the_dura
         assert listener.resets == ["valkeyish"]  # reported by one save only
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a reset reported by one save of a flush is dropped when a later save of the same flush fails: "
-    "Persister._flush_locked keeps `reset` in a local and calls _store_was_reset only on success, and the "
-    "store reports a reset once, so runs the store lost are never written again"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: a reset reported by one save of a flush is dropped when a later save of the same flush fails: "
+        "Persister._flush_locked keeps `reset` in a local and calls _store_was_reset only on success, and the "
+        "store reports a reset once, so runs the store lost are never written again"
+    ),
+)
 async def test_a_reset_reported_before_a_later_chunk_fails_still_reaches_the_listener():
     listener = Recorder()
     async with ScriptedStore(tier="valkeyish") as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0, max_batch_rows=1)), SnapshotEncoder(CODEC),
-                      ManualClock(), listener)
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0, max_batch_rows=1)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            listener,
+        )
         mark(p, "r0", 1)
         mark(p, "r1", 1)
         store.reset_next = True  # the first chunk's save reports the reset
         store.fail_at_save = 2  # the second chunk's save fails
         with pytest.raises(StoreUnavailableError):
             await p.flush_once()
-        await p.flush_once()  # the retry succeeds; the store does not report the reset again
+        await (
+            p.flush_once()
+        )  # the retry succeeds; the store does not report the reset again
         assert store.save_calls == 3
         assert listener.resets == ["valkeyish"]
 
@@ -457,7 +598,9 @@ async def test_a_reset_reported_before_a_later_chunk_fails_still_reaches_the_lis
 async def test_dead_letters_are_encoded_in_the_flush_and_written_before_the_run_rows():
     async with ScriptedStore() as store:
         encoder = SnapshotEncoder(CODEC)
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), encoder, ManualClock(), Recorder())
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)), encoder, ManualClock(), Recorder()
+        )
         failed = mark(p, "r1", 4, Status.failed)
         p.mark_dead_letter(letter_for(failed))
         assert encoder.encodes == 0  # mark_dead_letter does no encoding
@@ -476,7 +619,12 @@ async def test_dead_letters_are_encoded_in_the_flush_and_written_before_the_run_
 
 async def test_a_dead_letter_whose_payload_cannot_be_encoded_is_written_with_its_header():
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), Recorder())
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            Recorder(),
+        )
         failed = mark(p, "r1", 2, Status.failed, payload={"lock": threading.Lock()})
         p.mark_dead_letter(letter_for(failed))
         await p.flush_once()
@@ -487,7 +635,12 @@ async def test_a_dead_letter_whose_payload_cannot_be_encoded_is_written_with_its
 
 async def test_a_failed_dead_letter_write_is_retried_before_the_rows():
     async with MemoryStore() as store:
-        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), Recorder())
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0)),
+            SnapshotEncoder(CODEC),
+            ManualClock(),
+            Recorder(),
+        )
         failed = mark(p, "r1", 2, Status.failed)
         p.mark_dead_letter(letter_for(failed))
         store.down = True
@@ -514,8 +667,12 @@ def finish_runs(marks: Callable[[Snapshot, Transition], None], n: int) -> None:
 async def test_two_tiers_flushed_by_their_loops_hold_no_encoding_of_2000_finished_runs():
     clock = ManualClock()
     fast, slow = MemoryStore(tier="fast"), MemoryStore(tier="slow")
-    tiers = Tiers([Tier(fast, FlushPolicy(interval=1.0)), Tier(slow, FlushPolicy(interval=5.0))],
-                  CODEC, clock, Recorder())
+    tiers = Tiers(
+        [Tier(fast, FlushPolicy(interval=1.0)), Tier(slow, FlushPolicy(interval=5.0))],
+        CODEC,
+        clock,
+        Recorder(),
+    )
     await tiers.open()
     try:
         with anyio.fail_after(5):  # hang guard only
@@ -525,7 +682,9 @@ async def test_two_tiers_flushed_by_their_loops_hold_no_encoding_of_2000_finishe
                 finish_runs(tiers.mark, 2_000)
                 await clock.advance(1.0)
                 await checkpoint_until(lambda: fast.saves == 1)
-                assert len(tiers.encoder) == 2_000  # the slow tier has still to write them
+                assert (
+                    len(tiers.encoder) == 2_000
+                )  # the slow tier has still to write them
                 await clock.advance(4.0)
                 await checkpoint_until(lambda: slow.saves == 1)
                 tiers.stop_loops()
