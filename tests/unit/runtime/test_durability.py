@@ -383,3 +383,30 @@ async def test_keep_every_gives_time_travel_to_earlier_versions():
         assert past.payload == {"n": 1}
         with pytest.raises(Exception, match="no such run"):
             await rt.snapshot_at("tt", 0)
+
+
+async def test_background_flushes_free_every_cached_encoding_of_finished_runs():
+    """The review's reproduction: 2,000 finished runs, two tiers, loop flushes only (no Runtime.flush())."""
+    clock = ManualClock()
+    fast, slow = MemoryStore(tier="fast"), MemoryStore(tier="slow")
+    tiers = [Tier(fast, FlushPolicy(interval=0.01)), Tier(slow, FlushPolicy(interval=1.0))]
+    async with Runtime([LINEAR], clock=clock, tiers=tiers) as rt:
+        runs = [await rt.spawn(LINEAR, {"n": i, "blob": "x" * 1000}) for i in range(2000)]
+        for run in runs:
+            await run.wait_finished()
+        encoder = rt._tiers.encoder
+        await clock.advance(0.01)
+        for _ in range(20):
+            await settle()
+            if rt.tier_statistics()[0].pending_snapshots == 0:
+                break
+        assert rt.tier_statistics()[0].pending_snapshots == 0
+        assert len(encoder) == 2000  # the slow tier has not written them yet: kept, not encoded twice
+        await clock.advance(1.0)
+        for _ in range(20):
+            await settle()
+            if all(s.pending_snapshots == 0 for s in rt.tier_statistics()):
+                break
+        assert [s.pending_snapshots for s in rt.tier_statistics()] == [0, 0]
+        assert len(encoder) == 0  # before the fix: 2,000 until an explicit Runtime.flush()
+        assert encoder.encodes == 2000
