@@ -87,8 +87,10 @@ class Runtime:
         shutdown_timeout: seconds in-flight steps get to finish at shutdown.
         flush_timeout: seconds the final flush at shutdown may take.
         steps_per_turn: steps one run may take before others get a turn (fairness).
-        instruments: observers called on every transition and store write
-            (``Instrument``); a hook no instrument overrides costs nothing.
+        instruments: observers called on every transition and around each
+            batch of run rows a tier writes (``Store.save``; not dead letters,
+            kept versions or deletions) (``Instrument``); a hook no instrument
+            overrides costs nothing.
 
     Raises:
         ConfigError: an option is out of range, or two workflows share a name.
