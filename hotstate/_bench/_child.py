@@ -1,10 +1,15 @@
-"""The child process of every SIGKILL trial, and the parent's handle on it.
+"""The child process of every SIGKILL trial and of ``hotstate demo``, and the parent's handle on it.
 
 ``Child(config, log)`` starts ``python -m hotstate._bench._child CONFIG``, where
 CONFIG is a ``ChildConfig`` as JSON. The child runs its workload on the
-policy's tiers with a ``TraceWriter`` installed as the runtime's instrument,
-says ``Ready`` once the workload starts, and runs until the parent SIGKILLs it
-(or, out of run slots, lingers until then: every trial ends in a crash).
+policy's tiers with a ``TraceWriter`` installed as the runtime's instrument
+(what its memory held survives the SIGKILL there, for the judge in
+``_crash.py``) and says ``Ready`` once the workload starts:
+
+- a trial (``_trial.py``) runs until the parent SIGKILLs it (out of run slots,
+  it lingers until then: every trial ends in a crash); the parent recovers;
+- the demo's orders (``_orders.py``) run until every order has finished, with
+  ``Progress`` reports for the live view; generation 2 starts with recovery.
 
 Messages on stdout are frozen dataclasses, one JSON object per line with
 their field names and the class name under ``"message"``.
@@ -26,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeAlias
 import anyio
 
 from hotstate import Runtime
+from hotstate._bench._orders import Finished, OrderLoad, Orders, Progress, Recovered
 from hotstate._bench._policy import Policy
 from hotstate._bench._trace import TraceLayout, TraceWriter
 from hotstate._bench._trial import TrialLoad, Workload
@@ -33,41 +39,36 @@ from hotstate._bench._trial import TrialLoad, Workload
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from hotstate.persistence import Store
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChildConfig:
-    """Everything a child needs, given by the parent.
+    """Everything a child needs, given by the parent (its one argument, as JSON)."""
 
-    Attributes:
-        policy: the tiers, a ``Policy`` spec such as ``"valkey:0.01,sqlite:1"``.
-        sqlite: the SQLite file.
-        valkey_url: the Valkey server (used when the policy has a Valkey tier).
-        prefix: the Valkey key prefix.
-        trace: the trace file the parent created (``TraceLayout(runs, versions).size`` bytes).
-        runs: run slots in the trace.
-        versions: timed versions per run.
-        trial: the workload.
-        poll: seconds between durability polls.
-        linger: seconds to wait for the kill once the workload is done.
-        use_uvloop: run on uvloop.
-    """
-
-    policy: str
-    sqlite: str
-    valkey_url: str
-    prefix: str
-    trace: str
-    runs: int
-    versions: int = TraceLayout(0).versions
-    trial: Workload
-    poll: float = 0.005
-    linger: float = 120.0
+    policy: str  # the tiers, a Policy spec such as "valkey:0.01,sqlite:1"
+    sqlite: str  # the SQLite file
+    valkey_url: str  # the Valkey server (used when the policy has a Valkey tier)
+    prefix: str  # the Valkey key prefix
+    trace: str  # the trace file, created zeroed by ``Child``
+    runs: int  # run slots in the trace
+    versions: int = TraceLayout(0).versions  # timed versions per run
+    trial: Workload | None = None  # a trial's workload, or
+    orders: Orders | None = None  # the demo's orders
+    recover: bool = False  # start with Runtime(recover=True)
+    report_interval: float = 0.05  # seconds between Progress messages (orders only)
+    poll: float = 0.005  # seconds between durability polls
+    linger: float = 120.0  # seconds to wait for the kill once the workload is done
     use_uvloop: bool = True
 
     @property
     def layout(self) -> TraceLayout:
         """The trace file's layout."""
         return TraceLayout(self.runs, self.versions)
+
+    def stores(self) -> list[Store]:
+        """New stores on the child's tiers, to read what they hold."""
+        return Policy.parse(self.policy).stores(sqlite=self.sqlite, valkey_url=self.valkey_url, prefix=self.prefix)
 
     def to_json(self) -> str:
         """The config as the child's one argument."""
@@ -77,7 +78,9 @@ class ChildConfig:
     def from_json(cls, text: str) -> ChildConfig:
         """Parse ``to_json``'s text."""
         fields = json.loads(text)
-        return cls(**{**fields, "trial": Workload(**fields["trial"])})
+        trial, orders = fields.pop("trial"), fields.pop("orders")
+        return cls(**fields, trial=None if trial is None else Workload(**trial),
+                   orders=None if orders is None else Orders(**orders))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,8 +88,8 @@ class Ready:
     """The workload started (the trace's ready time is set)."""
 
 
-Message: TypeAlias = Ready
-_MESSAGES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Ready,)}
+Message: TypeAlias = Ready | Progress | Recovered | Finished
+_MESSAGES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Ready, Progress, Recovered, Finished)}
 
 
 def send(message: Message) -> None:
@@ -110,7 +113,7 @@ class Child:
     """One child process, and a thread that turns its stdout into messages.
 
     Args:
-        config: what the child runs.
+        config: what the child runs (its trace file is created here).
         log: where its stderr goes.
         name: how errors name it.
     """
@@ -118,6 +121,8 @@ class Child:
     def __init__(self, config: ChildConfig, log: Path, name: str = "child") -> None:
         self.name = name
         self.log = log
+        with open(config.trace, "wb") as trace:
+            trace.truncate(config.layout.size)  # zeroed: what the child maps and the judge reads
         self._err: IO[bytes] = log.open("wb")
         # Our own module with a config we built, no shell.
         self.proc = subprocess.Popen(  # noqa: S603
@@ -159,6 +164,10 @@ class Child:
         self._err.close()
         return status
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the child to exit; returns its exit status."""
+        return self.proc.wait(timeout=timeout)
+
     def stderr_tail(self, chars: int = 2000) -> str:
         """The end of what the child wrote on stderr."""
         try:
@@ -172,10 +181,16 @@ async def child_main(config: ChildConfig) -> None:
     tiers = Policy.parse(config.policy).build_tiers(sqlite=config.sqlite, valkey_url=config.valkey_url,
                                                     prefix=config.prefix)
     trace = TraceWriter(config.trace, config.layout, [t.store.tier for t in tiers])
-    load = TrialLoad(config.trial, trace)
+    load: TrialLoad | OrderLoad
+    if config.trial is not None:
+        load = TrialLoad(config.trial, trace)
+    else:
+        assert config.orders is not None  # noqa: S101 - one of the two, by construction
+        load = OrderLoad(config.orders, trace, [t.store for t in tiers], send, config.report_interval)
     try:
         async with (
-            Runtime([load.workflow], tiers=tiers, instruments=[trace], shutdown_timeout=1.0) as rt,
+            Runtime([load.workflow], tiers=tiers, recover=config.recover, instruments=[trace],
+                    shutdown_timeout=1.0) as rt,
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(trace.poll, rt, config.poll)

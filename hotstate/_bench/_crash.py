@@ -36,6 +36,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -46,12 +47,11 @@ from hotstate._bench import _trial as trial
 from hotstate._bench._child import Child, ChildConfig, Ready
 from hotstate._bench._persist import drop_prefix
 from hotstate._bench._policy import Policy, find_policy
-from hotstate._bench._trace import Trace, TraceLayout, read_trace
+from hotstate._bench._trace import Trace, read_trace
 from hotstate._bench._trial import Workload
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from pathlib import Path
 
     from hotstate.actors import Transition
     from hotstate.persistence import Store
@@ -240,22 +240,13 @@ async def run_trial(
     db, trace_path, log = workdir / f"crash-{tag}.db", workdir / f"crash-{tag}.trace", workdir / f"crash-{tag}.log"
     config = ChildConfig(policy=pol.spec, sqlite=str(db), valkey_url=valkey_url, prefix=f"hs-crash-{tag}",
                          trace=str(trace_path), runs=wl.max_runs, versions=_VERSIONS, trial=wl, use_uvloop=use_uvloop)
-    new_trace(trace_path, config.layout)
     try:
         killed_at, rc, tail = await _run_and_kill(config, log, delay, ready_within)
-        trace = read_trace(trace_path, config.layout, len(pol.tiers))
-        return await _judge(pol, wl, trace, seed=seed, delay=delay, killed_at=killed_at, rc=rc, tail=tail,
-                            stores=lambda: pol.stores(sqlite=db, valkey_url=valkey_url, prefix=config.prefix),
+        return await _judge(pol, wl, config, seed=seed, delay=delay, killed_at=killed_at, rc=rc, tail=tail,
                             verify=verify)
     finally:
         if not keep:
             await clean(pol, valkey_url, config.prefix, (trace_path, log, db))
-
-
-def new_trace(path: Path, layout: TraceLayout) -> None:
-    """Create the zeroed trace file a child maps."""
-    with path.open("wb") as f:
-        f.truncate(layout.size)
 
 
 async def clean(pol: Policy, valkey_url: str, prefix: str, paths: Sequence[Path]) -> None:
@@ -267,19 +258,39 @@ async def clean(pol: Policy, valkey_url: str, prefix: str, paths: Sequence[Path]
         await drop_prefix(valkey_url, prefix)
 
 
+async def judge(config: ChildConfig, killed_at: float, violations: list[str],
+                run_ids: Sequence[str] | None = None) -> tuple[Trace, Stored, Loss]:
+    """The harness's one judge: what the killed child's memory held (its trace) that no tier holds.
+
+    Args:
+        config: the killed child's config (its trace file, policy and stores).
+        killed_at: ``time.monotonic()`` of the kill.
+        violations: broken invariants are appended here.
+        run_ids: the run id of each trace slot (default: the trial's ``run_id``).
+
+    Returns:
+        The trace, the newest copy of each run in the tiers, and the loss.
+    """
+    pol = Policy.parse(config.policy)
+    trace = read_trace(Path(config.trace), config.layout, len(pol.tiers))
+    stored = await stored_headers(config.stores())
+    loss = losses(pol, trace, stored, killed_at, violations, run_ids)
+    loss.flush = flush_duration(pol, trace, killed_at)
+    return trace, stored, loss
+
+
 async def _judge(
-    pol: Policy, wl: Workload, trace: Trace, *, seed: int, delay: float, killed_at: float,
-    rc: int | None, tail: str, stores: Callable[[], list[Store]], verify: bool,
+    pol: Policy, wl: Workload, config: ChildConfig, *, seed: int, delay: float, killed_at: float,
+    rc: int | None, tail: str, verify: bool,
 ) -> TrialResult:
     violations: list[str] = []
     if killed_at == 0.0 or rc != -signal.SIGKILL:
         violations.append(f"child did not run until the kill (return code {rc}): {tail.strip()[-500:]}")
         killed_at = killed_at or time.monotonic()
-    stored = await stored_headers(stores())
-    loss = losses(pol, trace, stored, killed_at, violations)
+    trace, stored, loss = await judge(config, killed_at, violations)
     checked, corrupt, recovery_seconds = 0, 0, 0.0
     if verify and trace.started:
-        checked, corrupt, recovery_seconds = await _recover_and_check(pol, wl, trace, stored, stores, violations)
+        checked, corrupt, recovery_seconds = await _recover_and_check(wl, trace, stored, config.stores, violations)
     elapsed = killed_at - trace.ready if trace.ready else 0.0
     return TrialResult(
         policy=pol.name, seed=seed, interval=pol.interval, write_through=pol.write_through,
@@ -287,7 +298,7 @@ async def _judge(
         steps_lost=loss.steps, runs_lost=loss.runs, loss_window=loss.window,
         acknowledged_steps_lost=loss.acknowledged, corrupt_snapshots=corrupt, violations=tuple(violations),
         steps_per_s=trace.commits / elapsed if elapsed > 0 else 0.0,
-        flush_duration=flush_duration(pol, trace, killed_at),
+        flush_duration=loss.flush,
         kill_after=delay, recovery_seconds=recovery_seconds,
     )
 
@@ -308,24 +319,19 @@ def flush_duration(pol: Policy, trace: Trace, killed_at: float) -> float:
 
 @dataclass(slots=True)
 class Loss:
-    """What the tiers miss of what the child's memory held at the kill.
+    """What the tiers miss of what the child's memory held at the kill."""
 
-    Attributes:
-        steps: committed versions found in no tier.
-        runs: runs found in no tier at all (never durable).
-        runs_behind: runs whose newest committed version is in no tier.
-        steps_behind: step cursors the tiers' newest copies are behind memory's, summed.
-        window: kill time minus the commit time of the oldest lost version (s).
-        acknowledged: versions lost that the child knew durable or (write-through)
-            had acknowledged by starting the next step from them.
-    """
-
-    steps: int = 0
-    runs: int = 0
-    runs_behind: int = 0
-    steps_behind: int = 0
-    window: float = 0.0
+    steps: int = 0  # committed versions found in no tier
+    runs: int = 0  # runs found in no tier at all (never durable)
+    runs_behind: int = 0  # runs whose newest committed version is in no tier
+    steps_behind: int = 0  # step cursors the tiers' newest copies are behind memory's, summed
+    window: float = 0.0  # kill time minus the commit time of the oldest lost version (s)
+    # Versions lost that the child knew durable or (write-through) had
+    # acknowledged by starting the next step from them.
     acknowledged: int = 0
+    # The window tier's longest flush, the write in flight at the kill included
+    # (s): the policy window is the interval plus this.
+    flush: float = 0.0
 
 
 def losses(pol: Policy, trace: Trace, stored: Stored, killed_at: float, violations: list[str],
@@ -362,8 +368,7 @@ def losses(pol: Policy, trace: Trace, stored: Stored, killed_at: float, violatio
 
 
 async def _recover_and_check(
-    pol: Policy, wl: Workload, trace: Trace, stored: Stored, stores: Callable[[], list[Store]],
-    violations: list[str],
+    wl: Workload, trace: Trace, stored: Stored, stores: Callable[[], list[Store]], violations: list[str],
 ) -> tuple[int, int, float]:
     """Recover in a fresh runtime, drive every run to its end, check the invariants.
 

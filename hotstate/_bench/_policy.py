@@ -26,15 +26,10 @@ KINDS = ("valkey", "sqlite")
 
 @dataclass(frozen=True, slots=True)
 class TierSpec:
-    """One tier of a policy.
+    """One tier of a policy."""
 
-    Attributes:
-        kind: ``"valkey"`` or ``"sqlite"``.
-        interval: the write-behind interval in seconds; None is write-through.
-    """
-
-    kind: str
-    interval: float | None
+    kind: str  # "valkey" or "sqlite"
+    interval: float | None  # the write-behind interval in seconds; None is write-through
 
     def __str__(self) -> str:
         return f"{self.kind}:{'through' if self.interval is None else repr(self.interval)}"
@@ -42,15 +37,10 @@ class TierSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
-    """A flush policy under trial.
+    """A flush policy under trial."""
 
-    Attributes:
-        name: how reports name it.
-        tiers: the tiers, in the runtime's order.
-    """
-
-    name: str
-    tiers: tuple[TierSpec, ...]
+    name: str  # how reports name it
+    tiers: tuple[TierSpec, ...]  # in the runtime's order
 
     @classmethod
     def parse(cls, spec: str, name: str | None = None) -> Policy:

@@ -45,41 +45,23 @@ DEFAULT_SUITES = SUITES[:-1]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BenchOptions:
-    """What one ``hotstate bench`` runs (validated by the command line).
+    """What one ``hotstate bench`` runs (the command line, ``hotstate._cli._bench``, validates it)."""
 
-    Attributes:
-        suites: the suites to run, from ``SUITES``.
-        n: W1 runs started concurrently.
-        k: W1 steps per run.
-        rounds: rounds per figure; medians are reported.
-        sizes: N values of the policies suite.
-        flush_rows: dirty runs per flush in the flush suite.
-        recovery_runs: unfinished runs to recover.
-        idle_runs: idle runs for the memory suite.
-        scale_sizes: N values of the scale curve, ascending.
-        trials: SIGKILL trials per policy in the reliability suite (None: 200, 3 when ``quick``).
-        valkey_url: an existing Valkey server (None: a private embedded one).
-        sqlite: put the SQLite databases in this path's folder (None: a temporary folder).
-        quick: the sweep's short list of intervals and fewer SIGKILL trials.
-        json: where to write the figures (None: ``results_dir() / "latest.json"``).
-        use_uvloop: run on uvloop when it is installed.
-    """
-
-    suites: tuple[str, ...] = DEFAULT_SUITES
-    n: int = 10_000
-    k: int = 10
-    rounds: int = 5
-    sizes: tuple[int, ...] = (1000, 10_000)
-    flush_rows: int = 20_000
-    recovery_runs: int = 100_000
-    idle_runs: int = 100_000
-    scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000, 1_000_000)
-    trials: int | None = None
-    valkey_url: str | None = None
-    sqlite: str | None = None
-    quick: bool = False
-    json: str | None = None
-    use_uvloop: bool = True
+    suites: tuple[str, ...] = DEFAULT_SUITES  # from SUITES
+    n: int = 10_000  # W1 runs started concurrently
+    k: int = 10  # W1 steps per run
+    rounds: int = 5  # rounds per figure; medians are reported
+    sizes: tuple[int, ...] = (1000, 10_000)  # N values of the policies suite
+    flush_rows: int = 20_000  # dirty runs per flush in the flush suite
+    recovery_runs: int = 100_000  # unfinished runs to recover
+    idle_runs: int = 100_000  # idle runs for the memory suite
+    scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000, 1_000_000)  # N values of the scale curve, ascending
+    trials: int | None = None  # SIGKILL trials per policy in the reliability suite (None: 200, 3 when quick)
+    valkey_url: str | None = None  # an existing Valkey server (None: a private embedded one)
+    sqlite: str | None = None  # put the SQLite databases in this path's folder (None: a temporary folder)
+    quick: bool = False  # the sweep's short list of intervals and fewer SIGKILL trials
+    json: str | None = None  # where to write the figures (None: results_dir() / "latest.json")
+    use_uvloop: bool = True  # run on uvloop when it is installed
 
 
 @dataclass

@@ -78,30 +78,17 @@ class TraceLayout:
 
 @dataclass(slots=True)
 class Trace:
-    """What a trace file held (read by the parent after the kill).
+    """What a trace file held (read by the parent after the kill); per-run lists are by run index."""
 
-    Attributes:
-        ready: monotonic time the workload started (0: never).
-        commits: transitions committed.
-        started: run indexes handed out.
-        flush: per tier, the last and the longest flush duration reported, and
-            when the tier's last store write started and ended (monotonic; 0: none).
-        durable: per run, the newest version known durable.
-        acked: per run, the newest version a step started from.
-        hot: per run, the newest committed version (0: never spawned).
-        times: per run, commit time by version (0.0: not committed or not timed).
-        steps: per run, the step cursor of the newest committed version.
-    """
-
-    ready: float
-    commits: int
-    started: int
-    flush: list[tuple[float, float, float, float]]
-    durable: list[int]
-    acked: list[int]
-    hot: list[int]
-    times: list[list[float]]
-    steps: list[int]
+    ready: float  # monotonic time the workload started (0: never)
+    commits: int  # transitions committed
+    started: int  # run indexes handed out
+    flush: list[tuple[float, float, float, float]]  # per tier: last and longest flush, last write's start and end
+    durable: list[int]  # the newest version known durable
+    acked: list[int]  # the newest version a step started from
+    hot: list[int]  # the newest committed version (0: never spawned)
+    times: list[list[float]]  # commit time by version (0.0: not committed, or not timed)
+    steps: list[int]  # the step cursor of the newest committed version
 
 
 def read_trace(path: Path, layout: TraceLayout, tiers: int) -> Trace:

@@ -1,11 +1,13 @@
 """``hotstate demo``: the order lifecycle through a SIGKILL and a recovery, watched live.
 
-The parent process (this module) starts a worker process (``_demo_worker``)
-that runs many orders on Valkey + SQLite with a write-behind policy. Partway
-through it SIGKILLs the worker, starts a second one with ``recover=True``, and
-watches it finish every order. Then it checks what the crash cost against the
-policy, from three sources: the first worker's last progress report, the
-second worker's recovery report, and the side-effect ledger both wrote.
+A view over one trial of the SIGKILL harness (``hotstate._bench``): a child
+(``_bench/_child.py``) runs many orders (``_bench/_orders.py``) on Valkey +
+SQLite with a write-behind policy. Partway through this command SIGKILLs it,
+the harness's judge compares the trace the child left (what its memory held)
+with what the tiers hold, and a second child starts with ``recover=True``
+and finishes every order. The view draws the children's ``Progress`` as a live
+table, reads the side-effect ledger both wrote to count the steps that ran
+again, and checks the invariants.
 
 Embedded defaults: a SQLite file in a temporary directory and a private
 valkey-server (``EmbeddedValkey``), both removed at exit, Ctrl-C included.
@@ -14,27 +16,36 @@ valkey-server (``EmbeddedValkey``), both removed at exit, Ctrl-C included.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
-import queue
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
+from hotstate._bench._child import Child, ChildConfig
+from hotstate._bench._crash import Loss, judge
+from hotstate._bench._orders import (
+    Effect,
+    Finished,
+    Orders,
+    Progress,
+    Recovered,
+    order_ids,
+)
+from hotstate._bench._policy import Policy
 from hotstate._bench._table import render_table
 from hotstate._cli._output import fail, print_json
 from hotstate._errors import HotstateError
 from hotstate.persistence import EmbeddedValkey
+from hotstate.runtime import run
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Sequence
 
 __all__ = ["register", "run_command"]
 
@@ -95,64 +106,6 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------ workers
-
-
-class _Worker:
-    """One worker process and a thread that turns its stdout into events."""
-
-    def __init__(self, gen: int, argv: Sequence[str], log_path: Path) -> None:
-        self.gen = gen
-        self._log: IO[bytes] = log_path.open("wb")
-        self.log_path = log_path
-        # Our own module with arguments we built, no shell.
-        self.proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "hotstate._cli._demo_worker", *argv],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
-        )
-        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name=f"demo-worker-{gen}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        stdout = self.proc.stdout
-        assert stdout is not None  # noqa: S101 - PIPE
-        for line in stdout:
-            with contextlib.suppress(ValueError):
-                self.events.put(json.loads(line))
-        self.events.put(None)
-
-    def next_event(self, deadline: float) -> dict[str, Any] | None:
-        """The next event, or None once the worker's stdout closed.
-
-        Raises:
-            TimeoutError: nothing before ``deadline`` (monotonic).
-        """
-        try:
-            return self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise TimeoutError(f"worker #{self.gen} sent nothing before the deadline") from None
-
-    def kill(self) -> int:
-        """SIGKILL the worker if it runs, reap it; returns its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        status = self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-        return status
-
-    def last_error(self) -> str:
-        """The last line the worker wrote on stderr (its exception, when it died of one)."""
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "no output"
-        return lines[-1] if lines else "no output"
-
-
 # ------------------------------------------------------------------ display
 
 
@@ -198,14 +151,14 @@ class _Display:
         self._clear()
         self._write(text + "\n")
 
-    def update(self, progress: dict[str, Any], pid: int) -> None:
+    def update(self, progress: Progress, pid: int) -> None:
         if not self.enabled:
             return
-        table = progress["table"]
+        table = progress.table
         delivered = table.get("finished|done", 0)
-        lags = "  ".join(f"{t['tier']} lag {t['lag'] * 1000:.0f} ms" for t in progress["tiers"])
-        title = (f"worker #{progress['gen']} (pid {pid})  t={progress['t']:.1f} s  delivered {delivered}/{self.orders}"
-                 f"  retries {progress['retries']}  {lags}")
+        lags = "  ".join(f"{tier} lag {lag * 1000:.0f} ms" for tier, lag in progress.lags.items())
+        title = (f"worker #{progress.gen} (pid {pid})  t={progress.t:.1f} s  delivered {delivered}/{self.orders}"
+                 f"  retries {progress.retries}  {lags}")
         if self.tty:
             self._clear()
             text = f"{title}\n{progress_table(table)}\n"
@@ -229,6 +182,8 @@ class _Demo:
 
     def __init__(self, args: argparse.Namespace, url: str, sqlite: Path, workdir: Path, display: _Display) -> None:
         self.args = args
+        # One policy spelling: the interval flags are the spec "valkey:V,sqlite:S".
+        self.policy = Policy.parse(f"valkey:{args.valkey_interval!r},sqlite:{args.sqlite_interval!r}")
         self.url = url
         self.sqlite = sqlite
         self.workdir = workdir
@@ -237,80 +192,85 @@ class _Demo:
         self.prefix = f"hotstate-demo-{self.tag}"
         self.ledger = workdir / f"ledger-{self.tag}.jsonl"
         self.seed = args.seed if args.seed is not None else self.tag
-        self.fail_index = _FAIL_INDEX
+        self.ids = order_ids(self.tag, args.orders)
         self.deadline = time.monotonic() + args.timeout
         self.started = time.monotonic()
-        self.last1: dict[str, Any] | None = None
+        self.last1: Progress | None = None
         self.kill: dict[str, Any] = {}
-        self.recovered: dict[str, Any] | None = None
-        self.final: dict[str, Any] | None = None
+        self.loss = Loss()
+        self.recovered: Recovered | None = None
+        self.final: Progress | None = None
+        self.finished: Finished | None = None
         self.worker2_status: int | None = None
 
-    def worker_argv(self, gen: int) -> list[str]:
+    def start(self, gen: int, stack: contextlib.ExitStack) -> tuple[Child, ChildConfig]:
         a = self.args
-        return ["--gen", str(gen), "--tag", self.tag, "--orders", str(a.orders), "--fail-index", str(self.fail_index),
-                "--valkey-url", self.url, "--valkey-prefix", self.prefix, "--sqlite", str(self.sqlite),
-                "--ledger", str(self.ledger), "--valkey-interval", str(a.valkey_interval),
-                "--sqlite-interval", str(a.sqlite_interval), "--seed", str(self.seed), "--pace", str(a.pace)]
-
-    def start(self, gen: int, stack: contextlib.ExitStack) -> _Worker:
-        worker = _Worker(gen, self.worker_argv(gen), self.workdir / f"worker-{self.tag}-{gen}.log")
+        orders = Orders(tag=self.tag, count=a.orders, fail_index=_FAIL_INDEX, ledger=str(self.ledger), gen=gen,
+                        seed=str(self.seed), pace=a.pace)
+        config = ChildConfig(policy=self.policy.spec, sqlite=str(self.sqlite), valkey_url=self.url,
+                             prefix=self.prefix, trace=str(self.workdir / f"trace-{self.tag}-{gen}"), runs=a.orders,
+                             orders=orders, recover=gen > 1, linger=0.0)
+        worker = Child(config, self.workdir / f"worker-{self.tag}-{gen}.log", name=f"worker #{gen}")
         stack.callback(worker.kill)
-        return worker
+        return worker, config
 
     def run_first(self, stack: contextlib.ExitStack) -> None:
-        """Worker #1 until ``--kill-at`` of the orders are delivered, then SIGKILL it mid-flight."""
-        worker = self.start(1, stack)
+        """Worker #1 until ``--kill-at`` of the orders are delivered, then SIGKILL it mid-flight and judge."""
+        worker, config = self.start(1, stack)
         # Leave at least one order besides the designed failure in flight.
         target = max(1, min(round(self.args.kill_at * self.args.orders), self.args.orders - 2))
         received = 0.0
         while True:
-            event = worker.next_event(self.deadline)
-            if event is None:
-                status = worker.proc.wait(timeout=10)
-                raise _DemoError(f"worker #1 exited before the kill (status {status}): {worker.last_error()}")
-            if event["event"] != "progress":
+            message = worker.next_message(self.deadline)
+            if message is None:
+                status = worker.wait(timeout=10)
+                raise _DemoError(f"worker #1 exited before the kill (status {status}): {_last_line(worker)}")
+            if not isinstance(message, Progress):
                 continue
-            self.last1 = event
-            received = time.monotonic()
-            self.display.update(event, worker.proc.pid)
-            if event["table"].get("finished|done", 0) >= target:
+            self.last1, received = message, time.monotonic()
+            self.display.update(message, worker.pid)
+            if message.table.get("finished|done", 0) >= target:
                 break
         # At once: the report is a lower bound on what worker #1 holds, and it keeps
-        # working until the signal lands (the ledger measures that part exactly).
-        killed_at = time.time()
-        report_age = time.monotonic() - received
+        # working until the signal lands (the trace and the ledger measure that part exactly).
+        killed_at, killed_wall = time.monotonic(), time.time()
         status = worker.kill()
-        in_flight = sum(n for k, n in self.last1["table"].items() if not k.startswith("finished|"))
-        self.kill = {"worker": 1, "pid": worker.proc.pid, "signal": "SIGKILL", "exit_status": status,
-                     "at_seconds": round(time.monotonic() - self.started, 3), "wall": killed_at,
-                     "delivered_before": self.last1["table"].get("finished|done", 0), "in_flight": in_flight,
-                     "last_report_age_seconds": round(report_age, 4)}
-        self.display.event(f"*** SIGKILL worker #1 (pid {worker.proc.pid}) at {self.kill['at_seconds']:.1f} s: "
+        # The harness's judge, before worker #2 changes the tiers. Its violations
+        # (a version regression, a run lost) all count as acknowledged steps lost.
+        _, _, self.loss = run(judge, config, killed_at, [], self.ids)
+        in_flight = sum(n for k, n in self.last1.table.items() if not k.startswith("finished|"))
+        self.kill = {"worker": 1, "pid": worker.pid, "signal": "SIGKILL", "exit_status": status,
+                     "at_seconds": round(killed_at - self.started, 3), "wall": killed_wall,
+                     "delivered_before": self.last1.table.get("finished|done", 0), "in_flight": in_flight,
+                     "last_report_age_seconds": round(killed_at - received, 4)}
+        self.display.event(f"*** SIGKILL worker #1 (pid {worker.pid}) at {self.kill['at_seconds']:.1f} s: "
                            f"{self.kill['delivered_before']} delivered, {in_flight} in flight")
 
     def run_second(self, stack: contextlib.ExitStack) -> None:
         """Worker #2 (``recover=True``) until every order has finished."""
-        worker = self.start(2, stack)
-        while True:
-            event = worker.next_event(self.deadline)
-            if event is None:
-                break
-            if event["event"] == "progress":
-                self.display.update(event, worker.proc.pid)
-            elif event["event"] == "recovered":
-                self.recovered = event
+        worker, _ = self.start(2, stack)
+        while (message := worker.next_message(self.deadline)) is not None:
+            if isinstance(message, Progress):
+                self.final = message
+                self.display.update(message, worker.pid)
+            elif isinstance(message, Recovered):
+                self.recovered = message
                 self.display.event(
-                    f"*** worker #2 (pid {worker.proc.pid}) recovered {event['resumed']} run(s) in "
-                    f"{event['seconds'] * 1000:.0f} ms ({_by_tier(event['by_tier'])}), "
-                    f"{event.get('already_finished', 0)} finished in a store,"
-                    f" {event.get('respawned', 0)} placed anew (in no store)")
-            elif event["event"] == "finished":
-                self.final = event
-                self.display.update(event, worker.proc.pid)
-        self.worker2_status = worker.proc.wait(timeout=30)
-        if self.final is None:
-            raise _DemoError(f"worker #2 did not finish (status {self.worker2_status}): {worker.last_error()}")
+                    f"*** worker #2 (pid {worker.pid}) recovered {message.resumed} run(s) in "
+                    f"{message.seconds * 1000:.0f} ms ({_by_tier(message.by_tier)}), "
+                    f"{message.already_finished} finished in a store,"
+                    f" {message.respawned} placed anew (in no store)")
+            elif isinstance(message, Finished):
+                self.finished = message
+        self.worker2_status = worker.wait(timeout=30)
+        if self.finished is None or self.final is None:
+            raise _DemoError(f"worker #2 did not finish (status {self.worker2_status}): {_last_line(worker)}")
+
+
+def _last_line(worker: Child) -> str:
+    """The last line the worker wrote on stderr (its exception, when it died of one)."""
+    lines = worker.stderr_tail().strip().splitlines()
+    return lines[-1] if lines else "no output"
 
 
 def _by_tier(counts: dict[str, int]) -> str:
@@ -328,15 +288,15 @@ class _DemoError(Exception):
 # ------------------------------------------------------------------ summary
 
 
-def _ledger(path: Path) -> list[dict[str, Any]]:
+def _ledger(path: Path) -> list[Effect]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
     out = []
     for line in lines:
-        with contextlib.suppress(ValueError):  # a line cut short by the SIGKILL
-            out.append(json.loads(line))
+        with contextlib.suppress(ValueError, TypeError):  # a line cut short by the SIGKILL
+            out.append(Effect(**json.loads(line)))
     return out
 
 
@@ -344,46 +304,30 @@ def _crash_loss(demo: _Demo) -> dict[str, Any]:
     """What the crash lost: steps that ran in worker #1 but were never durable, so ran again.
 
     Exact from the ledger (every step and compensation records one effect under
-    its idempotency key); a lower bound from worker #1's last progress report
-    against the recovery report (worker #1 kept working until the signal landed).
+    its idempotency key), and from the judge: worker #1's trace (what its memory
+    held at the kill) against what the tiers held before worker #2 started.
     """
-    last, rec = demo.last1, demo.recovered
-    assert last is not None  # noqa: S101 - run_first set it
-    assert rec is not None  # noqa: S101 - checked by the caller
-    runs_behind = versions_behind = steps_behind = acknowledged_lost = 0
-    for i in range(demo.args.orders):
-        hot, step = last["v"][i], last["step"][i]
-        if hot == 0:
-            continue  # not placed yet at the last report
-        behind = hot - rec["durable_v"][i]
-        if behind > 0:
-            runs_behind += 1
-            versions_behind += behind
-            steps_behind += max(0, step - rec["durable_step"][i])
-        if rec["durable_v"][i] < last["acked"][i]:
-            acknowledged_lost += 1  # a tier had acknowledged a version that recovery did not find
-    first: dict[str, dict[str, Any]] = {}
-    rerun: list[dict[str, Any]] = []
+    first: dict[str, Effect] = {}
+    rerun: list[Effect] = []
     for entry in _ledger(demo.ledger):
-        seen = first.get(entry["k"])
+        seen = first.get(entry.key)
         if seen is None:
-            first[entry["k"]] = entry
-        elif seen["g"] == 1 and entry["g"] == 2:
+            first[entry.key] = entry
+        elif seen.gen == 1 and entry.gen == 2:
             rerun.append(seen)
-    oldest = max((demo.kill["wall"] - e["t"] for e in rerun), default=0.0)
-    intervals = {"valkey": demo.args.valkey_interval, "sqlite": demo.args.sqlite_interval}
-    window = min(intervals[t["tier"]] + t["max_flush_duration"] for t in last["tiers"])
+    oldest = max((demo.kill["wall"] - e.at for e in rerun), default=0.0)
+    window = demo.policy.interval + demo.loss.flush
     return {
         "steps_rerun": len(rerun),
-        "steps_rerun_by_effect": {k: sum(1 for e in rerun if e["e"] == k) for k in sorted({e["e"] for e in rerun})},
-        "runs_rerun": len({e["run"] for e in rerun}),
+        "steps_rerun_by_effect": {k: sum(1 for e in rerun if e.effect == k) for k in sorted({e.effect for e in rerun})},
+        "runs_rerun": len({e.run_id for e in rerun}),
         "oldest_rerun_age_seconds": round(oldest, 4),
         "policy_window_seconds": round(window, 4),
         "rerun_within_policy_window": oldest <= window,
         "effects_applied_once": len(first),
-        "acknowledged_lost": acknowledged_lost,
-        "at_last_report": {"runs_behind": runs_behind, "versions_behind": versions_behind,
-                           "steps_behind": steps_behind},
+        "acknowledged_lost": demo.loss.acknowledged,
+        "at_last_report": {"runs_behind": demo.loss.runs_behind, "versions_behind": demo.loss.steps,
+                           "steps_behind": demo.loss.steps_behind},
     }
 
 
@@ -396,21 +340,22 @@ def summarize(demo: _Demo) -> dict[str, Any]:
     Returns:
         The summary (what ``--json`` prints).
     """
-    final, rec = demo.final, demo.recovered
+    final, finished, rec = demo.final, demo.finished, demo.recovered
     assert final is not None  # noqa: S101 - run_second checked it
-    fail_id = f"{demo.tag}-order-{demo.fail_index:04d}"
-    table = final["table"]
+    assert finished is not None  # noqa: S101 - and this
+    fail_id = demo.ids[_FAIL_INDEX]
+    table = final.table
     delivered = table.get("finished|done", 0)
     failed = table.get("finished|failed", 0)
     unfinished = sum(n for k, n in table.items() if not k.startswith("finished|"))
-    comp = final["not_delivered"].get(fail_id, {}).get("compensations")
+    comp = finished.compensations.get(fail_id)
     loss = _crash_loss(demo) if rec is not None else {}
     invariants = {
         "worker_killed_with_sigkill": demo.kill.get("exit_status") == -signal.SIGKILL,
-        "recovery_resumed_runs": rec is not None and rec["resumed"] > 0,
-        "no_corrupt_or_lost_copies": rec is not None and rec["corrupt"] == 0 and rec["lost"] == 0,
+        "recovery_resumed_runs": rec is not None and rec.resumed > 0,
+        "no_corrupt_or_lost_copies": rec is not None and rec.corrupt == 0 and rec.lost == 0,
         "all_orders_finished": unfinished == 0 and delivered + failed == demo.args.orders,
-        "only_designed_failure_dead_lettered": final["dead_letters"] == [fail_id] and failed == 1,
+        "only_designed_failure_dead_lettered": finished.dead_letters == [fail_id] and failed == 1,
         "compensated_in_reverse_order": comp == ["refund", "release_stock"],
         "nothing_acknowledged_lost": loss.get("acknowledged_lost", 1) == 0,
         "worker2_exit_status_0": demo.worker2_status == 0,
@@ -423,14 +368,14 @@ def summarize(demo: _Demo) -> dict[str, Any]:
                    "mode": "write-behind"},
         "stores": {"valkey_url": demo.url, "valkey_prefix": demo.prefix, "sqlite": str(demo.sqlite)},
         "kill": {k: v for k, v in demo.kill.items() if k != "wall"},
-        "recovery": {k: round(v, 4) if isinstance(v, float) else v for k, v in (rec or {}).items()
-                     if k not in ("event", "gen", "durable_v", "durable_step")},
+        "recovery": {k: round(v, 4) if isinstance(v, float) else v
+                     for k, v in (dataclasses.asdict(rec) if rec is not None else {}).items()},
         "crash_loss": loss,
         "final": {"delivered": delivered, "failed": failed, "unfinished": unfinished,
-                  "retries_after_recovery": final["retries"], "transitions_after_recovery": final["transitions"]},
-        "designed_failure": {"run_id": fail_id, "dead_lettered": fail_id in final["dead_letters"],
+                  "retries_after_recovery": final.retries, "transitions_after_recovery": final.transitions},
+        "designed_failure": {"run_id": fail_id, "dead_lettered": fail_id in finished.dead_letters,
                              "compensations": comp},
-        "dead_letters": final["dead_letters"],
+        "dead_letters": finished.dead_letters,
         "seconds": round(time.monotonic() - demo.started, 3),
     }
 
@@ -450,8 +395,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
                                      f" ({_counts(loss.get('steps_rerun_by_effect', {}))}), same idempotency keys"],
         ["oldest lost step", f"{loss.get('oldest_rerun_age_seconds', 0) * 1000:.0f} ms before the kill (policy window"
                              f" {loss.get('policy_window_seconds', 0) * 1000:.0f} ms: interval + longest flush)"],
-        ["behind at worker #1's last report", f"{behind.get('runs_behind')} run(s),"
-                                              f" {behind.get('versions_behind')} versions"],
+        ["behind in the tiers at the kill", f"{behind.get('runs_behind')} run(s),"
+                                            f" {behind.get('versions_behind')} versions"],
         ["acknowledged, then lost", loss.get("acknowledged_lost")],
         ["delivered / failed / unfinished", f"{fin['delivered']} / {fin['failed']} / {fin['unfinished']}"],
         ["designed failure", f"{summary['designed_failure']['run_id']}: compensations"

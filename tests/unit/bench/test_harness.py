@@ -1,0 +1,104 @@
+"""The SIGKILL harness's parts without a child process: the config, the messages, the trace instrument."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from hotstate import FlushPolicy, Runtime, Step, StepContext, Tier, Workflow
+from hotstate._bench._child import ChildConfig, Ready, parse, send
+from hotstate._bench._orders import Finished, Orders, Progress, Recovered
+from hotstate._bench._policy import Policy
+from hotstate._bench._trace import TraceLayout, TraceWriter, read_trace
+from hotstate._bench._trial import Workload
+from hotstate.persistence import MemoryStore, SQLiteStore
+from hotstate.testing import ManualClock
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+BASE: dict[str, Any] = {"policy": "valkey:0.01,sqlite:1.0", "sqlite": "t.db", "valkey_url": "valkey://x",
+                        "prefix": "p", "trace": "t.trace", "runs": 10}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ChildConfig(**BASE, trial=Workload(inflight=4, pace=0.01)),
+        ChildConfig(**BASE, orders=Orders(tag="t", count=10, fail_index=7, ledger="l", gen=2, seed="s"),
+                    recover=True, linger=0.0),
+    ],
+)
+def test_the_child_config_round_trips_through_json(config):
+    assert ChildConfig.from_json(config.to_json()) == config
+    assert config.layout == TraceLayout(10, 48)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Ready(),
+        Progress(gen=1, t=0.5, table={"ship|waiting": 3}, lags={"valkey": 0.01}, retries=2, transitions=40),
+        Recovered(resumed=3, by_tier={"valkey": 3}, corrupt=0, lost=0, unregistered=0, seconds=0.01,
+                  already_finished=1, respawned=0),
+        Finished(dead_letters=["t-order-0007"], compensations={"t-order-0007": ["refund", "release_stock"]}),
+    ],
+)
+def test_messages_travel_as_json_with_their_field_names(message, capsys):
+    send(message)
+    line = capsys.readouterr().out
+    fields = json.loads(line)
+    assert fields.pop("message") == type(message).__name__
+    assert set(fields) == {f.name for f in dataclasses.fields(message)}
+    assert parse(line) == message
+
+
+@pytest.mark.parametrize(("line", "error"), [('{"message": "Pro', ValueError), ('{"message": "Nope"}', KeyError),
+                                             ('{"message": "Ready", "x": 1}', TypeError)])
+def test_a_line_that_is_not_a_message_raises(line, error):
+    with pytest.raises(error):
+        parse(line)
+
+
+def test_write_through_sqlite_tiers_write_with_synchronous_full_and_readers_do_not(tmp_path):
+    policy = Policy.parse("sqlite:through,sqlite:0.5")
+    tiers = policy.build_tiers(sqlite=tmp_path / "a.db", valkey_url="", prefix="p")
+    assert [t.policy for t in tiers] == [FlushPolicy.through(), FlushPolicy(interval=0.5)]
+    assert [t.store.synchronous for t in tiers if isinstance(t.store, SQLiteStore)] == ["FULL", "NORMAL"]
+    readers = policy.stores(sqlite=tmp_path / "a.db", valkey_url="", prefix="p")
+    assert [s.synchronous for s in readers if isinstance(s, SQLiteStore)] == ["NORMAL", "NORMAL"]
+
+
+async def step(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    return {**p, "n": p["n"] + 1}
+
+
+async def test_the_trace_writer_records_commits_steps_and_store_writes_as_an_instrument(tmp_path: Path) -> None:
+    layout = TraceLayout(runs=3, versions=4)
+    path = tmp_path / "t.trace"
+    path.write_bytes(bytes(layout.size))
+    trace = TraceWriter(str(path), layout, ["memory"])
+    wf = Workflow("w", [Step(fn=step, name=f"s{i}") for i in range(6)])
+    trace.register("a", 0)
+    trace.register("b", 2)
+    try:
+        tiers = [Tier(MemoryStore(), FlushPolicy(interval=60.0))]
+        async with Runtime([wf], tiers=tiers, clock=ManualClock(), instruments=[trace]) as rt:
+            for rid in ("a", "b", "unregistered"):
+                await (await rt.spawn(wf, {"n": 0}, run_id=rid)).wait_finished()
+            await rt.flush()
+            final = rt.get("a")
+            transitions = rt.statistics().transitions
+        trace.slots[TraceLayout.STARTED] = 3
+    finally:
+        trace.close()
+    read = read_trace(path, layout, tiers=1)
+    assert read.hot == [final.version, 0, final.version]  # slot 1 never registered
+    assert read.steps == [final.step, 0, final.step]
+    assert read.commits == 2 * transitions // 3  # the unregistered run is not traced
+    assert all(t > 0 for t in read.times[0][1:])  # versions 1..4 timed (higher ones are only counted)
+    _, _, started, ended = read.flush[0]
+    assert 0 < started <= ended  # the flush's store write, stamped around
