@@ -316,11 +316,20 @@ class EmbeddedValkey:
         self.stop()
 
     def __del__(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            warnings.warn(
-                f"{self!r} was garbage-collected while running; call stop()",
-                ResourceWarning,
-                stacklevel=2,
-            )
-            with contextlib.suppress(OSError):
-                self._process.kill()
+        process, self._process = self._process, None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if process is None or process.poll() is not None:
+            return
+        # Kill before warning: where warnings are errors (our pytest setting) the
+        # warning raises, and a kill placed after it left the server running.
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            process.kill()
+            process.wait(1.0)
+        warnings.warn(
+            f"EmbeddedValkey(port={self.port}, pid={process.pid}) was "
+            "garbage-collected while running; call stop()",
+            ResourceWarning,
+            stacklevel=2,
+        )

@@ -2,7 +2,8 @@
 
 Each place is faked for real (a distribution on sys.path, a module in
 sys.modules, an executable on PATH), so these tests do not depend on what the
-environment has installed. Nothing here starts a server.
+environment has installed. Nothing here starts a server; one test stands a
+sleeping child process in for one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from typing import TYPE_CHECKING
 
 import pytest
@@ -190,6 +192,26 @@ def test_start_with_a_binary_that_cannot_run_names_it(places: Places) -> None:
     finally:
         server.stop()
     assert server.data_dir is None
+
+
+def test_a_running_server_garbage_collected_is_killed_even_when_warnings_are_errors() -> (
+    None
+):
+    server = EmbeddedValkey()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    server._process = child  # what start() leaves behind, without a real server
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(
+                ResourceWarning, match="garbage-collected while running"
+            ):
+                server.__del__()
+        assert child.poll() is not None  # killed and reaped before the warning
+        assert not server.running
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.integration  # runs the real binary once (a child process)
