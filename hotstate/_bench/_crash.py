@@ -1,10 +1,11 @@
 """SIGKILL crash trials: kill a child mid-workload, recover, check invariants, measure what was lost.
 
 The parent side of the trials (the child is ``_child.py``, its memory read from
-the trace it leaves, ``_trace.py``). One trial:
+the trace it leaves, ``_trace.py``), and the one judge of every SIGKILL in the
+harness, ``judge``, which ``hotstate demo`` uses too. One trial:
 
 1. start the child on a policy (a fresh SQLite file, a fresh Valkey key prefix)
-   and a shared trace file; wait for its ``ready`` line;
+   and a shared trace file; wait for its ``Ready`` message;
 2. SIGKILL it after a random delay (seeded), noting ``time.monotonic()`` (system-wide
    on Linux, so the child's commit times compare with it);
 3. read what the child had committed in memory (the trace survives SIGKILL) and
@@ -191,7 +192,8 @@ async def _run_and_kill(config: ChildConfig, log: Path, kill_after: float, ready
     except TimeoutError:
         pass  # judged as a child that did not run until the kill
     finally:
-        status = await anyio.to_thread.run_sync(child.kill)
+        with anyio.CancelScope(shield=True):  # a cancelled trial still kills and reaps its child
+            status = await anyio.to_thread.run_sync(child.kill)
     return killed_at, status, child.stderr_tail()
 
 

@@ -28,6 +28,13 @@ def test_runs_and_advise_are_registered() -> None:
     assert "advise" in usage
 
 
+def test_every_subcommand_bench_included_is_registered_by_the_one_application() -> None:
+    assert "hotstate._cli._bench" in SUBCOMMAND_MODULES
+    assert all(name.startswith("hotstate._cli.") for name in SUBCOMMAND_MODULES)
+    usage = build_parser().format_help()
+    assert all(command in usage for command in ("bench", "demo", "runs", "advise"))
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -36,6 +43,8 @@ def test_runs_and_advise_are_registered() -> None:
         ["runs", "list", "--help"],
         ["runs", "retry", "--help"],
         ["advise", "--help"],
+        ["bench", "--help"],
+        ["demo", "--help"],
     ],
 )
 def test_help_prints_usage_and_exits_0(
