@@ -1,17 +1,19 @@
 """hotstate: an asyncio actor runtime for multi-step workflows.
 
-The architecture, as in DESIGN.md::
+The map (docs/architecture.md has it whole)::
 
-    spawn/send --> Runtime --> Actor (one per run: mailbox + current Snapshot)
-                     |            |  runs a step, makes the next Snapshot + Transition
-                     |            +--> Persister (one per tier): mark(snapshot, transition), O(1)
+    spawn/send --> Runtime --> Scheduler --> RunActor.turn (one actor per run: mailbox + Snapshot)
+                     |            |  runs a step inline, makes the next Snapshot + Transition
+                     |            +--> Tiers.mark --> one Persister per tier: O(1) mark, flush loop
                      |            +--> EventBus: publish(transition) -> subscribers
+                     |            +--> Instrument hooks (only those someone overrides)
                      +-- Supervisor: retry with backoff from the latest snapshot,
-                                     or give up -> compensate (saga) -> failed -> dead letter
+                     |               or give up -> compensate (saga) -> failed -> dead letter
+                     +-- Adoption: recovery at start, spawn of an id only a tier knows
 
-- ``hotstate.actors``: what a run is (Snapshot, Transition, Workflow, Step, StepContext, RunActor).
-- ``hotstate.runtime``: what runs them (Runtime, supervisor, event bus, timers, queries).
-- ``hotstate.persistence``: what keeps them (stores, codec, persister, flush policies).
+- ``hotstate.actors``: what a run is (Snapshot, Transition, Workflow, Step, StepContext, DeadLetter).
+- ``hotstate.runtime``: what runs them (Runtime, RunHandle, recovery report, statistics).
+- ``hotstate.persistence``: what keeps them (stores, codecs, flush policies and tiers).
 
 The names most code needs are re-exported here.
 """

@@ -1,8 +1,8 @@
-"""``RunActor``: one run's mailbox and turn loop (the "Actor" box of DESIGN.md).
+"""``RunActor``: one run's mailbox and turn loop (the "Actor" box of the map in docs/architecture.md).
 
 The turn loop runs consecutive steps inline, awaiting each step directly: a
 step that completes without suspending costs no event-loop round trip
-(DESIGN.md, Performance shape). When a step does suspend, the runtime notices
+(docs/architecture.md, "A step's life"). When a step does suspend, the runtime notices
 (a watch callback that only runs once the scheduler task has yielded) and
 hands the ready queue to a fresh task, while this task keeps hosting the run.
 

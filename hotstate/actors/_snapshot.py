@@ -1,6 +1,6 @@
 """Pure data: the ``Snapshot`` envelope, the ``Transition`` record, ``Status`` and ``ErrorInfo``.
 
-This is the "current Snapshot" and "Transition" of the DESIGN.md diagram.
+This is the "current Snapshot" and "Transition" of the map in docs/architecture.md.
 
 Snapshot and Transition are ``NamedTuple``s rather than frozen dataclasses
 (STYLE.md D.14 allows this when a benchmark shows construction cost matters).

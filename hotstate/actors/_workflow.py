@@ -1,6 +1,6 @@
 """Workflow definitions: ``Workflow``, ``Step`` and ``RetryPolicy``.
 
-What a run executes, in the "actors" box of the DESIGN.md diagram. These are
+What a run executes, in the "actors" box of the map in docs/architecture.md. These are
 plain, validated, immutable definitions; the runtime owns the machinery.
 """
 

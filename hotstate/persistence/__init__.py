@@ -1,4 +1,4 @@
-"""What keeps runs: stores, the codec, and the write-behind persister (see DESIGN.md).
+"""What keeps runs: stores, the codec, and the write-behind persister (see docs/architecture.md).
 
 This layer may import data types from ``hotstate.actors``, never the runtime.
 """

@@ -1,4 +1,4 @@
-"""The codec: payload bytes with a digest or HMAC in front (DESIGN.md "Codec and trust").
+"""The codec: payload bytes with a digest or HMAC in front (docs/architecture.md "Persistence").
 
 The persister encodes each payload once per flush with a ``Codec``; every store
 keeps the framed bytes as they are. The frame is::
@@ -260,7 +260,7 @@ class PickleCodec(_FramedCodec):
     def decode(self, data: bytes, *, tier: str = "", run_id: str = "") -> Any:
         _, body = self._verify(data, tier, run_id)
         try:
-            # The digest/HMAC was verified just above (DESIGN.md "Codec and trust").
+            # The digest/HMAC was verified just above (docs/architecture.md "Persistence").
             return pickle.loads(body)  # noqa: S301
         except Exception as exc:
             raise CodecError(

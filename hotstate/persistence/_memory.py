@@ -1,6 +1,6 @@
 """``MemoryStore``: a Store kept in dicts, for tests and memory-only deployments.
 
-It keeps the full Store contract (DESIGN.md "Stores"), so the contract suite
+It keeps the full Store contract (docs/architecture.md "Persistence"), so the contract suite
 runs against it like any other tier. Stored records are frozen and hold only
 immutable values (``bytes`` bodies are copied from any buffer), so callers can
 never change what the store holds.

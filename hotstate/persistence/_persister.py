@@ -1,6 +1,6 @@
 """The write-behind ``Persister`` (one per tier) and the ``SnapshotEncoder`` the tiers share.
 
-The "Persister" box of DESIGN.md: ``mark`` is O(1) and does no I/O (it keeps
+The "Persister" box of the map in docs/architecture.md: ``mark`` is O(1) and does no I/O (it keeps
 the newest snapshot per run and appends the transition); the flush loop
 coalesces, encodes once (shared across tiers through ``SnapshotEncoder``),
 writes one batch, and only then acknowledges durability. A failed flush puts

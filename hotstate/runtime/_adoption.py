@@ -1,6 +1,6 @@
 """``Adoption``: bringing stored runs into memory (recovery at start; ``spawn`` of an id only a tier knows).
 
-The "Recovery after a process crash" box of DESIGN.md, on the runtime side:
+The "Recovery and adoption" section of docs/architecture.md, on the runtime side:
 ``_recovery.find_runs``/``find_dead_letters``/``choose_copy`` choose the copies;
 this object rebuilds the actors from them (``resumed`` transitions, versions
 above any stored copy), records runs that failed for good just before a crash,

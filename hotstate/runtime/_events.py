@@ -1,4 +1,4 @@
-"""The ``EventBus``: publishes transitions to subscribers (the "EventBus" box of DESIGN.md).
+"""The ``EventBus``: publishes transitions to subscribers (the "EventBus" box of the map in docs/architecture.md).
 
 Publishing never waits. Each subscription has a bounded buffer; a subscriber
 that falls ``maxsize`` transitions behind is cut off with

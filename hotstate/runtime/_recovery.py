@@ -1,6 +1,6 @@
 """Recovery after a process crash: find every unfinished run, pick its best verified copy.
 
-DESIGN.md, Recovery: read the unfinished runs' headers from every tier, take per
+docs/architecture.md, "Recovery and adoption": read the unfinished runs' headers from every tier, take per
 run the highest version whose digest verifies (falling back to an older copy,
 from another tier, when the newest is corrupt, and reporting it). Payloads are
 decoded only for the chosen copies; loads run in chunks with bounded concurrency.

@@ -1,4 +1,4 @@
-"""``Runtime``: the embedding entry point (the "Runtime" box of DESIGN.md).
+"""``Runtime``: the embedding entry point (the "Runtime" box of the map in docs/architecture.md).
 
 The public API and the lifecycle only. ``__init__`` builds the parts:
 

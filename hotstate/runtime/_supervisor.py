@@ -1,6 +1,6 @@
 """The ``Supervisor``: retry with capped jittered backoff, restart intensity, dead letters.
 
-The "Supervisor" box of DESIGN.md. Its decisions are pure (see ``_backoff``);
+The "Supervisor" box of the map in docs/architecture.md. Its decisions are pure (see ``_backoff``);
 this class keeps the per-run restart windows, the dead-letter records and the
 figures, and never sleeps: waits are deadlines on the timer service.
 """
