@@ -29,14 +29,10 @@ from hotstate import (
     TransitionKind,
 )
 from hotstate._bench import _w1 as w1
-from hotstate.persistence import (
-    IgnoringListener,
-    Persister,
-    SnapshotEncoder,
-    SQLiteStore,
-    Store,
-    encode_snapshot,
-)
+from hotstate.persistence import SQLiteStore, Store
+from hotstate.persistence._listener import IgnoringListener
+from hotstate.persistence._persister import Persister, SnapshotEncoder
+from hotstate.persistence._records import encode_snapshot
 
 BLOB = w1.BLOB
 

@@ -25,7 +25,7 @@ from hotstate._bench._progress import Progress
 from hotstate._bench._results import results_dir
 from hotstate._bench._table import render_table
 from hotstate.persistence import EmbeddedValkey, SQLiteStore, ValkeyStore
-from hotstate.runtime import uvloop_available
+from hotstate.runtime._loop import uvloop_available
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -19,14 +19,9 @@ from hotstate._errors import (
     RunNotFoundError,
 )
 from hotstate.actors import Status, Transition, TransitionKind
-from hotstate.persistence import (
-    JsonCodec,
-    PickleCodec,
-    StoredSnapshot,
-    error_from_json,
-    errors_from_json,
-    frame_format,
-)
+from hotstate.persistence import JsonCodec, PickleCodec, StoredSnapshot
+from hotstate.persistence._codec import frame_format
+from hotstate.persistence._records import error_from_json, errors_from_json
 
 if TYPE_CHECKING:
     import argparse

@@ -1,13 +1,11 @@
-"""What a run is: snapshots, transitions, workflow definitions, step context and the actor.
+"""What a run is: snapshots, transitions, workflow definitions, step context and dead letters.
 
 This layer imports neither ``hotstate.runtime`` nor ``hotstate.persistence``.
 """
 
 from __future__ import annotations
 
-from hotstate.actors._actor import ActorHost, RunActor, TransitionSink
 from hotstate.actors._context import Finish, StepContext
-from hotstate.actors._history import History
 from hotstate.actors._snapshot import (
     TERMINAL_STATUSES,
     DeadLetter,
@@ -27,14 +25,11 @@ from hotstate.actors._workflow import (
 
 __all__ = [
     "TERMINAL_STATUSES",
-    "ActorHost",
     "Compensation",
     "DeadLetter",
     "ErrorInfo",
     "Finish",
-    "History",
     "RetryPolicy",
-    "RunActor",
     "Snapshot",
     "Status",
     "Step",
@@ -42,6 +37,5 @@ __all__ = [
     "StepFn",
     "Transition",
     "TransitionKind",
-    "TransitionSink",
     "Workflow",
 ]

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, final
 from hotstate._errors import HotstateInternalError, WorkflowNotRegisteredError
 from hotstate.actors import (
     TERMINAL_STATUSES,
-    RunActor,
     Snapshot,
     Status,
     Transition,
     TransitionKind,
 )
+from hotstate.actors._actor import RunActor
 from hotstate.actors._history import History
 from hotstate.actors._snapshot import new_tuple as _new
 from hotstate.runtime._recovery import (
@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from hotstate.actors import DeadLetter, Workflow
-    from hotstate.persistence import Codec, Tiers
+    from hotstate.persistence import Codec
+    from hotstate.persistence._tiers import Tiers
     from hotstate.runtime._registry import RunRegistry
     from hotstate.runtime._scheduler import Scheduler
     from hotstate.runtime._supervisor import Supervisor

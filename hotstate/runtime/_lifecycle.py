@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from types import TracebackType
 
-    from hotstate.persistence import Tiers
+    from hotstate.persistence._tiers import Tiers
     from hotstate.runtime._events import EventBus
     from hotstate.runtime._scheduler import Scheduler
     from hotstate.runtime._timers import TimerService

@@ -20,8 +20,7 @@ import anyio
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
 from hotstate.actors._snapshot import new_tuple as _new
-from hotstate.persistence import (
-    StoredSnapshot,
+from hotstate.persistence._records import (
     decode_snapshot,
     error_from_json,
     errors_from_json,
@@ -30,7 +29,7 @@ from hotstate.persistence import (
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from hotstate.persistence import Codec, Store
+    from hotstate.persistence import Codec, Store, StoredSnapshot
 
 __all__ = [
     "Choice",

@@ -15,7 +15,7 @@ from hotstate.actors import TERMINAL_STATUSES, Status
 if TYPE_CHECKING:
     from collections.abc import Container, Iterator
 
-    from hotstate.actors import RunActor
+    from hotstate.actors._actor import RunActor
 
 __all__ = ["RunRegistry"]
 

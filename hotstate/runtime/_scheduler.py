@@ -29,15 +29,15 @@ import anyio.lowlevel
 from hotstate.actors import (
     TERMINAL_STATUSES,
     DeadLetter,
-    RunActor,
     Snapshot,
     Status,
     Transition,
     TransitionKind,
 )
+from hotstate.actors._actor import RunActor
 from hotstate.actors._history import History
 from hotstate.actors._snapshot import new_tuple as _new
-from hotstate.persistence import Tiers
+from hotstate.persistence._tiers import Tiers
 from hotstate.runtime._timers import TimerHandle
 
 if TYPE_CHECKING:

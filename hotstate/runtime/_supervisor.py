@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     import random
 
     from hotstate._clock import Clock
-    from hotstate.actors import DeadLetter, RunActor, Step
+    from hotstate.actors import DeadLetter, Step
+    from hotstate.actors._actor import RunActor
 
 __all__ = ["Supervisor", "SupervisorStatistics"]
 

@@ -30,6 +30,8 @@ from hotstate.persistence import (
     StoredDeadLetter,
     StoredSnapshot,
     ValkeyStore,
+)
+from hotstate.persistence._records import (
     decode_snapshot,
     encode_snapshot,
     error_to_json,

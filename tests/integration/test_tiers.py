@@ -30,13 +30,8 @@ from hotstate import (
     TransitionKind,
     Workflow,
 )
-from hotstate.persistence import (
-    EmbeddedValkey,
-    FlushPolicy,
-    SQLiteStore,
-    ValkeyStore,
-    decode_snapshot,
-)
+from hotstate.persistence import EmbeddedValkey, FlushPolicy, SQLiteStore, ValkeyStore
+from hotstate.persistence._records import decode_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Callable

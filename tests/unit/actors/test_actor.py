@@ -15,8 +15,6 @@ import pytest
 from hotstate import StepResultError
 from hotstate.actors import (
     Finish,
-    History,
-    RunActor,
     Snapshot,
     Status,
     Step,
@@ -25,6 +23,8 @@ from hotstate.actors import (
     TransitionKind,
     Workflow,
 )
+from hotstate.actors._actor import RunActor
+from hotstate.actors._history import History
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

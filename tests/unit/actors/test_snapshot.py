@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from hotstate import ErrorInfo, Snapshot, Status, Transition, TransitionKind
-from hotstate.actors import TERMINAL_STATUSES, History
+from hotstate.actors import TERMINAL_STATUSES
+from hotstate.actors._history import History
 
 
 def _snapshot(**changes: Any) -> Snapshot:

@@ -20,15 +20,9 @@ from hotstate import (
     Snapshot,
     Status,
 )
-from hotstate.persistence import (
-    SECRET_KEY_ENV,
-    Codec,
-    JsonCodec,
-    PickleCodec,
-    decode_snapshot,
-    encode_snapshot,
-    frame_format,
-)
+from hotstate.persistence import SECRET_KEY_ENV, Codec, JsonCodec, PickleCodec
+from hotstate.persistence._codec import frame_format
+from hotstate.persistence._records import decode_snapshot, encode_snapshot
 
 KEY = b"test-secret-key"
 

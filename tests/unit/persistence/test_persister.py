@@ -26,16 +26,15 @@ from hotstate.actors import (
 from hotstate.persistence import (
     FlushPolicy,
     MemoryStore,
-    Persister,
     PickleCodec,
     SaveResult,
-    SnapshotEncoder,
     StoredSnapshot,
     Tier,
-    Tiers,
-    decode_snapshot,
 )
+from hotstate.persistence._persister import Persister, SnapshotEncoder
+from hotstate.persistence._records import decode_snapshot
 from hotstate.persistence._store import StoreBase
+from hotstate.persistence._tiers import Tiers
 from hotstate.testing import ManualClock, checkpoint_until
 
 if TYPE_CHECKING:

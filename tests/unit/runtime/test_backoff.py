@@ -9,7 +9,7 @@ import random
 import pytest
 
 from hotstate import ConfigError, RestartIntensity, RetryPolicy
-from hotstate.runtime import RestartWindow, backoff_delay
+from hotstate.runtime._backoff import RestartWindow, backoff_delay
 
 # ------------------------------------------------------------------ backoff_delay
 

@@ -26,7 +26,8 @@ from hotstate import (
     TransitionKind,
     Workflow,
 )
-from hotstate.persistence import MemoryStore, StoredSnapshot, decode_snapshot
+from hotstate.persistence import MemoryStore, StoredSnapshot
+from hotstate.persistence._records import decode_snapshot
 from hotstate.testing import ManualClock
 
 

@@ -19,14 +19,8 @@ from hotstate import (
     Tier,
     Workflow,
 )
-from hotstate.persistence import (
-    MemoryStore,
-    PickleCodec,
-    StoredDeadLetter,
-    encode_snapshot,
-    error_to_json,
-    errors_to_json,
-)
+from hotstate.persistence import MemoryStore, PickleCodec, StoredDeadLetter
+from hotstate.persistence._records import encode_snapshot, error_to_json, errors_to_json
 
 ATTEMPTS: dict[str, int] = {}
 

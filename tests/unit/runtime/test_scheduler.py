@@ -20,7 +20,6 @@ import anyio
 from hotstate._instrument import Instrument, Instruments
 from hotstate.actors import (
     RetryPolicy,
-    RunActor,
     Snapshot,
     Status,
     Step,
@@ -30,15 +29,19 @@ from hotstate.actors import (
     Workflow,
 )
 from hotstate.persistence import FlushPolicy, MemoryStore, PickleCodec, Tier
-from hotstate.runtime import EventBus, RestartIntensity, Supervisor, TimerService
+from hotstate.runtime import RestartIntensity
+from hotstate.runtime._events import EventBus
 from hotstate.runtime._registry import RunRegistry
 from hotstate.runtime._scheduler import Scheduler
+from hotstate.runtime._supervisor import Supervisor
+from hotstate.runtime._timers import TimerService
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     import pytest
 
+    from hotstate.actors._actor import RunActor
     from hotstate.testing import ManualClock
 
     Until = Callable[[Callable[[], bool]], Awaitable[None]]

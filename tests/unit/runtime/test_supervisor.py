@@ -26,7 +26,7 @@ from hotstate import (
     TransitionKind,
     Workflow,
 )
-from hotstate.runtime import backoff_delay
+from hotstate.runtime._backoff import backoff_delay
 from hotstate.testing import ManualClock, checkpoint_until
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from hotstate.runtime import TimerService
+from hotstate.runtime._timers import TimerService
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
