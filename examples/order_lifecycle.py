@@ -64,11 +64,15 @@ async def main() -> None:
             except RunFailedError as exc:
                 print(f"order-B failed for good: {exc}")
             for letter in rt.dead_letters():
-                print(f"dead letter: {letter.run_id} {letter.error.summary}; "
-                      f"{len(letter.attempts)} attempt(s); final payload {letter.snapshot.payload}")
+                print(
+                    f"dead letter: {letter.run_id} {letter.error.summary}; "
+                    f"{len(letter.attempts)} attempt(s); final payload {letter.snapshot.payload}"
+                )
             stats = rt.statistics().supervisor
-            print(f"supervisor: {stats.failures} failures, {stats.retries} retries, {stats.give_ups} give-ups, "
-                  f"{stats.dead_letters} dead letter(s)")
+            print(
+                f"supervisor: {stats.failures} failures, {stats.retries} retries, {stats.give_ups} give-ups, "
+                f"{stats.dead_letters} dead letter(s)"
+            )
             tg.cancel_scope.cancel()
 
 

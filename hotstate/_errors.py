@@ -134,9 +134,7 @@ class StaleVersionError(PersistenceError):
         self.run_id = run_id
         self.stored = stored
         self.attempted = attempted
-        super().__init__(
-            tier, f"run {run_id!r}: stored version {stored} >= attempted {attempted}"
-        )
+        super().__init__(tier, f"run {run_id!r}: stored version {stored} >= attempted {attempted}")
 
 
 class CorruptSnapshotError(PersistenceError):

@@ -79,8 +79,11 @@ class ChildConfig:
         """Parse ``to_json``'s text."""
         fields = json.loads(text)
         trial, orders = fields.pop("trial"), fields.pop("orders")
-        return cls(**fields, trial=None if trial is None else Workload(**trial),
-                   orders=None if orders is None else Orders(**orders))
+        return cls(
+            **fields,
+            trial=None if trial is None else Workload(**trial),
+            orders=None if orders is None else Orders(**orders),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,7 +130,10 @@ class Child:
         # Our own module with a config we built, no shell.
         self.proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "hotstate._bench._child", config.to_json()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
         )
         self.pid = self.proc.pid
         self._messages: queue.Queue[Message | None] = queue.Queue()
@@ -178,8 +184,9 @@ class Child:
 
 async def child_main(config: ChildConfig) -> None:
     """Run the workload until killed (or until it is done and ``linger`` passed)."""
-    tiers = Policy.parse(config.policy).build_tiers(sqlite=config.sqlite, valkey_url=config.valkey_url,
-                                                    prefix=config.prefix)
+    tiers = Policy.parse(config.policy).build_tiers(
+        sqlite=config.sqlite, valkey_url=config.valkey_url, prefix=config.prefix
+    )
     trace = TraceWriter(config.trace, config.layout, [t.store.tier for t in tiers])
     load: TrialLoad | OrderLoad
     if config.trial is not None:
@@ -189,8 +196,9 @@ async def child_main(config: ChildConfig) -> None:
         load = OrderLoad(config.orders, trace, [t.store for t in tiers], send, config.report_interval)
     try:
         async with (
-            Runtime([load.workflow], tiers=tiers, recover=config.recover, instruments=[trace],
-                    shutdown_timeout=1.0) as rt,
+            Runtime(
+                [load.workflow], tiers=tiers, recover=config.recover, instruments=[trace], shutdown_timeout=1.0
+            ) as rt,
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(trace.poll, rt, config.poll)

@@ -66,6 +66,7 @@ Stored = dict[str, tuple[int, int]]
 
 # ------------------------------------------------------------------ records
 
+
 def saturated_bound(interval: float, flush: float) -> float:
     """What a crash can lose when flushes may outlast the interval (s).
 
@@ -148,6 +149,7 @@ class TrialResult:
 
 # ------------------------------------------------------------------- stores
 
+
 async def stored_headers(stores: Sequence[Store]) -> Stored:
     """The newest ``(version, step)`` of every run across the tiers, from headers only.
 
@@ -173,7 +175,10 @@ async def stored_headers(stores: Sequence[Store]) -> Stored:
 
 # -------------------------------------------------------------------- child
 
-async def _run_and_kill(config: ChildConfig, log: Path, kill_after: float, ready_within: float) -> tuple[float, int, str]:
+
+async def _run_and_kill(
+    config: ChildConfig, log: Path, kill_after: float, ready_within: float
+) -> tuple[float, int, str]:
     """Start the child, wait for ``Ready``, SIGKILL it ``kill_after`` s later.
 
     Returns:
@@ -183,8 +188,9 @@ async def _run_and_kill(config: ChildConfig, log: Path, kill_after: float, ready
     child = await anyio.to_thread.run_sync(Child, config, log)  # fork/exec off the loop
     killed_at = 0.0
     try:
-        message = await anyio.to_thread.run_sync(child.next_message, time.monotonic() + ready_within,
-                                                 abandon_on_cancel=True)
+        message = await anyio.to_thread.run_sync(
+            child.next_message, time.monotonic() + ready_within, abandon_on_cancel=True
+        )
         if isinstance(message, Ready):
             # The random moment of the crash: this wait is the trial's input, not a sync.
             await anyio.sleep(kill_after)
@@ -198,6 +204,7 @@ async def _run_and_kill(config: ChildConfig, log: Path, kill_after: float, ready
 
 
 # -------------------------------------------------------------------- trial
+
 
 async def run_trial(
     policy: Policy | str,
@@ -240,12 +247,22 @@ async def run_trial(
     delay = rng.uniform(*kill_after)
     tag = uuid.uuid4().hex[:10]
     db, trace_path, log = workdir / f"crash-{tag}.db", workdir / f"crash-{tag}.trace", workdir / f"crash-{tag}.log"
-    config = ChildConfig(policy=pol.spec, sqlite=str(db), valkey_url=valkey_url, prefix=f"hs-crash-{tag}",
-                         trace=str(trace_path), runs=wl.max_runs, versions=_VERSIONS, trial=wl, use_uvloop=use_uvloop)
+    config = ChildConfig(
+        policy=pol.spec,
+        sqlite=str(db),
+        valkey_url=valkey_url,
+        prefix=f"hs-crash-{tag}",
+        trace=str(trace_path),
+        runs=wl.max_runs,
+        versions=_VERSIONS,
+        trial=wl,
+        use_uvloop=use_uvloop,
+    )
     try:
         killed_at, rc, tail = await _run_and_kill(config, log, delay, ready_within)
-        return await _judge(pol, wl, config, seed=seed, delay=delay, killed_at=killed_at, rc=rc, tail=tail,
-                            verify=verify)
+        return await _judge(
+            pol, wl, config, seed=seed, delay=delay, killed_at=killed_at, rc=rc, tail=tail, verify=verify
+        )
     finally:
         if not keep:
             await clean(pol, valkey_url, config.prefix, (trace_path, log, db))
@@ -260,8 +277,9 @@ async def clean(pol: Policy, valkey_url: str, prefix: str, paths: Sequence[Path]
         await drop_prefix(valkey_url, prefix)
 
 
-async def judge(config: ChildConfig, killed_at: float, violations: list[str],
-                run_ids: Sequence[str] | None = None) -> tuple[Trace, Stored, Loss]:
+async def judge(
+    config: ChildConfig, killed_at: float, violations: list[str], run_ids: Sequence[str] | None = None
+) -> tuple[Trace, Stored, Loss]:
     """The harness's one judge: what the killed child's memory held (its trace) that no tier holds.
 
     Args:
@@ -282,8 +300,16 @@ async def judge(config: ChildConfig, killed_at: float, violations: list[str],
 
 
 async def _judge(
-    pol: Policy, wl: Workload, config: ChildConfig, *, seed: int, delay: float, killed_at: float,
-    rc: int | None, tail: str, verify: bool,
+    pol: Policy,
+    wl: Workload,
+    config: ChildConfig,
+    *,
+    seed: int,
+    delay: float,
+    killed_at: float,
+    rc: int | None,
+    tail: str,
+    verify: bool,
 ) -> TrialResult:
     violations: list[str] = []
     if killed_at == 0.0 or rc != -signal.SIGKILL:
@@ -295,13 +321,23 @@ async def _judge(
         checked, corrupt, recovery_seconds = await _recover_and_check(wl, trace, stored, config.stores, violations)
     elapsed = killed_at - trace.ready if trace.ready else 0.0
     return TrialResult(
-        policy=pol.name, seed=seed, interval=pol.interval, write_through=pol.write_through,
-        runs=sum(1 for h in trace.hot if h > 0), runs_checked=checked, steps_before_kill=trace.commits,
-        steps_lost=loss.steps, runs_lost=loss.runs, loss_window=loss.window,
-        acknowledged_steps_lost=loss.acknowledged, corrupt_snapshots=corrupt, violations=tuple(violations),
+        policy=pol.name,
+        seed=seed,
+        interval=pol.interval,
+        write_through=pol.write_through,
+        runs=sum(1 for h in trace.hot if h > 0),
+        runs_checked=checked,
+        steps_before_kill=trace.commits,
+        steps_lost=loss.steps,
+        runs_lost=loss.runs,
+        loss_window=loss.window,
+        acknowledged_steps_lost=loss.acknowledged,
+        corrupt_snapshots=corrupt,
+        violations=tuple(violations),
         steps_per_s=trace.commits / elapsed if elapsed > 0 else 0.0,
         flush_duration=loss.flush,
-        kill_after=delay, recovery_seconds=recovery_seconds,
+        kill_after=delay,
+        recovery_seconds=recovery_seconds,
     )
 
 
@@ -336,8 +372,14 @@ class Loss:
     flush: float = 0.0
 
 
-def losses(pol: Policy, trace: Trace, stored: Stored, killed_at: float, violations: list[str],
-           run_ids: Sequence[str] | None = None) -> Loss:
+def losses(
+    pol: Policy,
+    trace: Trace,
+    stored: Stored,
+    killed_at: float,
+    violations: list[str],
+    run_ids: Sequence[str] | None = None,
+) -> Loss:
     """Compare what the child had in memory with what the tiers hold (run ``i`` is ``run_ids[i]``)."""
     loss = Loss()
     oldest = killed_at
@@ -350,7 +392,9 @@ def losses(pol: Policy, trace: Trace, stored: Stored, killed_at: float, violatio
         known = trace.durable[i]
         acknowledged = max(known, trace.acked[i] if pol.write_through else 0)
         if durable < known:
-            violations.append(f"version regression: {rid} is at v{durable} in the tiers, the child knew v{known} durable")
+            violations.append(
+                f"version regression: {rid} is at v{durable} in the tiers, the child knew v{known} durable"
+            )
         if durable < acknowledged:
             loss.acknowledged += acknowledged - durable
             if durable == 0:
@@ -370,7 +414,11 @@ def losses(pol: Policy, trace: Trace, stored: Stored, killed_at: float, violatio
 
 
 async def _recover_and_check(
-    wl: Workload, trace: Trace, stored: Stored, stores: Callable[[], list[Store]], violations: list[str],
+    wl: Workload,
+    trace: Trace,
+    stored: Stored,
+    stores: Callable[[], list[Store]],
+    violations: list[str],
 ) -> tuple[int, int, float]:
     """Recover in a fresh runtime, drive every run to its end, check the invariants.
 
@@ -380,8 +428,9 @@ async def _recover_and_check(
     from hotstate import FlushPolicy, Tier
 
     driver = trial.SignalDriver()
-    wf = trial.make_workflow(work_steps=wl.work_steps, fail_every=wl.fail_every, flaky_every=wl.flaky_every,
-                             request_signal=driver.request)
+    wf = trial.make_workflow(
+        work_steps=wl.work_steps, fail_every=wl.fail_every, flaky_every=wl.flaky_every, request_signal=driver.request
+    )
     ids = [trial.run_id(i) for i in range(trace.started) if trace.hot[i] > 0]
     tiers = [Tier(s, FlushPolicy(interval=0.01)) for s in stores()]
     t0 = time.perf_counter()
@@ -393,8 +442,11 @@ async def _recover_and_check(
         violations.extend(f"recovery found no verifiable copy of {rid}" for rid in report.lost)
         violations.extend(f"unregistered workflow {wf_name!r} for {rid}" for rid, wf_name in report.unregistered)
         violations.extend(f"tier {t} unreadable at recovery: {e}" for t, e in report.tier_errors.items())
-        violations.extend(f"{r.run_id} resumed from v{r.version} below the stored v{stored[r.run_id][0]}"
-                          for r in report.resumed if r.version < stored.get(r.run_id, (0, 0))[0])
+        violations.extend(
+            f"{r.run_id} resumed from v{r.version} below the stored v{stored[r.run_id][0]}"
+            for r in report.resumed
+            if r.version < stored.get(r.run_id, (0, 0))[0]
+        )
         for rid in ids:
             handle = await rt.spawn(wf, trial.payload(trial.run_index(rid)), run_id=rid)
             have = stored.get(rid, (0, 0))[0]
@@ -418,8 +470,9 @@ async def _recover_and_check(
     return len(ids), len(report.corrupt), recovery_seconds
 
 
-async def _check_stores(stores: list[Store], final: dict[str, Any], failing: set[str],
-                        stored: Stored, violations: list[str]) -> None:
+async def _check_stores(
+    stores: list[Store], final: dict[str, Any], failing: set[str], stored: Stored, violations: list[str]
+) -> None:
     """After the graceful exit: final versions in the tiers, dead letters, histories."""
     letters: dict[str, int] = {}
     newest: dict[str, int] = {}
@@ -436,10 +489,14 @@ async def _check_stores(stores: list[Store], final: dict[str, Any], failing: set
     for rid, snap in final.items():
         if (row := newest.get(rid, 0)) != snap.version:
             violations.append(f"{rid}: the tiers hold v{row} after a graceful exit, memory v{snap.version}")
-    violations.extend(f"dead letter missing: {rid} failed for good but no tier holds its dead-letter record"
-                      for rid in sorted(failing - set(letters)))
-    violations.extend(f"unexpected dead letter: {rid} was not designed to fail"
-                      for rid in sorted((set(letters) & set(final)) - failing))
+    violations.extend(
+        f"dead letter missing: {rid} failed for good but no tier holds its dead-letter record"
+        for rid in sorted(failing - set(letters))
+    )
+    violations.extend(
+        f"unexpected dead letter: {rid} was not designed to fail"
+        for rid in sorted((set(letters) & set(final)) - failing)
+    )
 
 
 def _check_history(rid: str, history: list[Transition], tier: str, violations: list[str]) -> None:

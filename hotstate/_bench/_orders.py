@@ -68,8 +68,7 @@ def new_order(item: str, address: str, *, amount: int = 42, carrier_outages: int
     Returns:
         The payload.
     """
-    return {"item": item, "address": address, "amount": amount, "carrier_outages": carrier_outages,
-            "compensations": []}
+    return {"item": item, "address": address, "amount": amount, "carrier_outages": carrier_outages, "compensations": []}
 
 
 def order_workflow(effect: EffectSink | None = None, *, carrier_delay: float = 0.01) -> Workflow:
@@ -253,8 +252,14 @@ class OrderLoad:
         report_interval: seconds between ``Progress`` messages.
     """
 
-    def __init__(self, orders: Orders, trace: TraceWriter, stores: list[Store],
-                 send: Callable[[Progress | Recovered | Finished], None], report_interval: float) -> None:
+    def __init__(
+        self,
+        orders: Orders,
+        trace: TraceWriter,
+        stores: list[Store],
+        send: Callable[[Progress | Recovered | Finished], None],
+        report_interval: float,
+    ) -> None:
         self.orders = orders
         self.ids = order_ids(orders.tag, orders.count)
         for i, rid in enumerate(self.ids):
@@ -292,8 +297,14 @@ class OrderLoad:
             self.send(self._progress(rt))
             mine = set(self.ids)
             letters = {d.run_id for store in self.stores for d in await store.dead_letters() if d.run_id in mine}
-            self.send(Finished(dead_letters=sorted(letters), compensations={
-                rid: rt.get(rid).payload["compensations"] for rid in self.ids if rt.get(rid).status != "done"}))
+            self.send(
+                Finished(
+                    dead_letters=sorted(letters),
+                    compensations={
+                        rid: rt.get(rid).payload["compensations"] for rid in self.ids if rt.get(rid).status != "done"
+                    },
+                )
+            )
         finally:
             self._ledger.close()
 
@@ -303,9 +314,14 @@ class OrderLoad:
             snap = rt.get(rid)
             table[f"{where(self.workflow, snap)}|{snap.status}"] += 1
         stats = rt.statistics()
-        return Progress(gen=self.orders.gen, t=time.monotonic() - self._started, table=dict(table),
-                        lags={t.tier: t.lag for t in stats.tiers}, retries=stats.supervisor.retries,
-                        transitions=stats.transitions)
+        return Progress(
+            gen=self.orders.gen,
+            t=time.monotonic() - self._started,
+            table=dict(table),
+            lags={t.tier: t.lag for t in stats.tiers},
+            retries=stats.supervisor.retries,
+            transitions=stats.transitions,
+        )
 
     async def _report(self, rt: Runtime) -> None:
         while True:
@@ -327,7 +343,9 @@ class OrderLoad:
                 lo, hi = _WAIT_RANGES[signal]
                 self._due[(rid, signal)] = now + self._rng.uniform(lo, hi) * self.orders.pace
             elif now >= due:
-                await rt.send(rid, signal, {"amount": snap.payload["amount"]} if signal == "payment_confirmed" else None)
+                await rt.send(
+                    rid, signal, {"amount": snap.payload["amount"]} if signal == "payment_confirmed" else None
+                )
 
     async def _spawn_all(self, rt: Runtime, recovered: dict[str, Any] | None) -> None:
         """Generation 1: orders arrive over ``arrivals`` seconds. Later: every order not in memory, now.
@@ -357,9 +375,16 @@ def _recovered(rt: Runtime, ids: list[str]) -> dict[str, Any]:
     assert report is not None  # noqa: S101 - recover=True sets it
     mine = set(ids)
     resumed = [r for r in report.resumed if r.run_id in mine]
-    return {"resumed": len(resumed), "by_tier": dict(Counter(r.tier for r in resumed)), "corrupt": len(report.corrupt),
-            "lost": len(report.lost), "unregistered": len(report.unregistered), "seconds": report.seconds,
-            "already_finished": sum(d.run_id in mine for d in rt.dead_letters()), "respawned": 0}
+    return {
+        "resumed": len(resumed),
+        "by_tier": dict(Counter(r.tier for r in resumed)),
+        "corrupt": len(report.corrupt),
+        "lost": len(report.lost),
+        "unregistered": len(report.unregistered),
+        "seconds": report.seconds,
+        "already_finished": sum(d.run_id in mine for d in rt.dead_letters()),
+        "respawned": 0,
+    }
 
 
 def _in_memory(rt: Runtime, rid: str) -> bool:

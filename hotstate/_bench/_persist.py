@@ -39,6 +39,7 @@ BLOB = w1.BLOB
 
 # ------------------------------------------------------------------ ceilings
 
+
 async def raw_sqlite_upsert(path: Path, rows: int, body_size: int) -> float:
     """Raw aiosqlite, one transaction: ``executemany`` upsert of ``rows`` snapshot rows
     plus ``executemany`` insert of ``rows`` transition rows (what a flush writes); rows/s."""
@@ -116,6 +117,7 @@ async def drop_prefix(url: str, prefix: str) -> None:
 
 # ------------------------------------------------------- sustained flush rate
 
+
 def _snapshots(n: int, version: int) -> list[tuple[Snapshot, Transition]]:
     out = []
     now = time.time()
@@ -131,7 +133,9 @@ async def sustained_flush(store: Store, n: int, rounds: int = 3) -> float:
     encoder = SnapshotEncoder(PickleCodec())
     from hotstate import SystemClock
 
-    persister = Persister(Tier(store, FlushPolicy(interval=3600, max_batch_rows=n)), encoder, SystemClock(), IgnoringListener())
+    persister = Persister(
+        Tier(store, FlushPolicy(interval=3600, max_batch_rows=n)), encoder, SystemClock(), IgnoringListener()
+    )
     rates = []
     for r in range(rounds):
         batch = _snapshots(n, r + 2)
@@ -146,11 +150,14 @@ async def sustained_flush(store: Store, n: int, rounds: int = 3) -> float:
 
 def body_size() -> int:
     """The encoded size of one W1 snapshot body, so ceilings write the same bytes."""
-    snap = Snapshot("run-0000000", "w1", 1, 2, 1, Status.running, {"n": 1, "id": "run-0000000", "blob": BLOB}, None, 0.0)
+    snap = Snapshot(
+        "run-0000000", "w1", 1, 2, 1, Status.running, {"n": 1, "id": "run-0000000", "blob": BLOB}, None, 0.0
+    )
     return len(encode_snapshot(snap, PickleCodec()).body)
 
 
 # ----------------------------------------------------------------- recovery
+
 
 async def recovery_time(path: Path, runs: int, rounds: int = 1) -> tuple[float, int]:
     """Write ``runs`` unfinished runs to SQLite, then time ``Runtime(recover=True)``.
@@ -186,4 +193,3 @@ async def recovery_time(path: Path, runs: int, rounds: int = 1) -> tuple[float, 
 
 def tmpdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="hotstate-bench-"))
-

@@ -21,7 +21,12 @@ FLOOR = 1e-4
 
 def _fields(point: SweepPoint | Mapping[str, Any]) -> tuple[str, float, float, float]:
     if isinstance(point, dict):
-        return str(point["tier"]), float(point["interval"]), float(point["steps_per_s"]), float(point["loss_window_max"])
+        return (
+            str(point["tier"]),
+            float(point["interval"]),
+            float(point["steps_per_s"]),
+            float(point["loss_window_max"]),
+        )
     p: Any = point
     return str(p.tier), float(p.interval), float(p.steps_per_s), float(p.loss_window_max)
 
@@ -74,7 +79,9 @@ def plot_tuning(
             ys = [r for _, r, _ in rows]
             ax.plot(xs, ys, marker="o", linestyle="-", label=tier)
             for (interval, _, window), x, y in zip(rows, xs, ys, strict=True):
-                ax.annotate(_label(tier, interval, window), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                ax.annotate(
+                    _label(tier, interval, window), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
+                )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())  # decade labels only: minor ones overlap
         ax.set_xlabel(f"measured loss window, max over SIGKILL trials (s, log; 0 drawn at {FLOOR:g})")

@@ -88,15 +88,18 @@ class Policy:
         """One new store per tier (``writing``: write-through SQLite uses ``synchronous=FULL``)."""
         return [
             SQLiteStore(sqlite, synchronous="FULL" if writing and t.interval is None else "NORMAL")
-            if t.kind == "sqlite" else ValkeyStore(valkey_url, prefix=prefix)
+            if t.kind == "sqlite"
+            else ValkeyStore(valkey_url, prefix=prefix)
             for t in self.tiers
         ]
 
     def build_tiers(self, *, sqlite: str | Path, valkey_url: str, prefix: str) -> list[Tier]:
         """The runtime's tiers for this policy, on new stores."""
         stores = self.stores(sqlite=sqlite, valkey_url=valkey_url, prefix=prefix, writing=True)
-        return [Tier(store, FlushPolicy.through() if t.interval is None else FlushPolicy(interval=t.interval))
-                for t, store in zip(self.tiers, stores, strict=True)]
+        return [
+            Tier(store, FlushPolicy.through() if t.interval is None else FlushPolicy(interval=t.interval))
+            for t, store in zip(self.tiers, stores, strict=True)
+        ]
 
 
 POLICIES: dict[str, Policy] = {

@@ -43,9 +43,7 @@ def terminal_columns(stream: TextIO) -> int:
     return max(1, columns or shutil.get_terminal_size().columns)
 
 
-def render(
-    label: str, done: int, total: int, elapsed: float, note: str, columns: int
-) -> str:
+def render(label: str, done: int, total: int, elapsed: float, note: str, columns: int) -> str:
     """One bar line for a terminal ``columns`` wide, at most ``columns - 1`` long.
 
     The counts and time come first. The label shrinks to leave them room, the
@@ -117,17 +115,13 @@ class Progress:
         if self.tty:
             # Measured at every redraw: the terminal may be resized mid-suite.
             columns = terminal_columns(self.stream)
-            line = render(
-                self.label, self.done, self.total, elapsed, self._note, columns
-            )
+            line = render(self.label, self.done, self.total, elapsed, self._note, columns)
             self._width = len(line)
             self.stream.write("\r" + line)
             self.stream.flush()
         elif int(frac * 4) > self._quarter:
             self._quarter = int(frac * 4)
-            self.stream.write(
-                f"  {self.label}: {self.done}/{self.total} ({elapsed:.1f}s) {self._note}\n"
-            )
+            self.stream.write(f"  {self.label}: {self.done}/{self.total} ({elapsed:.1f}s) {self._note}\n")
             self.stream.flush()
 
     def close(self) -> None:

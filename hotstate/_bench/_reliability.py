@@ -162,14 +162,21 @@ async def run_reliability(
     for pol in chosen:
         results = []
         for k in range(per_policy):
-            results.append(await run_trial(
-                pol, valkey_url=valkey_url, workdir=folder, seed=seed + done, kill_after=kill_after,
-                workload=workload, verify=True, use_uvloop=use_uvloop,
-            ))
+            results.append(
+                await run_trial(
+                    pol,
+                    valkey_url=valkey_url,
+                    workdir=folder,
+                    seed=seed + done,
+                    kill_after=kill_after,
+                    workload=workload,
+                    verify=True,
+                    use_uvloop=use_uvloop,
+                )
+            )
             done += 1
             if progress is not None:
                 progress(done, total, f"reliability {pol.name} trial {k + 1}/{per_policy}")
         summaries.append(summarize(pol.name, results))
         everything.extend(results)
     return ReliabilityReport(policies=tuple(summaries), results=tuple(everything))
-

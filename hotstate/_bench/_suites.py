@@ -91,8 +91,14 @@ class Bench:
         check = "" if met is None else f"  [{'met' if met else 'MISSED'}: {target}]"
         print(f"  {name:<48}{value:>14,.1f} {unit:<12}{tail}{check}", flush=True)
         record = {
-            "name": name, "value": value, "unit": unit, "ceiling_name": ceiling_name,
-            "ceiling": ceiling, "ratio": ratio, "target": target, "met": met,
+            "name": name,
+            "value": value,
+            "unit": unit,
+            "ceiling_name": ceiling_name,
+            "ceiling": ceiling,
+            "ratio": ratio,
+            "target": target,
+            "met": met,
         }
         self.figures.append(record)
         return record
@@ -116,8 +122,15 @@ async def suite_w1(b: Bench) -> None:
         r = await w1.measure(a.n, a.k, a.rounds)
         bar.advance()
     b.figure("bare asyncio loop, sleep(0) per step", r.ceiling_steps_s, "steps/s")
-    b.figure("hotstate memory-only", r.hotstate_steps_s, "steps/s", "bare loop", r.ceiling_steps_s,
-             target=">= 1.0x bare loop", met=r.ratio >= 1.0)
+    b.figure(
+        "hotstate memory-only",
+        r.hotstate_steps_s,
+        "steps/s",
+        "bare loop",
+        r.ceiling_steps_s,
+        target=">= 1.0x bare loop",
+        met=r.ratio >= 1.0,
+    )
 
 
 FIGURE_POLICIES: dict[str, Policy | None] = {
@@ -146,6 +159,7 @@ async def suite_policies(b: Bench) -> None:
         b.figure(f"raw valkey MSET x1000, {n * k:,} snapshot+transition", raw_vk, "rows/s")
         memory = 0.0
         for name, policy in FIGURE_POLICIES.items():
+
             async def one(policy: Policy | None = policy, n: int = n) -> float:
                 tag = f"{n}-{time.monotonic_ns()}"
                 tiers = policy.build_tiers(sqlite=b.db(tag), valkey_url=url, prefix=f"bench-{tag}") if policy else []
@@ -160,13 +174,27 @@ async def suite_policies(b: Bench) -> None:
                 memory = value
                 b.figure(label, value, "steps/s", "bare loop", ceiling)
             elif "through sqlite" in name:
-                b.figure(label, value, "steps/s", "raw sqlite rows/s", raw_sql,
-                         target=">= 30,000 steps/s at N=1,000", met=value >= 30_000 if n == 1000 else None)
+                b.figure(
+                    label,
+                    value,
+                    "steps/s",
+                    "raw sqlite rows/s",
+                    raw_sql,
+                    target=">= 30,000 steps/s at N=1,000",
+                    met=value >= 30_000 if n == 1000 else None,
+                )
             elif "through valkey" in name:
                 b.figure(label, value, "steps/s", "raw valkey keys/s", raw_vk)
             else:
-                b.figure(label, value, "steps/s", "memory-only", memory,
-                         target=">= 0.8x memory-only", met=value >= 0.8 * memory)
+                b.figure(
+                    label,
+                    value,
+                    "steps/s",
+                    "memory-only",
+                    memory,
+                    target=">= 0.8x memory-only",
+                    met=value >= 0.8 * memory,
+                )
 
 
 async def suite_flush(b: Bench) -> None:
@@ -181,8 +209,15 @@ async def suite_flush(b: Bench) -> None:
         async with SQLiteStore(b.db("flush")) as store:
             sql = await persist.sustained_flush(store, n, rounds)
         bar.advance()
-    b.figure("persister -> sqlite", sql, "snapshots/s", "raw aiosqlite, same rows", raw_sql,
-             target=">= 0.6x raw", met=sql >= 0.6 * raw_sql)
+    b.figure(
+        "persister -> sqlite",
+        sql,
+        "snapshots/s",
+        "raw aiosqlite, same rows",
+        raw_sql,
+        target=">= 0.6x raw",
+        met=sql >= 0.6 * raw_sql,
+    )
     raw_vk = await _rounds("raw valkey MSET", rounds, lambda: persist.raw_valkey_mset(url, n, body))
     prefix = f"bench-flush-{time.monotonic_ns()}"
     with Progress("persister -> valkey", 1) as bar:
@@ -192,8 +227,15 @@ async def suite_flush(b: Bench) -> None:
         finally:
             await persist.drop_prefix(url, prefix)
         bar.advance()
-    b.figure("persister -> valkey", vk, "snapshots/s", "raw valkey MSET, same keys", raw_vk,
-             target=">= 0.6x raw", met=vk >= 0.6 * raw_vk)
+    b.figure(
+        "persister -> valkey",
+        vk,
+        "snapshots/s",
+        "raw valkey MSET, same keys",
+        raw_vk,
+        target=">= 0.6x raw",
+        met=vk >= 0.6 * raw_vk,
+    )
 
 
 async def suite_recovery(b: Bench) -> None:
@@ -207,8 +249,13 @@ async def suite_recovery(b: Bench) -> None:
     if resumed != n:
         raise RuntimeError(f"recovery resumed {resumed} of {n} runs")
     target = n == 100_000
-    b.figure(f"recovery time, {n:,} runs (ms)", seconds * 1000, "ms",
-             target="<= 2 s for 100,000 runs" if target else "", met=seconds <= 2.0 if target else None)
+    b.figure(
+        f"recovery time, {n:,} runs (ms)",
+        seconds * 1000,
+        "ms",
+        target="<= 2 s for 100,000 runs" if target else "",
+        met=seconds <= 2.0 if target else None,
+    )
     b.figure("recovered runs per second", n / seconds, "runs/s")
 
 
@@ -219,8 +266,7 @@ async def suite_memory(b: Bench) -> None:
     with Progress("idle runs", 1) as bar:
         r = await scale.idle_memory(n)
         bar.advance()
-    b.figure(f"memory per idle run (N={n:,})", r.bytes_per_run, "bytes",
-             target="<= 1 KiB", met=r.within_target)
+    b.figure(f"memory per idle run (N={n:,})", r.bytes_per_run, "bytes", target="<= 1 KiB", met=r.within_target)
     b.figure(f"spawn rate, idle runs (N={n:,})", n / r.spawn_seconds, "runs/s")
 
 
@@ -228,24 +274,48 @@ async def suite_scale(b: Bench) -> None:
     """W1 steps/s and memory per run from the smallest to the largest population."""
     sizes = b.opts.scale_sizes
     rounds = max(1, b.opts.rounds - 2)
-    print(f"\nScale curve: W1 K={b.opts.k} at N = {', '.join(f'{s:,}' for s in sizes)} (median of {rounds}; 1 above 500k)")
+    print(
+        f"\nScale curve: W1 K={b.opts.k} at N = {', '.join(f'{s:,}' for s in sizes)} (median of {rounds}; 1 above 500k)"
+    )
     with Progress("scale curve", len(sizes)) as bar:
         points = await scale.scale_curve(sizes, b.opts.k, rounds, bar.update)
     base, base_ceiling = points[0].steps_per_s, points[0].ceiling_steps_per_s
     for p in points:
         last = p is points[-1] and p.runs >= 1_000_000
-        b.figure(f"bare asyncio loop at N={p.runs:,}", p.ceiling_steps_per_s, "steps/s",
-                 f"bare loop at N={points[0].runs:,}", base_ceiling)
-        b.figure(f"W1 steps/s at N={p.runs:,}", p.steps_per_s, "steps/s", f"N={points[0].runs:,}", base,
-                 target=f">= {scale.SCALE_TARGET_RATIO}x at N=1,000" if last else "",
-                 met=p.steps_per_s >= scale.SCALE_TARGET_RATIO * base if last else None)
-        b.figure(f"W1 at N={p.runs:,} against the bare loop at N={p.runs:,}", p.steps_per_s, "steps/s",
-                 "bare loop, same N", p.ceiling_steps_per_s)
+        b.figure(
+            f"bare asyncio loop at N={p.runs:,}",
+            p.ceiling_steps_per_s,
+            "steps/s",
+            f"bare loop at N={points[0].runs:,}",
+            base_ceiling,
+        )
+        b.figure(
+            f"W1 steps/s at N={p.runs:,}",
+            p.steps_per_s,
+            "steps/s",
+            f"N={points[0].runs:,}",
+            base,
+            target=f">= {scale.SCALE_TARGET_RATIO}x at N=1,000" if last else "",
+            met=p.steps_per_s >= scale.SCALE_TARGET_RATIO * base if last else None,
+        )
+        b.figure(
+            f"W1 at N={p.runs:,} against the bare loop at N={p.runs:,}",
+            p.steps_per_s,
+            "steps/s",
+            "bare loop, same N",
+            p.ceiling_steps_per_s,
+        )
         if p.runs >= 100_000:  # below that, RSS pages and allocator reuse drown the signal
             b.figure(f"memory per W1 run at N={p.runs:,} ({p.payload_bytes} B payload)", p.bytes_per_run, "bytes")
     b.extra["scale"] = [
-        {"runs": p.runs, "steps_per_s": p.steps_per_s, "bytes_per_run": p.bytes_per_run,
-         "payload_bytes": p.payload_bytes, "ceiling_steps_per_s": p.ceiling_steps_per_s} for p in points
+        {
+            "runs": p.runs,
+            "steps_per_s": p.steps_per_s,
+            "bytes_per_run": p.bytes_per_run,
+            "payload_bytes": p.payload_bytes,
+            "ceiling_steps_per_s": p.ceiling_steps_per_s,
+        }
+        for p in points
     ]
 
 
@@ -255,21 +325,32 @@ async def suite_sweep(b: Bench) -> None:
     from hotstate._bench._crash import saturated_bound
 
     url = _need_url(b)
-    print("\nFlush-interval sweep: per tier and interval, steps/s of a child and the loss window "
-          "measured by SIGKILLing it (target: window <= interval + one flush)")
+    print(
+        "\nFlush-interval sweep: per tier and interval, steps/s of a child and the loss window "
+        "measured by SIGKILLing it (target: window <= interval + one flush)"
+    )
     with Progress("sweep", 1) as bar:
-        points = await _sweep.run_sweep(valkey_url=url, workdir=b.scratch, quick=b.opts.quick,
-                                        use_uvloop=b.opts.use_uvloop, progress=bar.update)
+        points = await _sweep.run_sweep(
+            valkey_url=url, workdir=b.scratch, quick=b.opts.quick, use_uvloop=b.opts.use_uvloop, progress=bar.update
+        )
     for p in points:
         b.figure(f"sweep {p.label}: steps/s", p.steps_per_s, "steps/s")
-        b.figure(f"sweep {p.label}: max loss window (ms)", p.loss_window_max * 1000, "ms",
-                 target=f"<= interval + flush ({(p.interval + p.flush_duration) * 1000:.0f} ms)",
-                 met=p.within_target)
+        b.figure(
+            f"sweep {p.label}: max loss window (ms)",
+            p.loss_window_max * 1000,
+            "ms",
+            target=f"<= interval + flush ({(p.interval + p.flush_duration) * 1000:.0f} ms)",
+            met=p.within_target,
+        )
         if not p.within_target:
             bound = saturated_bound(p.interval, p.flush_duration)
-            b.figure(f"sweep {p.label}: flush outlasts the interval", p.loss_window_max * 1000, "ms",
-                     target=f"<= max(interval, flush) + flush ({bound * 1000:.0f} ms)",
-                     met=p.within_saturated_bound)
+            b.figure(
+                f"sweep {p.label}: flush outlasts the interval",
+                p.loss_window_max * 1000,
+                "ms",
+                target=f"<= max(interval, flush) + flush ({bound * 1000:.0f} ms)",
+                met=p.within_saturated_bound,
+            )
     b.extra["sweep"] = _sweep.to_json(points)
     b.plot_points = points
 
@@ -282,20 +363,40 @@ async def suite_reliability(b: Bench) -> None:
     trials = b.opts.trials or (_reliability.QUICK_TRIALS if b.opts.quick else _reliability.DEFAULT_TRIALS)
     print(f"\nReliability: {trials} SIGKILL trials per policy (mixed workload: signals, retries, compensations)")
     with Progress("reliability", 1) as bar:
-        report = await _reliability.run_reliability(valkey_url=url, workdir=b.scratch, trials=trials,
-                                                    use_uvloop=b.opts.use_uvloop, progress=bar.update)
+        report = await _reliability.run_reliability(
+            valkey_url=url, workdir=b.scratch, trials=trials, use_uvloop=b.opts.use_uvloop, progress=bar.update
+        )
     for p in report.policies:
-        b.figure(f"{p.policy}: invariant violations in {p.trials} trials", p.invariant_violations, "violations",
-                 target="0", met=p.invariant_violations == 0)
+        b.figure(
+            f"{p.policy}: invariant violations in {p.trials} trials",
+            p.invariant_violations,
+            "violations",
+            target="0",
+            met=p.invariant_violations == 0,
+        )
         b.figure(f"{p.policy}: runs checked", p.runs_checked, "runs")
         if p.write_through:
-            b.figure(f"{p.policy}: acknowledged steps lost", p.acknowledged_steps_lost, "steps",
-                     target="0", met=p.acknowledged_steps_lost == 0)
-        b.figure(f"{p.policy}: max loss window (ms)", p.max_loss_window * 1000, "ms",
-                 target=f"<= interval + flush in every trial ({p.trials_within_window}/{p.trials})",
-                 met=p.trials_within_window == p.trials)
-        b.figure(f"{p.policy}: trials within max(interval, flush) + flush", p.trials_within_saturated_window,
-                 "trials", target=f"all {p.trials}", met=p.trials_within_saturated_window == p.trials)
+            b.figure(
+                f"{p.policy}: acknowledged steps lost",
+                p.acknowledged_steps_lost,
+                "steps",
+                target="0",
+                met=p.acknowledged_steps_lost == 0,
+            )
+        b.figure(
+            f"{p.policy}: max loss window (ms)",
+            p.max_loss_window * 1000,
+            "ms",
+            target=f"<= interval + flush in every trial ({p.trials_within_window}/{p.trials})",
+            met=p.trials_within_window == p.trials,
+        )
+        b.figure(
+            f"{p.policy}: trials within max(interval, flush) + flush",
+            p.trials_within_saturated_window,
+            "trials",
+            target=f"all {p.trials}",
+            met=p.trials_within_saturated_window == p.trials,
+        )
     b.extra["reliability"] = report.to_json()
 
 
@@ -327,9 +428,13 @@ async def main_async(b: Bench) -> None:
 
 def _summary(figures: list[dict[str, Any]]) -> str:
     rows = [
-        (f["name"], round(f["value"], 1), f["unit"],
-         f"{f['ratio']:.2f}x {f['ceiling_name']}" if f["ratio"] is not None else "",
-         "" if f["met"] is None else ("met" if f["met"] else "MISSED") + f" ({f['target']})")
+        (
+            f["name"],
+            round(f["value"], 1),
+            f["unit"],
+            f"{f['ratio']:.2f}x {f['ceiling_name']}" if f["ratio"] is not None else "",
+            "" if f["met"] is None else ("met" if f["met"] else "MISSED") + f" ({f['target']})",
+        )
         for f in figures
     ]
     return render_table(["figure", "value", "unit", "ratio to ceiling", "target"], rows)
@@ -338,8 +443,10 @@ def _summary(figures: list[dict[str, Any]]) -> str:
 def run_bench(opts: BenchOptions) -> int:
     """Run the chosen suites, print the summary, write the JSON (and the tuning plot); returns 0."""
     loop = "uvloop" if uvloop_available() and opts.use_uvloop else "asyncio"
-    print(f"hotstate benchmarks on {loop}, CPython {platform.python_version()}, {platform.machine()}, "
-          f"suites: {', '.join(opts.suites)}")
+    print(
+        f"hotstate benchmarks on {loop}, CPython {platform.python_version()}, {platform.machine()}, "
+        f"suites: {', '.join(opts.suites)}"
+    )
     if opts.sqlite:
         where = Path(opts.sqlite)
         scratch = where if where.is_dir() else where.parent
@@ -365,8 +472,13 @@ def run_bench(opts: BenchOptions) -> int:
     path = Path(opts.json) if opts.json else results_dir() / "latest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
-        "loop": loop, "python": platform.python_version(), "machine": platform.machine(),
-        "quick": opts.quick, "seconds": elapsed, "figures": bench.figures, **bench.extra,
+        "loop": loop,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "quick": opts.quick,
+        "seconds": elapsed,
+        "figures": bench.figures,
+        **bench.extra,
     }
     path.write_text(json.dumps(document, indent=2))
     print(f"\nfigures written to {path}")

@@ -115,7 +115,8 @@ def summarize_point(tier: str, interval: float, results: Sequence[TrialResult]) 
         flush_duration=flush,
         trials=len(results),
         within_target=held and bool(results),
-        within_saturated_bound=bool(results) and acknowledged == 0
+        within_saturated_bound=bool(results)
+        and acknowledged == 0
         and all(r.loss_window <= saturated_bound(interval, flush) for r in results),
         acknowledged_steps_lost=acknowledged,
         violations=sum(len(r.violations) for r in results),
@@ -172,10 +173,18 @@ async def run_sweep(
     for tier, interval in grid:
         results = []
         for k in range(per_point):
-            results.append(await run_trial(
-                point_policy(tier, interval), valkey_url=valkey_url, workdir=folder, seed=seed + done,
-                kill_after=kill_range(interval), workload=wl, verify=False, use_uvloop=use_uvloop,
-            ))
+            results.append(
+                await run_trial(
+                    point_policy(tier, interval),
+                    valkey_url=valkey_url,
+                    workdir=folder,
+                    seed=seed + done,
+                    kill_after=kill_range(interval),
+                    workload=wl,
+                    verify=False,
+                    use_uvloop=use_uvloop,
+                )
+            )
             done += 1
             if progress is not None:
                 progress(done, total, f"sweep {point_policy(tier, interval).name} trial {k + 1}/{per_point}")
@@ -183,8 +192,17 @@ async def run_sweep(
     return points
 
 
-_KEYS = ("tier", "interval", "steps_per_s", "loss_window_max", "loss_window_p50", "flush_duration", "trials",
-         "within_target", "within_saturated_bound")
+_KEYS = (
+    "tier",
+    "interval",
+    "steps_per_s",
+    "loss_window_max",
+    "loss_window_p50",
+    "flush_duration",
+    "trials",
+    "within_target",
+    "within_saturated_bound",
+)
 
 
 def to_json(points: Sequence[SweepPoint]) -> list[dict[str, Any]]:

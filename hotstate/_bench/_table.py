@@ -28,8 +28,8 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> st
     raw = [list(row) for row in rows]
     cells = [[_cell(v) for v in row] for row in raw]
     right = [
-        bool(raw) and all(isinstance(row[i], int | float) and not isinstance(row[i], bool)
-                          for row in raw if row[i] is not None)
+        bool(raw)
+        and all(isinstance(row[i], int | float) and not isinstance(row[i], bool) for row in raw if row[i] is not None)
         for i in range(len(headers))
     ]
     widths = [len(h) for h in headers]
@@ -38,9 +38,7 @@ def render_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> st
             widths[i] = max(widths[i], len(text))
 
     def line(texts: Sequence[str]) -> str:
-        return "  ".join(
-            t.rjust(widths[i]) if right[i] else t.ljust(widths[i]) for i, t in enumerate(texts)
-        ).rstrip()
+        return "  ".join(t.rjust(widths[i]) if right[i] else t.ljust(widths[i]) for i, t in enumerate(texts)).rstrip()
 
     out = [line(list(headers)), "  ".join("-" * w for w in widths)]
     out.extend(line(row) for row in cells)

@@ -95,8 +95,15 @@ def read_trace(path: Path, layout: TraceLayout, tiers: int) -> Trace:
     """Read a trace file written with ``layout`` by a child with ``tiers`` tiers."""
     slots = memoryview(path.read_bytes()).cast("d")
     started = min(int(slots[layout.STARTED]), layout.runs)
-    flush = [(slots[layout.TIERS + 4 * j], slots[layout.TIERS + 4 * j + 1], slots[layout.TIERS + 4 * j + 2],
-              slots[layout.TIERS + 4 * j + 3]) for j in range(tiers)]
+    flush = [
+        (
+            slots[layout.TIERS + 4 * j],
+            slots[layout.TIERS + 4 * j + 1],
+            slots[layout.TIERS + 4 * j + 2],
+            slots[layout.TIERS + 4 * j + 3],
+        )
+        for j in range(tiers)
+    ]
     durable, acked, hot, times, steps = [], [], [], [], []
     for i in range(started):
         b = layout.base(i)

@@ -202,9 +202,13 @@ class TrialLoad:
         self.load = workload
         self.trace = trace
         self.driver = SignalDriver()
-        self.workflow = make_workflow(work_steps=workload.work_steps, fail_every=workload.fail_every,
-                                      flaky_every=workload.flaky_every, request_signal=self.driver.request,
-                                      on_step=trace.step_started)
+        self.workflow = make_workflow(
+            work_steps=workload.work_steps,
+            fail_every=workload.fail_every,
+            flaky_every=workload.flaky_every,
+            request_signal=self.driver.request,
+            on_step=trace.step_started,
+        )
 
     async def run(self, rt: Runtime) -> None:
         """Run the workload until every run slot was used (the parent kills the child before, as a rule)."""

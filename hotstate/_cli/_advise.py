@@ -127,9 +127,7 @@ def _as_data(rec: Recommendation) -> dict[str, Any]:
 
 
 def _print(rec: Recommendation) -> None:
-    print(
-        f"advice for {rec.updates_per_second:,.6g} updates/s, max loss {rec.max_loss:g} s"
-    )
+    print(f"advice for {rec.updates_per_second:,.6g} updates/s, max loss {rec.max_loss:g} s")
     print(f"figures: {rec.source}")
     for note in rec.notes:
         print(f"  note: {note}")
@@ -175,7 +173,5 @@ def run_command(args: argparse.Namespace) -> int:
         _print(rec)
     if not rec.feasible:
         missed = ", ".join(t.tier for t in rec.tiers if not t.feasible)
-        return fail(
-            f"advise: the requirement cannot be met on {missed}; see the warnings"
-        )
+        return fail(f"advise: the requirement cannot be met on {missed}; see the warnings")
     return 0

@@ -24,17 +24,27 @@ __all__ = ["main", "register", "run_command"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` options."""
-    parser.add_argument("--suite", default=",".join(DEFAULT_SUITES),
-                        help=f"comma-separated, from {', '.join(SUITES)} (default: all but reliability)")
+    parser.add_argument(
+        "--suite",
+        default=",".join(DEFAULT_SUITES),
+        help=f"comma-separated, from {', '.join(SUITES)} (default: all but reliability)",
+    )
     parser.add_argument("--n", type=int, default=10_000, help="W1 runs started concurrently")
     parser.add_argument("--k", type=int, default=10, help="W1 steps per run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; medians are reported")
     parser.add_argument("--sizes", default="1000,10000", help="N values for the policies suite")
     parser.add_argument("--flush-rows", type=int, default=20_000, help="dirty runs per flush in the flush suite")
     parser.add_argument("--recovery-runs", type=int, default=100_000, help="unfinished runs to recover")
-    parser.add_argument("--idle-runs", type=int, default=None, help="idle runs for the memory suite (100,000; 1,000,000 with --full)")
+    parser.add_argument(
+        "--idle-runs", type=int, default=None, help="idle runs for the memory suite (100,000; 1,000,000 with --full)"
+    )
     parser.add_argument("--scale-sizes", default="1000,10000,100000,1000000", help="N values of the scale curve")
-    parser.add_argument("--trials", type=int, default=None, help="SIGKILL trials per policy in the reliability suite (200; 3 with --quick)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="SIGKILL trials per policy in the reliability suite (200; 3 with --quick)",
+    )
     parser.add_argument("--valkey-url", default=None, help="use this Valkey instead of a private embedded one")
     parser.add_argument("--sqlite", default=None, metavar="PATH", help="put the SQLite databases in PATH's folder")
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute, for CI")
@@ -45,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``hotstate bench`` to the command line."""
-    parser = subparsers.add_parser("bench", help="run the benchmark suites (the main job)", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmark suites (the main job)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     parser.set_defaults(func=run_command)
 
@@ -81,16 +95,33 @@ def options(args: argparse.Namespace) -> BenchOptions:
         if getattr(args, option) < 1:
             raise _UsageError(f"--{option.replace('_', '-')} must be at least 1")
     opts = BenchOptions(
-        suites=suites, n=args.n, k=args.k, rounds=args.rounds, sizes=_ints(args.sizes, "--sizes"),
-        flush_rows=args.flush_rows, recovery_runs=args.recovery_runs,
+        suites=suites,
+        n=args.n,
+        k=args.k,
+        rounds=args.rounds,
+        sizes=_ints(args.sizes, "--sizes"),
+        flush_rows=args.flush_rows,
+        recovery_runs=args.recovery_runs,
         idle_runs=args.idle_runs if args.idle_runs is not None else (1_000_000 if args.full else 100_000),
-        scale_sizes=tuple(sorted(_ints(args.scale_sizes, "--scale-sizes"))), trials=args.trials,
-        valkey_url=args.valkey_url, sqlite=args.sqlite, quick=args.quick, json=args.json,
+        scale_sizes=tuple(sorted(_ints(args.scale_sizes, "--scale-sizes"))),
+        trials=args.trials,
+        valkey_url=args.valkey_url,
+        sqlite=args.sqlite,
+        quick=args.quick,
+        json=args.json,
         use_uvloop=not args.no_uvloop,
     )
     if args.quick:
-        return dataclasses.replace(opts, n=2_000, rounds=3, sizes=(1_000,), flush_rows=5_000, recovery_runs=10_000,
-                                   idle_runs=20_000, scale_sizes=(1_000, 10_000, 100_000))
+        return dataclasses.replace(
+            opts,
+            n=2_000,
+            rounds=3,
+            sizes=(1_000,),
+            flush_rows=5_000,
+            recovery_runs=10_000,
+            idle_runs=20_000,
+            scale_sizes=(1_000, 10_000, 100_000),
+        )
     return opts
 
 
@@ -106,7 +137,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks``: the same as ``hotstate bench``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run_command(parser.parse_args(argv))

@@ -85,8 +85,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sqlite", type=Path, help="use this SQLite file (default: one in a temporary directory)")
     p.add_argument("--valkey-interval", type=float, default=0.1, help="Valkey write-behind interval, s (default 0.1)")
     p.add_argument("--sqlite-interval", type=float, default=1.0, help="SQLite write-behind interval, s (default 1.0)")
-    p.add_argument("--kill-at", type=float, default=0.4,
-                   help="SIGKILL the first worker once this fraction of orders is delivered (default 0.4)")
+    p.add_argument(
+        "--kill-at",
+        type=float,
+        default=0.4,
+        help="SIGKILL the first worker once this fraction of orders is delivered (default 0.4)",
+    )
     p.add_argument("--pace", type=float, default=1.0, help="scale every simulated delay (default 1.0)")
     p.add_argument("--seed", default=None, help="seed for the simulated delays")
     p.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default 120)")
@@ -157,8 +161,10 @@ class _Display:
         table = progress.table
         delivered = table.get("finished|done", 0)
         lags = "  ".join(f"{tier} lag {lag * 1000:.0f} ms" for tier, lag in progress.lags.items())
-        title = (f"worker #{progress.gen} (pid {pid})  t={progress.t:.1f} s  delivered {delivered}/{self.orders}"
-                 f"  retries {progress.retries}  {lags}")
+        title = (
+            f"worker #{progress.gen} (pid {pid})  t={progress.t:.1f} s  delivered {delivered}/{self.orders}"
+            f"  retries {progress.retries}  {lags}"
+        )
         if self.tty:
             self._clear()
             text = f"{title}\n{progress_table(table)}\n"
@@ -166,8 +172,11 @@ class _Display:
             self._drawn = text.count("\n")
         elif time.monotonic() - self._last_plain >= 1.0:
             self._last_plain = time.monotonic()
-            where = ", ".join(f"{label.split(' ', 1)[-1]} {n}" for key, label in _ROWS
-                              if (n := sum(table.get(f"{key}|{s}", 0) for s in _STATUSES)))
+            where = ", ".join(
+                f"{label.split(' ', 1)[-1]} {n}"
+                for key, label in _ROWS
+                if (n := sum(table.get(f"{key}|{s}", 0) for s in _STATUSES))
+            )
             self._write(f"{title}: {where or 'no orders yet'}\n")
 
     def done(self) -> None:
@@ -205,11 +214,26 @@ class _Demo:
 
     def start(self, gen: int, stack: contextlib.ExitStack) -> tuple[Child, ChildConfig]:
         a = self.args
-        orders = Orders(tag=self.tag, count=a.orders, fail_index=_FAIL_INDEX, ledger=str(self.ledger), gen=gen,
-                        seed=str(self.seed), pace=a.pace)
-        config = ChildConfig(policy=self.policy.spec, sqlite=str(self.sqlite), valkey_url=self.url,
-                             prefix=self.prefix, trace=str(self.workdir / f"trace-{self.tag}-{gen}"), runs=a.orders,
-                             orders=orders, recover=gen > 1, linger=0.0)
+        orders = Orders(
+            tag=self.tag,
+            count=a.orders,
+            fail_index=_FAIL_INDEX,
+            ledger=str(self.ledger),
+            gen=gen,
+            seed=str(self.seed),
+            pace=a.pace,
+        )
+        config = ChildConfig(
+            policy=self.policy.spec,
+            sqlite=str(self.sqlite),
+            valkey_url=self.url,
+            prefix=self.prefix,
+            trace=str(self.workdir / f"trace-{self.tag}-{gen}"),
+            runs=a.orders,
+            orders=orders,
+            recover=gen > 1,
+            linger=0.0,
+        )
         worker = Child(config, self.workdir / f"worker-{self.tag}-{gen}.log", name=f"worker #{gen}")
         stack.callback(worker.kill)
         return worker, config
@@ -239,12 +263,21 @@ class _Demo:
         # (a version regression, a run lost) all count as acknowledged steps lost.
         _, _, self.loss = run(judge, config, killed_at, [], self.ids)
         in_flight = sum(n for k, n in self.last1.table.items() if not k.startswith("finished|"))
-        self.kill = {"worker": 1, "pid": worker.pid, "signal": "SIGKILL", "exit_status": status,
-                     "at_seconds": round(killed_at - self.started, 3), "wall": killed_wall,
-                     "delivered_before": self.last1.table.get("finished|done", 0), "in_flight": in_flight,
-                     "last_report_age_seconds": round(killed_at - received, 4)}
-        self.display.event(f"*** SIGKILL worker #1 (pid {worker.pid}) at {self.kill['at_seconds']:.1f} s: "
-                           f"{self.kill['delivered_before']} delivered, {in_flight} in flight")
+        self.kill = {
+            "worker": 1,
+            "pid": worker.pid,
+            "signal": "SIGKILL",
+            "exit_status": status,
+            "at_seconds": round(killed_at - self.started, 3),
+            "wall": killed_wall,
+            "delivered_before": self.last1.table.get("finished|done", 0),
+            "in_flight": in_flight,
+            "last_report_age_seconds": round(killed_at - received, 4),
+        }
+        self.display.event(
+            f"*** SIGKILL worker #1 (pid {worker.pid}) at {self.kill['at_seconds']:.1f} s: "
+            f"{self.kill['delivered_before']} delivered, {in_flight} in flight"
+        )
 
     def run_second(self, stack: contextlib.ExitStack) -> None:
         """Worker #2 (``recover=True``) until every order has finished."""
@@ -259,7 +292,8 @@ class _Demo:
                     f"*** worker #2 (pid {worker.pid}) recovered {message.resumed} run(s) in "
                     f"{message.seconds * 1000:.0f} ms ({_by_tier(message.by_tier)}), "
                     f"{message.already_finished} finished in a store,"
-                    f" {message.respawned} placed anew (in no store)")
+                    f" {message.respawned} placed anew (in no store)"
+                )
             elif isinstance(message, Finished):
                 self.finished = message
         self.worker2_status = worker.wait(timeout=30)
@@ -326,8 +360,11 @@ def _crash_loss(demo: _Demo) -> dict[str, Any]:
         "rerun_within_policy_window": oldest <= window,
         "effects_applied_once": len(first),
         "acknowledged_lost": demo.loss.acknowledged,
-        "at_last_report": {"runs_behind": demo.loss.runs_behind, "versions_behind": demo.loss.steps,
-                           "steps_behind": demo.loss.steps_behind},
+        "at_last_report": {
+            "runs_behind": demo.loss.runs_behind,
+            "versions_behind": demo.loss.steps,
+            "steps_behind": demo.loss.steps_behind,
+        },
     }
 
 
@@ -364,17 +401,30 @@ def summarize(demo: _Demo) -> dict[str, Any]:
         "ok": all(invariants.values()),
         "invariants": invariants,
         "orders": demo.args.orders,
-        "policy": {"valkey_interval": demo.args.valkey_interval, "sqlite_interval": demo.args.sqlite_interval,
-                   "mode": "write-behind"},
+        "policy": {
+            "valkey_interval": demo.args.valkey_interval,
+            "sqlite_interval": demo.args.sqlite_interval,
+            "mode": "write-behind",
+        },
         "stores": {"valkey_url": demo.url, "valkey_prefix": demo.prefix, "sqlite": str(demo.sqlite)},
         "kill": {k: v for k, v in demo.kill.items() if k != "wall"},
-        "recovery": {k: round(v, 4) if isinstance(v, float) else v
-                     for k, v in (dataclasses.asdict(rec) if rec is not None else {}).items()},
+        "recovery": {
+            k: round(v, 4) if isinstance(v, float) else v
+            for k, v in (dataclasses.asdict(rec) if rec is not None else {}).items()
+        },
         "crash_loss": loss,
-        "final": {"delivered": delivered, "failed": failed, "unfinished": unfinished,
-                  "retries_after_recovery": final.retries, "transitions_after_recovery": final.transitions},
-        "designed_failure": {"run_id": fail_id, "dead_lettered": fail_id in finished.dead_letters,
-                             "compensations": comp},
+        "final": {
+            "delivered": delivered,
+            "failed": failed,
+            "unfinished": unfinished,
+            "retries_after_recovery": final.retries,
+            "transitions_after_recovery": final.transitions,
+        },
+        "designed_failure": {
+            "run_id": fail_id,
+            "dead_lettered": fail_id in finished.dead_letters,
+            "compensations": comp,
+        },
         "dead_letters": finished.dead_letters,
         "seconds": round(time.monotonic() - demo.started, 3),
     }
@@ -384,30 +434,51 @@ def _print_summary(summary: dict[str, Any]) -> None:
     loss, rec, kill, fin = summary["crash_loss"], summary["recovery"], summary["kill"], summary["final"]
     pol = summary["policy"]
     behind = loss.get("at_last_report", {})
-    print(f"\nhotstate demo: {summary['orders']} orders, write-behind Valkey every {pol['valkey_interval']:g} s"
-          f" + SQLite every {pol['sqlite_interval']:g} s, {summary['seconds']:.1f} s")
+    print(
+        f"\nhotstate demo: {summary['orders']} orders, write-behind Valkey every {pol['valkey_interval']:g} s"
+        f" + SQLite every {pol['sqlite_interval']:g} s, {summary['seconds']:.1f} s"
+    )
     rows: list[list[object]] = [
-        ["SIGKILL of worker #1", f"at {kill.get('at_seconds', 0):.2f} s, {kill.get('delivered_before')} delivered,"
-                                 f" {kill.get('in_flight')} in flight"],
-        ["runs resumed by worker #2", f"{rec.get('resumed')} in {rec.get('seconds', 0) * 1000:.0f} ms"
-                                      f" ({_by_tier(rec.get('by_tier', {}))})"],
-        ["steps lost, so run again", f"{loss.get('steps_rerun')} in {loss.get('runs_rerun')} run(s)"
-                                     f" ({_counts(loss.get('steps_rerun_by_effect', {}))}), same idempotency keys"],
-        ["oldest lost step", f"{loss.get('oldest_rerun_age_seconds', 0) * 1000:.0f} ms before the kill (policy window"
-                             f" {loss.get('policy_window_seconds', 0) * 1000:.0f} ms: interval + longest flush)"],
-        ["behind in the tiers at the kill", f"{behind.get('runs_behind')} run(s),"
-                                            f" {behind.get('versions_behind')} versions"],
+        [
+            "SIGKILL of worker #1",
+            f"at {kill.get('at_seconds', 0):.2f} s, {kill.get('delivered_before')} delivered,"
+            f" {kill.get('in_flight')} in flight",
+        ],
+        [
+            "runs resumed by worker #2",
+            f"{rec.get('resumed')} in {rec.get('seconds', 0) * 1000:.0f} ms ({_by_tier(rec.get('by_tier', {}))})",
+        ],
+        [
+            "steps lost, so run again",
+            f"{loss.get('steps_rerun')} in {loss.get('runs_rerun')} run(s)"
+            f" ({_counts(loss.get('steps_rerun_by_effect', {}))}), same idempotency keys",
+        ],
+        [
+            "oldest lost step",
+            f"{loss.get('oldest_rerun_age_seconds', 0) * 1000:.0f} ms before the kill (policy window"
+            f" {loss.get('policy_window_seconds', 0) * 1000:.0f} ms: interval + longest flush)",
+        ],
+        [
+            "behind in the tiers at the kill",
+            f"{behind.get('runs_behind')} run(s), {behind.get('versions_behind')} versions",
+        ],
         ["acknowledged, then lost", loss.get("acknowledged_lost")],
         ["delivered / failed / unfinished", f"{fin['delivered']} / {fin['failed']} / {fin['unfinished']}"],
-        ["designed failure", f"{summary['designed_failure']['run_id']}: compensations"
-                             f" {summary['designed_failure']['compensations']},"
-                             f" dead-lettered: {'yes' if summary['designed_failure']['dead_lettered'] else 'no'}"],
+        [
+            "designed failure",
+            f"{summary['designed_failure']['run_id']}: compensations"
+            f" {summary['designed_failure']['compensations']},"
+            f" dead-lettered: {'yes' if summary['designed_failure']['dead_lettered'] else 'no'}",
+        ],
     ]
     print(render_table(["", "result"], rows))
     print()
     print(render_table(["invariant", "holds"], [[k.replace("_", " "), v] for k, v in summary["invariants"].items()]))
-    print("\nOK: every order finished; the crash lost only what the policy allows." if summary["ok"]
-          else "\nFAILED: an invariant does not hold (see above).")
+    print(
+        "\nOK: every order finished; the crash lost only what the policy allows."
+        if summary["ok"]
+        else "\nFAILED: an invariant does not hold (see above)."
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -81,9 +81,7 @@ def _store_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     # On the sub-commands too (default SUPPRESS), so both
     # `runs --sqlite X list` and `runs list --sqlite X` work.
     default: Any = argparse.SUPPRESS if suppress else None
-    parser.add_argument(
-        "--sqlite", metavar="PATH", default=default, help="a hotstate SQLite file"
-    )
+    parser.add_argument("--sqlite", metavar="PATH", default=default, help="a hotstate SQLite file")
     parser.add_argument(
         "--valkey-url",
         metavar="URL",
@@ -127,14 +125,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="keep runs in this status (repeatable)",
     )
     p.add_argument("--workflow", help="keep runs of this workflow")
-    p.add_argument(
-        "--limit", type=_positive_int, default=100, help="at most N runs (default 100)"
-    )
+    p.add_argument("--limit", type=_positive_int, default=100, help="at most N runs (default 100)")
     p.set_defaults(func=lambda a: _execute(a, run_list))
 
-    p = actions.add_parser(
-        "show", help="where a run is now, and its durable version per tier"
-    )
+    p = actions.add_parser("show", help="where a run is now, and its durable version per tier")
     p.add_argument("run_id", metavar="RUN_ID")
     p.set_defaults(func=lambda a: _execute(a, run_show))
 
@@ -145,9 +139,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = actions.add_parser("dead-letters", help="the dead-letter records")
     p.set_defaults(func=lambda a: _execute(a, run_dead_letters))
 
-    p = actions.add_parser(
-        "retry", help="re-queue a dead-lettered run for the next recover=True runtime"
-    )
+    p = actions.add_parser("retry", help="re-queue a dead-lettered run for the next recover=True runtime")
     p.add_argument("run_id", metavar="RUN_ID")
     p.set_defaults(func=lambda a: _execute(a, run_retry))
 
@@ -157,9 +149,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _no_action(args: argparse.Namespace) -> int:
     args.runs_parser.print_usage(sys.stderr)
-    return fail(
-        "runs: choose an action: list, show, history, dead-letters, retry", status=2
-    )
+    return fail("runs: choose an action: list, show, history, dead-letters, retry", status=2)
 
 
 # --- running ----------------------------------------------------------------
@@ -177,17 +167,13 @@ def _check_sqlite(path: Path) -> None:
     try:
         conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
         try:
-            row = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'"
-            ).fetchone()
+            row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise PersistenceError("sqlite", f"cannot read {str(path)!r}: {exc}") from exc
     if row is None:
-        raise PersistenceError(
-            "sqlite", f"not a hotstate database (no runs table): {str(path)!r}"
-        )
+        raise PersistenceError("sqlite", f"not a hotstate database (no runs table): {str(path)!r}")
 
 
 def _stores(args: argparse.Namespace) -> list[Store]:
@@ -218,9 +204,7 @@ def _stores(args: argparse.Namespace) -> list[Store]:
             )
         )
     if not stores:
-        raise _UsageError(
-            "runs: give at least one store: --sqlite PATH and/or --valkey-url URL"
-        )
+        raise _UsageError("runs: give at least one store: --sqlite PATH and/or --valkey-url URL")
     return stores
 
 

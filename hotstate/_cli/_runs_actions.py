@@ -44,10 +44,7 @@ def _iso(at: float) -> str:
 
 
 def _error_text(error: ErrorInfo) -> str:
-    return (
-        f"{error.type}: {error.message} (step {error.step} {error.step_name!r}, "
-        f"attempt {error.attempt})"
-    )
+    return f"{error.type}: {error.message} (step {error.step} {error.step_name!r}, attempt {error.attempt})"
 
 
 def _header_dict(h: RunHeader) -> dict[str, Any]:
@@ -71,9 +68,7 @@ async def _scan_all(store: Store, args: argparse.Namespace) -> dict[str, RunHead
     after: str | None = None
     while len(found) < args.limit:
         want = min(_PAGE, args.limit - len(found))
-        page = await store.scan(
-            status=args.status, workflow=args.workflow, after=after, limit=want
-        )
+        page = await store.scan(status=args.status, workflow=args.workflow, after=after, limit=want)
         found.update((h.run_id, h) for h in page)
         if len(page) < want:
             break
@@ -99,8 +94,7 @@ async def run_list(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         newest = {
             rid: h
             for rid, h in newest.items()
-            if (not args.status or h.status in args.status)
-            and (args.workflow is None or h.workflow == args.workflow)
+            if (not args.status or h.status in args.status) and (args.workflow is None or h.workflow == args.workflow)
         }
     headers = [newest[rid] for rid in sorted(newest)][: args.limit]
     if args.json:
@@ -170,9 +164,7 @@ async def _copies(run_id: str, stores: Sequence[Store]) -> list[_Copy]:
 
 def _best(copies: Sequence[_Copy]) -> _Copy | None:
     good = [c for c in copies if c.stored is not None and c.corrupt is None]
-    return max(
-        good, key=lambda c: c.stored.header.version if c.stored else 0, default=None
-    )
+    return max(good, key=lambda c: c.stored.header.version if c.stored else 0, default=None)
 
 
 def _tier_text(c: _Copy) -> str:
@@ -189,10 +181,7 @@ async def run_show(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     best = _best(copies)
     data: dict[str, Any] = {
         "run_id": args.run_id,
-        "tiers": {
-            c.tier: None if c.stored is None else c.stored.header.version
-            for c in copies
-        },
+        "tiers": {c.tier: None if c.stored is None else c.stored.header.version for c in copies},
         "corrupt": {c.tier: c.corrupt for c in copies if c.corrupt},
         "source": None if best is None else best.tier,
     }
@@ -201,9 +190,7 @@ async def run_show(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         data["error"] = None
         if best.stored.error is not None:
             try:
-                data["error"] = _error_text(
-                    error_from_json(best.stored.error, tier=best.tier)
-                )
+                data["error"] = _error_text(error_from_json(best.stored.error, tier=best.tier))
             except CodecError as exc:
                 data["error"] = f"(unreadable: {exc})"
     if args.json:
@@ -266,10 +253,7 @@ async def run_history(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     print(
         render_table(
             ["version", "kind", "step", "status", "time (UTC)", "detail"],
-            [
-                (t.version, str(t.kind), t.step, str(t.status), _iso(t.at), t.detail)
-                for t in transitions
-            ],
+            [(t.version, str(t.kind), t.step, str(t.status), _iso(t.at), t.detail) for t in transitions],
         )
     )
     return 0
@@ -348,9 +332,7 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
 # --- retry ------------------------------------------------------------------
 
 
-async def _retry_base(
-    run_id: str, stores: Sequence[Store], letters: Sequence[StoredDeadLetter]
-) -> StoredSnapshot:
+async def _retry_base(run_id: str, stores: Sequence[Store], letters: Sequence[StoredDeadLetter]) -> StoredSnapshot:
     """The highest verified copy among the stored snapshots and the dead letters' snapshots."""
     candidates = [c for c in await _copies(run_id, stores) if c.stored is not None]
     for d in letters:
@@ -358,9 +340,7 @@ async def _retry_base(
             _verify(d.snapshot, "dead-letter")
             candidates.append(_Copy(tier="dead-letter", stored=d.snapshot))
         except CorruptSnapshotError as exc:
-            candidates.append(
-                _Copy(tier="dead-letter", stored=d.snapshot, corrupt=str(exc))
-            )
+            candidates.append(_Copy(tier="dead-letter", stored=d.snapshot, corrupt=str(exc)))
     best = _best(candidates)
     if best is None or best.stored is None:
         reasons = "; ".join(c.corrupt for c in candidates if c.corrupt)
@@ -371,19 +351,13 @@ async def _retry_base(
 async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     """Re-queue a dead-lettered run in every tier for the next ``recover=True`` runtime."""
     run_id = args.run_id
-    letters = [
-        d for store in stores for d in await store.dead_letters() if d.run_id == run_id
-    ]
+    letters = [d for store in stores for d in await store.dead_letters() if d.run_id == run_id]
     if not letters:
-        return fail(
-            f"run {run_id!r}: no dead letter in {', '.join(s.tier for s in stores)}"
-        )
+        return fail(f"run {run_id!r}: no dead letter in {', '.join(s.tier for s in stores)}")
     base = await _retry_base(run_id, stores, letters)
     h = base.header
     if h.status != Status.failed.value:
-        return fail(
-            f"run {run_id!r} is {h.status} at v{h.version}, not failed: not retried"
-        )
+        return fail(f"run {run_id!r} is {h.status} at v{h.version}, not failed: not retried")
     newest = max(letters, key=lambda d: d.at)
     cursor = error_from_json(newest.error).step
     now = time.time()
@@ -420,8 +394,7 @@ async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         print_json(data)
     else:
         tiers = ", ".join(
-            f"{t} v{header.version}" + ("" if ok else " (stale: not written)")
-            for t, ok in written.items()
+            f"{t} v{header.version}" + ("" if ok else " (stale: not written)") for t, ok in written.items()
         )
         print(
             f"run {run_id!r} re-queued at step {cursor} as v{header.version} ({tiers}); "

@@ -4,7 +4,6 @@ Pure: no I/O except ``load_measurements`` (reads a results file). The rules are
 in ``hotstate._cli._advise``'s docstring, which ``hotstate advise --help`` shows.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -162,17 +161,13 @@ def _through(tier: str, rate: float, m: Measurements) -> TierAdvice:
     )
 
 
-def _from_sweep(
-    tier: str, rate: float, max_loss: float, points: list[SweepPoint]
-) -> TierAdvice | None:
+def _from_sweep(tier: str, rate: float, max_loss: float, points: list[SweepPoint]) -> TierAdvice | None:
     fits = [p for p in points if p.loss_window_max <= max_loss]
     if not fits:
         return None
     best = max(fits, key=lambda p: p.interval)
     cycle = best.interval + best.flush_duration
-    policy = FlushPolicy(
-        interval=best.interval, max_pending_rows=_pending_rows(rate, cycle)
-    )
+    policy = FlushPolicy(interval=best.interval, max_pending_rows=_pending_rows(rate, cycle))
     reasons = [
         f"the largest measured interval whose max loss window fits {max_loss:g} s: "
         f"{best.interval:g} s (loss window max {best.loss_window_max:.3g} s, "
@@ -215,9 +210,7 @@ def _from_rate(tier: str, rate: float, max_loss: float, m: Measurements) -> Tier
     ]
     if rate >= capacity:
         interval = _round_down(max_loss / 2)
-        policy = FlushPolicy(
-            interval=interval, max_pending_rows=_pending_rows(rate, max_loss)
-        )
+        policy = FlushPolicy(interval=interval, max_pending_rows=_pending_rows(rate, max_loss))
         warning = (
             f"{rate:,.0f} updates/s needs a flush rate above the "
             f"{_origin(m, tier, 'flush rate')} sustained capacity of {capacity:,.0f} snapshots/s: the tier falls behind at any "
@@ -257,9 +250,7 @@ def _from_rate(tier: str, rate: float, max_loss: float, m: Measurements) -> Tier
             reasons=(*reasons, note, *through.reasons[1:]),
             warnings=through.warnings,
         )
-    policy = FlushPolicy(
-        interval=interval, max_pending_rows=_pending_rows(rate, interval + duration)
-    )
+    policy = FlushPolicy(interval=interval, max_pending_rows=_pending_rows(rate, interval + duration))
     reasons.append(_bound_reason(policy, rate))
     return TierAdvice(
         tier=tier,
@@ -367,10 +358,7 @@ def _sweep(raw: object) -> tuple[SweepPoint, ...]:
     for item in raw:
         if not isinstance(item, dict) or item.get("tier") not in TIERS:
             continue
-        values = {
-            name: _positive(item.get(name), allow_zero=zero)
-            for name, zero in _SWEEP_FIELDS
-        }
+        values = {name: _positive(item.get(name), allow_zero=zero) for name, zero in _SWEEP_FIELDS}
         if any(v is None for v in values.values()):
             continue
         points.append(
@@ -405,9 +393,7 @@ def measurements_from_results(data: object, source: str) -> Measurements:
         ConfigError: ``data`` is not a results document.
     """
     if not isinstance(data, dict) or not isinstance(data.get("figures", []), list):
-        raise ConfigError(
-            "results", source, "not a hotstate benchmark results document"
-        )
+        raise ConfigError("results", source, "not a hotstate benchmark results document")
     flush: dict[str, float] = {}
     through: dict[str, list[float]] = {t: [] for t in TIERS}
     for fig in data.get("figures", []):
@@ -429,9 +415,7 @@ def measurements_from_results(data: object, source: str) -> Measurements:
     through_rate: dict[str, float] = {}
     for tier in TIERS:
         if through[tier]:
-            through_rate[tier] = min(
-                through[tier]
-            )  # conservative: the lowest concurrency's
+            through_rate[tier] = min(through[tier])  # conservative: the lowest concurrency's
         else:
             through_rate[tier] = DEFAULT_THROUGH_RATE[tier]
             defaulted.append(f"{tier} write-through capacity")
@@ -453,13 +437,9 @@ def load_measurements(path_arg: str | None) -> Measurements:
     if not path.exists():
         if path_arg:
             raise FileNotFoundError(f"no such results file: {str(path)!r}")
-        return _defaults(
-            f"built-in defaults (no results at {path}; run `hotstate bench` to measure)"
-        )
+        return _defaults(f"built-in defaults (no results at {path}; run `hotstate bench` to measure)")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError("results", str(path), f"cannot read: {exc}") from exc
     return measurements_from_results(data, str(path))
-
-

@@ -276,7 +276,12 @@ class RunActor:
             if step.plain:
                 # An `async def` step with no signal and no timeout: the common case.
                 try:
-                    result = await step.fn(s.payload, _new(StepContext, (run_id, wf_name, wf_version, k, step.name, s.attempt, s.version, None, False)))
+                    result = await step.fn(
+                        s.payload,
+                        _new(
+                            StepContext, (run_id, wf_name, wf_version, k, step.name, s.attempt, s.version, None, False)
+                        ),
+                    )
                 except CancelledError:
                     if self._take_interrupt() is None:
                         raise  # shutdown or an outer cancel scope: not ours to handle
@@ -336,7 +341,9 @@ class RunActor:
             if signal is _MISSING:
                 self._park(host, s, wait_for)
                 return _FAILED
-        ctx = _new(StepContext, (s.run_id, s.workflow, s.workflow_version, k, step.name, s.attempt, s.version, signal, False))
+        ctx = _new(
+            StepContext, (s.run_id, s.workflow, s.workflow_version, k, step.name, s.attempt, s.version, signal, False)
+        )
         timer = None if step.timeout is None else host.arm_timeout(self, step.timeout)
         try:
             if step.is_async:
@@ -402,8 +409,22 @@ class RunActor:
         now = host.wall()
         v = s.version + 1
         run_id = s.run_id
-        new = _new(Snapshot, (run_id, s.workflow, s.workflow_version, v, cursor, _DONE, payload, None, now, 1,
-                              s.signals if signals is None else signals))
+        new = _new(
+            Snapshot,
+            (
+                run_id,
+                s.workflow,
+                s.workflow_version,
+                v,
+                cursor,
+                _DONE,
+                payload,
+                None,
+                now,
+                1,
+                s.signals if signals is None else signals,
+            ),
+        )
         host.commit(self, new, _new(Transition, (run_id, v, _K_STEP, min(s.step, cursor), _DONE, now, None)))
         host.finished(self)
 
@@ -469,8 +490,9 @@ class RunActor:
         info = ErrorInfo.from_exception(exc, step=s.step, step_name=name, attempt=s.attempt, at=host.wall())
         self.last_exc = exc
         self.attempts = (*self.attempts, info)
-        self._commit(host, TransitionKind.step_failed, f"{info.summary}; {reason}; giving up",
-                     status=_COMPENSATING, error=info)
+        self._commit(
+            host, TransitionKind.step_failed, f"{info.summary}; {reason}; giving up", status=_COMPENSATING, error=info
+        )
 
     def _step_failed(self, host: ActorHost, step: Step, exc: Exception) -> None:
         s = self.snapshot
@@ -479,13 +501,23 @@ class RunActor:
         self.attempts = (*self.attempts, info)
         delay = host.retry_delay(self, step, exc)
         if delay is not None:
-            self._commit(host, TransitionKind.step_failed,
-                         f"{info.summary} (attempt {s.attempt}); retry in {delay:.3g} s",
-                         status=_RETRYING, error=info, attempt=s.attempt + 1)
+            self._commit(
+                host,
+                TransitionKind.step_failed,
+                f"{info.summary} (attempt {s.attempt}); retry in {delay:.3g} s",
+                status=_RETRYING,
+                error=info,
+                attempt=s.attempt + 1,
+            )
             host.schedule_wake(self, delay)
         else:
-            self._commit(host, TransitionKind.step_failed, f"{info.summary} (attempt {s.attempt}); giving up",
-                         status=_COMPENSATING, error=info)
+            self._commit(
+                host,
+                TransitionKind.step_failed,
+                f"{info.summary} (attempt {s.attempt}); giving up",
+                status=_COMPENSATING,
+                error=info,
+            )
 
     async def _call(self, fn: Any, is_async: bool, payload: Any, ctx: StepContext) -> Any:
         """Call a compensation the way a step is called."""
@@ -528,8 +560,13 @@ class RunActor:
             self._commit(host, TransitionKind.compensated, step.name, **changes)
         s = self.snapshot
         error = s.error
-        self._commit(host, TransitionKind.failed, error.summary if error else None,
-                     status=Status.failed, step=error.step if error else s.step)
+        self._commit(
+            host,
+            TransitionKind.failed,
+            error.summary if error else None,
+            status=Status.failed,
+            step=error.step if error else s.step,
+        )
         host.finished(self)
 
 

@@ -26,7 +26,6 @@ class Finish(Generic[P]):
         return f"Finish({self.payload!r})"
 
 
-
 class StepContext(NamedTuple):
     """What a step (or compensation) knows about the run it is executing for.
 

@@ -86,6 +86,8 @@ class History:
             code = int(cols[2 * i + 1])
             step, rest = divmod(code, 256)
             out.append(
-                Transition(run_id, self.base + i + 1, KINDS[rest >> 4], step, STATUSES[rest & 15], cols[2 * i], details.get(i))
+                Transition(
+                    run_id, self.base + i + 1, KINDS[rest >> 4], step, STATUSES[rest & 15], cols[2 * i], details.get(i)
+                )
             )
         return out

@@ -57,9 +57,7 @@ class Status(enum.StrEnum):
     """Cancelled on request."""
 
 
-TERMINAL_STATUSES: frozenset[Status] = frozenset(
-    {Status.done, Status.failed, Status.cancelled}
-)
+TERMINAL_STATUSES: frozenset[Status] = frozenset({Status.done, Status.failed, Status.cancelled})
 """Statuses a run never leaves (except by an explicit dead-letter retry)."""
 
 
@@ -104,9 +102,7 @@ class ErrorInfo:
     at: float
 
     @classmethod
-    def from_exception(
-        cls, exc: BaseException, *, step: int, step_name: str, attempt: int, at: float
-    ) -> ErrorInfo:
+    def from_exception(cls, exc: BaseException, *, step: int, step_name: str, attempt: int, at: float) -> ErrorInfo:
         """Record ``exc`` (with its traceback text).
 
         Args:

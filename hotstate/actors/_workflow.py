@@ -151,9 +151,7 @@ class Step:
             raise ConfigError(f"Step({self.name!r}).retry", self.retry, "must be a RetryPolicy")
         object.__setattr__(self, "is_async", _is_async_callable(self.fn))
         object.__setattr__(self, "compensate_is_async", _is_async_callable(self.compensate))
-        object.__setattr__(
-            self, "plain", self.is_async and self.timeout is None and self.wait_for is None
-        )
+        object.__setattr__(self, "plain", self.is_async and self.timeout is None and self.wait_for is None)
 
 
 @final
@@ -188,8 +186,12 @@ class Workflow:
             step = item if isinstance(item, Step) else Step(fn=item)
             if step.retry is None:
                 step = Step(
-                    fn=step.fn, name=step.name, retry=default_retry, timeout=step.timeout,
-                    compensate=step.compensate, wait_for=step.wait_for,
+                    fn=step.fn,
+                    name=step.name,
+                    retry=default_retry,
+                    timeout=step.timeout,
+                    compensate=step.compensate,
+                    wait_for=step.wait_for,
                 )
             built.append(step)
         if not built:
@@ -222,4 +224,3 @@ class Workflow:
             if step.name == name:
                 return i
         raise ConfigError(f"Workflow({self.name!r}).step", name, "no step has this name")
-

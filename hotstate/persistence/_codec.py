@@ -171,11 +171,7 @@ class _FramedCodec(Codec):
             # Fast path for well-formed frames (recovery verifies 100,000 of them):
             # the same checks as below, without building closures or views first.
             fmt = data[_PREFIX_SIZE - 1]
-            if (
-                data[_PREFIX_SIZE - 2] == self._algorithm
-                and data.startswith(_MAGIC)
-                and fmt in self._accepted_formats
-            ):
+            if data[_PREFIX_SIZE - 2] == self._algorithm and data.startswith(_MAGIC) and fmt in self._accepted_formats:
                 body = memoryview(data)[_HEADER_SIZE:]
                 expected = self._digest(data[:_PREFIX_SIZE], body)
                 if hmac.compare_digest(expected, data[_PREFIX_SIZE:_HEADER_SIZE]):
@@ -198,9 +194,7 @@ class _FramedCodec(Codec):
             # A keyed codec must not accept unkeyed frames: anyone who can write
             # to the store could otherwise forge a plain digest.
             want = "HMAC (keyed)" if self.keyed else "plain digest (unkeyed)"
-            raise corrupt(
-                f"frame algorithm {algorithm} does not match this codec's {want}"
-            )
+            raise corrupt(f"frame algorithm {algorithm} does not match this codec's {want}")
         if fmt not in self._accepted_formats:
             raise corrupt(f"frame format {fmt} is not accepted by this codec")
         body = view[_HEADER_SIZE:]
@@ -265,8 +259,7 @@ class PickleCodec(_FramedCodec):
         except Exception as exc:
             raise CodecError(
                 tier or "codec",
-                f"run {run_id!r}: cannot unpickle a verified payload: "
-                f"{type(exc).__name__}: {exc}",
+                f"run {run_id!r}: cannot unpickle a verified payload: {type(exc).__name__}: {exc}",
             ) from exc
 
 
@@ -292,9 +285,7 @@ class JsonCodec(_FramedCodec):
     @override
     def encode(self, value: Any) -> bytes:
         try:
-            text = json.dumps(
-                value, separators=(",", ":"), ensure_ascii=False, allow_nan=True
-            )
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
         except (TypeError, ValueError) as exc:
             raise CodecError(
                 "codec",
@@ -308,9 +299,7 @@ class JsonCodec(_FramedCodec):
         try:
             return json.loads(bytes(body))
         except (ValueError, RecursionError) as exc:
-            raise CodecError(
-                tier or "codec", f"run {run_id!r}: verified body is not JSON: {exc}"
-            ) from exc
+            raise CodecError(tier or "codec", f"run {run_id!r}: verified body is not JSON: {exc}") from exc
 
 
 def frame_format(data: bytes) -> str | None:

@@ -37,9 +37,7 @@ __all__ = ["MemoryStore"]
 def _own(stored: StoredSnapshot) -> StoredSnapshot:
     if type(stored.body) is bytes:
         return stored
-    return StoredSnapshot(
-        header=stored.header, error=stored.error, body=bytes(stored.body)
-    )
+    return StoredSnapshot(header=stored.header, error=stored.error, body=bytes(stored.body))
 
 
 @final
@@ -77,9 +75,7 @@ class MemoryStore(StoreBase):
         self._opened = False
 
     @override
-    async def save(
-        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
-    ) -> SaveResult:
+    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
         self._check_open()
         written = stale = added = 0
         # No await below: the whole batch is applied atomically w.r.t. other tasks.

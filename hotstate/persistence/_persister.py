@@ -177,8 +177,9 @@ class Persister:
     ) -> None:
         self.store = tier.store
         self.durable: dict[str, int] = {}
-        self._instruments = instruments if instruments is not None and (
-            instruments.save_started or instruments.save_finished) else None
+        self._instruments = (
+            instruments if instruments is not None and (instruments.save_started or instruments.save_finished) else None
+        )
         self.policy = tier.policy
         self.name = tier.store.tier
         self._encoder = encoder
@@ -381,8 +382,9 @@ class Persister:
         if self.pressure or self._durable_events or self.waiting:
             return now  # someone is blocked on this tier: flush now
         policy = self.policy
-        if policy.flush_due(now=now, last_flush=self._last_flush, pending_rows=self.pending_rows,
-                            dirty_runs=len(self._dirty)):
+        if policy.flush_due(
+            now=now, last_flush=self._last_flush, pending_rows=self.pending_rows, dirty_runs=len(self._dirty)
+        ):
             return now
         return self._last_flush + policy.interval
 
@@ -517,8 +519,12 @@ class Persister:
             self._consecutive += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
             if self._consecutive == 1 or self._consecutive % 100 == 0:
-                log.warning("hotstate: flush of tier %r failed (%d in a row), will retry: %s",
-                            self.name, self._consecutive, self._last_error)
+                log.warning(
+                    "hotstate: flush of tier %r failed (%d in a row), will retry: %s",
+                    self.name,
+                    self._consecutive,
+                    self._last_error,
+                )
             if isinstance(exc, PersistenceError):
                 raise
             raise StoreUnavailableError(self.name, self._last_error) from exc
@@ -586,7 +592,9 @@ class Persister:
         """The store lost its data: nothing acknowledged before is there any more."""
         self._resets += 1
         self.durable.clear()
-        log.warning("hotstate: tier %r lost its data (e.g. restarted empty); writing every run it held again", self.name)
+        log.warning(
+            "hotstate: tier %r lost its data (e.g. restarted empty); writing every run it held again", self.name
+        )
         self._listener.reset(self.name)
 
     def repopulate(self, snapshot: Snapshot, transitions: Sequence[Transition]) -> None:

@@ -215,9 +215,7 @@ def errors_from_json(text: str, *, tier: str = "codec") -> list[ErrorInfo]:
     """
     data = _loads(text, tier, "error list")
     if not isinstance(data, list):
-        raise CodecError(
-            tier, f"stored error list is not an array: {type(data).__name__}"
-        )
+        raise CodecError(tier, f"stored error list is not an array: {type(data).__name__}")
     return [_error_from_dict(item, tier) for item in data]
 
 
@@ -280,9 +278,7 @@ def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transitio
     """
     data = _loads(text, tier, "transition")
     if not isinstance(data, list):
-        raise CodecError(
-            tier, f"stored transition is not an array: {type(data).__name__}"
-        )
+        raise CodecError(tier, f"stored transition is not an array: {type(data).__name__}")
     return transition_from_row(data, tier=tier)
 
 
@@ -299,8 +295,10 @@ def header_of(snapshot: Snapshot) -> RunHeader:
         Its header.
     """
     s = snapshot
-    return _new(RunHeader, (s.run_id, s.workflow, s.workflow_version, s.version, s.step,
-                            s.status.value, s.updated_at, s.attempt))
+    return _new(
+        RunHeader,
+        (s.run_id, s.workflow, s.workflow_version, s.version, s.step, s.status.value, s.updated_at, s.attempt),
+    )
 
 
 def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
@@ -344,14 +342,10 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snaps
     except CorruptSnapshotError as exc:
         if exc.version is not None:
             raise
-        reason = str(exc).removeprefix(
-            f"[{exc.tier}] run {exc.run_id!r} v{exc.version}: "
-        )
+        reason = str(exc).removeprefix(f"[{exc.tier}] run {exc.run_id!r} v{exc.version}: ")
         raise CorruptSnapshotError(tier, h.run_id, h.version, reason) from None
     if not isinstance(body, dict) or "payload" not in body:
-        raise CodecError(
-            tier, f"run {h.run_id!r} v{h.version}: body is not a snapshot body"
-        )
+        raise CodecError(tier, f"run {h.run_id!r} v{h.version}: body is not a snapshot body")
     # Recovery decodes every unfinished run: a dict lookup instead of Status()
     # and positional construction keep this under ~3 us per snapshot.
     try:
@@ -363,5 +357,19 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snaps
     except (TypeError, ValueError) as exc:
         raise CodecError(tier, f"run {h.run_id!r} v{h.version}: {exc}") from exc
     error = None if stored.error is None else error_from_json(stored.error, tier=tier)
-    return _new(Snapshot, (h.run_id, h.workflow, h.workflow_version, h.version, h.step, status,
-                           body["payload"], error, h.updated_at, h.attempt, signals))
+    return _new(
+        Snapshot,
+        (
+            h.run_id,
+            h.workflow,
+            h.workflow_version,
+            h.version,
+            h.step,
+            status,
+            body["payload"],
+            error,
+            h.updated_at,
+            h.attempt,
+            signals,
+        ),
+    )

@@ -110,12 +110,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 _SELECT_HEADERS: Final = (
-    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
-    "attempt FROM runs"
+    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, attempt FROM runs"
 )
 _SELECT_RUNS: Final = (
-    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
-    "attempt, error, body FROM runs"
+    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, attempt, error, body FROM runs"
 )
 
 # Versions only go up (docs/architecture.md "Persistence"): the WHERE makes a lower or equal
@@ -280,9 +278,7 @@ class SQLiteStore(StoreBase):
     ) -> None:
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS:
-            raise ConfigError(
-                "synchronous", synchronous, f"must be one of {sorted(_SYNCHRONOUS)}"
-            )
+            raise ConfigError("synchronous", synchronous, f"must be one of {sorted(_SYNCHRONOUS)}")
         if busy_timeout < 0:
             raise ConfigError("busy_timeout", busy_timeout, "must be >= 0 seconds")
         self.tier = tier
@@ -312,9 +308,7 @@ class SQLiteStore(StoreBase):
             # locked, busy, readonly, full, disk I/O, cannot open: transient.
             raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
-            raise PersistenceError(
-                self.tier, f"{action}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise PersistenceError(self.tier, f"{action}: {type(exc).__name__}: {exc}") from exc
 
     async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
         if read_only:
@@ -445,9 +439,7 @@ class SQLiteStore(StoreBase):
                 raise
 
     @override
-    async def save(
-        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
-    ) -> SaveResult:
+    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
         """Write the batch in one transaction; a failed one is rolled back.
 
         Before each write transaction the store checks that its path still
@@ -460,9 +452,7 @@ class SQLiteStore(StoreBase):
         written = added = 0
         async with self._transaction("save") as conn:
             if snapshots:
-                cur = await conn.executemany(
-                    _UPSERT, [_snapshot_row(s) for s in snapshots]
-                )
+                cur = await conn.executemany(_UPSERT, [_snapshot_row(s) for s in snapshots])
                 written = cur.rowcount
             if transitions:
                 if _json_available():
@@ -471,8 +461,7 @@ class SQLiteStore(StoreBase):
                     cur = await conn.execute(_INSERT_TRANSITIONS_JSON, (batch,))
                 else:
                     rows = [
-                        (t.run_id, t.version, str(t.kind), t.step, str(t.status), t.at, t.detail)
-                        for t in transitions
+                        (t.run_id, t.version, str(t.kind), t.step, str(t.status), t.at, t.detail) for t in transitions
                     ]
                     cur = await conn.executemany(_INSERT_TRANSITION, rows)
                 added = cur.rowcount
@@ -560,8 +549,7 @@ class SQLiteStore(StoreBase):
     @override
     async def history(self, run_id: str) -> list[Transition]:
         rows = await self._fetchall(
-            "SELECT run_id, version, kind, step, status, at, detail FROM transitions "
-            "WHERE run_id = ? ORDER BY version",
+            "SELECT run_id, version, kind, step, status, at, detail FROM transitions WHERE run_id = ? ORDER BY version",
             (run_id,),
         )
         return [transition_from_row(tuple(row), tier=self.tier) for row in rows]
@@ -577,8 +565,7 @@ class SQLiteStore(StoreBase):
         rows = [_dead_letter_row(r) for r in records]
         async with self._transaction("save_dead_letters") as conn:
             await conn.executemany(
-                "INSERT OR REPLACE INTO dead_letters VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -605,9 +592,7 @@ class SQLiteStore(StoreBase):
     @override
     async def delete_dead_letter(self, run_id: str) -> bool:
         async with self._transaction("delete_dead_letter") as conn:
-            cur = await conn.execute(
-                "DELETE FROM dead_letters WHERE run_id = ?", (run_id,)
-            )
+            cur = await conn.execute("DELETE FROM dead_letters WHERE run_id = ?", (run_id,))
             return cur.rowcount > 0
 
     @override

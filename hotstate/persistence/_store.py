@@ -96,9 +96,7 @@ class Store(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def save(
-        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
-    ) -> SaveResult:
+    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
         """Write a batch of snapshots and transitions atomically.
 
         Other readers see all of the batch or none of it. A snapshot is written

@@ -222,8 +222,12 @@ class Tiers:
                 log.warning("hotstate: could not ask tier %r for run %r: %s", p.name, run_id, exc)
                 continue
             if not answered:
-                log.warning("hotstate: tier %r did not answer within %.3g s for run %r; not waiting for it",
-                            p.name, p.policy.ack_timeout, run_id)
+                log.warning(
+                    "hotstate: tier %r did not answer within %.3g s for run %r; not waiting for it",
+                    p.name,
+                    p.policy.ack_timeout,
+                    run_id,
+                )
                 continue
             if stored is not None:
                 found.append((p.name, stored))

@@ -214,9 +214,7 @@ def _header(values: Sequence[bytes | None], tier: str) -> RunHeader | None:
     if any(v is None for v in values):
         return None
     try:
-        run_id, wf, wf_version, version, step, status, updated_at, attempt = (
-            _text(v) for v in values if v is not None
-        )
+        run_id, wf, wf_version, version, step, status, updated_at, attempt = (_text(v) for v in values if v is not None)
         return RunHeader(
             run_id=run_id,
             workflow=wf,
@@ -228,9 +226,7 @@ def _header(values: Sequence[bytes | None], tier: str) -> RunHeader | None:
             attempt=int(attempt),
         )
     except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
-        raise CodecError(
-            tier, f"run {values[0]!r}: stored header is malformed: {exc}"
-        ) from exc
+        raise CodecError(tier, f"run {values[0]!r}: stored header is malformed: {exc}") from exc
 
 
 def _stored(values: Sequence[bytes | None], tier: str) -> StoredSnapshot | None:
@@ -238,9 +234,7 @@ def _stored(values: Sequence[bytes | None], tier: str) -> StoredSnapshot | None:
     error, body = values[len(_HEADER_FIELDS)], values[len(_HEADER_FIELDS) + 1]
     if header is None or body is None:
         return None
-    return StoredSnapshot(
-        header=header, error=None if error is None else _text(error), body=bytes(body)
-    )
+    return StoredSnapshot(header=header, error=None if error is None else _text(error), body=bytes(body))
 
 
 def _header_args(s: StoredSnapshot) -> tuple[str, ...]:
@@ -316,9 +310,7 @@ class ValkeyStore(StoreBase):
         except (vex.ConnectionError, vex.TimeoutError, OSError) as exc:
             raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
         except vex.ResponseError as exc:
-            if str(exc).startswith(_TRANSIENT_REPLIES) or isinstance(
-                exc, vex.ReadOnlyError | vex.OutOfMemoryError
-            ):
+            if str(exc).startswith(_TRANSIENT_REPLIES) or isinstance(exc, vex.ReadOnlyError | vex.OutOfMemoryError):
                 raise StoreUnavailableError(self.tier, f"{action}: {exc}") from exc
             raise PersistenceError(self.tier, f"{action}: {exc}") from exc
 
@@ -372,9 +364,7 @@ class ValkeyStore(StoreBase):
         await self._drop_client()
 
     @override
-    async def save(
-        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
-    ) -> SaveResult:
+    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
         """Write the batch with one ``EVALSHA``, the version guard inside the script.
 
         ``reset`` is True when the script finds the prefix's epoch key gone or
@@ -396,9 +386,7 @@ class ValkeyStore(StoreBase):
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         async with self._errors("save"):
             written, stale, added, reset = await self._save_script(args=args, client=client)
-        return SaveResult(
-            written=int(written), stale=int(stale), transitions=int(added), reset=bool(reset)
-        )
+        return SaveResult(written=int(written), stale=int(stale), transitions=int(added), reset=bool(reset))
 
     @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
@@ -429,9 +417,7 @@ class ValkeyStore(StoreBase):
             replies: list[list[bytes | None]] = await pipe.execute()
         return [h for values in replies if (h := _header(values, self.tier)) is not None]
 
-    async def _index_page(
-        self, keys: Sequence[str], after: str | None, count: int
-    ) -> list[str]:
+    async def _index_page(self, keys: Sequence[str], after: str | None, count: int) -> list[str]:
         """The next ``count`` run ids after ``after`` in the union of index sets."""
         low: bytes = b"-" if after is None else b"(" + after.encode()
         async with self._errors("scan"), self._c().pipeline(transaction=False) as pipe:
@@ -473,8 +459,7 @@ class ValkeyStore(StoreBase):
             found.extend(
                 h
                 for h in await self._headers(ids)
-                if (statuses is None or h.status in statuses)
-                and (workflow is None or h.workflow == workflow)
+                if (statuses is None or h.status in statuses) and (workflow is None or h.workflow == workflow)
             )
         return found
 
@@ -521,16 +506,18 @@ class ValkeyStore(StoreBase):
         bodies: dict[str, bytes] = {}
         for record in records:
             s = record.snapshot
-            metas[record.run_id] = json.dumps({
-                "run_id": record.run_id,
-                "workflow": record.workflow,
-                "at": record.at,
-                "error": record.error,
-                "attempts": record.attempts,
-                "compensation_errors": record.compensation_errors,
-                "header": dict(zip(_HEADER_FIELDS, _header_args(s)[:8], strict=True)),
-                "snapshot_error": s.error,
-            })
+            metas[record.run_id] = json.dumps(
+                {
+                    "run_id": record.run_id,
+                    "workflow": record.workflow,
+                    "at": record.at,
+                    "error": record.error,
+                    "attempts": record.attempts,
+                    "compensation_errors": record.compensation_errors,
+                    "header": dict(zip(_HEADER_FIELDS, _header_args(s)[:8], strict=True)),
+                    "snapshot_error": s.error,
+                }
+            )
             bodies[record.run_id] = bytes(s.body)
         async with (
             self._errors("save_dead_letters"),
@@ -615,9 +602,7 @@ class ValkeyStore(StoreBase):
                     break
                 cursor = ids[-1]
                 async with self._errors("purge_finished"):
-                    n = await self._purge_script(
-                        args=[self.prefix, repr(float(before)), *ids], client=client
-                    )
+                    n = await self._purge_script(args=[self.prefix, repr(float(before)), *ids], client=client)
                 purged += int(n)
         return purged
 
@@ -649,7 +634,5 @@ def _dead_letter_fields(meta: dict[str, Any], body: bytes) -> StoredDeadLetter:
         error=meta["error"],
         attempts=meta["attempts"],
         compensation_errors=meta["compensation_errors"],
-        snapshot=StoredSnapshot(
-            header=header, error=meta["snapshot_error"], body=bytes(body)
-        ),
+        snapshot=StoredSnapshot(header=header, error=meta["snapshot_error"], body=bytes(body)),
     )

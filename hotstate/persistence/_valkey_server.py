@@ -179,9 +179,7 @@ class EmbeddedValkey:
         self._log: IO[bytes] | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"EmbeddedValkey(port={self.port}, pid={self.pid}, running={self.running})"
-        )
+        return f"EmbeddedValkey(port={self.port}, pid={self.pid}, running={self.running})"
 
     @property
     def url(self) -> str:
@@ -251,8 +249,7 @@ class EmbeddedValkey:
                 log = self._log_tail()
                 self._kill()
                 raise ValkeyServerError(
-                    f"{binary} on port {self.port} did not answer PING within "
-                    f"{self.start_timeout:g} s; log:\n{log}"
+                    f"{binary} on port {self.port} did not answer PING within {self.start_timeout:g} s; log:\n{log}"
                 )
             time.sleep(0.02)
 
@@ -328,8 +325,7 @@ class EmbeddedValkey:
             process.kill()
             process.wait(1.0)
         warnings.warn(
-            f"EmbeddedValkey(port={self.port}, pid={process.pid}) was "
-            "garbage-collected while running; call stop()",
+            f"EmbeddedValkey(port={self.port}, pid={process.pid}) was garbage-collected while running; call stop()",
             ResourceWarning,
             stacklevel=2,
         )

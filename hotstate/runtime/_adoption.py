@@ -48,7 +48,6 @@ __all__ = ["Adoption"]
 log = logging.getLogger("hotstate.runtime")
 
 
-
 @final
 class Adoption:
     """Recovers every stored unfinished run, or adopts one stored id.
@@ -103,8 +102,14 @@ class Adoption:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        log.info("hotstate: recovered %d run(s) in %.3f s (%d corrupt copies, %d unregistered, %d lost)",
-                 len(report.resumed), report.seconds, len(report.corrupt), len(report.unregistered), len(report.lost))
+        log.info(
+            "hotstate: recovered %d run(s) in %.3f s (%d corrupt copies, %d unregistered, %d lost)",
+            len(report.resumed),
+            report.seconds,
+            len(report.corrupt),
+            len(report.unregistered),
+            len(report.lost),
+        )
         return report
 
     async def _recover(self, t0: float) -> RecoveryReport:
@@ -192,10 +197,25 @@ class Adoption:
         now = self._wall()
         v = base + 1
         # _new, not _replace: recovery adopts 100,000 runs, and _replace costs ~3 us each.
-        new = _new(Snapshot, (run_id, snap.workflow, snap.workflow_version, v, snap.step, status,
-                              snap.payload, snap.error, now, snap.attempt, snap.signals))
-        self._scheduler.commit(actor, new, _new(Transition, (run_id, v, TransitionKind.resumed, snap.step, status,
-                                                             now, f"from v{v - 1}")))
+        new = _new(
+            Snapshot,
+            (
+                run_id,
+                snap.workflow,
+                snap.workflow_version,
+                v,
+                snap.step,
+                status,
+                snap.payload,
+                snap.error,
+                now,
+                snap.attempt,
+                snap.signals,
+            ),
+        )
+        self._scheduler.commit(
+            actor, new, _new(Transition, (run_id, v, TransitionKind.resumed, snap.step, status, now, f"from v{v - 1}"))
+        )
         if status is not Status.waiting and status not in TERMINAL_STATUSES:
             self._scheduler.schedule(actor)
 
@@ -208,11 +228,38 @@ class Adoption:
         self._registry.add(actor)
         now = self._wall()
         v = base + 1  # above any copy a tier claims: versions are never reused
-        new = _new(Snapshot, (run_id, snap.workflow, snap.workflow_version, v, snap.step, Status.failed,
-                              snap.payload, snap.error, now, snap.attempt, snap.signals))
-        self._scheduler.commit(actor, new, _new(Transition, (run_id, v, TransitionKind.failed, snap.step,
-                                                             Status.failed, now,
-                                                             f"recovered from its dead letter (v{snap.version})")))
+        new = _new(
+            Snapshot,
+            (
+                run_id,
+                snap.workflow,
+                snap.workflow_version,
+                v,
+                snap.step,
+                Status.failed,
+                snap.payload,
+                snap.error,
+                now,
+                snap.attempt,
+                snap.signals,
+            ),
+        )
+        self._scheduler.commit(
+            actor,
+            new,
+            _new(
+                Transition,
+                (
+                    run_id,
+                    v,
+                    TransitionKind.failed,
+                    snap.step,
+                    Status.failed,
+                    now,
+                    f"recovered from its dead letter (v{snap.version})",
+                ),
+            ),
+        )
 
     async def _load_dead_letters(
         self, letters: dict[str, DeadLetter], failed: set[str]
@@ -245,8 +292,11 @@ class Adoption:
                 self._tiers.mark_dead_letter_deleted(rid)
                 continue
             if letter.workflow not in self._workflows:
-                log.warning("hotstate recovery: dead letter of run %r names unregistered workflow %r; left in the stores",
-                            rid, letter.workflow)
+                log.warning(
+                    "hotstate recovery: dead letter of run %r names unregistered workflow %r; left in the stores",
+                    rid,
+                    letter.workflow,
+                )
                 continue
             if actor is None:
                 if newer < version:

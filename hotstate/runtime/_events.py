@@ -159,7 +159,11 @@ class EventBus:
 
     def close_all(self) -> None:
         """End every subscription (at runtime shutdown)."""
-        for sub in [*self._all, *(s for v in self._by_run.values() for s in v), *(s for v in self._by_workflow.values() for s in v)]:
+        for sub in [
+            *self._all,
+            *(s for v in self._by_run.values() for s in v),
+            *(s for v in self._by_workflow.values() for s in v),
+        ]:
             sub._end()
         self._all.clear()
         self._by_run.clear()

@@ -40,7 +40,6 @@ class RunOwner(Protocol):
         ...
 
 
-
 @final
 class RunHandle:
     """A handle on one run of a runtime. Returned by ``Runtime.spawn``; not built by users."""

@@ -136,7 +136,9 @@ class Lifecycle:
         self.state = "closing"
         left = await self._scheduler.drain(self._shutdown_timeout)
         if left:
-            log.warning("hotstate: %d step(s) still running after %.3g s; cancelling them", left, self._shutdown_timeout)
+            log.warning(
+                "hotstate: %d step(s) still running after %.3g s; cancelling them", left, self._shutdown_timeout
+            )
         await self._final_flush()
         self._bus.close_all()
         self._scheduler.wake_waiters()  # wait_finished callers raise RuntimeClosedError

@@ -128,7 +128,9 @@ def choose_copy(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec
             snap = decode_snapshot(stored, codec, tier=tier)
         except (CorruptSnapshotError, CodecError) as exc:
             corrupt.append(CorruptCopy(run_id=run_id, tier=tier, version=stored.header.version, reason=str(exc)))
-            log.warning("hotstate: copy of run %r in %r v%d does not verify: %s", run_id, tier, stored.header.version, exc)
+            log.warning(
+                "hotstate: copy of run %r in %r v%d does not verify: %s", run_id, tier, stored.header.version, exc
+            )
             error = error or exc
             continue
         return Choice(snap, tier, copies[0][1].header.version, corrupt, error)
@@ -278,7 +280,9 @@ async def find_runs(
             finished.append(rid)
         else:
             resumed.append((snap, choice.highest))
-            report_resumed.append(_new(RecoveredRun, (rid, snap.workflow, choice.tier, snap.version, snap.status.value)))
+            report_resumed.append(
+                _new(RecoveredRun, (rid, snap.workflow, choice.tier, snap.version, snap.status.value))
+            )
     report = RecoveryReport(
         resumed=tuple(report_resumed),
         already_finished=tuple(finished),
@@ -330,9 +334,14 @@ async def find_dead_letters(
                     at=record.at,
                 )
             except (CorruptSnapshotError, CodecError) as exc:
-                corrupt.append(CorruptCopy(run_id=record.run_id, tier=f"{store.tier} (dead letter)",
-                                           version=version, reason=str(exc)))
-                log.warning("hotstate recovery: corrupt dead letter of run %r in %r: %s", record.run_id, store.tier, exc)
+                corrupt.append(
+                    CorruptCopy(
+                        run_id=record.run_id, tier=f"{store.tier} (dead letter)", version=version, reason=str(exc)
+                    )
+                )
+                log.warning(
+                    "hotstate recovery: corrupt dead letter of run %r in %r: %s", record.run_id, store.tier, exc
+                )
                 continue
             best[record.run_id] = letter
     return best, corrupt, errors

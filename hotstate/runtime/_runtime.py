@@ -134,25 +134,42 @@ class Runtime:
             self.register(wf)
         self._recover = bool(recover)
         self.recovery_report: RecoveryReport | None = None
-        self._supervisor = Supervisor(intensity or RestartIntensity(), self._clock,
-                                      rng if rng is not None else random.Random())
+        self._supervisor = Supervisor(
+            intensity or RestartIntensity(), self._clock, rng if rng is not None else random.Random()
+        )
         self._timers = TimerService(self._clock)
         self._bus = EventBus()
         self._registry = RunRegistry()
         self._scheduler = Scheduler(
-            self._registry, self._supervisor, self._timers, self._bus, self._clock,
-            tiers=tiers, codec=self._codec, instruments=Instruments(instruments), steps_per_turn=steps_per_turn,
+            self._registry,
+            self._supervisor,
+            self._timers,
+            self._bus,
+            self._clock,
+            tiers=tiers,
+            codec=self._codec,
+            instruments=Instruments(instruments),
+            steps_per_turn=steps_per_turn,
         )
         self._tiers = self._scheduler.tiers
         self._adoption = Adoption(
-            self._registry, self._scheduler, self._supervisor, self._workflows, self._codec, self._wall,
+            self._registry,
+            self._scheduler,
+            self._supervisor,
+            self._workflows,
+            self._codec,
+            self._wall,
             concurrency=recovery_concurrency,
         )
         self._ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
         self._lifecycle = Lifecycle(
-            self._tiers, self._timers, self._scheduler, self._bus,
-            shutdown_timeout=float(shutdown_timeout), flush_timeout=float(flush_timeout),
+            self._tiers,
+            self._timers,
+            self._scheduler,
+            self._bus,
+            shutdown_timeout=float(shutdown_timeout),
+            flush_timeout=float(flush_timeout),
         )
 
     # ------------------------------------------------------------- lifecycle
@@ -199,7 +216,8 @@ class Runtime:
         if state != "open":
             raise RuntimeClosedError(
                 "the runtime is not running; use `async with Runtime(...)`"
-                if state == "new" else "the runtime is closed"
+                if state == "new"
+                else "the runtime is closed"
             )
 
     # -------------------------------------------------------------- workflows
@@ -370,9 +388,7 @@ class Runtime:
         """
         return self._registry.actor(run_id).history.transitions(run_id)
 
-    def subscribe(
-        self, *, run_id: str | None = None, workflow: str | None = None, maxsize: int = 1000
-    ) -> Subscription:
+    def subscribe(self, *, run_id: str | None = None, workflow: str | None = None, maxsize: int = 1000) -> Subscription:
         """Subscribe to transitions as they happen.
 
         Args:

@@ -338,9 +338,14 @@ class Scheduler:
         actor.clear_failures()
         s = actor.snapshot
         now = self.wall()
-        new = s._replace(version=s.version + 1, step=cursor, status=Status.running, error=None, attempt=1, updated_at=now)
-        self.commit(actor, new, Transition(s.run_id, new.version, TransitionKind.dead_letter_retried, cursor,
-                                           Status.running, now, None))
+        new = s._replace(
+            version=s.version + 1, step=cursor, status=Status.running, error=None, attempt=1, updated_at=now
+        )
+        self.commit(
+            actor,
+            new,
+            Transition(s.run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, None),
+        )
         self.schedule(actor)
 
     def schedule(self, actor: RunActor) -> None:

@@ -23,9 +23,7 @@ if TYPE_CHECKING:
 TIERS = ("memory", "sqlite", "valkey")
 
 
-async def make_store(
-    request: pytest.FixtureRequest, tier: str, tmp_path: Path
-) -> Store:
+async def make_store(request: pytest.FixtureRequest, tier: str, tmp_path: Path) -> Store:
     if tier == "memory":
         return MemoryStore()
     if tier == "sqlite":

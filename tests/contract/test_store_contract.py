@@ -124,9 +124,7 @@ async def scan_all(store: Store, page: int, **filters: Any) -> list[str]:
     ],
     ids=["pickle", "pickle-keyed", "json"],
 )
-async def test_saved_snapshot_loads_back_equal_to_what_was_saved(
-    store: Store, codec: Codec, payload: object
-) -> None:
+async def test_saved_snapshot_loads_back_equal_to_what_was_saved(store: Store, codec: Codec, payload: object) -> None:
     original = snap("run-1", 3, payload=payload, error=ERROR)._replace(
         signals=(("approve", {"by": "ann"}), ("note", "hi"))
     )
@@ -139,9 +137,7 @@ async def test_saved_snapshot_loads_back_equal_to_what_was_saved(
 
 
 async def test_header_fields_survive_exactly(store: Store) -> None:
-    s = encode_snapshot(
-        snap("r", 7, updated_at=1700000123.123456789, status=Status.waiting), CODEC
-    )
+    s = encode_snapshot(snap("r", 7, updated_at=1700000123.123456789, status=Status.waiting), CODEC)
     await store.save([s], [])
     loaded = await store.load("r")
     assert loaded == s
@@ -226,9 +222,7 @@ async def test_concurrent_out_of_order_saves_end_at_the_highest_version(
     store: Store,
 ) -> None:
     order = [7, 2, 9, 1, 5, 9, 3, 8, 4, 6]
-    results = await asyncio.gather(
-        *(store.save([stored("r", v)], [trans("r", v)]) for v in order)
-    )
+    results = await asyncio.gather(*(store.save([stored("r", v)], [trans("r", v)]) for v in order))
     assert await versions(store, "r") == {"r": 9}
     assert sum(r.written for r in results) + sum(r.stale for r in results) == len(order)
     assert sum(r.transitions for r in results) == 9
@@ -319,9 +313,7 @@ async def test_scan_without_filters_pages_every_run_in_run_id_order(
 
 
 async def test_scan_returns_full_headers(store: Store) -> None:
-    await store.save(
-        [stored("r", 4, status=Status.waiting, updated_at=1700000001.5)], []
-    )
+    await store.save([stored("r", 4, status=Status.waiting, updated_at=1700000001.5)], [])
     (header,) = await store.scan(status="waiting")
     assert header == RunHeader(
         run_id="r",
@@ -349,14 +341,10 @@ async def test_scan_follows_a_runs_status_and_workflow_changes(store: Store) -> 
 async def test_scan_never_decodes_bodies(store: Store) -> None:
     # Bodies that no codec would accept: garbage, and a real pickle frame with a
     # forged digest. Scanning must not care.
-    garbage = StoredSnapshot(
-        header=stored("g1", 1).header, error=None, body=b"\x80garbage"
-    )
+    garbage = StoredSnapshot(header=stored("g1", 1).header, error=None, body=b"\x80garbage")
     forged_body = bytearray(stored("g2", 1).body)
     forged_body[10] ^= 0xFF
-    forged = StoredSnapshot(
-        header=stored("g2", 1).header, error=None, body=bytes(forged_body)
-    )
+    forged = StoredSnapshot(header=stored("g2", 1).header, error=None, body=bytes(forged_body))
     await store.save([garbage, forged], [])
     assert [h.run_id for h in await store.scan(status="running")] == ["g1", "g2"]
     loaded = await store.load("g2")
@@ -459,9 +447,7 @@ async def test_sqlite_batch_that_fails_midway_leaves_nothing_behind(
             )
         raw.close()
         with pytest.raises(PersistenceError):
-            await store.save(
-                [stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)]
-            )
+            await store.save([stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)])
         assert await store.load_many(["a", "b"]) == {}
         assert await store.history("a") == []
         # The writer connection is usable again after the rollback.
@@ -513,16 +499,12 @@ def test_sqlite_rejects_unknown_synchronous_mode(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "x.db", synchronous="SOMETIMES")
 
 
-async def test_valkey_batch_with_a_wrong_type_key_leaves_nothing_behind(
-    valkey_url: str, valkey_prefix: str
-) -> None:
+async def test_valkey_batch_with_a_wrong_type_key_leaves_nothing_behind(valkey_url: str, valkey_prefix: str) -> None:
     with valkey.Valkey.from_url(valkey_url) as raw:
         raw.set(f"{valkey_prefix}:hist:poison", "not a hash")
     async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
         with pytest.raises(PersistenceError, match="WRONGTYPE"):
-            await store.save(
-                [stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)]
-            )
+            await store.save([stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)])
         assert await store.load_many(["a", "b"]) == {}
         assert await store.history("a") == []
         assert await store.scan() == []

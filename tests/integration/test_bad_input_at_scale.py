@@ -134,8 +134,9 @@ async def test_ten_thousand_runs_with_bad_input_each_failure_is_typed_and_the_co
         failed = bad_codec | raising
         # Wait for the failures themselves: a run parked at "waiting" may still
         # hold its codec failure in its mailbox, queued for the scheduler.
-        await wait_until(lambda: rt.count(status="failed") == len(failed)
-                         and rt.count(status="waiting") == N - len(failed))
+        await wait_until(
+            lambda: rt.count(status="failed") == len(failed) and rt.count(status="waiting") == N - len(failed)
+        )
         assert {s.run_id for s in rt.list_runs(status="failed")} == failed
         with pytest.raises(ConfigError, match="no step"):
             await rt.send(rid(0), "no-such-signal")  # a waiting run, a signal no step waits for

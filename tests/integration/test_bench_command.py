@@ -15,15 +15,41 @@ import pytest
 from hotstate._cli import main
 
 TINY = [
-    "--n", "200", "--k", "3", "--rounds", "1", "--sizes", "100", "--flush-rows", "200",
-    "--recovery-runs", "300", "--idle-runs", "500", "--scale-sizes", "100,300",
+    "--n",
+    "200",
+    "--k",
+    "3",
+    "--rounds",
+    "1",
+    "--sizes",
+    "100",
+    "--flush-rows",
+    "200",
+    "--recovery-runs",
+    "300",
+    "--idle-runs",
+    "500",
+    "--scale-sizes",
+    "100,300",
 ]
 
 
 def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url, capsys):
     out = tmp_path / "latest.json"
-    status = main(["bench", *TINY, "--suite", "w1,policies,flush,recovery,memory,scale",
-                   "--valkey-url", valkey_url, "--sqlite", str(tmp_path), "--json", str(out)])
+    status = main(
+        [
+            "bench",
+            *TINY,
+            "--suite",
+            "w1,policies,flush,recovery,memory,scale",
+            "--valkey-url",
+            valkey_url,
+            "--sqlite",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ]
+    )
     assert status == 0
     document = json.loads(out.read_text())
     names = [f["name"] for f in document["figures"]]
@@ -48,8 +74,20 @@ def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url
 
 def test_the_sigkill_suites_write_the_sweep_the_reliability_figures_and_the_plot(tmp_path, valkey_url):
     out = tmp_path / "latest.json"
-    status = main(["bench", "--quick", "--suite", "sweep,reliability", "--trials", "1",
-                   "--valkey-url", valkey_url, "--json", str(out)])
+    status = main(
+        [
+            "bench",
+            "--quick",
+            "--suite",
+            "sweep,reliability",
+            "--trials",
+            "1",
+            "--valkey-url",
+            valkey_url,
+            "--json",
+            str(out),
+        ]
+    )
     assert status == 0
     document = json.loads(out.read_text())
     assert {(p["tier"], p["interval"]) for p in document["sweep"]} >= {("valkey", 0.01), ("sqlite", 0.1)}
@@ -91,9 +129,23 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_the_private_valkey_server_stops_when_the_benchmark_is_interrupted(tmp_path, sig):
     with subprocess.Popen(
-        [sys.executable, "-m", "hotstate", "bench", "--suite", "policies", "--sizes", "300000",
-         "--rounds", "3", "--json", str(tmp_path / "x.json")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "hotstate",
+            "bench",
+            "--suite",
+            "policies",
+            "--sizes",
+            "300000",
+            "--rounds",
+            "3",
+            "--json",
+            str(tmp_path / "x.json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     ) as proc:
         assert proc.stdout is not None
         pid = None

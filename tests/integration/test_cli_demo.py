@@ -16,14 +16,24 @@ from hotstate._cli import main
 ROOT = Path(__file__).parents[2]
 
 
-def test_demo_kills_a_worker_recovers_and_finishes_every_order_but_the_designed_failure(
-    tmp_path, valkey_url, capsys
-):
+def test_demo_kills_a_worker_recovers_and_finishes_every_order_but_the_designed_failure(tmp_path, valkey_url, capsys):
     db = tmp_path / "d.db"
-    status = main([
-        "demo", "--orders", "40", "--valkey-url", valkey_url, "--sqlite", str(db),
-        "--json", "--pace", "0.3", "--seed", "test",
-    ])
+    status = main(
+        [
+            "demo",
+            "--orders",
+            "40",
+            "--valkey-url",
+            valkey_url,
+            "--sqlite",
+            str(db),
+            "--json",
+            "--pace",
+            "0.3",
+            "--seed",
+            "test",
+        ]
+    )
     out = capsys.readouterr().out
     summary = json.loads(out)
     try:
@@ -73,7 +83,12 @@ def test_order_lifecycle_example_compensates_in_reverse_order_and_dead_letters()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "examples.order_lifecycle"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

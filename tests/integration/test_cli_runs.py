@@ -68,13 +68,9 @@ async def _fill(tiers: list[Tier]) -> None:
     with anyio.fail_after(GUARD):
         async with Runtime(WORKFLOWS, tiers=tiers) as rt:
             for i in range(3):
-                await (
-                    await rt.spawn(LINEAR, {"n": i}, run_id=f"lin-{i}")
-                ).wait_finished()
+                await (await rt.spawn(LINEAR, {"n": i}, run_id=f"lin-{i}")).wait_finished()
             with pytest.raises(RunFailedError):
-                await (
-                    await rt.spawn(ORDER, {"n": 0}, run_id="order-7")
-                ).wait_finished()
+                await (await rt.spawn(ORDER, {"n": 0}, run_id="order-7")).wait_finished()
             await rt.spawn(SIGNAL, {"n": 0}, run_id="sig-1")
             await rt.flush()
 
@@ -92,9 +88,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return status, out, err
 
 
-def test_list_shows_headers_as_a_table_and_as_json(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_list_shows_headers_as_a_table_and_as_json(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = cli(capsys, "--sqlite", str(db), "list")
     assert status == 0
     lines = out.splitlines()
@@ -123,9 +117,7 @@ def test_list_shows_headers_as_a_table_and_as_json(
     assert rows["lin-0"]["updated_at"].endswith("+00:00")
 
 
-def test_list_filters_by_status_workflow_and_limit(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_list_filters_by_status_workflow_and_limit(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = cli(
         capsys,
         "--sqlite",
@@ -152,9 +144,7 @@ def test_list_filters_by_status_workflow_and_limit(
     assert [r["run_id"] for r in json.loads(out)] == ["lin-0", "lin-1"]
 
 
-def test_show_reports_where_the_run_is_and_its_last_error(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_show_reports_where_the_run_is_and_its_last_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = cli(capsys, "--sqlite", str(db), "show", "order-7")
     assert status == 0
     fields = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
@@ -173,9 +163,7 @@ def test_show_reports_where_the_run_is_and_its_last_error(
     assert data["tiers"] == {"sqlite": data["version"]}
 
 
-def test_unknown_run_ids_fail_with_one_line_and_status_1(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unknown_run_ids_fail_with_one_line_and_status_1(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for action in ("show", "history", "retry"):
         status, out, err = cli(capsys, "--sqlite", str(db), action, "nope")
         assert status == 1, action
@@ -184,9 +172,7 @@ def test_unknown_run_ids_fail_with_one_line_and_status_1(
         assert "'nope'" in err
 
 
-def test_history_lists_transitions_in_version_order(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_history_lists_transitions_in_version_order(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = cli(capsys, "--sqlite", str(db), "--json", "history", "order-7")
     rows = json.loads(out)
     assert [r["version"] for r in rows] == list(range(1, len(rows) + 1))
@@ -197,9 +183,7 @@ def test_history_lists_transitions_in_version_order(
     assert out.splitlines()[0].split()[:4] == ["version", "kind", "step", "status"]
 
 
-def test_dead_letters_lists_the_failed_run(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_dead_letters_lists_the_failed_run(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = cli(capsys, "--sqlite", str(db), "--json", "dead-letters")
     (row,) = json.loads(out)
     assert (row["run_id"], row["workflow"], row["step"], row["attempts"]) == (
@@ -261,9 +245,7 @@ def test_retry_requeues_a_dead_letter_and_a_recovering_runtime_finishes_it(
     assert json.loads(out)["status"] == "done"
 
 
-def test_missing_sqlite_file_is_reported_and_never_created(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_sqlite_file_is_reported_and_never_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "absent.db"
     status, _, err = cli(capsys, "--sqlite", str(path), "list")
     assert status == 1
@@ -271,9 +253,7 @@ def test_missing_sqlite_file_is_reported_and_never_created(
     assert not path.exists()
 
 
-def test_a_file_that_is_not_a_database_is_a_clear_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "notes.db"
     path.write_bytes(b"this is not sqlite" * 100)
     status, _, err = cli(capsys, "--sqlite", str(path), "list")
@@ -304,17 +284,13 @@ def test_an_unreachable_valkey_is_a_clear_error(
 
 def _corrupt_sqlite_body(db: Path, run_id: str) -> None:
     with sqlite3.connect(db) as conn:
-        (body,) = conn.execute(
-            "SELECT body FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
+        (body,) = conn.execute("SELECT body FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         flipped = bytes(body[:-1]) + bytes([body[-1] ^ 0xFF])
         conn.execute("UPDATE runs SET body = ? WHERE run_id = ?", (flipped, run_id))
     conn.close()
 
 
-def test_a_corrupt_only_copy_is_reported_never_crashes(
-    db: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_corrupt_only_copy_is_reported_never_crashes(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _corrupt_sqlite_body(db, "sig-1")
     status, out, err = cli(capsys, "--sqlite", str(db), "show", "sig-1")
     assert status == 1
@@ -323,16 +299,12 @@ def test_a_corrupt_only_copy_is_reported_never_crashes(
     assert "no copy verifies" in err
 
 
-async def _copy_to_valkey(
-    db: Path, url: str, prefix: str, run_id: str, bump: int
-) -> None:
+async def _copy_to_valkey(db: Path, url: str, prefix: str, run_id: str, bump: int) -> None:
     async with SQLiteStore(db) as sq, ValkeyStore(url, prefix=prefix) as vk:
         stored = await sq.load(run_id)
         assert stored is not None
         # The digest covers the body only, so a higher header version still verifies.
-        newer = stored._replace(
-            header=stored.header._replace(version=stored.header.version + bump)
-        )
+        newer = stored._replace(header=stored.header._replace(version=stored.header.version + bump))
         await vk.save([newer], await sq.history(run_id))
         for letter in await sq.dead_letters():
             await vk.save_dead_letter(letter)
@@ -413,10 +385,7 @@ def test_a_foreign_sqlite_database_is_refused_and_left_untouched(
     assert status == 1
     assert "not a hotstate database" in err
     with sqlite3.connect(path) as conn:
-        tables = [
-            r[0]
-            for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        ]
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     conn.close()
     assert tables == ["notes"]
 

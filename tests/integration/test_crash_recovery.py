@@ -29,10 +29,15 @@ RUNS, STEPS = 60, 20
 
 def run_child_and_kill(db: Path, policy: str, kill_after_acks: int) -> dict[str, int]:
     """Start the child, SIGKILL it after `kill_after_acks` step acks; return the highest ack per run."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), str(db), policy, str(RUNS), str(STEPS)],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     acked: dict[str, int] = {}
     seen = 0

@@ -44,8 +44,9 @@ def assert_recovered(result: TrialResult) -> None:
 @pytest.mark.parametrize("trial", [0, 1])
 @pytest.mark.parametrize("policy", ["write-behind", "sqlite-behind"])
 async def test_write_behind_sigkill_loses_at_most_interval_plus_one_flush(valkey_url, tmp_path, policy, trial):
-    result = await run_trial(policy, valkey_url=valkey_url, workdir=tmp_path, seed=100 + trial,
-                             kill_after=KILL_AFTER, workload=WORKLOAD)
+    result = await run_trial(
+        policy, valkey_url=valkey_url, workdir=tmp_path, seed=100 + trial, kill_after=KILL_AFTER, workload=WORKLOAD
+    )
     assert_recovered(result)
     assert not result.write_through
     assert 0.0 <= result.loss_window <= result.interval + result.flush_duration + ALLOWANCE, result
@@ -55,8 +56,9 @@ async def test_write_behind_sigkill_loses_at_most_interval_plus_one_flush(valkey
 @pytest.mark.parametrize("trial", [0, 1])
 @pytest.mark.parametrize("policy", ["write-through sqlite", "write-through valkey"])
 async def test_write_through_sigkill_loses_no_acknowledged_step(valkey_url, tmp_path, policy, trial):
-    result = await run_trial(policy, valkey_url=valkey_url, workdir=tmp_path, seed=200 + trial,
-                             kill_after=KILL_AFTER, workload=WORKLOAD)
+    result = await run_trial(
+        policy, valkey_url=valkey_url, workdir=tmp_path, seed=200 + trial, kill_after=KILL_AFTER, workload=WORKLOAD
+    )
     assert_recovered(result)
     assert result.write_through
     # What may be lost is only the versions committed while their group commit was in flight.
@@ -69,8 +71,16 @@ async def test_sweep_point_and_reliability_figures_report_progress(valkey_url, t
     def progress(done: int, total: int, label: str) -> None:
         seen.append((done, total, label))
 
-    points = await run_sweep(valkey_url=valkey_url, workdir=tmp_path, tiers=("sqlite",), intervals=(0.05,),
-                             trials=1, write_through=False, workload=WORKLOAD, progress=progress)
+    points = await run_sweep(
+        valkey_url=valkey_url,
+        workdir=tmp_path,
+        tiers=("sqlite",),
+        intervals=(0.05,),
+        trials=1,
+        write_through=False,
+        workload=WORKLOAD,
+        progress=progress,
+    )
     (row,) = to_json(points)
     assert row["tier"] == "sqlite"
     assert row["interval"] == 0.05
@@ -78,8 +88,15 @@ async def test_sweep_point_and_reliability_figures_report_progress(valkey_url, t
     assert row["steps_per_s"] > 0
     assert row["loss_window_max"] == row["loss_window_p50"] >= 0
     assert isinstance(row["within_target"], bool)
-    report = await run_reliability(valkey_url=valkey_url, workdir=tmp_path, policies=["write-through valkey"],
-                                   trials=1, workload=WORKLOAD, kill_after=KILL_AFTER, progress=progress)
+    report = await run_reliability(
+        valkey_url=valkey_url,
+        workdir=tmp_path,
+        policies=["write-through valkey"],
+        trials=1,
+        workload=WORKLOAD,
+        kill_after=KILL_AFTER,
+        progress=progress,
+    )
     assert [s[:2] for s in seen] == [(1, 1), (1, 1)]
     assert seen[0][2].startswith("sweep sqlite-behind")
     (figures,) = report.to_json()["policies"]

@@ -301,10 +301,17 @@ CRASHY_STEPS = 12
 
 def run_child(script: Path, db: Path, runs: int, after: int) -> tuple[dict[str, int], dict[str, int]]:
     """Run the child until it kills itself; return the acks seen and the versions it committed last."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(
         [sys.executable, str(script), str(db), str(runs), str(after), str(CRASHY_STEPS)],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     acked: dict[str, int] = {}

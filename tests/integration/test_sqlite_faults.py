@@ -183,8 +183,7 @@ async def test_a_sqlite_fault_is_a_typed_retried_error_and_nothing_is_lost_once_
                 await rt.send(rid, "go", rid)
             for rid in ids[:10]:
                 assert (await rt.wait_finished(rid))["got"] == rid
-            extra = [(await rt.spawn(SIGNAL, {"n": 0, "blob": "x" * 8000}, run_id=f"new{i}")).run_id
-                     for i in range(5)]
+            extra = [(await rt.spawn(SIGNAL, {"n": 0, "blob": "x" * 8000}, run_id=f"new{i}")).run_id for i in range(5)]
         await wait_until(lambda: all(rt.get(r).status is Status.waiting for r in extra))
 
         with pytest.raises(StoreUnavailableError) as info, anyio.fail_after(GUARD):

@@ -22,7 +22,7 @@ async def test_transitions_round_trip_with_and_without_sqlite_json(
         Transition("r1", v, TransitionKind.step, v - 1, Status.running, 1_700_000_000.123456789 + v, None)
         for v in range(1, 50)
     ]
-    batch.append(Transition("r1", 50, TransitionKind.signal, 49, Status.waiting, 0.1, "ünïcode \"detail\""))
+    batch.append(Transition("r1", 50, TransitionKind.signal, 49, Status.waiting, 0.1, 'ünïcode "detail"'))
     async with SQLiteStore(tmp_path / "t.db") as store:
         first = await store.save([], batch)
         again = await store.save([], batch[:10])  # a retried batch adds nothing

@@ -51,8 +51,13 @@ async def take(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
 LINEAR = Workflow("linear", [Step(fn=inc, name=f"s{i}") for i in range(5)])
 SIGNAL = Workflow(
     "signal",
-    [Step(fn=inc, name="a"), Step(fn=take, wait_for="go"), Step(fn=inc, name="b"),
-     Step(fn=inc, name="c"), Step(fn=inc, name="d")],
+    [
+        Step(fn=inc, name="a"),
+        Step(fn=take, wait_for="go"),
+        Step(fn=inc, name="b"),
+        Step(fn=inc, name="c"),
+        Step(fn=inc, name="d"),
+    ],
 )
 
 
@@ -84,9 +89,7 @@ def all_in(rt: Runtime, run_ids: list[str], status: Status) -> Callable[[], bool
     return lambda: all(rt.get(rid).status is status for rid in run_ids)
 
 
-async def assert_in_both_stores(
-    rt: Runtime, vk: ValkeyStore, sq: SQLiteStore, run_ids: list[str]
-) -> None:
+async def assert_in_both_stores(rt: Runtime, vk: ValkeyStore, sq: SQLiteStore, run_ids: list[str]) -> None:
     """Each run's header is at its hot version in both stores, with its full history."""
     for store in (vk, sq):
         headers = {h.run_id: h for h in await store.scan(limit=10_000)}
@@ -135,8 +138,9 @@ async def test_a_workload_reaches_both_tiers_with_headers_and_full_history(
 async def test_wait_durable_on_one_tier_returns_once_that_tier_has_the_version(
     valkey_url: str, valkey_prefix: str, tmp_path: Path
 ) -> None:
-    vk, _sq, tiers = make_tiers(valkey_url, valkey_prefix, tmp_path / "runs.db",
-                                sqlite_policy=FlushPolicy(interval=60.0))
+    vk, _sq, tiers = make_tiers(
+        valkey_url, valkey_prefix, tmp_path / "runs.db", sqlite_policy=FlushPolicy(interval=60.0)
+    )
     async with Runtime([SIGNAL], tiers=tiers) as rt:
         await rt.spawn(SIGNAL, {"n": 0}, run_id="r1")
         await wait_until(all_in(rt, ["r1"], Status.waiting))
@@ -334,7 +338,9 @@ async def test_a_valkey_outage_loses_nothing_and_valkey_catches_up_after_restart
     private_valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     vk, sq, tiers = make_tiers(
-        private_valkey.url, "outage", tmp_path / "runs.db",
+        private_valkey.url,
+        "outage",
+        tmp_path / "runs.db",
         valkey_policy=FlushPolicy(interval=0.010, retry_initial=0.005, retry_max=0.02),
     )
     async with Runtime([SIGNAL], tiers=tiers) as rt:
@@ -388,7 +394,9 @@ async def test_valkey_restarted_empty_is_repopulated_with_every_run_and_its_hist
     ephemeral_valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     vk, sq, tiers = make_tiers(
-        ephemeral_valkey.url, "empty", tmp_path / "runs.db",
+        ephemeral_valkey.url,
+        "empty",
+        tmp_path / "runs.db",
         valkey_policy=FlushPolicy(interval=0.010, retry_initial=0.005, retry_max=0.02),
     )
     async with Runtime([SIGNAL], tiers=tiers) as rt:
@@ -424,8 +432,9 @@ async def test_valkey_restarted_empty_is_repopulated_with_every_run_and_its_hist
 async def test_write_through_on_sqlite_keeps_every_run_durable_within_one_version_with_group_commit(
     valkey_url: str, valkey_prefix: str, tmp_path: Path
 ) -> None:
-    _vk, sq, tiers = make_tiers(valkey_url, valkey_prefix, tmp_path / "runs.db",
-                                sqlite_policy=FlushPolicy.through(), synchronous="FULL")
+    _vk, sq, tiers = make_tiers(
+        valkey_url, valkey_prefix, tmp_path / "runs.db", sqlite_policy=FlushPolicy.through(), synchronous="FULL"
+    )
     async with Runtime([LINEAR], tiers=tiers) as rt:
         ids = [(await rt.spawn(LINEAR, {"n": i}, run_id=f"r{i:02d}")).run_id for i in range(50)]
         checks = 0
@@ -491,7 +500,9 @@ async def test_flush_waits_for_a_flush_already_in_flight(
                 flushed_early = returned.is_set()
                 durable_then = rt.durable_versions("r1")["sqlite"]
                 release.set()
-        assert not flushed_early, f"rt.flush() returned with sqlite durable at v{durable_then} of {rt.get('r1').version}"
+        assert not flushed_early, (
+            f"rt.flush() returned with sqlite durable at v{durable_then} of {rt.get('r1').version}"
+        )
 
 
 # --------------------------------------------------------------- 6. codec error

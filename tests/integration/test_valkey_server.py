@@ -55,9 +55,7 @@ def test_restart_keeps_the_port_and_with_persistence_the_data() -> None:
             assert client.get("k") == b"v"
 
 
-async def test_store_reports_an_outage_as_unavailable_and_recovers_after_restart() -> (
-    None
-):
+async def test_store_reports_an_outage_as_unavailable_and_recovers_after_restart() -> None:
     codec = PickleCodec()
     snapshot = Snapshot(
         run_id="r",
@@ -77,12 +75,8 @@ async def test_store_reports_an_outage_as_unavailable_and_recovers_after_restart
             os.kill(server.pid, signal.SIGKILL)
             server.kill()
             with pytest.raises(StoreUnavailableError) as info:
-                await store.save(
-                    [encode_snapshot(snapshot._replace(version=2), codec)], []
-                )
+                await store.save([encode_snapshot(snapshot._replace(version=2), codec)], [])
             assert info.value.tier == "valkey"
             server.start()
-            result = await store.save(
-                [encode_snapshot(snapshot._replace(version=2), codec)], []
-            )
+            result = await store.save([encode_snapshot(snapshot._replace(version=2), codec)], [])
             assert result.written == 1

@@ -56,9 +56,7 @@ def imported_modules(source: str, module: str, *, is_package: bool) -> set[str]:
                 target = node.module or ""
             found.add(target)
             # `from hotstate import runtime` imports the subpackage hotstate.runtime
-            found.update(
-                f"{target}.{alias.name}" for alias in node.names if alias.name != "*"
-            )
+            found.update(f"{target}.{alias.name}" for alias in node.names if alias.name != "*")
     return found
 
 
@@ -98,27 +96,18 @@ def violations(path: Path, source: str) -> list[str]:
             if name.split(".")[:2] in (["hotstate", app] for app in APPLICATIONS)
         ]
     if own == "actors":
+        problems += [f"{module} imports hotstate.{layer}" for layer in sorted(reached - {"actors"})]
         problems += [
-            f"{module} imports hotstate.{layer}"
-            for layer in sorted(reached - {"actors"})
-        ]
-        problems += [
-            f"{module} imports I/O library {name}"
-            for name in sorted(imports)
-            if name.split(".")[0] in IO_LIBRARIES
+            f"{module} imports I/O library {name}" for name in sorted(imports) if name.split(".")[0] in IO_LIBRARIES
         ]
     if own == "persistence" and "runtime" in reached:
         problems.append(f"{module} imports hotstate.runtime")
     # A module's own layer does not count: runtime may import actors and persistence.
     if module != "hotstate" and set(SUBPACKAGES) <= reached - {own}:
-        problems.append(
-            f"{module} imports from all three subpackages; only hotstate/__init__.py may"
-        )
+        problems.append(f"{module} imports from all three subpackages; only hotstate/__init__.py may")
     if module in ("hotstate._errors", "hotstate._clock"):
         problems += [
-            f"{module} is a leaf but imports {name}"
-            for name in sorted(imports)
-            if name.split(".")[0] == "hotstate"
+            f"{module} is a leaf but imports {name}" for name in sorted(imports) if name.split(".")[0] == "hotstate"
         ]
     return problems
 

@@ -56,10 +56,6 @@ def test_python_classifiers_match_requires_python_and_name_this_python() -> None
 
 
 def test_project_urls_point_at_the_repository() -> None:
-    urls = dict(
-        entry.split(", ", 1) for entry in metadata().get_all("Project-URL") or []
-    )
+    urls = dict(entry.split(", ", 1) for entry in metadata().get_all("Project-URL") or [])
     assert sorted(urls) == ["Changelog", "Documentation", "Homepage", "Issues"]
-    assert all(
-        url.startswith("https://github.com/hotstate/hotstate") for url in urls.values()
-    )
+    assert all(url.startswith("https://github.com/hotstate/hotstate") for url in urls.values())

@@ -47,9 +47,7 @@ def _implementation_trees() -> list[tuple[str, ast.Module]]:
         name = ".".join(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (
-            SyntaxError
-        ):  # a module being written right now; importing it fails elsewhere
+        except SyntaxError:  # a module being written right now; importing it fails elsewhere
             continue
         out.append((name, tree))
     return out
@@ -59,10 +57,7 @@ def _definition_has_docstring(tree: ast.Module, name: str) -> bool | None:
     """True/False if ``tree`` defines ``name`` at top level (with/without a docstring), else None."""
     body = tree.body
     for i, node in enumerate(body):
-        if (
-            isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-            and node.name == name
-        ):
+        if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name:
             return bool(ast.get_docstring(node))
         targets: list[ast.expr] = []
         if isinstance(node, ast.Assign):
@@ -84,17 +79,13 @@ def test_every_public_module_declares_all():
     for name in PUBLIC_MODULES:
         module = importlib.import_module(name)
         assert isinstance(module.__all__, list | tuple), name
-        assert len(set(module.__all__)) == len(module.__all__), (
-            f"{name}.__all__ has duplicates"
-        )
+        assert len(set(module.__all__)) == len(module.__all__), f"{name}.__all__ has duplicates"
 
 
 @pytest.mark.parametrize(("module_name", "export"), _exports())
 def test_every_exported_name_resolves(module_name, export):
     module = importlib.import_module(module_name)
-    assert hasattr(module, export), (
-        f"{module_name}.{export} is in __all__ but does not resolve"
-    )
+    assert hasattr(module, export), f"{module_name}.{export} is in __all__ but does not resolve"
 
 
 @pytest.mark.parametrize(("module_name", "export"), _exports())
@@ -148,9 +139,9 @@ def test_every_init_only_re_exports_and_has_a_docstring():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert ast.get_docstring(tree), f"{path} has no module docstring"
         for node in tree.body:
-            assert not isinstance(
-                node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
-            ), f"{path} defines {node.name}; code lives in underscore modules"
+            assert not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef), (
+                f"{path} defines {node.name}; code lives in underscore modules"
+            )
 
 
 def test_every_underscore_module_opens_with_a_docstring():
@@ -164,11 +155,7 @@ def test_every_underscore_module_opens_with_a_docstring():
 
 
 def _error_classes() -> list[type[BaseException]]:
-    return [
-        obj
-        for obj in vars(hotstate._errors).values()
-        if inspect.isclass(obj) and issubclass(obj, BaseException)
-    ]
+    return [obj for obj in vars(hotstate._errors).values() if inspect.isclass(obj) and issubclass(obj, BaseException)]
 
 
 @pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
@@ -178,9 +165,7 @@ def test_every_error_class_derives_from_hotstate_error_and_is_exported(cls):
     assert cls.__name__.endswith("Error")
     assert cls.__name__ in hotstate.__all__
     assert getattr(hotstate, cls.__name__) is cls
-    assert (
-        cls.__module__ == "hotstate"
-    )  # recorded type names use the public path (D.14)
+    assert cls.__module__ == "hotstate"  # recorded type names use the public path (D.14)
 
 
 def _error_named(name: str) -> type[BaseException]:

@@ -51,9 +51,7 @@ class RecordingHost:
         wait_from: ``must_wait`` answers True from this version on (None: never).
     """
 
-    def __init__(
-        self, delays: Iterable[float | None] = (), *, wait_from: int | None = None
-    ) -> None:
+    def __init__(self, delays: Iterable[float | None] = (), *, wait_from: int | None = None) -> None:
         self.stopping = False
         self.hold = False
         self.mark: Callable[[Snapshot, Transition], None] | None = self._mark
@@ -81,9 +79,7 @@ class RecordingHost:
         self.must_wait_calls.append(version)
         return self.wait_from is not None and version >= self.wait_from
 
-    def commit(
-        self, actor: RunActor, snapshot: Snapshot, transition: Transition
-    ) -> None:
+    def commit(self, actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
         actor.snapshot = snapshot
         actor.history.add(transition)
         self.commits.append((snapshot, transition))
@@ -111,9 +107,7 @@ class RecordingHost:
 
     def transitions(self) -> list[Transition]:
         """Every transition the actor produced, through either door, by version."""
-        return sorted(
-            (t for _, t in self.marks + self.commits), key=lambda t: t.version
-        )
+        return sorted((t for _, t in self.marks + self.commits), key=lambda t: t.version)
 
 
 def new_actor(workflow: Workflow, payload: Any, run_id: str = "r1") -> RunActor:
@@ -131,9 +125,7 @@ def new_actor(workflow: Workflow, payload: Any, run_id: str = "r1") -> RunActor:
         1,
         (),
     )
-    spawned = Transition(
-        run_id, 1, TransitionKind.spawned, 0, Status.pending, WALL, None
-    )
+    spawned = Transition(run_id, 1, TransitionKind.spawned, 0, Status.pending, WALL, None)
     return RunActor(workflow, snap, History(0, spawned))
 
 
@@ -157,9 +149,7 @@ async def test_steps_run_inline_and_the_fast_path_marks_each_transition_with_con
     host.bus.count = 1  # someone subscribes: the fast path publishes too
     fast = await actor.turn(host, 100)
     assert calls == [0, 1, 2, 3, 4]  # one turn ran every step
-    assert (
-        fast == 3
-    )  # steps 1-3; the first (pending -> running) and the last (done) went through commit
+    assert fast == 3  # steps 1-3; the first (pending -> running) and the last (done) went through commit
     assert [t.version for _, t in host.marks] == [3, 4, 5]
     assert [t.version for _, t in host.commits] == [2, 6]
     assert [t.version for t in host.transitions()] == [2, 3, 4, 5, 6]
@@ -304,9 +294,7 @@ async def test_a_step_that_forgets_to_await_fails_with_step_result_error():
 async def test_finish_ends_the_run_early_with_its_payload():
     calls: list[str] = []
 
-    async def early(
-        payload: dict[str, Any], ctx: StepContext
-    ) -> Finish[dict[str, Any]]:
+    async def early(payload: dict[str, Any], ctx: StepContext) -> Finish[dict[str, Any]]:
         calls.append("early")
         return Finish({"early": True})
 
@@ -341,9 +329,7 @@ async def test_a_wait_for_step_parks_the_run_waiting_until_accept_signal():
     async def after(payload: int, ctx: StepContext) -> int:
         return payload * 10
 
-    wf = Workflow(
-        "signal", [Step(fn=before), Step(fn=take, wait_for="go"), Step(fn=after)]
-    )
+    wf = Workflow("signal", [Step(fn=before), Step(fn=take, wait_for="go"), Step(fn=after)])
     actor = new_actor(wf, 0)
     host = RecordingHost()
     await actor.turn(host, 100)
@@ -419,9 +405,7 @@ async def test_the_budget_limits_the_fast_steps_of_one_turn():
     assert actor.runnable()
     assert await actor.turn(host, 3) == 3
     assert calls == [0, 1, 2, 3, 4, 5, 6]
-    assert (
-        await actor.turn(host, 3) == 2
-    )  # steps 7 and 8; step 9 finishes through commit
+    assert await actor.turn(host, 3) == 2  # steps 7 and 8; step 9 finishes through commit
     assert calls == list(range(10))
     assert host.finished_runs == [("r1", Status.done)]
 
@@ -436,9 +420,7 @@ async def test_stopping_stops_the_turn_before_the_next_step():
             host.stopping = True  # shutdown begins while step 1 runs
         return payload + 1
 
-    actor = new_actor(
-        Workflow("stop", [Step(fn=step, name=f"s{i}") for i in range(4)]), 0
-    )
+    actor = new_actor(Workflow("stop", [Step(fn=step, name=f"s{i}") for i in range(4)]), 0)
     await actor.turn(host, 100)
     assert calls == [0, 1]  # step 1 finished and was committed; step 2 never started
     assert (actor.snapshot.step, actor.snapshot.status, actor.snapshot.version) == (

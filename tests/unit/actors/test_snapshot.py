@@ -54,9 +54,7 @@ def test_finished_is_true_exactly_for_terminal_statuses(status):
 
 
 def test_terminal_statuses_are_done_failed_and_cancelled():
-    assert (
-        frozenset({Status.done, Status.failed, Status.cancelled}) == TERMINAL_STATUSES
-    )
+    assert frozenset({Status.done, Status.failed, Status.cancelled}) == TERMINAL_STATUSES
 
 
 @pytest.mark.parametrize("enum_cls", [Status, TransitionKind])
@@ -89,9 +87,7 @@ def test_error_info_records_type_message_traceback_and_where():
     try:
         _raise_value_error()
     except ValueError as exc:
-        info = ErrorInfo.from_exception(
-            exc, step=2, step_name="charge", attempt=3, at=99.5
-        )
+        info = ErrorInfo.from_exception(exc, step=2, step_name="charge", attempt=3, at=99.5)
     assert info.type == "builtins.ValueError"
     assert info.message == "bad card"
     assert "_raise_value_error" in info.traceback
@@ -104,18 +100,14 @@ def test_error_info_names_local_classes_by_qualified_name():
     class BoomError(Exception):
         pass
 
-    info = ErrorInfo.from_exception(
-        BoomError("x"), step=0, step_name="s", attempt=1, at=0.0
-    )
+    info = ErrorInfo.from_exception(BoomError("x"), step=0, step_name="s", attempt=1, at=0.0)
     assert info.type.endswith("BoomError")
     assert "<locals>" in info.type
     assert info.summary == "BoomError: x"
 
 
 def test_error_info_is_frozen():
-    info = ErrorInfo.from_exception(
-        ValueError("x"), step=0, step_name="s", attempt=1, at=0.0
-    )
+    info = ErrorInfo.from_exception(ValueError("x"), step=0, step_name="s", attempt=1, at=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.message = "y"  # type: ignore[misc]
 
@@ -153,9 +145,7 @@ def test_history_rebuilds_transitions_with_consecutive_versions_and_details():
 
 def test_history_of_a_resumed_run_numbers_versions_from_its_base():
     history = History(41)
-    history.add(
-        Transition("r1", 42, TransitionKind.resumed, 3, Status.running, 1.0, "from v41")
-    )
+    history.add(Transition("r1", 42, TransitionKind.resumed, 3, Status.running, 1.0, "from v41"))
     assert history.transitions("r1") == [
         Transition("r1", 42, TransitionKind.resumed, 3, Status.running, 1.0, "from v41")
     ]
@@ -168,13 +158,37 @@ def test_field_orders_that_positional_construction_relies_on_are_pinned():
     from hotstate.persistence import RunHeader
 
     assert Snapshot._fields == (
-        "run_id", "workflow", "workflow_version", "version", "step", "status",
-        "payload", "error", "updated_at", "attempt", "signals",
+        "run_id",
+        "workflow",
+        "workflow_version",
+        "version",
+        "step",
+        "status",
+        "payload",
+        "error",
+        "updated_at",
+        "attempt",
+        "signals",
     )
     assert Transition._fields == ("run_id", "version", "kind", "step", "status", "at", "detail")
     assert StepContext._fields == (
-        "run_id", "workflow", "workflow_version", "step", "step_name", "attempt", "version", "signal", "compensating",
+        "run_id",
+        "workflow",
+        "workflow_version",
+        "step",
+        "step_name",
+        "attempt",
+        "version",
+        "signal",
+        "compensating",
     )
     assert RunHeader._fields == (
-        "run_id", "workflow", "workflow_version", "version", "step", "status", "updated_at", "attempt",
+        "run_id",
+        "workflow",
+        "workflow_version",
+        "version",
+        "step",
+        "status",
+        "updated_at",
+        "attempt",
     )

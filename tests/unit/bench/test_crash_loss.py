@@ -48,21 +48,36 @@ def test_runs_designed_to_fail():
     assert not any(trial.fails_for_good(i, 0) for i in range(30))
 
 
-def trace(hot: list[int], durable: list[int], acked: list[int], times: list[dict[int, float]],
-          steps: list[int] | None = None) -> Trace:
+def trace(
+    hot: list[int], durable: list[int], acked: list[int], times: list[dict[int, float]], steps: list[int] | None = None
+) -> Trace:
     rows = []
     for t in times:
         row = [0.0] * 10
         for v, at in t.items():
             row[v] = at
         rows.append(row)
-    return Trace(ready=1.0, commits=sum(hot), started=len(hot), flush=[(0.01, 0.02, 9.9, 9.95)], durable=durable,
-                 acked=acked, hot=hot, times=rows, steps=steps if steps is not None else [0] * len(hot))
+    return Trace(
+        ready=1.0,
+        commits=sum(hot),
+        started=len(hot),
+        flush=[(0.01, 0.02, 9.9, 9.95)],
+        durable=durable,
+        acked=acked,
+        hot=hot,
+        times=rows,
+        steps=steps if steps is not None else [0] * len(hot),
+    )
 
 
 def test_loss_window_runs_from_the_oldest_lost_commit_to_the_kill():
-    tr = trace(hot=[5, 3, 2, 0], durable=[3, 3, 0, 0], acked=[4, 2, 1, 0],
-               times=[{4: 10.02, 5: 10.05}, {}, {1: 10.04, 2: 10.06}, {}], steps=[5, 3, 2, 0])
+    tr = trace(
+        hot=[5, 3, 2, 0],
+        durable=[3, 3, 0, 0],
+        acked=[4, 2, 1, 0],
+        times=[{4: 10.02, 5: 10.05}, {}, {1: 10.04, 2: 10.06}, {}],
+        steps=[5, 3, 2, 0],
+    )
     violations: list[str] = []
     stored = {"r0000000": (3, 3), "r0000001": (3, 3)}
     loss = crash.losses(find_policy("sqlite-behind"), tr, stored, 10.1, violations)
@@ -91,8 +106,10 @@ def test_write_through_counts_an_acknowledged_step_lost_as_a_violation():
     stored = {"r0000000": (4, 3)}
     loss = crash.losses(find_policy("write-through sqlite"), tr, stored, 10.1, violations)
     assert loss.acknowledged == 2
-    assert violations == ["run lost: r0000001 was acknowledged (v1) but is in no tier",
-                          "write-through lost 2 acknowledged step(s)"]
+    assert violations == [
+        "run lost: r0000001 was acknowledged (v1) but is in no tier",
+        "write-through lost 2 acknowledged step(s)",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -20,16 +20,26 @@ from hotstate.testing import ManualClock
 if TYPE_CHECKING:
     from pathlib import Path
 
-BASE: dict[str, Any] = {"policy": "valkey:0.01,sqlite:1.0", "sqlite": "t.db", "valkey_url": "valkey://x",
-                        "prefix": "p", "trace": "t.trace", "runs": 10}
+BASE: dict[str, Any] = {
+    "policy": "valkey:0.01,sqlite:1.0",
+    "sqlite": "t.db",
+    "valkey_url": "valkey://x",
+    "prefix": "p",
+    "trace": "t.trace",
+    "runs": 10,
+}
 
 
 @pytest.mark.parametrize(
     "config",
     [
         ChildConfig(**BASE, trial=Workload(inflight=4, pace=0.01)),
-        ChildConfig(**BASE, orders=Orders(tag="t", count=10, fail_index=7, ledger="l", gen=2, seed="s"),
-                    recover=True, linger=0.0),
+        ChildConfig(
+            **BASE,
+            orders=Orders(tag="t", count=10, fail_index=7, ledger="l", gen=2, seed="s"),
+            recover=True,
+            linger=0.0,
+        ),
     ],
 )
 def test_the_child_config_round_trips_through_json(config):
@@ -42,8 +52,16 @@ def test_the_child_config_round_trips_through_json(config):
     [
         Ready(),
         Progress(gen=1, t=0.5, table={"ship|waiting": 3}, lags={"valkey": 0.01}, retries=2, transitions=40),
-        Recovered(resumed=3, by_tier={"valkey": 3}, corrupt=0, lost=0, unregistered=0, seconds=0.01,
-                  already_finished=1, respawned=0),
+        Recovered(
+            resumed=3,
+            by_tier={"valkey": 3},
+            corrupt=0,
+            lost=0,
+            unregistered=0,
+            seconds=0.01,
+            already_finished=1,
+            respawned=0,
+        ),
         Finished(dead_letters=["t-order-0007"], compensations={"t-order-0007": ["refund", "release_stock"]}),
     ],
 )
@@ -56,8 +74,10 @@ def test_messages_travel_as_json_with_their_field_names(message, capsys):
     assert parse(line) == message
 
 
-@pytest.mark.parametrize(("line", "error"), [('{"message": "Pro', ValueError), ('{"message": "Nope"}', KeyError),
-                                             ('{"message": "Ready", "x": 1}', TypeError)])
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [('{"message": "Pro', ValueError), ('{"message": "Nope"}', KeyError), ('{"message": "Ready", "x": 1}', TypeError)],
+)
 def test_a_line_that_is_not_a_message_raises(line, error):
     with pytest.raises(error):
         parse(line)

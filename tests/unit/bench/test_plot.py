@@ -9,8 +9,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def point(tier: str, interval: float, rate: float, window: float) -> SweepPoint:
-    return SweepPoint(tier=tier, interval=interval, steps_per_s=rate, loss_window_max=window,
-                      loss_window_p50=window / 2, flush_duration=0.002, trials=2, within_target=True)
+    return SweepPoint(
+        tier=tier,
+        interval=interval,
+        steps_per_s=rate,
+        loss_window_max=window,
+        loss_window_p50=window / 2,
+        flush_duration=0.002,
+        trials=2,
+        within_target=True,
+    )
 
 
 def test_plot_tuning_writes_a_png_with_one_point_per_policy(tmp_path):

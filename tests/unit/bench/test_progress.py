@@ -44,12 +44,8 @@ def test_every_line_drawn_fits_the_terminal(
     assert drawn[-1] == ""  # ...and leaves the cursor at its start
 
 
-@pytest.mark.parametrize(
-    ("columns", "bar_width"), [(140, 28), (80, 28), (40, 9), (20, 0)]
-)
-def test_the_bar_shrinks_with_the_terminal_and_drops_out_when_too_narrow(
-    columns: int, bar_width: int
-) -> None:
+@pytest.mark.parametrize(("columns", "bar_width"), [(140, 28), (80, 28), (40, 9), (20, 0)])
+def test_the_bar_shrinks_with_the_terminal_and_drops_out_when_too_narrow(columns: int, bar_width: int) -> None:
     line = render("W1 memory-only", 5, 10, 1.25, "", columns)
     assert len(line) == columns - 1
     if bar_width:

@@ -16,9 +16,23 @@ from hotstate._bench._sweep import (
 )
 
 BASE = TrialResult(
-    policy="p", seed=0, interval=0.1, write_through=False, runs=10, runs_checked=0, steps_before_kill=100,
-    steps_lost=5, runs_lost=0, loss_window=0.05, acknowledged_steps_lost=0, corrupt_snapshots=0, violations=(),
-    steps_per_s=1000.0, flush_duration=0.01, kill_after=0.3, recovery_seconds=0.0,
+    policy="p",
+    seed=0,
+    interval=0.1,
+    write_through=False,
+    runs=10,
+    runs_checked=0,
+    steps_before_kill=100,
+    steps_lost=5,
+    runs_lost=0,
+    loss_window=0.05,
+    acknowledged_steps_lost=0,
+    corrupt_snapshots=0,
+    violations=(),
+    steps_per_s=1000.0,
+    flush_duration=0.01,
+    kill_after=0.3,
+    recovery_seconds=0.0,
 )
 
 
@@ -29,11 +43,28 @@ def trial(**changes: object) -> TrialResult:
 def test_to_json_has_exactly_the_keys_advise_reads():
     point = summarize_point("sqlite", 0.1, [trial(), trial(loss_window=0.08, steps_per_s=3000.0)])
     (row,) = to_json([point])
-    assert list(row) == ["tier", "interval", "steps_per_s", "loss_window_max", "loss_window_p50",
-                         "flush_duration", "trials", "within_target", "within_saturated_bound"]
-    assert row == {"tier": "sqlite", "interval": 0.1, "steps_per_s": 2000.0, "loss_window_max": 0.08,
-                   "loss_window_p50": pytest.approx(0.065), "flush_duration": 0.01, "trials": 2,
-                   "within_target": True, "within_saturated_bound": True}
+    assert list(row) == [
+        "tier",
+        "interval",
+        "steps_per_s",
+        "loss_window_max",
+        "loss_window_p50",
+        "flush_duration",
+        "trials",
+        "within_target",
+        "within_saturated_bound",
+    ]
+    assert row == {
+        "tier": "sqlite",
+        "interval": 0.1,
+        "steps_per_s": 2000.0,
+        "loss_window_max": 0.08,
+        "loss_window_p50": pytest.approx(0.065),
+        "flush_duration": 0.01,
+        "trials": 2,
+        "within_target": True,
+        "within_saturated_bound": True,
+    }
 
 
 def test_a_window_past_interval_plus_flush_misses_the_target():
@@ -57,8 +88,16 @@ def test_write_through_holds_when_nothing_acknowledged_is_lost_within_one_commit
 
 def test_a_point_without_trials_holds_nothing():
     assert summarize_point("sqlite", 0.1, []) == SweepPoint(
-        tier="sqlite", interval=0.1, steps_per_s=0.0, loss_window_max=0.0, loss_window_p50=0.0,
-        flush_duration=0.0, trials=0, within_target=False, within_saturated_bound=False)
+        tier="sqlite",
+        interval=0.1,
+        steps_per_s=0.0,
+        loss_window_max=0.0,
+        loss_window_p50=0.0,
+        flush_duration=0.0,
+        trials=0,
+        within_target=False,
+        within_saturated_bound=False,
+    )
 
 
 def test_a_flush_longer_than_the_interval_is_checked_against_the_saturated_bound():

@@ -36,9 +36,7 @@ def measured(
     )
 
 
-def point(
-    interval: float, loss_max: float, *, tier: str = "sqlite", steps: float = 50_000.0
-) -> SweepPoint:
+def point(interval: float, loss_max: float, *, tier: str = "sqlite", steps: float = 50_000.0) -> SweepPoint:
     return SweepPoint(
         tier=tier,
         interval=interval,
@@ -52,9 +50,7 @@ def point(
 
 
 def test_zero_max_loss_is_write_through_with_group_commit_within_capacity() -> None:
-    rec = advise(
-        updates_per_second=5_000, max_loss=0, measurements=measured(through=10_000)
-    )
+    rec = advise(updates_per_second=5_000, max_loss=0, measurements=measured(through=10_000))
     assert [t.tier for t in rec.tiers] == ["valkey", "sqlite"]
     for t in rec.tiers:
         assert t.policy == FlushPolicy.through()
@@ -102,9 +98,7 @@ def test_interval_is_max_loss_minus_one_flush_duration() -> None:
     ("rate", "loss"),
     [(1, 0.01), (1_000, 0.25), (40_000, 2.0), (99_000, 30.0), (5, 3600.0)],
 )
-def test_the_loss_window_always_fits_and_backpressure_starts_at_a_finite_bound(
-    rate: float, loss: float
-) -> None:
+def test_the_loss_window_always_fits_and_backpressure_starts_at_a_finite_bound(rate: float, loss: float) -> None:
     (t,) = advise(
         updates_per_second=rate,
         max_loss=loss,
@@ -130,9 +124,7 @@ def test_a_rate_above_the_sustained_flush_capacity_is_refused() -> None:
     assert not t.feasible
     assert math.isinf(t.loss_window)
     assert "above the measured sustained capacity of 100,000" in t.warnings[0]
-    assert (
-        t.policy.max_pending_rows is not None
-    )  # a bound, so memory cannot grow without one
+    assert t.policy.max_pending_rows is not None  # a bound, so memory cannot grow without one
 
 
 def test_an_interval_under_a_millisecond_becomes_write_through() -> None:
@@ -155,9 +147,7 @@ def test_the_sweep_picks_the_largest_interval_whose_measured_loss_fits() -> None
         point(1.0, 1.3),
         point(0.05, 0.06, tier="valkey"),
     )
-    rec = advise(
-        updates_per_second=10_000, max_loss=0.75, measurements=measured(sweep=sweep)
-    )
+    rec = advise(updates_per_second=10_000, max_loss=0.75, measurements=measured(sweep=sweep))
     by_tier = {t.tier: t for t in rec.tiers}
     assert by_tier["sqlite"].policy.interval == 0.5
     assert by_tier["sqlite"].loss_window == 0.7
@@ -201,9 +191,7 @@ def test_no_sweep_point_fits_falls_back_to_the_flush_rate() -> None:
         (10, math.inf, "max_loss"),
     ],
 )
-def test_bad_numbers_are_config_errors_naming_the_field(
-    rate: float, loss: float, field: str
-) -> None:
+def test_bad_numbers_are_config_errors_naming_the_field(rate: float, loss: float, field: str) -> None:
     with pytest.raises(ConfigError) as exc:
         advise(updates_per_second=rate, max_loss=loss, measurements=measured())
     assert exc.value.field == field
@@ -300,9 +288,7 @@ def test_command_without_results_uses_built_in_defaults_and_says_so(
     assert out.count("FlushPolicy(") == 2
 
 
-def test_command_json_uses_the_given_results(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_command_json_uses_the_given_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "latest.json"
     results.write_text(
         json.dumps(
@@ -344,13 +330,9 @@ def test_command_json_uses_the_given_results(
     assert data["feasible"] is True
 
 
-def test_command_exits_1_when_the_requirement_cannot_be_met(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_command_exits_1_when_the_requirement_cannot_be_met(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "r.json"
-    results.write_text(
-        json.dumps({"figures": [{"name": "persister -> valkey", "value": 1_000.0}]})
-    )
+    results.write_text(json.dumps({"figures": [{"name": "persister -> valkey", "value": 1_000.0}]}))
     status, out, err = run(
         capsys,
         "--updates-per-second",
@@ -364,10 +346,7 @@ def test_command_exits_1_when_the_requirement_cannot_be_met(
     )
     assert status == 1
     assert "requirement NOT met" in out
-    assert (
-        err
-        == "hotstate: advise: the requirement cannot be met on valkey; see the warnings\n"
-    )
+    assert err == "hotstate: advise: the requirement cannot be met on valkey; see the warnings\n"
 
 
 @pytest.mark.parametrize(
@@ -390,9 +369,7 @@ def test_bad_numbers_exit_2_with_one_clear_line(
     assert needle in err
 
 
-def test_missing_or_malformed_results_exit_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_or_malformed_results_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run(
         capsys,
         "--updates-per-second",
@@ -406,16 +383,12 @@ def test_missing_or_malformed_results_exit_1(
     assert "no such results file" in err
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    status, _, err = run(
-        capsys, "--updates-per-second", "1", "--max-loss", "1", "--results", str(bad)
-    )
+    status, _, err = run(capsys, "--updates-per-second", "1", "--max-loss", "1", "--results", str(bad))
     assert status == 1
     assert "cannot read" in err
 
 
-def test_command_uses_the_sweep_when_the_results_have_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_command_uses_the_sweep_when_the_results_have_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "latest.json"
     sweep = [
         {

@@ -21,9 +21,7 @@ from hotstate.persistence import SQLiteStore
 if TYPE_CHECKING:
     from pathlib import Path
 
-FUZZ = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 _URLS = [
     "valkey://127.0.0.1:1/0",
@@ -126,9 +124,7 @@ def _check(argv: list[str]) -> None:
     ),
     rest=st.lists(_words(_RUNS_WORDS), max_size=6),
 )
-def test_runs_never_raises_a_traceback(
-    db: str, store: list[str], rest: list[str]
-) -> None:
+def test_runs_never_raises_a_traceback(db: str, store: list[str], rest: list[str]) -> None:
     _check(["runs", *[db if s == "<db>" else s for s in store], *rest])
 
 
@@ -140,16 +136,10 @@ def test_advise_never_raises_a_traceback(rest: list[str]) -> None:
 
 @FUZZ
 @given(
-    rate=st.one_of(
-        st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**6), 10**12)
-    ),
-    loss=st.one_of(
-        st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**6)
-    ),
+    rate=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**6), 10**12)),
+    loss=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**6)),
 )
-def test_advise_on_any_numbers_gives_advice_or_a_usage_error(
-    rate: float, loss: float
-) -> None:
+def test_advise_on_any_numbers_gives_advice_or_a_usage_error(rate: float, loss: float) -> None:
     _check(
         [
             "advise",

@@ -11,9 +11,7 @@ from hotstate._cli import main
 from hotstate._cli._main import SUBCOMMAND_MODULES, build_parser
 
 
-def exit_code(
-    capsys: pytest.CaptureFixture[str], *argv: str
-) -> tuple[object, str, str]:
+def exit_code(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[object, str, str]:
     with pytest.raises(SystemExit) as exc:
         main(list(argv))
     out, err = capsys.readouterr()
@@ -47,9 +45,7 @@ def test_every_subcommand_bench_included_is_registered_by_the_one_application() 
         ["demo", "--help"],
     ],
 )
-def test_help_prints_usage_and_exits_0(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_help_prints_usage_and_exits_0(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = exit_code(capsys, *argv)
     assert code == 0
     assert out.startswith("usage: hotstate")

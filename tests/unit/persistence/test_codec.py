@@ -69,9 +69,7 @@ def test_codecs_satisfy_the_protocol() -> None:
 
 
 def test_snapshot_round_trips_through_encode_and_decode() -> None:
-    error = ErrorInfo.from_exception(
-        ValueError("boom"), step=1, step_name="charge", attempt=2, at=5.0
-    )
+    error = ErrorInfo.from_exception(ValueError("boom"), step=1, step_name="charge", attempt=2, at=5.0)
     snapshot = Snapshot(
         run_id="r",
         workflow="orders",
@@ -86,9 +84,7 @@ def test_snapshot_round_trips_through_encode_and_decode() -> None:
         signals=(("go", {"fast": True}),),
     )
     codec = PickleCodec(KEY)
-    assert (
-        decode_snapshot(encode_snapshot(snapshot, codec), codec, tier="t") == snapshot
-    )
+    assert decode_snapshot(encode_snapshot(snapshot, codec), codec, tier="t") == snapshot
 
 
 # --- cloudpickle fallback and encoding failures -----------------------------------
@@ -128,9 +124,7 @@ def gen() -> Any:
         ({"lock": threading.Lock()}, "lock"),
     ],
 )
-def test_unpicklable_value_raises_codec_error_naming_the_type(
-    value: object, type_name: str
-) -> None:
+def test_unpicklable_value_raises_codec_error_naming_the_type(value: object, type_name: str) -> None:
     with pytest.raises(CodecError, match=type_name) as info:
         PickleCodec().encode(value)
     assert info.value.__cause__ is not None
@@ -214,9 +208,7 @@ def test_forged_frame_is_never_unpickled_but_a_verified_one_would_be(
 
     forgeries = [
         genuine[: body_start - 32] + b"\x00" * 32 + evil,  # zeroed MAC
-        PickleCodec().encode(
-            Marker(str(marker))
-        ),  # unkeyed digest, recomputed by the attacker
+        PickleCodec().encode(Marker(str(marker))),  # unkeyed digest, recomputed by the attacker
         PickleCodec(b"attacker-key").encode(Marker(str(marker))),  # attacker's own key
         evil,  # raw pickle
     ]
@@ -243,9 +235,7 @@ def test_secret_key_is_read_from_the_environment(
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=200), keyed=st.booleans())
-def test_decoding_arbitrary_bytes_raises_only_codec_errors(
-    data: bytes, keyed: bool
-) -> None:
+def test_decoding_arbitrary_bytes_raises_only_codec_errors(data: bytes, keyed: bool) -> None:
     for codec in (
         PickleCodec(KEY if keyed else None),
         JsonCodec(KEY if keyed else None),

@@ -201,11 +201,7 @@ def test_a_transition_row_with_any_fields_raises_only_codec_errors(row: Any) -> 
 
 
 @FUZZ
-@given(
-    text=st.text(max_size=200)
-    | rows.map(lambda r: json.dumps(list(r), default=repr))
-    | json_values.map(json.dumps)
-)
+@given(text=st.text(max_size=200) | rows.map(lambda r: json.dumps(list(r), default=repr)) | json_values.map(json.dumps))
 @example(text='["r", Infinity, "spawned", 0, "pending", 1.0, null]')
 @example(text=f'["r", 1, "spawned", 0, "pending", {"9" * 400}, null]')
 @example(text=DEEP)
@@ -245,11 +241,7 @@ def test_error_json_of_any_shape_raises_only_codec_errors(text: str) -> None:
 
 
 @FUZZ
-@given(
-    text=st.text(max_size=200)
-    | st.lists(error_objects, max_size=4).map(as_json)
-    | json_values.map(json.dumps)
-)
+@given(text=st.text(max_size=200) | st.lists(error_objects, max_size=4).map(as_json) | json_values.map(json.dumps))
 @example(text='[{"type":"a","message":"b","traceback":"","step":-Infinity,"step_name":"s","attempt":1,"at":1}]')
 @example(text=DEEP)
 def test_error_list_json_of_any_shape_raises_only_codec_errors(text: str) -> None:

@@ -45,9 +45,7 @@ if TYPE_CHECKING:
 CODEC = PickleCodec(b"k" * 32)
 
 
-def snap(
-    run_id: str, version: int, status: Status = Status.running, payload: Any = None
-) -> Snapshot:
+def snap(run_id: str, version: int, status: Status = Status.running, payload: Any = None) -> Snapshot:
     return Snapshot(
         run_id,
         "wf",
@@ -65,9 +63,7 @@ def snap(
 
 def trans(run_id: str, version: int, status: Status = Status.running) -> Transition:
     kind = TransitionKind.spawned if version == 1 else TransitionKind.step
-    return Transition(
-        run_id, version, kind, version - 1, status, 1_700_000_000.0 + version, None
-    )
+    return Transition(run_id, version, kind, version - 1, status, 1_700_000_000.0 + version, None)
 
 
 def mark(
@@ -83,9 +79,7 @@ def mark(
 
 
 def letter_for(s: Snapshot) -> DeadLetter:
-    error = ErrorInfo.from_exception(
-        ValueError("boom"), step=s.step, step_name="charge", attempt=1, at=s.updated_at
-    )
+    error = ErrorInfo.from_exception(ValueError("boom"), step=s.step, step_name="charge", attempt=1, at=s.updated_at)
     return DeadLetter(
         run_id=s.run_id,
         workflow=s.workflow,
@@ -148,9 +142,7 @@ class ScriptedStore(StoreBase):
         await self.inner.aclose()
         self._opened = False
 
-    async def save(
-        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
-    ) -> SaveResult:
+    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
         self.save_calls += 1
         self.calls.append("save")
         if self.during_save is not None:
@@ -184,9 +176,7 @@ class ScriptedStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        return await self.inner.scan(
-            status=status, workflow=workflow, after=after, limit=limit
-        )
+        return await self.inner.scan(status=status, workflow=workflow, after=after, limit=limit)
 
     async def scan_snapshots(
         self,
@@ -196,9 +186,7 @@ class ScriptedStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[StoredSnapshot]:
-        return await self.inner.scan_snapshots(
-            status=status, workflow=workflow, after=after, limit=limit
-        )
+        return await self.inner.scan_snapshots(status=status, workflow=workflow, after=after, limit=limit)
 
     async def history(self, run_id: str) -> list[Transition]:
         return await self.inner.history(run_id)
@@ -309,9 +297,7 @@ async def test_a_failed_flush_merges_the_batch_back_newer_versions_win_and_nothi
         mark(p, "r1", 2)
         p.notify_when_durable("r1", "go on")
         store.fail_saves = 1
-        store.during_save = lambda: mark(
-            p, "r1", 3
-        )  # a newer version arrives while the save is failing
+        store.during_save = lambda: mark(p, "r1", 3)  # a newer version arrives while the save is failing
         with pytest.raises(StoreUnavailableError):
             await p.flush_once()
         assert listener.durables == []
@@ -329,9 +315,7 @@ async def test_a_failed_flush_merges_the_batch_back_newer_versions_win_and_nothi
         await p.flush_once()
         stored = await store.load("r1")
         assert stored is not None
-        assert (
-            stored.header.version == 3
-        )  # the merged-back v2 did not replace the newer v3
+        assert stored.header.version == 3  # the merged-back v2 did not replace the newer v3
         assert [t.version for t in await store.history("r1")] == [
             1,
             2,
@@ -353,9 +337,7 @@ async def test_the_loop_retries_a_failed_flush_after_the_backoff_not_at_the_next
             await clock.advance(1.0)
             await checkpoint_until(lambda: p.statistics().failures == 1)
             assert p.durable == {}
-            await clock.advance(
-                1.0
-            )  # the interval has passed again, the backoff has not
+            await clock.advance(1.0)  # the interval has passed again, the backoff has not
             assert store.save_calls == 1
             await clock.advance(1.0)
             await checkpoint_until(lambda: p.durable == {"r1": 1})
@@ -392,9 +374,7 @@ async def test_write_through_wakes_the_loop_at_once_without_advancing_the_clock(
     clock = ManualClock()
     listener = Recorder()
     async with MemoryStore() as store:
-        p = Persister(
-            Tier(store, FlushPolicy.through()), SnapshotEncoder(CODEC), clock, listener
-        )
+        p = Persister(Tier(store, FlushPolicy.through()), SnapshotEncoder(CODEC), clock, listener)
         async with flush_loop(p):
             mark(p, "r1", 1)
             p.notify_when_durable("r1", "r1 may go on")
@@ -458,12 +438,8 @@ async def test_a_failed_flush_keeps_the_pressure_on():
 async def test_crossing_max_pending_bytes_reports_pressure():
     listener = Recorder()
     async with MemoryStore(tier="mem") as store:
-        policy = FlushPolicy(
-            interval=60.0, max_pending_rows=None, max_pending_bytes=2_000
-        )
-        p = Persister(
-            Tier(store, policy), SnapshotEncoder(CODEC), ManualClock(), listener
-        )
+        policy = FlushPolicy(interval=60.0, max_pending_rows=None, max_pending_bytes=2_000)
+        p = Persister(Tier(store, policy), SnapshotEncoder(CODEC), ManualClock(), listener)
         big = {"blob": b"x" * 1_000}
         mark(p, "r0", 1, payload=big)
         await p.flush_once()  # measures ~1 kB per snapshot
@@ -492,9 +468,7 @@ async def test_an_unencodable_payload_reports_a_codec_error_once_and_writes_the_
         assert [rid for rid, _ in listener.codec_errors] == ["bad"]
         assert "bad" in str(listener.codec_errors[0][1])
         assert "lock" in str(listener.codec_errors[0][1])
-        assert (
-            await store.load("bad") is None
-        )  # not failed yet: nothing of it is written
+        assert await store.load("bad") is None  # not failed yet: nothing of it is written
         assert await store.load("good") is not None  # the rest of the batch is
         mark(p, "bad", 2, payload=lock)
         await p.flush_once()
@@ -505,9 +479,7 @@ async def test_an_unencodable_payload_reports_a_codec_error_once_and_writes_the_
         stored = await store.load("bad")
         assert stored is not None
         assert (stored.header.version, stored.header.status) == (3, "failed")
-        assert (
-            decode_snapshot(stored, CODEC, tier="t").payload is None
-        )  # the header, without the payload
+        assert decode_snapshot(stored, CODEC, tier="t").payload is None  # the header, without the payload
         assert [t.version for t in await store.history("bad")] == [1, 2, 3]
         assert len(listener.codec_errors) == 1
         assert p.statistics().codec_errors == 1
@@ -584,9 +556,7 @@ async def test_a_reset_reported_before_a_later_chunk_fails_still_reaches_the_lis
         store.fail_at_save = 2  # the second chunk's save fails
         with pytest.raises(StoreUnavailableError):
             await p.flush_once()
-        await (
-            p.flush_once()
-        )  # the retry succeeds; the store does not report the reset again
+        await p.flush_once()  # the retry succeeds; the store does not report the reset again
         assert store.save_calls == 3
         assert listener.resets == ["valkeyish"]
 
@@ -597,9 +567,7 @@ async def test_a_reset_reported_before_a_later_chunk_fails_still_reaches_the_lis
 async def test_dead_letters_are_encoded_in_the_flush_and_written_before_the_run_rows():
     async with ScriptedStore() as store:
         encoder = SnapshotEncoder(CODEC)
-        p = Persister(
-            Tier(store, FlushPolicy(interval=60.0)), encoder, ManualClock(), Recorder()
-        )
+        p = Persister(Tier(store, FlushPolicy(interval=60.0)), encoder, ManualClock(), Recorder())
         failed = mark(p, "r1", 4, Status.failed)
         p.mark_dead_letter(letter_for(failed))
         assert encoder.encodes == 0  # mark_dead_letter does no encoding
@@ -681,9 +649,7 @@ async def test_two_tiers_flushed_by_their_loops_hold_no_encoding_of_2000_finishe
                 finish_runs(tiers.mark, 2_000)
                 await clock.advance(1.0)
                 await checkpoint_until(lambda: fast.saves == 1)
-                assert (
-                    len(tiers.encoder) == 2_000
-                )  # the slow tier has still to write them
+                assert len(tiers.encoder) == 2_000  # the slow tier has still to write them
                 await clock.advance(4.0)
                 await checkpoint_until(lambda: slow.saves == 1)
                 tiers.stop_loops()

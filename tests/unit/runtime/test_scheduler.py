@@ -68,9 +68,7 @@ SIGNAL = Workflow(
         Step(fn=inc, name="c"),
     ],
 )
-FAILING = Workflow(
-    "failing", [Step(fn=inc, name="a"), Step(fn=boom, retry=RetryPolicy.never())]
-)
+FAILING = Workflow("failing", [Step(fn=inc, name="a"), Step(fn=boom, retry=RetryPolicy.never())])
 
 
 class Witness(Instrument):
@@ -90,28 +88,15 @@ class Witness(Instrument):
         rid = transition.run_id
         actor = self.registry.get(rid)
         if actor is None or actor.snapshot is not snapshot:
-            self.problems.append(
-                f"{rid} v{transition.version}: not the actor's current snapshot"
-            )
+            self.problems.append(f"{rid} v{transition.version}: not the actor's current snapshot")
             return
-        if (
-            snapshot.version != transition.version
-            or snapshot.status is not transition.status
-        ):
-            self.problems.append(
-                f"{rid} v{transition.version}: snapshot and transition disagree"
-            )
+        if snapshot.version != transition.version or snapshot.status is not transition.status:
+            self.problems.append(f"{rid} v{transition.version}: snapshot and transition disagree")
         if len(actor.history) != transition.version:
-            self.problems.append(
-                f"{rid} v{transition.version}: history holds {len(actor.history)}"
-            )
-        buckets = [
-            status for status, ids in self.registry.by_status.items() if rid in ids
-        ]
+            self.problems.append(f"{rid} v{transition.version}: history holds {len(actor.history)}")
+        buckets = [status for status, ids in self.registry.by_status.items() if rid in ids]
         if buckets != [transition.status]:
-            self.problems.append(
-                f"{rid} v{transition.version}: status index has it in {buckets}"
-            )
+            self.problems.append(f"{rid} v{transition.version}: status index has it in {buckets}")
 
 
 class Parts:
@@ -177,9 +162,7 @@ async def test_spawn_the_fast_path_and_commit_leave_history_index_tier_instrumen
     through_commit: list[Transition] = []
     commit = scheduler.commit
 
-    def recording_commit(
-        actor: RunActor, snapshot: Snapshot, transition: Transition
-    ) -> None:
+    def recording_commit(actor: RunActor, snapshot: Snapshot, transition: Transition) -> None:
         through_commit.append(transition)
         commit(actor, snapshot, transition)
 
@@ -188,9 +171,7 @@ async def test_spawn_the_fast_path_and_commit_leave_history_index_tier_instrumen
         scheduler.spawn_new(SIGNAL, "ok", 0)
         scheduler.spawn_new(FAILING, "bad", 0)
         ok, bad = registry.actor("ok"), registry.actor("bad")
-        await until(
-            lambda: ok.snapshot.status is Status.waiting and bad.snapshot.finished
-        )
+        await until(lambda: ok.snapshot.status is Status.waiting and bad.snapshot.finished)
         ok.accept_signal(scheduler, "go", 10)  # what Runtime.send does
         scheduler.schedule(ok)
         await until(lambda: ok.snapshot.finished)
@@ -240,9 +221,7 @@ async def test_spawn_the_fast_path_and_commit_leave_history_index_tier_instrumen
 # ---------------------------------------------------------------- the ready queue
 
 
-async def test_schedule_does_not_queue_an_actor_twice(
-    clock: ManualClock, until: Until
-) -> None:
+async def test_schedule_does_not_queue_an_actor_twice(clock: ManualClock, until: Until) -> None:
     calls: list[int] = []
 
     async def step(payload: int, ctx: StepContext) -> int:
@@ -251,9 +230,7 @@ async def test_schedule_does_not_queue_an_actor_twice(
 
     parts = Parts(clock)
     scheduler = parts.scheduler
-    scheduler.spawn_new(
-        Workflow("w", [Step(fn=step, name=f"s{i}") for i in range(3)]), "r1", 0
-    )
+    scheduler.spawn_new(Workflow("w", [Step(fn=step, name=f"s{i}") for i in range(3)]), "r1", 0)
     actor = parts.registry.actor("r1")
     assert scheduler.ready == 1  # not started: the queue holds it
     scheduler.schedule(actor)
@@ -276,9 +253,7 @@ async def test_an_idle_run_holds_no_task(clock: ManualClock, until: Until) -> No
         before = len(asyncio.all_tasks())
         scheduler.spawn_new(SIGNAL, "r1", 0)
         actor = parts.registry.actor("r1")
-        await until(
-            lambda: actor.snapshot.status is Status.waiting and scheduler.tasks == 0
-        )
+        await until(lambda: actor.snapshot.status is Status.waiting and scheduler.tasks == 0)
         assert scheduler.ready == 0
         assert not actor.queued
         assert not actor.running
@@ -286,9 +261,7 @@ async def test_an_idle_run_holds_no_task(clock: ManualClock, until: Until) -> No
         assert len(asyncio.all_tasks()) == before
 
 
-async def test_a_retrying_run_holds_no_task_until_its_wake_on_the_clock(
-    clock: ManualClock, until: Until
-) -> None:
+async def test_a_retrying_run_holds_no_task_until_its_wake_on_the_clock(clock: ManualClock, until: Until) -> None:
     attempts: list[int] = []
 
     async def flaky(payload: int, ctx: StepContext) -> int:
@@ -303,9 +276,7 @@ async def test_a_retrying_run_holds_no_task_until_its_wake_on_the_clock(
     async with serving(parts):
         scheduler.spawn_new(Workflow("flaky", [Step(fn=flaky, retry=retry)]), "r1", 0)
         actor = parts.registry.actor("r1")
-        await until(
-            lambda: actor.snapshot.status is Status.retrying and scheduler.tasks == 0
-        )
+        await until(lambda: actor.snapshot.status is Status.retrying and scheduler.tasks == 0)
         await clock.advance(0.999)
         assert attempts == [1]
         await clock.advance(0.001)
@@ -314,9 +285,7 @@ async def test_a_retrying_run_holds_no_task_until_its_wake_on_the_clock(
     assert actor.snapshot.status is Status.done
 
 
-async def test_pressure_parks_steps_and_its_release_schedules_them_again(
-    clock: ManualClock, until: Until
-) -> None:
+async def test_pressure_parks_steps_and_its_release_schedules_them_again(clock: ManualClock, until: Until) -> None:
     calls: list[int] = []
 
     async def step(payload: int, ctx: StepContext) -> int:
@@ -328,9 +297,7 @@ async def test_pressure_parks_steps_and_its_release_schedules_them_again(
     scheduler.pressure("slow", True)  # what a tier over its memory bound reports
     assert scheduler.hold
     async with serving(parts):
-        scheduler.spawn_new(
-            Workflow("w", [Step(fn=step, name=f"s{i}") for i in range(2)]), "r1", 0
-        )
+        scheduler.spawn_new(Workflow("w", [Step(fn=step, name=f"s{i}") for i in range(2)]), "r1", 0)
         actor = parts.registry.actor("r1")
         await until(lambda: actor.parked and scheduler.tasks == 0)
         assert calls == []
@@ -354,9 +321,7 @@ async def test_drain_with_nothing_in_flight_returns_zero(clock: ManualClock) -> 
     assert parts.scheduler.stopping
 
 
-async def test_drain_returns_the_tasks_still_running_and_starts_no_new_step(
-    clock: ManualClock, until: Until
-) -> None:
+async def test_drain_returns_the_tasks_still_running_and_starts_no_new_step(clock: ManualClock, until: Until) -> None:
     release = anyio.Event()
     calls: list[int] = []
 
@@ -368,18 +333,12 @@ async def test_drain_returns_the_tasks_still_running_and_starts_no_new_step(
     parts = Parts(clock)
     scheduler = parts.scheduler
     async with serving(parts):
-        scheduler.spawn_new(
-            Workflow("w", [Step(fn=blocking, name=f"s{i}") for i in range(3)]), "r1", 0
-        )
+        scheduler.spawn_new(Workflow("w", [Step(fn=blocking, name=f"s{i}") for i in range(3)]), "r1", 0)
         actor = parts.registry.actor("r1")
         await until(lambda: calls == [0] and scheduler.tasks == 1)
-        assert (
-            await scheduler.drain(0) == 1
-        )  # the deadline has passed at once: one step still in flight
+        assert await scheduler.drain(0) == 1  # the deadline has passed at once: one step still in flight
         release.set()
-        assert (
-            await scheduler.drain(5) == 0
-        )  # 5 s is a hang guard: the step returns at the next checkpoint
+        assert await scheduler.drain(5) == 0  # 5 s is a hang guard: the step returns at the next checkpoint
         scheduler.schedule(actor)
         assert scheduler.tasks == 0  # closed: a scheduled run starts no task
     assert calls == [0]  # the step in flight finished; no new one started

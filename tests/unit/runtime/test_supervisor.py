@@ -82,9 +82,7 @@ async def drive(
 # ------------------------------------------------------------------ retry
 
 
-async def test_a_transient_failure_is_retried_from_the_latest_snapshot_after_the_backoff(
-    clock, until
-):
+async def test_a_transient_failure_is_retried_from_the_latest_snapshot_after_the_backoff(clock, until):
     flaky = Flaky(1)
     policy = RetryPolicy(max_attempts=3, initial_delay=2.0, jitter=0.0)
     wf = Workflow("w", [first, Step(fn=flaky.step, name="flaky", retry=policy)])
@@ -131,9 +129,7 @@ async def test_a_transient_failure_is_retried_from_the_latest_snapshot_after_the
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_jittered_backoff_is_scheduled_on_the_clock_from_the_seeded_rng(
-    seed, until
-):
+async def test_jittered_backoff_is_scheduled_on_the_clock_from_the_seeded_rng(seed, until):
     clock = ManualClock()
     flaky = Flaky(1)
     policy = RetryPolicy(max_attempts=2, initial_delay=4.0, jitter=0.5)
@@ -142,12 +138,7 @@ async def test_jittered_backoff_is_scheduled_on_the_clock_from_the_seeded_rng(
     wf = Workflow("w", [Step(fn=flaky.step, name="flaky", retry=policy)])
     async with Runtime([wf], clock=clock, rng=random.Random(seed)) as rt:
         run = await rt.spawn("w", {}, run_id="r1")
-        await until(
-            lambda: (
-                rt.get("r1").status is Status.retrying
-                and clock.next_deadline() is not None
-            )
-        )
+        await until(lambda: rt.get("r1").status is Status.retrying and clock.next_deadline() is not None)
         assert clock.next_deadline() == expected
         await clock.advance(expected - 0.01)
         assert len(flaky.calls) == 1
@@ -165,11 +156,7 @@ async def test_each_retry_waits_longer_per_the_policy(clock, until):
         run = await rt.spawn("w", {}, run_id="r1")
         deadlines = []
         for attempt in (2, 3, 4):
-            await until(
-                lambda a=attempt: (
-                    rt.get("r1").attempt == a and clock.next_deadline() is not None
-                )
-            )
+            await until(lambda a=attempt: rt.get("r1").attempt == a and clock.next_deadline() is not None)
             deadline = clock.next_deadline()
             assert deadline is not None
             deadlines.append(deadline)
@@ -265,9 +252,7 @@ async def test_restart_intensity_exceeded_gives_up_before_max_attempts(clock):
 
 async def test_restarts_spread_wider_than_the_window_do_not_exceed_the_intensity(clock):
     flaky = Flaky(4)
-    policy = RetryPolicy(
-        max_attempts=10, initial_delay=10.0, multiplier=1.0, jitter=0.0
-    )
+    policy = RetryPolicy(max_attempts=10, initial_delay=10.0, multiplier=1.0, jitter=0.0)
     wf = Workflow("w", [Step(fn=flaky.step, name="flaky", retry=policy)])
     intensity = RestartIntensity(max_restarts=1, window=10.0)
     async with Runtime([wf], clock=clock, intensity=intensity) as rt:
@@ -285,9 +270,7 @@ async def test_restart_intensity_is_counted_per_run(clock):
         return await steps[ctx.run_id].step(payload, ctx)
 
     wf = Workflow("w", [Step(fn=dispatch, name="dispatch", retry=policy)])
-    async with Runtime(
-        [wf], clock=clock, intensity=RestartIntensity(max_restarts=1, window=60.0)
-    ) as rt:
+    async with Runtime([wf], clock=clock, intensity=RestartIntensity(max_restarts=1, window=60.0)) as rt:
         for run_id in steps:
             await rt.spawn("w", {}, run_id=run_id)
         for run_id in steps:
@@ -428,9 +411,7 @@ async def test_dead_letter_attempts_record_every_failure_with_its_time(clock):
         assert info.value.__cause__ is flaky.raised[-1]
 
 
-async def test_a_timeout_that_exhausts_the_policy_fails_the_run_with_step_timeout_error(
-    clock, until
-):
+async def test_a_timeout_that_exhausts_the_policy_fails_the_run_with_step_timeout_error(clock, until):
     never = anyio.Event()
 
     async def hang(payload, ctx):
@@ -453,14 +434,10 @@ async def test_a_timeout_that_exhausts_the_policy_fails_the_run_with_step_timeou
             await drive(rt, clock, "r1", step=1.0)
         assert info.value.error.type == "hotstate.StepTimeoutError"
         assert isinstance(info.value.__cause__, StepTimeoutError)
-        assert [a.type for a in rt.dead_letters()[0].attempts] == [
-            "hotstate.StepTimeoutError"
-        ] * 2
+        assert [a.type for a in rt.dead_letters()[0].attempts] == ["hotstate.StepTimeoutError"] * 2
 
 
-async def test_cancelling_a_compensating_run_lets_it_finish_compensating_and_fail(
-    clock, until
-):
+async def test_cancelling_a_compensating_run_lets_it_finish_compensating_and_fail(clock, until):
     release = anyio.Event()
     started = anyio.Event()
     undone: list[str] = []
@@ -495,9 +472,7 @@ async def test_cancelling_a_compensating_run_lets_it_finish_compensating_and_fai
 
 async def test_retry_dead_letter_reruns_the_failed_step_and_the_run_ends_done(clock):
     flaky = Flaky(1)
-    wf = Workflow(
-        "w", [first, Step(fn=flaky.step, name="flaky", retry=RetryPolicy.never())]
-    )
+    wf = Workflow("w", [first, Step(fn=flaky.step, name="flaky", retry=RetryPolicy.never())])
     async with Runtime([wf], clock=clock) as rt:
         run = await rt.spawn("w", {}, run_id="r1")
         with anyio.fail_after(5), pytest.raises(RunFailedError):
@@ -531,9 +506,7 @@ async def test_retry_dead_letter_can_resume_from_a_named_step(clock):
         calls.append("head")
         return payload
 
-    wf = Workflow(
-        "w", [head, Step(fn=flaky.step, name="flaky", retry=RetryPolicy.never())]
-    )
+    wf = Workflow("w", [head, Step(fn=flaky.step, name="flaky", retry=RetryPolicy.never())])
     async with Runtime([wf], clock=clock) as rt:
         run = await rt.spawn("w", {}, run_id="r1")
         with anyio.fail_after(5), pytest.raises(RunFailedError):
@@ -559,9 +532,7 @@ async def test_retry_dead_letter_of_an_unknown_or_healthy_run_raises_run_not_fou
 
 @pytest.mark.parametrize("from_step", [5, -1, "nope", True])
 async def test_retry_dead_letter_from_a_bad_step_raises_config_error(clock, from_step):
-    wf = Workflow(
-        "w", [first, Step(fn=Flaky(9).step, name="flaky", retry=RetryPolicy.never())]
-    )
+    wf = Workflow("w", [first, Step(fn=Flaky(9).step, name="flaky", retry=RetryPolicy.never())])
     async with Runtime([wf], clock=clock) as rt:
         run = await rt.spawn("w", {}, run_id="r1")
         with anyio.fail_after(5), pytest.raises(RunFailedError):
@@ -585,9 +556,7 @@ class Timeout:
 
 DEFAULT = RetryPolicy(max_attempts=3, initial_delay=0.5, jitter=0.5)
 NEVER = RetryPolicy.never()
-STRICT = RetryPolicy(
-    max_attempts=4, initial_delay=1.0, non_retryable=(DeclinedError, KeyError)
-)
+STRICT = RetryPolicy(max_attempts=4, initial_delay=1.0, non_retryable=(DeclinedError, KeyError))
 
 
 @pytest.mark.parametrize(
@@ -608,10 +577,7 @@ STRICT = RetryPolicy(
         (STRICT, ValueError, 4, "failed", 4),
         (STRICT, Timeout, 3, "done", 4),
     ],
-    ids=lambda v: (
-        getattr(v, "__name__", None)
-        or (str(v) if not isinstance(v, RetryPolicy) else None)
-    ),
+    ids=lambda v: getattr(v, "__name__", None) or (str(v) if not isinstance(v, RetryPolicy) else None),
 )
 async def test_behaviour_matrix(clock, rng, policy, error, failures, outcome, attempts):
     calls: list[int] = []

@@ -35,9 +35,7 @@ async def test_callbacks_fire_in_deadline_order(clock):
         timers.call_later(3.0, lambda: fired.append("c"))
         timers.call_later(1.0, lambda: fired.append("a"))
         timers.call_later(2.0, lambda: fired.append("b"))
-        timers.call_later(
-            2.0, lambda: fired.append("b2")
-        )  # same deadline: order of scheduling
+        timers.call_later(2.0, lambda: fired.append("b2"))  # same deadline: order of scheduling
         await clock.advance(5.0)
     assert fired == ["a", "b", "b2", "c"]
 
@@ -116,9 +114,7 @@ async def test_zero_and_negative_delays_fire_on_the_next_pass(clock):
         assert sorted(fired) == ["negative", "zero"]
 
 
-async def test_a_raising_callback_is_counted_logged_and_does_not_stop_other_timers(
-    clock, caplog
-):
+async def test_a_raising_callback_is_counted_logged_and_does_not_stop_other_timers(clock, caplog):
     fired: list[str] = []
 
     def boom() -> None:
@@ -139,9 +135,7 @@ async def test_a_raising_callback_is_counted_logged_and_does_not_stop_other_time
     assert fired == ["before", "same deadline", "later"]
     records = [r for r in caplog.records if r.name == "hotstate.timers"]
     assert len(records) == 2
-    assert all(
-        r.exc_info is not None and "callback bug" in str(r.exc_info[1]) for r in records
-    )
+    assert all(r.exc_info is not None and "callback bug" in str(r.exc_info[1]) for r in records)
 
 
 @pytest.mark.parametrize("count", [1, 10, 200])
