@@ -30,8 +30,9 @@ from hotstate import (
 )
 from hotstate._bench import _w1 as w1
 from hotstate.persistence import SQLiteStore, Store
+from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._listener import IgnoringListener
-from hotstate.persistence._persister import Persister, SnapshotEncoder
+from hotstate.persistence._persister import Persister
 from hotstate.persistence._records import encode_snapshot
 
 BLOB = w1.BLOB

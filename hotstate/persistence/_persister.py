@@ -1,4 +1,4 @@
-"""The write-behind ``Persister`` (one per tier) and the ``SnapshotEncoder`` the tiers share.
+"""The write-behind ``Persister``: one per tier, sharing one ``SnapshotEncoder`` (``_encoder.py``).
 
 The "Persister" box of the map in docs/architecture.md: ``mark`` is O(1) and does no I/O (it keeps
 the newest snapshot per run and appends the transition); the flush loop
@@ -44,11 +44,11 @@ if TYPE_CHECKING:
 
     from hotstate._clock import Clock
     from hotstate._instrument import Instruments
-    from hotstate.persistence._codec import Codec
+    from hotstate.persistence._encoder import SnapshotEncoder
     from hotstate.persistence._listener import TierListener
     from hotstate.persistence._policy import Tier
 
-__all__ = ["Persister", "PersisterStatistics", "SnapshotEncoder"]
+__all__ = ["Persister", "PersisterStatistics"]
 
 log = logging.getLogger("hotstate.persistence")
 
@@ -99,59 +99,6 @@ class PersisterStatistics:
     codec_errors: int
     resets: int
     last_error: str | None
-
-
-@final
-class SnapshotEncoder:
-    """Encodes each (run, version) once, however many tiers flush it.
-
-    An encoding is kept until every tier has that version durable, then freed
-    (``acknowledged``), so a long-running service holds encodings only of what
-    some tier has still to write.
-
-    Args:
-        codec: the payload codec.
-    """
-
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
-        self._cache: dict[str, tuple[int, StoredSnapshot]] = {}
-        self._durable: list[dict[str, int]] = []  # each tier's durable versions
-        self.encodes = 0
-
-    def track(self, durable: dict[str, int]) -> None:
-        """Count one more tier: an encoding is freed once ``durable`` (and every other tracked map) holds its version."""
-        self._durable.append(durable)
-
-    def encode(self, snapshot: Snapshot) -> StoredSnapshot:
-        """Encode ``snapshot`` (or return the cached encoding of that version).
-
-        Raises:
-            CodecError: the payload cannot be encoded.
-        """
-        hit = self._cache.get(snapshot.run_id)
-        if hit is not None and hit[0] == snapshot.version:
-            return hit[1]
-        stored = encode_snapshot(snapshot, self.codec)
-        self.encodes += 1
-        self._cache[snapshot.run_id] = (snapshot.version, stored)
-        return stored
-
-    def acknowledged(self, run_id: str, version: int) -> None:
-        """A tier has ``version`` of ``run_id`` durable: free the encoding once every tier has it."""
-        hit = self._cache.get(run_id)
-        if hit is None:
-            return
-        held = hit[0]
-        if held <= version and all(d.get(run_id, 0) >= held for d in self._durable):
-            del self._cache[run_id]
-
-    def forget(self, run_id: str) -> None:
-        """Drop the encoding of a run that left memory (purged)."""
-        self._cache.pop(run_id, None)
-
-    def __len__(self) -> int:
-        return len(self._cache)
 
 
 @final

@@ -17,11 +17,8 @@ import anyio
 
 from hotstate._clock import SystemClock
 from hotstate._errors import ConfigError, PersistenceError
-from hotstate.persistence._persister import (
-    Persister,
-    PersisterStatistics,
-    SnapshotEncoder,
-)
+from hotstate.persistence._encoder import SnapshotEncoder
+from hotstate.persistence._persister import Persister, PersisterStatistics
 from hotstate.persistence._policy import Tier
 from hotstate.persistence._records import decode_snapshot
 

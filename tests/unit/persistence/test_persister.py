@@ -31,7 +31,8 @@ from hotstate.persistence import (
     StoredSnapshot,
     Tier,
 )
-from hotstate.persistence._persister import Persister, SnapshotEncoder
+from hotstate.persistence._encoder import SnapshotEncoder
+from hotstate.persistence._persister import Persister
 from hotstate.persistence._records import decode_snapshot
 from hotstate.persistence._store import StoreBase
 from hotstate.persistence._tiers import Tiers
