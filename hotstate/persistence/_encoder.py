@@ -60,12 +60,17 @@ class SnapshotEncoder:
 
     def acknowledged(self, run_id: str, version: int) -> None:
         """A tier has ``version`` of ``run_id`` durable: free the encoding once every tier has it."""
-        hit = self._cache.get(run_id)
-        if hit is None:
+        cache = self._cache
+        if not cache:
+            return
+        hit = cache.get(run_id)
+        if hit is None or hit[0] > version:
             return
         held = hit[0]
-        if held <= version and all(d.get(run_id, 0) >= held for d in self._durable):
-            del self._cache[run_id]
+        for durable in self._durable:
+            if durable.get(run_id, 0) < held:
+                return
+        del cache[run_id]
 
     def forget(self, run_id: str) -> None:
         """Drop the encoding of a run that left memory (purged)."""

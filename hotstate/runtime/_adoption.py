@@ -182,14 +182,30 @@ class Adoption:
         return True
 
     def _resume(self, snap: Snapshot, highest: int) -> None:
-        """Bring a stored unfinished run into memory at ``snap`` and record ``resumed``.
-
-        The new version is above ``highest``, the newest version any tier claims
-        for the run (a corrupt copy's too): versions are never reused.
-        """
+        """Bring a stored unfinished run into memory at ``snap`` and record ``resumed``."""
         status = snap.status
         if status is Status.retrying or status is Status.pending:
             status = Status.running  # the backoff timer died with the old process: retry now
+        actor = self._bring_back(snap, highest, status, TransitionKind.resumed, "from v{}")
+        if status is not Status.waiting and status not in TERMINAL_STATUSES:
+            self._scheduler.schedule(actor)
+
+    def _adopt_failed(self, letter: DeadLetter, highest: int) -> None:
+        """Record a run that failed for good before the crash (its dead letter is newer than its row)."""
+        snap = letter.snapshot
+        detail = f"recovered from its dead letter (v{snap.version})"
+        self._bring_back(snap, highest, Status.failed, TransitionKind.failed, detail)
+
+    def _bring_back(self, snap: Snapshot, highest: int, status: Status, kind: TransitionKind, detail: str) -> RunActor:
+        """Hold ``snap``'s run and commit its next version in ``status`` with a ``kind`` transition.
+
+        The new version is above ``highest``, the newest version any tier claims
+        for the run (a corrupt copy's too): versions are never reused. ``detail``
+        may hold ``{}`` for the version it continues from.
+
+        Returns:
+            The actor.
+        """
         run_id = snap.run_id
         base = max(snap.version, highest)
         actor = RunActor(self._workflows[snap.workflow], snap, History(base))
@@ -197,69 +213,11 @@ class Adoption:
         now = self._wall()
         v = base + 1
         # _new, not _replace: recovery adopts 100,000 runs, and _replace costs ~3 us each.
-        new = _new(
-            Snapshot,
-            (
-                run_id,
-                snap.workflow,
-                snap.workflow_version,
-                v,
-                snap.step,
-                status,
-                snap.payload,
-                snap.error,
-                now,
-                snap.attempt,
-                snap.signals,
-            ),
-        )
-        self._scheduler.commit(
-            actor, new, _new(Transition, (run_id, v, TransitionKind.resumed, snap.step, status, now, f"from v{v - 1}"))
-        )
-        if status is not Status.waiting and status not in TERMINAL_STATUSES:
-            self._scheduler.schedule(actor)
-
-    def _adopt_failed(self, letter: DeadLetter, highest: int) -> None:
-        """Record a run that failed for good before the crash (its dead letter is newer than its row)."""
-        snap = letter.snapshot
-        run_id = snap.run_id
-        base = max(snap.version, highest)
-        actor = RunActor(self._workflows[snap.workflow], snap, History(base))
-        self._registry.add(actor)
-        now = self._wall()
-        v = base + 1  # above any copy a tier claims: versions are never reused
-        new = _new(
-            Snapshot,
-            (
-                run_id,
-                snap.workflow,
-                snap.workflow_version,
-                v,
-                snap.step,
-                Status.failed,
-                snap.payload,
-                snap.error,
-                now,
-                snap.attempt,
-                snap.signals,
-            ),
-        )
-        self._scheduler.commit(
-            actor,
-            new,
-            _new(
-                Transition,
-                (
-                    run_id,
-                    v,
-                    TransitionKind.failed,
-                    snap.step,
-                    Status.failed,
-                    now,
-                    f"recovered from its dead letter (v{snap.version})",
-                ),
-            ),
-        )
+        fields = (run_id, snap.workflow, snap.workflow_version, v, snap.step, status, snap.payload, snap.error, now,
+                  snap.attempt, snap.signals)  # fmt: skip
+        transition = _new(Transition, (run_id, v, kind, snap.step, status, now, detail.format(base)))
+        self._scheduler.commit(actor, _new(Snapshot, fields), transition)
+        return actor
 
     async def _load_dead_letters(
         self, letters: dict[str, DeadLetter], failed: set[str]
