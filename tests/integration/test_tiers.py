@@ -456,7 +456,10 @@ async def test_write_through_on_sqlite_keeps_every_run_durable_within_one_versio
         assert versions == 300
         sqlite_stats = rt.tier_statistics()[1]
         assert sqlite_stats.tier == "sqlite"
-        assert sqlite_stats.flushes < versions / 10, sqlite_stats  # group commit
+        # Group commit: one transaction per version would be 300 flushes. Measured
+        # 15-18 on an idle machine and 23-33 with the other core busy, so the bound
+        # (at least 5 versions per transaction on average) is not a timing bet.
+        assert sqlite_stats.flushes < versions / 5, sqlite_stats
         assert sqlite_stats.transitions_written == versions
         for h in await sq.scan(limit=1000):
             assert h.status == "done"
