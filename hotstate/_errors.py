@@ -151,7 +151,16 @@ class CodecError(PersistenceError):
 
 
 class DurabilityTimeoutError(PersistenceError, TimeoutError):
-    """A write-through waiter was not acknowledged in time (the tier is down or slow)."""
+    """A change was not durable in a tier in time (the tier is down or slow); nothing is lost.
+
+    ``run_id`` and ``version`` name what was waited for (None when unknown), so a
+    caller whose ``spawn`` timed out still learns the id of the run it started.
+    """
+
+    def __init__(self, tier: str, message: str, *, run_id: str | None = None, version: int | None = None) -> None:
+        self.run_id = run_id
+        self.version = version
+        super().__init__(tier, message)
 
 
 class ValkeyServerError(HotstateError, RuntimeError):

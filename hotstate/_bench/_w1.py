@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hotstate import Runtime, Status, StepContext, Workflow
+import anyio
+
+from hotstate import RunHandle, Runtime, Status, StepContext, Workflow
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -72,7 +74,20 @@ async def hotstate_run(
     gc.collect()
     async with Runtime([wf], **runtime_options) as rt:
         t0 = time.perf_counter()
-        handles = [await rt.spawn(wf, {"n": 0, "id": f"r{i}", "blob": BLOB}) for i in range(n)]
+        tiers = runtime_options.get("tiers", ())
+        if runtime_options.get("ack_tiers") or any(t.policy.write_through for t in tiers):
+            # Each spawn returns once its first snapshot is durable: N concurrent
+            # callers (as N web requests would be) share the group commits.
+            handles: list[RunHandle] = []
+            async with anyio.create_task_group() as tg:
+
+                async def spawn(i: int) -> None:
+                    handles.append(await rt.spawn(wf, {"n": 0, "id": f"r{i}", "blob": BLOB}))
+
+                for i in range(n):
+                    tg.start_soon(spawn, i)
+        else:
+            handles = [await rt.spawn(wf, {"n": 0, "id": f"r{i}", "blob": BLOB}) for i in range(n)]
         for h in handles:
             await h.wait_finished()
         elapsed = time.perf_counter() - t0

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 if TYPE_CHECKING:
-    from hotstate._errors import CodecError
+    from hotstate._errors import CodecError, StaleVersionError
 
 __all__ = ["IgnoringListener", "TierListener"]
 
@@ -32,6 +32,10 @@ class TierListener(Protocol):
         """The newest snapshot of ``run_id`` cannot be encoded: the run must fail."""
         ...
 
+    def conflict(self, run_id: str, exc: StaleVersionError) -> None:
+        """The store skipped ``run_id``'s snapshot because it holds a newer version: the run must stop."""
+        ...
+
     def reset(self, tier: str) -> None:
         """``tier``'s store lost its data: queue everything held in memory for it again."""
         ...
@@ -48,6 +52,9 @@ class IgnoringListener:
         """Ignore."""
 
     def codec_error(self, run_id: str, exc: CodecError) -> None:
+        """Ignore."""
+
+    def conflict(self, run_id: str, exc: StaleVersionError) -> None:
         """Ignore."""
 
     def reset(self, tier: str) -> None:

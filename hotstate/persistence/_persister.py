@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 import anyio.lowlevel
 
+from hotstate._clock import SystemClock
 from hotstate._errors import (
     CodecError,
     DurabilityTimeoutError,
     PersistenceError,
+    StaleVersionError,
     StoreUnavailableError,
 )
 from hotstate.actors import DeadLetter, Snapshot, Status, Transition
@@ -38,7 +40,7 @@ from hotstate.persistence._records import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from anyio.abc import TaskStatus
 
@@ -75,6 +77,8 @@ class PersisterStatistics:
         backpressure: True while steps wait for this tier to drain.
         backpressure_events: times the memory bound was crossed.
         codec_errors: snapshots that could not be encoded (their runs failed).
+        conflicts: snapshots the store skipped because it holds a newer version of
+            the run (never counted durable; the run was stopped).
         resets: times the store reported it had lost its data (e.g. Valkey restarted
             empty); each time the runtime wrote what it holds in memory again.
         last_error: the last flush error's message, or None.
@@ -97,8 +101,21 @@ class PersisterStatistics:
     backpressure: bool
     backpressure_events: int
     codec_errors: int
+    conflicts: int
     resets: int
     last_error: str | None
+
+
+@final
+class _Waiter:
+    """One ``wait_durable`` caller: set when its version is durable, or with the error that means it never will be."""
+
+    __slots__ = ("error", "event", "version")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.event = anyio.Event()
+        self.error: PersistenceError | None = None
 
 
 @final
@@ -138,17 +155,24 @@ class Persister:
         self._dead: list[DeadLetter] = []
         self._dead_deletes: list[str] = []
         self.waiting: dict[str, Any] = {}  # run_id -> what to hand the listener once durable
-        self._durable_events: dict[str, list[tuple[int, anyio.Event]]] = {}
+        self._durable_events: dict[str, list[_Waiter]] = {}
         self._lock = anyio.Lock()
         self._sleep: anyio.CancelScope | None = None
         self._last_flush = clock.now()
         self._avg_bytes = 0.0
         self._poisoned: set[str] = set()
+        self._conflicted: set[str] = set()  # runs whose conflict was logged (once each)
         self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
         self.pressure = False
         self._stopping = False
         bound = tier.policy.max_pending_rows
         self._bound_rows = bound if bound is not None else 1 << 62
+        self._bound_dirty = 1 << 62  # dirty runs past max_pending_bytes at the measured bytes per snapshot
+        # Record a transition and the run's newest snapshot: O(1), no I/O. Only a
+        # bytes-bounded tier pays for the second bound check on every mark.
+        self.mark: Callable[[Snapshot, Transition], None] = (
+            self._mark if tier.policy.max_pending_bytes is None else self._mark_bounded_bytes
+        )
         self._urgent_rows = 0 if tier.policy.write_through else tier.policy.max_batch_rows
         # figures
         self._flushes = self._failures = self._consecutive = 0
@@ -158,13 +182,13 @@ class Persister:
         self._bytes = 0
         self._pressure_events = 0
         self._codec_errors = 0
+        self._conflicts = 0
         self._resets = 0
         self._last_error: str | None = None
 
     # ------------------------------------------------------------ hot path
 
-    def mark(self, snapshot: Snapshot, transition: Transition) -> None:
-        """Record a transition and the run's newest snapshot. O(1), no I/O."""
+    def _mark(self, snapshot: Snapshot, transition: Transition) -> None:
         dirty = self._dirty
         dirty[snapshot.run_id] = snapshot
         transitions = self._transitions
@@ -173,6 +197,22 @@ class Persister:
         if n >= self._urgent_rows or n == 1:
             self._poke()  # batch full, write-through, or the loop sleeps with nothing pending
         if n + len(dirty) > self._bound_rows and not self.pressure:
+            self._set_pressure(True)
+
+    def _mark_bounded_bytes(self, snapshot: Snapshot, transition: Transition) -> None:
+        """``mark`` for a tier with ``max_pending_bytes``: also bound the estimated bytes of the dirty runs.
+
+        The estimate is the bytes per snapshot measured by the last flush that
+        wrote any (before the first, only the rows bound applies).
+        """
+        dirty = self._dirty
+        dirty[snapshot.run_id] = snapshot
+        transitions = self._transitions
+        transitions.append(transition)
+        n = len(transitions)
+        if n >= self._urgent_rows or n == 1:
+            self._poke()
+        if (n + len(dirty) > self._bound_rows or len(dirty) > self._bound_dirty) and not self.pressure:
             self._set_pressure(True)
 
     def mark_dead_letter(self, letter: DeadLetter) -> None:
@@ -235,6 +275,7 @@ class Persister:
             backpressure=self.pressure,
             backpressure_events=self._pressure_events,
             codec_errors=self._codec_errors,
+            conflicts=self._conflicts,
             resets=self._resets,
             last_error=self._last_error,
         )
@@ -252,28 +293,57 @@ class Persister:
         """
         if self.durable.get(run_id, 0) >= version:
             return
-        event = anyio.Event()
-        self._durable_events.setdefault(run_id, []).append((version, event))
+        waiter = _Waiter(version)
+        self._durable_events.setdefault(run_id, []).append(waiter)
         self._poke()
-        deadline = self._clock.now() + (self.policy.ack_timeout if timeout is None else timeout)
+        seconds = self.policy.ack_timeout if timeout is None else timeout
+        deadline = self._clock.now() + seconds
         timed_out = False
-        async with anyio.create_task_group() as tg:
+        try:
+            if type(self._clock) is SystemClock:
+                # The event loop's clock: a deadline on a cancel scope, no watchdog
+                # task (write-through acknowledges every spawn through here).
+                with anyio.move_on_after(seconds) as scope:
+                    await waiter.event.wait()
+                timed_out = scope.cancelled_caught
+            else:
+                async with anyio.create_task_group() as tg:
 
-            async def expire() -> None:
-                nonlocal timed_out
-                await self._clock.sleep_until(deadline)
-                timed_out = True
-                tg.cancel_scope.cancel()
+                    async def expire() -> None:
+                        nonlocal timed_out
+                        await self._clock.sleep_until(deadline)
+                        timed_out = True
+                        tg.cancel_scope.cancel()
 
-            tg.start_soon(expire)
-            await event.wait()
-            tg.cancel_scope.cancel()
+                    tg.start_soon(expire)
+                    await waiter.event.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._drop_waiter(run_id, waiter)
+        if waiter.error is not None:
+            raise waiter.error
         if timed_out and self.durable.get(run_id, 0) < version:
             raise DurabilityTimeoutError(
                 self.name,
-                f"run {run_id!r} v{version} not durable after {deadline - self._clock.now() + (self.policy.ack_timeout if timeout is None else timeout):g} s"
+                f"run {run_id!r} v{version} not durable after {seconds:g} s"
                 f" (durable: v{self.durable.get(run_id, 0)}; last error: {self._last_error})",
+                run_id=run_id,
+                version=version,
             )
+
+    def _drop_waiter(self, run_id: str, waiter: _Waiter) -> None:
+        pending = self._durable_events.get(run_id)
+        if pending is not None and waiter in pending:
+            pending.remove(waiter)
+            if not pending:
+                del self._durable_events[run_id]
+
+    def _fail_waiters(self, run_id: str, exc: PersistenceError) -> None:
+        """Wake every ``wait_durable`` caller of ``run_id`` with ``exc``: what they wait for will not become durable."""
+        pending = self._durable_events.pop(run_id, None)
+        for waiter in pending or ():
+            waiter.error = exc
+            waiter.event.set()
 
     # ----------------------------------------------------------- the loop
 
@@ -395,17 +465,23 @@ class Persister:
             chunks[-1][1].extend(leftover)
         return chunks
 
-    def _encode(self, batch: dict[str, Snapshot]) -> list[StoredSnapshot]:
+    def _encode(self, batch: dict[str, Snapshot]) -> tuple[list[StoredSnapshot], dict[str, CodecError]]:
+        """The stored form of each snapshot, and the runs whose snapshot cannot be written (with why)."""
         encode = self._encoder.encode
         out: list[StoredSnapshot] = []
+        unwritten: dict[str, CodecError] = {}
         for rid, snap in batch.items():
             try:
                 out.append(encode(snap))
             except CodecError as exc:
                 named = CodecError(exc.tier, f"run {rid!r}: {exc.detail}")
                 named.__cause__ = exc
-                out.extend(self._encode_poisoned(rid, snap, named))
-        return out
+                header_only = self._encode_poisoned(rid, snap, named)
+                if header_only:
+                    out.extend(header_only)
+                else:
+                    unwritten[rid] = named
+        return out, unwritten
 
     def _encode_poisoned(self, rid: str, snap: Snapshot, exc: CodecError) -> list[StoredSnapshot]:
         """An unencodable payload fails its run; its header still reaches the store."""
@@ -427,7 +503,7 @@ class Persister:
         t0 = time.perf_counter()
         chunks = self._chunks(batch, transitions)
         done = snapshots = rows = nbytes = 0
-        reset = dead_saved = False
+        dead_saved = False
         try:
             # Dead letters go before the run rows: after a crash between the two,
             # recovery finds a letter newer than the run's row and records the
@@ -436,15 +512,20 @@ class Persister:
                 await self.store.save_dead_letters([self._encode_dead_letter(letter) for letter in dead])
             dead_saved = True
             for chunk, chunk_transitions in chunks:
-                stored = self._encode(chunk)
+                stored, unwritten = self._encode(chunk)
+                conflicts: Mapping[str, int] = {}
                 if stored or chunk_transitions:
                     result = await self._save(stored, chunk_transitions)
                     self._stale += result.stale
-                    reset = reset or result.reset
+                    conflicts = result.conflicts
+                    if result.reset:
+                        # At once, not after the whole flush: a later chunk that fails
+                        # must not lose it (the store reports a reset only once).
+                        self._store_was_reset()
                 if self.policy.keep_every is not None and stored:
                     await self._keep_versions(stored)
                 done += 1
-                self._acknowledge(chunk)
+                self._acknowledge(chunk, unwritten, conflicts)
                 snapshots += len(stored)
                 rows += len(stored) + len(chunk_transitions)
                 nbytes += sum(len(x.body) for x in stored)
@@ -486,9 +567,10 @@ class Persister:
         self._max_duration = max(self._max_duration, duration)
         self._bytes += nbytes
         if snapshots:
-            self._avg_bytes = nbytes / snapshots
-        if reset:
-            self._store_was_reset()
+            self._avg_bytes = avg = nbytes / snapshots
+            bound_bytes = self.policy.max_pending_bytes
+            if bound_bytes is not None and avg > 0:
+                self._bound_dirty = int(bound_bytes / avg)
         if self.pressure and not self.policy.over_bound(
             pending_rows=self.pending_rows, pending_bytes=len(self._dirty) * self._avg_bytes
         ):
@@ -550,17 +632,33 @@ class Persister:
         self._transitions.extend(transitions)
         self._poke()
 
+    def note_stored(self, run_id: str, version: int) -> None:
+        """The store was read holding ``version`` of ``run_id``: that version is durable here."""
+        if self.durable.get(run_id, 0) < version:
+            self.durable[run_id] = version
+
     def notify_when_durable(self, run_id: str, item: Any) -> None:
         """Hand ``item`` to the listener once ``run_id``'s next flush is acknowledged; flush soon."""
         self.waiting[run_id] = item
         self._poke()
 
-    def _acknowledge(self, batch: dict[str, Snapshot]) -> None:
+    def _acknowledge(
+        self, batch: dict[str, Snapshot], unwritten: Mapping[str, CodecError], conflicts: Mapping[str, int]
+    ) -> None:
+        """Count as durable what the store wrote: never a snapshot it could not take or skipped for a newer one."""
         durable = self.durable
         waiting = self.waiting
         events = self._durable_events
         acknowledged = self._encoder.acknowledged
         for rid, snap in batch.items():
+            if unwritten or conflicts:
+                if rid in unwritten:
+                    self._fail_waiters(rid, unwritten[rid])
+                    continue
+                stored = conflicts.get(rid)
+                if stored is not None:
+                    self._conflict(rid, snap.version, stored)
+                    continue
             if durable.get(rid, 0) < snap.version:
                 durable[rid] = snap.version
             acknowledged(rid, snap.version)
@@ -571,14 +669,31 @@ class Persister:
             if events:
                 pending = events.get(rid)
                 if pending:
-                    keep = [(v, e) for v, e in pending if v > snap.version]
-                    for v, e in pending:
-                        if v <= snap.version:
-                            e.set()
+                    keep = [w for w in pending if w.version > snap.version]
+                    for w in pending:
+                        if w.version <= snap.version:
+                            w.event.set()
                     if keep:
                         events[rid] = keep
                     else:
                         del events[rid]
+
+    def _conflict(self, rid: str, attempted: int, stored: int) -> None:
+        """The store holds ``rid`` at a newer version than this runtime wrote: not durable, and the run must stop."""
+        exc = StaleVersionError(self.name, rid, stored, attempted)
+        self._conflicts += 1
+        if rid not in self._conflicted:
+            self._conflicted.add(rid)
+            log.error(
+                "hotstate: tier %r holds run %r at v%d, newer than the v%d this runtime wrote; not counted durable",
+                self.name,
+                rid,
+                stored,
+                attempted,
+            )
+        self._fail_waiters(rid, exc)
+        self.waiting.pop(rid, None)
+        self._listener.conflict(rid, exc)
 
     def _merge_back(
         self,
@@ -602,4 +717,5 @@ class Persister:
         self.durable.pop(run_id, None)
         self._encoder.forget(run_id)
         self._poisoned.discard(run_id)
+        self._conflicted.discard(run_id)
         self._kept.pop(run_id, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hotstate._errors import CodecError, CorruptSnapshotError
@@ -24,11 +24,12 @@ from hotstate.actors._snapshot import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from hotstate.persistence._codec import Codec
 
 __all__ = [
+    "BadRow",
     "RunHeader",
     "SaveResult",
     "StoredDeadLetter",
@@ -117,16 +118,46 @@ class SaveResult:
 
     Attributes:
         written: snapshots actually written.
-        stale: snapshots skipped because the stored version was >= theirs.
+        stale: snapshots skipped because the stored version was >= theirs
+            (``written + stale`` is the batch's length).
         transitions: transitions newly stored (a repeated (run_id, version) is ignored).
         reset: the store found it had lost its data since it was opened (e.g. a
             Valkey server restarted empty); what was written before is gone.
+        conflicts: run id -> the version the store holds, for each run of the
+            batch whose snapshot was skipped because the store holds a strictly
+            higher version: a write the store did not take, which is not durable.
+            A run saved at a version equal to the stored one is stale but not a
+            conflict (a retried batch the store had already taken), and a run
+            that appears more than once is a conflict only when its highest
+            version in the batch was skipped. ``-1`` stands for a stored version
+            that is not an integer (a row written by something other than
+            hotstate): the store cannot order it, and skipped the snapshot.
+            Empty when every snapshot was written or was equal.
     """
 
     written: int
     stale: int
     transitions: int
     reset: bool = False
+    conflicts: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BadRow:
+    """A stored row a read skipped because it is malformed (``Store.scan_snapshots``, ``Store.load_many``).
+
+    Something other than hotstate wrote it, or changed it: a header field of
+    the wrong type or out of range, text that is not UTF-8, a missing field,
+    a key of the wrong type. The row is left in the store for an operator.
+
+    Attributes:
+        run_id: the run id the row is stored under (rendered with
+            ``repr`` when the stored id itself is not text).
+        reason: what is wrong with it, naming the field and the value.
+    """
+
+    run_id: str
+    reason: str
 
 
 _ERROR_FIELDS = tuple(f.name for f in dataclasses.fields(ErrorInfo))

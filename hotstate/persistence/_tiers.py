@@ -105,6 +105,11 @@ class Tiers:
         return tuple(p.store for p in self._persisters)
 
     @property
+    def write_through_names(self) -> tuple[str, ...]:
+        """The names of the write-through tiers, in order."""
+        return tuple(p.name for p in self._through)
+
+    @property
     def write_through(self) -> bool:
         """True when some tier's policy is write-through (runs may be parked after each step)."""
         return bool(self._through)
@@ -205,6 +210,8 @@ class Tiers:
     async def copies(self, run_id: str) -> list[tuple[str, StoredSnapshot]]:
         """Every answering tier's copy of ``run_id``, in tier order, without waiting on an outage.
 
+        A copy read back is durable in its tier: that version counts as
+        acknowledged there (an adopted run's acknowledgements need no rewrite).
         A tier whose flushes are failing is skipped, and one that does not answer
         within its policy's ``ack_timeout`` (on the runtime's clock) is given up
         on for this lookup: ``spawn`` of a stored id never stalls on a down tier.
@@ -227,6 +234,7 @@ class Tiers:
                 )
                 continue
             if stored is not None:
+                p.note_stored(run_id, stored.header.version)
                 found.append((p.name, stored))
         return found
 
@@ -274,7 +282,9 @@ class Tiers:
                 log.error("hotstate recovery: cannot read runs of tier %r: %s", p.name, exc)
                 continue
             for rid, stored in found.items():
-                newest[rid] = max(newest.get(rid, 0), stored.header.version)
+                version = stored.header.version
+                p.note_stored(rid, version)
+                newest[rid] = max(newest.get(rid, 0), version)
         return newest
 
     async def load_version(self, run_id: str, version: int, *, tier: str | None = None) -> Snapshot | None:

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
     from types import TracebackType
 
+    from hotstate.actors._actor import RunActor
     from hotstate.runtime._recovery import RecoveryReport
 
 
@@ -87,6 +88,13 @@ class Runtime:
         shutdown_timeout: seconds in-flight steps get to finish at shutdown.
         flush_timeout: seconds the final flush at shutdown may take.
         steps_per_turn: steps one run may take before others get a turn (fairness).
+        ack_tiers: tiers whose durability every acknowledgement waits for, as
+            for write-through tiers (always waited for): ``spawn``, ``send``,
+            ``cancel`` and ``retry_dead_letter`` return, and ``wait_finished``
+            returns or raises, only once the change is durable there; waiters
+            share the tier's group commit. E.g. ``ack_tiers=["sqlite"]`` over a
+            write-behind SQLite tier makes a web handler's 2xx mean "survives a
+            SIGKILL" while steps stay write-behind.
         instruments: observers called on every transition and around each
             batch of run rows a tier writes (``Store.save``; not dead letters,
             kept versions or deletions) (``Instrument``); a hook no instrument
@@ -118,6 +126,7 @@ class Runtime:
         flush_timeout: float = 30.0,
         steps_per_turn: int = 100,
         instruments: Sequence[Instrument] = (),
+        ack_tiers: Sequence[str] = (),
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
         number("Runtime.flush_timeout", flush_timeout, strict=True)
@@ -152,6 +161,13 @@ class Runtime:
             steps_per_turn=steps_per_turn,
         )
         self._tiers = self._scheduler.tiers
+        for name in ack_tiers:
+            if name not in self._tiers.names:
+                raise ConfigError(
+                    "Runtime.ack_tiers", name, f"no tier has this name (tiers: {list(self._tiers.names)})"
+                )
+        # The tiers an acknowledgement waits for: every write-through tier, plus ack_tiers.
+        self._ack = tuple(dict.fromkeys([*self._tiers.write_through_names, *ack_tiers]))
         self._adoption = Adoption(
             self._registry,
             self._scheduler,
@@ -259,6 +275,9 @@ class Runtime:
             payload: the initial payload.
             run_id: the run's id (default: a fresh unique id).
 
+        Under write-through (or with ``ack_tiers``) it returns once the run's
+        first snapshot is durable in those tiers.
+
         Returns:
             The run's handle.
 
@@ -266,6 +285,12 @@ class Runtime:
             RuntimeClosedError: the runtime is not running.
             WorkflowNotRegisteredError: the workflow is not registered.
             ConfigError: ``run_id`` is not a non-empty str.
+            DurabilityTimeoutError: an acknowledging tier did not make it durable
+                within its ``ack_timeout`` (the run exists; spawning the same
+                ``run_id`` again is safe).
+            PersistenceError: an acknowledging tier cannot hold it
+                (``CodecError``: the payload cannot be encoded;
+                ``StaleVersionError``: the tier holds a newer version).
         """
         if self._lifecycle.state != "open":
             self._check_open()
@@ -276,15 +301,18 @@ class Runtime:
         if run_id is None:
             run_id = f"{self._id_prefix}{next(self._ids)}"
         else:
-            if run_id in self._registry.actors:
-                return RunHandle._new(self, run_id)
-            text("spawn.run_id", run_id)
-            if len(self._tiers) and await self._adoption.adopt(run_id):
+            if run_id not in self._registry.actors:
+                text("spawn.run_id", run_id)
+            if run_id in self._registry.actors or (len(self._tiers) and await self._adoption.adopt(run_id)):
+                if self._ack:
+                    await self._acknowledge(run_id, 1)
                 return RunHandle._new(self, run_id)
         wf = self._workflows.get(name)
         if wf is None or (wf is not workflow and not isinstance(workflow, str)):
             raise WorkflowNotRegisteredError(run_id, name)
         scheduler.spawn_new(wf, run_id, payload)
+        if self._ack:
+            await self._acknowledge(run_id, 1)
         return RunHandle._new(self, run_id)
 
     def handle(self, run_id: str) -> RunHandle:
@@ -561,6 +589,8 @@ class Runtime:
             RunFailedError: the run failed for good (``__cause__`` is the step's exception).
             RunCancelledError: the run was cancelled.
             RuntimeClosedError: the runtime shut down before the run finished.
+            DurabilityTimeoutError: under write-through or ``ack_tiers``, the
+                final snapshot was not durable there within ``ack_timeout``.
         """
         actor = self._registry.actor(run_id)
         while actor.snapshot.status not in TERMINAL_STATUSES:
@@ -570,6 +600,8 @@ class Runtime:
                 actor.waiters = anyio.Event()
             await actor.waiters.wait()
         snap = actor.snapshot
+        if self._ack:
+            await self._acknowledge(run_id, snap.version)
         if snap.status is Status.done:
             return snap.payload
         if snap.status is Status.cancelled:
@@ -594,6 +626,8 @@ class Runtime:
             RunNotFoundError: no such run.
             RunFinishedError: the run has finished.
             ConfigError: no step of the run's workflow waits for ``signal``.
+            DurabilityTimeoutError: under write-through or ``ack_tiers``, the
+                snapshot holding the signal was not durable within ``ack_timeout``.
         """
         self._check_open()
         actor = self._registry.actor(run_id)
@@ -604,10 +638,15 @@ class Runtime:
             raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
         if actor.running and actor.host_task is asyncio.current_task():
             actor.post_signal(signal, data)  # the run's own step is sending: apply after it
+            own_step = True
         else:
             actor.accept_signal(self._scheduler, signal, data)
+            own_step = False
+        version = actor.snapshot.version
         if actor.runnable():
             self._scheduler.schedule(actor)
+        if self._ack and not own_step:  # a step cannot wait for its own commit
+            await self._acknowledge(run_id, version)
 
     async def cancel(self, run_id: str) -> None:
         """Cancel a run: a suspended step is cancelled, and the run ends ``cancelled``.
@@ -623,6 +662,9 @@ class Runtime:
             RuntimeClosedError: the runtime is not running.
             RunNotFoundError: no such run.
             RunFinishedError: the run has finished.
+            DurabilityTimeoutError: under write-through or ``ack_tiers``, the run's
+                final snapshot was not durable within ``ack_timeout`` (the cancel
+                returns once the run has ended and that is durable).
         """
         self._check_open()
         actor = self._registry.actor(run_id)
@@ -634,6 +676,9 @@ class Runtime:
             # A turn in another task can only be suspended inside a step: interrupt it.
             self._scheduler.interrupt(actor, "cancel")
         self._scheduler.schedule(actor)
+        if self._ack and actor.host_task is not asyncio.current_task():  # a step cannot wait for its own run
+            await self._settled(actor)
+            await self._acknowledge(run_id, actor.snapshot.version)
 
     async def retry_dead_letter(self, run_id: str, *, from_step: int | str | None = None) -> RunHandle:
         """Run a dead-lettered run again, with a fresh retry budget.
@@ -652,6 +697,8 @@ class Runtime:
             RuntimeClosedError: the runtime is not running.
             RunNotFoundError: no dead letter for this run.
             ConfigError: ``from_step`` names no step.
+            DurabilityTimeoutError: under write-through or ``ack_tiers``, the
+                retried snapshot was not durable within ``ack_timeout``.
         """
         self._check_open()
         letter = self._supervisor.dead_letters.get(run_id)
@@ -670,4 +717,18 @@ class Runtime:
         del self._supervisor.dead_letters[run_id]
         self._tiers.mark_dead_letter_deleted(run_id)
         self._scheduler.restart(actor, cursor)
+        if self._ack:
+            await self._acknowledge(run_id, actor.snapshot.version)
         return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+
+    async def _acknowledge(self, run_id: str, version: int) -> None:
+        """Return once ``version`` of ``run_id`` is durable in every acknowledging tier (group commit)."""
+        for tier in self._ack:
+            await self._tiers.wait_durable(run_id, version, tier=tier)
+
+    async def _settled(self, actor: RunActor) -> None:
+        """Wait until ``actor``'s run has ended (or the runtime closes)."""
+        while actor.snapshot.status not in TERMINAL_STATUSES and self._lifecycle.state == "open":
+            if actor.waiters is None:
+                actor.waiters = anyio.Event()
+            await actor.waiters.wait()

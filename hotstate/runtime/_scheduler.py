@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from hotstate._clock import Clock
-    from hotstate._errors import CodecError
+    from hotstate._errors import CodecError, StaleVersionError
     from hotstate._instrument import Instruments
     from hotstate.actors import Step, Workflow
     from hotstate.persistence import Codec, Tier
@@ -289,6 +289,19 @@ class Scheduler:
         if actor is None or actor.snapshot.finished:
             return
         actor.post_fail("its payload cannot be persisted", exc)
+        self.schedule(actor)
+
+    def conflict(self, run_id: str, exc: StaleVersionError) -> None:
+        """A tier holds a newer version of the run than this runtime wrote: fail the run (TierListener).
+
+        Its lineage in the stores has moved on without this process (a second
+        writer, or a copy restored under it); continuing would overwrite nothing
+        and acknowledge nothing, so the run stops here with the conflict as its error.
+        """
+        actor = self._registry.get(run_id)
+        if actor is None or actor.snapshot.finished:
+            return
+        actor.post_fail("a tier holds a newer version of it", exc)
         self.schedule(actor)
 
     def reset(self, tier: str) -> None:

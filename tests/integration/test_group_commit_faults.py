@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sqlite3
@@ -85,6 +86,34 @@ async def expect_timeouts(rt: Runtime, clock: ManualClock, run_ids: list[str]) -
     return errors
 
 
+async def spawn_expecting_timeouts(
+    rt: Runtime, clock: ManualClock, count: int, run_id: Callable[[int], str | None]
+) -> list[DurabilityTimeoutError]:
+    """Spawn ``count`` runs at once on a tier that does not answer: each ``spawn`` is a typed timeout.
+
+    Write-through acknowledges a spawn only once its first snapshot is durable,
+    so none returns; they all raise once ``ack_timeout`` passes on the clock, and
+    each error names the run it started (the run exists and will go on).
+    """
+    errors: list[DurabilityTimeoutError] = []
+    before = rt.count()
+
+    async def spawn(i: int) -> None:
+        try:
+            await rt.spawn(LINEAR, {"n": i}, run_id=run_id(i))
+        except DurabilityTimeoutError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(spawn, i)
+            await wait_until(lambda: rt.count() == before + count and clock.sleepers >= count)
+            assert errors == []  # no spawn acknowledged, none expired before the clock moves
+            await clock.advance(ACK)
+    return errors
+
+
 def assert_parked_at_durable(rt: Runtime, run_ids: list[str], tier: str) -> None:
     """Under write-through a run never runs ahead of its durable version by more than one."""
     for rid in run_ids:
@@ -112,8 +141,10 @@ async def test_a_sigstopped_valkey_turns_write_through_waiters_into_timeouts_the
             # Generated ids: spawn(run_id=...) first asks every tier for an existing
             # run, and waits up to ack_timeout on this ManualClock for the stopped
             # server (tests/unit/runtime/test_spawn_lookup.py covers that bound).
-            handles = [await rt.spawn(LINEAR, {"n": i}) for i in range(10)]
-            ids = [h.run_id for h in handles]
+            spawn_errors = await spawn_expecting_timeouts(rt, clock, 10, lambda i: None)
+            assert len(spawn_errors) == 10
+            by_payload = {rt.get(e.run_id).payload["n"]: e.run_id for e in spawn_errors if e.run_id is not None}
+            ids = [by_payload[i] for i in range(10)]
             errors = await expect_timeouts(rt, clock, ids)
             assert len(errors) == len(ids)
             for exc in errors:
@@ -163,7 +194,9 @@ async def test_a_save_that_never_returns_times_out_every_waiter_and_nothing_hang
         with anyio.fail_after(GUARD):
             await rt.wait_finished(first)
         hung.release = anyio.Event()
-        ids = [(await rt.spawn(LINEAR, {"n": i}, run_id=f"r{i}")).run_id for i in range(20)]
+        ids = [f"r{i}" for i in range(20)]
+        spawn_errors = await spawn_expecting_timeouts(rt, clock, 20, lambda i: f"r{i}")
+        assert sorted(e.run_id or "" for e in spawn_errors) == sorted(ids)
         await wait_until(lambda: hung.blocked >= 1)
         errors = await expect_timeouts(rt, clock, ids)
         assert len(errors) == len(ids)
@@ -191,9 +224,13 @@ async def test_shutdown_with_a_save_that_never_returns_gives_up_after_flush_time
     hung = HungStore(SQLiteStore(tmp_path / "runs.db"))
     policy = FlushPolicy.through(ack_timeout=ACK)
     with anyio.fail_after(GUARD):
-        async with Runtime([LINEAR], tiers=[Tier(hung, policy)], clock=ManualClock(), flush_timeout=0.2) as rt:
-            await rt.spawn(LINEAR, {"n": 0}, run_id="r1")
+        async with (
+            Runtime([LINEAR], tiers=[Tier(hung, policy)], clock=ManualClock(), flush_timeout=0.2) as rt,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(functools.partial(rt.spawn, LINEAR, {"n": 0}, run_id="r1"))
             await wait_until(lambda: hung.blocked >= 1)
+            tg.cancel_scope.cancel()  # the caller stops waiting for the acknowledgement
     assert rt.get("r1").version <= 2  # never ran ahead of durability
 
 
@@ -229,12 +266,16 @@ async def test_a_commit_whose_ack_is_lost_is_retried_without_duplicating_or_regr
     store = LostAckStore(SQLiteStore(db), failures=3)
     policy = FlushPolicy.through(ack_timeout=ACK, retry_initial=0.1, retry_max=0.1)
     async with Runtime([LINEAR], tiers=[Tier(store, policy)], clock=clock) as rt:
-        ids = [(await rt.spawn(LINEAR, {"n": i}, run_id=f"r{i:02d}")).run_id for i in range(30)]
+        ids = [f"r{i:02d}" for i in range(30)]
         with anyio.fail_after(GUARD):
-            while not all(rt.get(r).finished for r in ids):
-                assert_parked_at_durable(rt, [r for r in ids if not rt.get(r).finished], "sqlite")
-                await clock.advance(0.1)  # drives the retries' backoff
-                await anyio.sleep(0.001)  # lets aiosqlite's thread answer
+            async with anyio.create_task_group() as tg:  # the spawns wait for their acks meanwhile
+                for i, rid in enumerate(ids):
+                    tg.start_soon(functools.partial(rt.spawn, LINEAR, {"n": i}, run_id=rid))
+                await wait_until(lambda: rt.count() == len(ids))
+                while not all(rt.get(r).finished for r in ids):
+                    assert_parked_at_durable(rt, [r for r in ids if not rt.get(r).finished], "sqlite")
+                    await clock.advance(0.1)  # drives the retries' backoff
+                    await anyio.sleep(0.001)  # lets aiosqlite's thread answer
             await rt.flush()
         assert len(store.committed_then_failed) == 3
         stats = rt.tier_statistics()[0]

@@ -6,6 +6,7 @@ for an interval; ``anyio.fail_after`` is only a hang guard.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import sqlite3
 import threading
@@ -436,7 +437,12 @@ async def test_write_through_on_sqlite_keeps_every_run_durable_within_one_versio
         valkey_url, valkey_prefix, tmp_path / "runs.db", sqlite_policy=FlushPolicy.through(), synchronous="FULL"
     )
     async with Runtime([LINEAR], tiers=tiers) as rt:
-        ids = [(await rt.spawn(LINEAR, {"n": i}, run_id=f"r{i:02d}")).run_id for i in range(50)]
+        ids = [f"r{i:02d}" for i in range(50)]
+        async with anyio.create_task_group() as tg:  # concurrent requests share the group commit
+            for i, rid in enumerate(ids):
+                tg.start_soon(functools.partial(rt.spawn, LINEAR, {"n": i}, run_id=rid))
+        for rid in ids:  # every spawn returned: its first snapshot is durable
+            assert rt.durable_versions(rid)["sqlite"] >= 1
         checks = 0
         with anyio.fail_after(GUARD):
             while True:

@@ -227,6 +227,9 @@ def test_errors_carry_their_fields():
     stale = hotstate.StaleVersionError("sqlite", "r1", stored=5, attempted=4)
     assert (stale.tier, stale.stored, stale.attempted) == ("sqlite", 5, 4)
     assert hotstate.WorkflowNotRegisteredError("r1", "order").workflow == "order"
+    late = hotstate.DurabilityTimeoutError("sqlite", "not durable", run_id="r1", version=3)
+    assert (late.tier, late.run_id, late.version) == ("sqlite", "r1", 3)
+    assert isinstance(late, TimeoutError)
 
 
 def test_the_docstring_check_can_fail():

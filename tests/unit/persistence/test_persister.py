@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from hotstate import CodecError, StoreUnavailableError
+from hotstate import CodecError, DurabilityTimeoutError, PersistenceError, StaleVersionError, StoreUnavailableError
 from hotstate.actors import (
     DeadLetter,
     ErrorInfo,
@@ -99,6 +100,7 @@ class Recorder:
         self.durables: list[Any] = []
         self.pressures: list[tuple[str, bool]] = []
         self.codec_errors: list[tuple[str, CodecError]] = []
+        self.conflicts: list[tuple[str, StaleVersionError]] = []
         self.resets: list[str] = []
 
     def durable(self, item: Any) -> None:
@@ -109,6 +111,9 @@ class Recorder:
 
     def codec_error(self, run_id: str, exc: CodecError) -> None:
         self.codec_errors.append((run_id, exc))
+
+    def conflict(self, run_id: str, exc: StaleVersionError) -> None:
+        self.conflicts.append((run_id, exc))
 
     def reset(self, tier: str) -> None:
         self.resets.append(tier)
@@ -132,6 +137,7 @@ class ScriptedStore(StoreBase):
         self.fail_saves = 0
         self.fail_at_save: int | None = None
         self.reset_next = False
+        self.conflicts_next: dict[str, int] = {}
         self.during_save: Callable[[], object] | None = None
         self.save_calls = 0
 
@@ -152,6 +158,16 @@ class ScriptedStore(StoreBase):
         if self.fail_saves > 0 or self.fail_at_save == self.save_calls:
             self.fail_saves = max(0, self.fail_saves - 1)
             raise StoreUnavailableError(self.tier, "scripted failure")
+        if self.conflicts_next:  # the store holds newer versions of these runs: it skips them
+            conflicts, self.conflicts_next = self.conflicts_next, {}
+            kept = [x for x in snapshots if x.header.run_id not in conflicts]
+            result = await self.inner.save(kept, transitions)
+            return SaveResult(
+                written=result.written,
+                stale=result.stale + len(snapshots) - len(kept),
+                transitions=result.transitions,
+                conflicts=conflicts,
+            )
         result = await self.inner.save(snapshots, transitions)
         if self.reset_next:
             self.reset_next = False
@@ -429,13 +445,6 @@ async def test_a_failed_flush_keeps_the_pressure_on():
         assert listener.pressures == [("mem", True), ("mem", False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: FlushPolicy.max_pending_bytes never turns backpressure on: Persister.mark checks only the rows "
-        "bound (_bound_rows); the bytes estimate (_avg_bytes) is consulted only to release pressure after a flush"
-    ),
-)
 async def test_crossing_max_pending_bytes_reports_pressure():
     listener = Recorder()
     async with MemoryStore(tier="mem") as store:
@@ -486,14 +495,6 @@ async def test_an_unencodable_payload_reports_a_codec_error_once_and_writes_the_
         assert p.statistics().codec_errors == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Persister._flush_locked acknowledges the whole chunk, so a run whose snapshot could not be "
-        "encoded (nothing written) is recorded durable at that version: durable_versions and wait_durable "
-        "report a version the store does not hold"
-    ),
-)
 async def test_an_unencodable_snapshot_is_not_reported_durable():
     async with MemoryStore() as store:
         p = Persister(
@@ -527,21 +528,15 @@ async def test_a_store_reporting_a_reset_tells_the_listener_and_forgets_the_dura
         store.reset_next = True
         await p.flush_once()
         assert listener.resets == ["valkeyish"]
-        assert p.durable == {}  # nothing acknowledged before can be trusted
+        # Nothing acknowledged before can be trusted ("old"); what the save that
+        # noticed the loss wrote ("new") is in the store.
+        assert p.durable == {"new": 1}
         assert p.statistics().resets == 1
         mark(p, "new", 2)
         await p.flush_once()
         assert listener.resets == ["valkeyish"]  # reported by one save only
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a reset reported by one save of a flush is dropped when a later save of the same flush fails: "
-        "Persister._flush_locked keeps `reset` in a local and calls _store_was_reset only on success, and the "
-        "store reports a reset once, so runs the store lost are never written again"
-    ),
-)
 async def test_a_reset_reported_before_a_later_chunk_fails_still_reaches_the_listener():
     listener = Recorder()
     async with ScriptedStore(tier="valkeyish") as store:
@@ -700,3 +695,86 @@ async def test_an_encoding_outlived_by_a_newer_version_is_replaced_not_kept():
         assert encoder.encodes == 2
         assert len(encoder) == 0
         assert (pa.durable, pb.durable) == ({"r1": 2}, {"r1": 2})
+
+
+# ---------------------------------------------------------------- waiters never wait for what cannot come
+
+
+async def test_a_waiter_on_an_unencodable_snapshot_gets_the_codec_error_at_once_not_a_timeout():
+    listener = Recorder()
+    clock = ManualClock()
+    async with MemoryStore() as store:
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0, ack_timeout=3600.0)), SnapshotEncoder(CODEC), clock, listener
+        )
+        mark(p, "bad", 1, payload={"lock": threading.Lock()})
+        mark(p, "good", 1)
+        outcome: dict[str, BaseException | None] = {}
+
+        async def wait(rid: str) -> None:
+            try:
+                await p.wait_durable(rid, 1)
+                outcome[rid] = None
+            except PersistenceError as exc:
+                outcome[rid] = exc
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, "bad")
+                tg.start_soon(wait, "good")
+                await anyio.lowlevel.checkpoint()
+                await p.flush_once()
+        assert outcome["good"] is None
+        assert isinstance(outcome["bad"], CodecError)
+        assert "bad" in str(outcome["bad"])
+        assert p.durable == {"good": 1}
+
+
+async def test_a_timed_out_waiter_is_forgotten_and_names_the_seconds_it_waited():
+    clock = ManualClock()
+    async with ScriptedStore() as store:
+        p = Persister(
+            Tier(store, FlushPolicy(interval=60.0, ack_timeout=2.0)), SnapshotEncoder(CODEC), clock, Recorder()
+        )
+        store.fail_saves = 1_000  # the tier is down
+        mark(p, "r", 1)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+
+                async def wait() -> None:
+                    with pytest.raises(DurabilityTimeoutError, match="not durable after 2 s"):
+                        await p.wait_durable("r", 1)
+
+                tg.start_soon(wait)
+                await anyio.lowlevel.checkpoint()
+                await clock.advance(2.0)
+        assert p._durable_events == {}  # no waiter left to keep the loop flushing at once
+
+
+async def test_a_snapshot_the_store_skipped_for_a_newer_version_is_never_durable_and_its_waiters_fail():
+    listener = Recorder()
+    async with ScriptedStore(tier="guarded") as store:
+        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), listener)
+        mark(p, "theirs", 1)
+        mark(p, "ours", 1)
+        p.notify_when_durable("theirs", "parked actor")
+        store.conflicts_next = {"theirs": 7}
+        outcome: list[BaseException] = []
+
+        async def wait() -> None:
+            try:
+                await p.wait_durable("theirs", 1)
+            except StaleVersionError as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.lowlevel.checkpoint()
+                await p.flush_once()
+        assert p.durable == {"ours": 1}  # never "theirs": the store holds v7, not ours
+        assert [(e.run_id, e.stored, e.attempted) for e in outcome] == [("theirs", 7, 1)]
+        assert [(rid, e.stored) for rid, e in listener.conflicts] == [("theirs", 7)]
+        assert listener.durables == []  # the parked run is not released as if durable
+        assert "theirs" not in p.waiting
+        assert p.statistics().conflicts == 1

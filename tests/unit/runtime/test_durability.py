@@ -17,6 +17,7 @@ from hotstate import (
     PickleCodec,
     RetryPolicy,
     RunFailedError,
+    RunHandle,
     Runtime,
     Status,
     Step,
@@ -127,8 +128,17 @@ async def test_a_failing_tier_does_not_stop_the_other_tier():
 async def test_write_through_run_advances_only_after_its_snapshot_is_durable_with_group_commit():
     store = MemoryStore()
     async with Runtime([LINEAR], clock=ManualClock(), tiers=[Tier(store, FlushPolicy.through())]) as rt:
-        runs = [await rt.spawn(LINEAR, {"n": i}) for i in range(50)]
+        runs: list[RunHandle] = []
+
+        async def spawn(i: int) -> None:  # concurrent requests: their acknowledgements share commits too
+            runs.append(await rt.spawn(LINEAR, {"n": i}))
+
         with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(spawn, i)
+            for run in runs:  # spawn returned: v1 is durable
+                assert (await store.load(run.run_id)) is not None
             for run in runs:
                 await run.wait_finished()
         for run in runs:
@@ -146,10 +156,13 @@ async def test_write_through_waiter_gets_a_timeout_error_when_the_tier_is_down()
     policy = FlushPolicy.through(ack_timeout=2.0, retry_initial=0.1)
     async with Runtime([LINEAR], clock=clock, tiers=[Tier(store, policy)]) as rt:
         store.down = True
-        run = await rt.spawn(LINEAR, {"n": 0}, run_id="r1")
-        await settle()
-        assert rt.get("r1").version == 1  # parked: v1 is not durable, the run does not advance
         outcome: list[BaseException] = []
+
+        async def spawner() -> None:  # write-through: spawn returns only once v1 is durable
+            try:
+                await rt.spawn(LINEAR, {"n": 0}, run_id="r1")
+            except DurabilityTimeoutError as exc:
+                outcome.append(exc)
 
         async def waiter() -> None:
             try:
@@ -158,12 +171,17 @@ async def test_write_through_waiter_gets_a_timeout_error_when_the_tier_is_down()
                 outcome.append(exc)
 
         async with anyio.create_task_group() as tg:
+            tg.start_soon(spawner)
+            await settle()
+            assert rt.get("r1").version == 1  # parked: v1 is not durable, the run does not advance
+            assert outcome == []  # and spawn has not acknowledged it
             tg.start_soon(waiter)
             await settle()
             await clock.advance(2.0)
             await settle()
-        assert len(outcome) == 1
-        assert "r1" in str(outcome[0])
+        assert len(outcome) == 2  # spawn and wait_durable: both a typed timeout, never a false ack
+        assert all("r1" in str(exc) for exc in outcome)
+        run = rt.handle("r1")
         store.down = False  # nothing was lost: once the tier is back the run finishes
         for _ in range(20):
             await clock.advance(5.0)
