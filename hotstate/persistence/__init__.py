@@ -10,6 +10,7 @@ from hotstate.persistence._memory import MemoryStore
 from hotstate.persistence._persister import PersisterStatistics
 from hotstate.persistence._policy import FlushPolicy, Tier
 from hotstate.persistence._records import (
+    BadRow,
     RunHeader,
     SaveResult,
     StoredDeadLetter,
@@ -23,6 +24,7 @@ from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerErro
 __all__ = [
     "FINISHED_STATUSES",
     "SECRET_KEY_ENV",
+    "BadRow",
     "Codec",
     "EmbeddedValkey",
     "FlushPolicy",

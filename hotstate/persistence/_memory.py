@@ -3,7 +3,8 @@
 It keeps the full Store contract (docs/architecture.md "Persistence"), so the contract suite
 runs against it like any other tier. Stored records are frozen and hold only
 immutable values (``bytes`` bodies are copied from any buffer), so callers can
-never change what the store holds.
+never change what the store holds. Like SQLite, it stores the fields it is
+given and checks their types when it reads them (``stored_problem``).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, final
 
-from hotstate._errors import StoreUnavailableError
+from hotstate._errors import CodecError, StoreUnavailableError
 from hotstate.persistence._records import SaveResult, StoredSnapshot
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     StoreBase,
+    bad_row,
     check_limit,
+    render_id,
     status_filter,
+    stored_problem,
 )
 
 if sys.version_info >= (3, 12):
@@ -26,10 +30,10 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
 
     from hotstate.actors._snapshot import Transition
-    from hotstate.persistence._records import RunHeader, StoredDeadLetter
+    from hotstate.persistence._records import BadRow, RunHeader, StoredDeadLetter
 
 __all__ = ["MemoryStore"]
 
@@ -38,6 +42,23 @@ def _own(stored: StoredSnapshot) -> StoredSnapshot:
     if type(stored.body) is bytes:
         return stored
     return StoredSnapshot(header=stored.header, error=stored.error, body=bytes(stored.body))
+
+
+def _conflicts(runs: Mapping[str, StoredSnapshot], snapshots: Sequence[StoredSnapshot]) -> dict[str, int]:
+    """The runs whose highest version in the batch is below what ``runs`` now holds (after the batch)."""
+    top: dict[str, int] = {}
+    for s in snapshots:
+        rid, version = s.header.run_id, s.header.version
+        if rid not in top or version > top[rid]:
+            top[rid] = version
+    found: dict[str, int] = {}
+    for rid, version in top.items():
+        held = runs[rid].header.version
+        if type(held) is not int:
+            found[rid] = -1  # malformed, never overwritten (see save)
+        elif held > version:
+            found[rid] = held
+    return found
 
 
 @final
@@ -78,12 +99,19 @@ class MemoryStore(StoreBase):
     async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
         self._check_open()
         written = stale = added = 0
+        above = False
         # No await below: the whole batch is applied atomically w.r.t. other tasks.
         for stored in snapshots:
             current = self._runs.get(stored.header.run_id)
-            if current is not None and current.header.version >= stored.header.version:
-                stale += 1
-                continue
+            if current is not None:
+                try:
+                    skip = current.header.version >= stored.header.version
+                except TypeError:  # a stored version that is not a number: it cannot be ordered
+                    skip = True
+                if skip:
+                    stale += 1
+                    above = above or current.header.version != stored.header.version
+                    continue
             self._runs[stored.header.run_id] = _own(stored)
             written += 1
         for t in transitions:
@@ -92,17 +120,72 @@ class MemoryStore(StoreBase):
                 per_run[t.version] = t
                 added += 1
         self.saves += 1
+        if above:  # an equal version is a retried batch, not a conflict
+            return SaveResult(
+                written=written, stale=stale, transitions=added, conflicts=_conflicts(self._runs, snapshots)
+            )
         return SaveResult(written=written, stale=stale, transitions=added)
+
+    def _checked(self, stored: StoredSnapshot, bad_rows: list[BadRow] | None) -> bool:
+        """Whether ``stored`` is well formed; a malformed one is reported (or raised)."""
+        problem = stored_problem(stored)
+        if problem is None:
+            return True
+        rid = render_id(stored.header.run_id)
+        bad_row(CodecError(self.tier, f"run {rid!r}: stored header is malformed: {problem}"), rid, bad_rows)
+        return False
 
     @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
         self._check_open()
-        return self._runs.get(run_id)
+        stored = self._runs.get(run_id)
+        if stored is not None:
+            self._checked(stored, None)  # raises CodecError when malformed
+        return stored
 
     @override
-    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
+    async def load_many(
+        self, run_ids: Sequence[str], *, bad_rows: list[BadRow] | None = None
+    ) -> dict[str, StoredSnapshot]:
         self._check_open()
-        return {r: s for r in run_ids if (s := self._runs.get(r)) is not None}
+        found: dict[str, StoredSnapshot] = {}
+        for r in dict.fromkeys(run_ids):
+            stored = self._runs.get(r)
+            if stored is not None and self._checked(stored, bad_rows):
+                found[r] = stored
+        return found
+
+    def _page(
+        self,
+        status: str | Iterable[str] | None,
+        workflow: str | None,
+        after: str | None,
+        limit: int,
+        bad_rows: list[BadRow] | None,
+    ) -> Iterator[StoredSnapshot]:
+        """Up to ``limit`` well-formed rows in run id order; malformed ones are reported and read past."""
+        self._check_open()
+        check_limit(limit)
+        statuses = status_filter(status)
+        rows = [
+            s
+            for s in self._runs.values()
+            if (statuses is None or s.header.status in statuses) and (workflow is None or s.header.workflow == workflow)
+        ]
+        # A run id that is not text (a malformed row) cannot be ordered with
+        # the others: it comes first, like an integer key in SQLite.
+        odd = [s for s in rows if type(s.header.run_id) is not str] if after is None else []
+        named = sorted(
+            (s for s in rows if type(s.header.run_id) is str and (after is None or s.header.run_id > after)),
+            key=lambda s: s.header.run_id,
+        )
+        taken = 0
+        for stored in (*odd, *named):
+            if taken == limit:
+                return
+            if self._checked(stored, bad_rows):
+                taken += 1
+                yield stored
 
     @override
     async def scan(
@@ -113,18 +196,7 @@ class MemoryStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        self._check_open()
-        check_limit(limit)
-        statuses = status_filter(status)
-        headers = [
-            s.header
-            for s in self._runs.values()
-            if (after is None or s.header.run_id > after)
-            and (statuses is None or s.header.status in statuses)
-            and (workflow is None or s.header.workflow == workflow)
-        ]
-        headers.sort(key=lambda h: h.run_id)
-        return headers[:limit]
+        return [s.header for s in self._page(status, workflow, after, limit, None)]
 
     @override
     async def scan_snapshots(
@@ -134,9 +206,9 @@ class MemoryStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        bad_rows: list[BadRow] | None = None,
     ) -> list[StoredSnapshot]:
-        headers = await self.scan(status=status, workflow=workflow, after=after, limit=limit)
-        return [self._runs[h.run_id] for h in headers]
+        return list(self._page(status, workflow, after, limit, bad_rows))
 
     @override
     async def history(self, run_id: str) -> list[Transition]:

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import aiosqlite
 import anyio
@@ -39,7 +39,9 @@ from hotstate.persistence._records import (
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     StoreBase,
+    bad_row,
     check_limit,
+    render_id,
     status_filter,
 )
 
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable, Sequence
 
     from hotstate.actors._snapshot import Transition
+    from hotstate.persistence._records import BadRow
 
 __all__ = ["SQLiteStore"]
 
@@ -109,12 +112,22 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 """
 
-_SELECT_HEADERS: Final = (
-    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, attempt FROM runs"
-)
-_SELECT_RUNS: Final = (
-    "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, attempt, error, body FROM runs"
-)
+_RUN_COLUMNS: Final = (*RunHeader._fields, "error", "body")
+_HEADER_WIDTH: Final = len(RunHeader._fields)
+_RUN_WIDTH: Final = len(_RUN_COLUMNS)
+
+
+def _select(width: int, *, typed: bool = False) -> str:
+    """``SELECT`` of the first ``width`` run columns; ``typed`` adds each one's ``typeof()`` after them."""
+    columns = _RUN_COLUMNS[:width]
+    listed = ", ".join(columns)
+    if typed:
+        listed += ", " + ", ".join(f"typeof({c})" for c in columns)
+    return f"SELECT {listed} FROM runs"  # noqa: S608 - our own column names
+
+
+# width -> (the plain SELECT, the one with typeof() columns that _read_raw reads)
+_SELECTS: Final = {w: (_select(w), _select(w, typed=True)) for w in (_HEADER_WIDTH, _RUN_WIDTH)}
 
 # Versions only go up (docs/architecture.md "Persistence"): the WHERE makes a lower or equal
 # version a no-op, so `rowcount` counts exactly the rows written.
@@ -135,6 +148,24 @@ ON CONFLICT (run_id) DO UPDATE SET
     body = excluded.body
 WHERE excluded.version > runs.version
 """
+
+
+# The runs of a saved batch whose highest version in it is below the stored
+# one: SaveResult.conflicts. Run only when some snapshot was stale. `batch`
+# holds (run_id, top) rows; a stored version that is not an integer (a foreign
+# row, which SQLite orders above every number) comes back as -1.
+def _conflicts_sql(batch: str) -> str:
+    return (
+        f"WITH batch(run_id, top) AS ({batch}) "  # noqa: S608 - our own SQL, values are parameters
+        "SELECT runs.run_id, CASE WHEN typeof(runs.version) = 'integer' THEN runs.version ELSE -1 END "
+        "FROM batch JOIN runs ON runs.run_id = batch.run_id WHERE runs.version > batch.top"
+    )
+
+
+_CONFLICTS_JSON: Final = _conflicts_sql(
+    "SELECT json_extract(value, '$[0]'), max(json_extract(value, '$[1]')) FROM json_each(?) GROUP BY 1"
+)
+_CONFLICT_PAIRS: Final = 400  # (run_id, top) pairs per statement: 800 parameters, under 999 on old builds
 
 _INSERT_TRANSITION: Final = """
 INSERT OR IGNORE INTO transitions (run_id, version, kind, step, status, at, detail)
@@ -189,6 +220,34 @@ def _dead_letter_row(record: StoredDeadLetter) -> tuple[object, ...]:
     )
 
 
+# json_extract() ends a text value at an escaped NUL (checked on SQLite 3.40):
+# a batch holding one goes row by row, or a run id "a\x00b" would become "a".
+# The test is on the JSON text, so a literal backslash-u0000 in a value also
+# takes the row-by-row path: slower, never wrong.
+_NUL_IN_JSON: Final = "\\u0000"
+
+
+async def _conflicts(conn: aiosqlite.Connection, snapshots: Sequence[StoredSnapshot]) -> dict[str, int]:
+    """``SaveResult.conflicts`` of a batch just upserted, read in the same transaction."""
+    pairs = [(s.header.run_id, s.header.version) for s in snapshots]
+    if _json_available():
+        batch = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
+        if _NUL_IN_JSON not in batch:
+            return dict(cast("Iterable[tuple[str, int]]", await conn.execute_fetchall(_CONFLICTS_JSON, (batch,))))
+    top: dict[str, int] = {}
+    for run_id, version in pairs:
+        if run_id not in top or version > top[run_id]:
+            top[run_id] = version
+    items = list(top.items())
+    found: dict[str, int] = {}
+    for start in range(0, len(items), _CONFLICT_PAIRS):
+        part = items[start : start + _CONFLICT_PAIRS]
+        sql = _conflicts_sql("VALUES " + ", ".join(["(?, ?)"] * len(part)))
+        rows = await conn.execute_fetchall(sql, [x for pair in part for x in pair])
+        found.update(cast("Iterable[tuple[str, int]]", rows))
+    return found
+
+
 @functools.cache
 def _json_available() -> bool:
     """Whether this SQLite has the JSON functions (built in since 3.38, an extension before)."""
@@ -209,16 +268,59 @@ def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
 _new = tuple.__new__  # NamedTuples without the keyword-parsing __new__ frame
 
 
-def _malformed(row: sqlite3.Row | tuple[Any, ...], tier: str) -> CodecError:
-    """A row whose header columns do not have their types (written by something else)."""
+class _NotText:
+    """A text value that is not UTF-8, read as bytes: it fails every type check, and says why."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"<text that is not UTF-8: {self.raw!r}>"
+
+
+def _not_utf8(exc: BaseException | None) -> bool:
+    """Whether a read failed because a stored text value does not decode (CPython's sqlite3 message)."""
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("Could not decode to UTF-8")
+
+
+def _read_raw(uri: str, sql: str, params: Sequence[object], width: int, busy_ms: int) -> list[tuple[Any, ...]]:
+    """Run a read of ``width`` run columns whose text did not decode, with text read as bytes.
+
+    ``sql`` is a ``_select(width, typed=True)`` query: each value is followed
+    by its ``typeof()``, so text (decoded here, or a ``_NotText``) is told
+    from a blob. Blocking: run it in a worker thread.
+    """
+    with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
+        db.text_factory = bytes
+        db.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        rows = db.execute(sql, params).fetchall()
+    out: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = list(row[:width])
+        for i, kind in enumerate(row[width:]):
+            if kind == b"text":
+                try:
+                    values[i] = values[i].decode("utf-8")
+                except UnicodeDecodeError:
+                    values[i] = _NotText(values[i])
+        out.append(tuple(values))
+    return out
+
+
+def _malformed(row: Sequence[Any], tier: str) -> CodecError:
+    """A row whose columns do not have their types (written by something else)."""
     types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, int, str, (int, float), int)
     bad = [f"{n}={v!r}" for n, t, v in zip(RunHeader._fields, types, row[:8], strict=True) if not isinstance(v, t)]
+    if len(row) > 8 and row[8] is not None and not isinstance(row[8], str):
+        bad.append(f"error={row[8]!r}")
     if len(row) > 9 and not isinstance(row[9], bytes | bytearray | memoryview):
         bad.append(f"body is a {type(row[9]).__name__}")
-    return CodecError(tier, f"run {row[0]!r}: stored header is malformed: {', '.join(bad)}")
+    return CodecError(tier, f"run {render_id(row[0])!r}: stored header is malformed: {', '.join(bad)}")
 
 
-def _well_formed(row: sqlite3.Row | tuple[Any, ...]) -> bool:
+def _well_formed(row: Sequence[Any]) -> bool:
     # Columns keep whatever type was written: a text version would reach the
     # version guard and recovery's ordering as a str (#5). Type checks cost
     # ~0.2 us per row on recovery's path.
@@ -229,25 +331,27 @@ def _well_formed(row: sqlite3.Row | tuple[Any, ...]) -> bool:
         and type(row[7]) is int
         and type(row[5]) is str
         and type(row[1]) is str
+        and type(row[0]) is str
         and type(row[6]) in (float, int)
     )
 
 
-def _header(row: sqlite3.Row | tuple[Any, ...], tier: str) -> RunHeader:
+def _header(row: Sequence[Any], tier: str) -> RunHeader:
     if not _well_formed(row):
         raise _malformed(row, tier)
     return _new(RunHeader, row[:8])
 
 
-def _stored(row: sqlite3.Row | tuple[Any, ...], tier: str) -> StoredSnapshot:
+def _stored(row: Sequence[Any], tier: str) -> StoredSnapshot:
     body = row[9]
     if type(body) is not bytes:
         if not isinstance(body, bytearray | memoryview):
             raise _malformed(row, tier)
         body = bytes(body)
-    if not _well_formed(row):
+    error = row[8]
+    if not _well_formed(row) or (error is not None and type(error) is not str):
         raise _malformed(row, tier)
-    return _new(StoredSnapshot, (_new(RunHeader, row[:8]), row[8], body))
+    return _new(StoredSnapshot, (_new(RunHeader, row[:8]), error, body))
 
 
 @final
@@ -450,14 +554,21 @@ class SQLiteStore(StoreBase):
         (its directory is gone), writes raise ``StoreUnavailableError``.
         """
         written = added = 0
+        conflicts: dict[str, int] = {}
         async with self._transaction("save") as conn:
             if snapshots:
                 cur = await conn.executemany(_UPSERT, [_snapshot_row(s) for s in snapshots])
                 written = cur.rowcount
+                if written < len(snapshots):  # one more query, only when something was skipped
+                    conflicts = await _conflicts(conn, snapshots)
             if transitions:
-                if _json_available():
-                    # StrEnum members serialise as their values; floats round-trip (repr).
-                    batch = json.dumps(list(transitions), ensure_ascii=False, separators=(",", ":"))
+                # StrEnum members serialise as their values; floats round-trip (repr).
+                batch = (
+                    json.dumps(list(transitions), ensure_ascii=False, separators=(",", ":"))
+                    if _json_available()
+                    else ""
+                )
+                if batch and _NUL_IN_JSON not in batch:
                     cur = await conn.execute(_INSERT_TRANSITIONS_JSON, (batch,))
                 else:
                     rows = [
@@ -471,29 +582,59 @@ class SQLiteStore(StoreBase):
             stale=len(snapshots) - written,
             transitions=added,
             reset=reset,
+            conflicts=conflicts,
         )
 
     async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         async with self._errors("read"):
             return list(await self._r().execute_fetchall(sql, params))
 
+    async def _fetch_runs(self, width: int, tail: str, params: Sequence[object]) -> list[Any]:
+        """Rows of the first ``width`` columns of ``runs``; ``tail`` is the SQL after ``FROM runs``.
+
+        One text value that is not UTF-8 makes sqlite3 fail the whole query
+        (an ``OperationalError``, which would read as an unreachable store).
+        The rows are then read again, on a connection of their own, with text
+        as bytes: such a value comes back as a ``_NotText``, which makes its
+        row malformed and leaves the others readable.
+        """
+        plain, typed = _SELECTS[width]
+        try:
+            return await self._fetchall(plain + tail, params)
+        except StoreUnavailableError as exc:
+            if self._reader is None or not _not_utf8(exc.__cause__):
+                raise
+        async with self._errors("read"):
+            return await anyio.to_thread.run_sync(
+                _read_raw, self._read_uri, typed + tail, params, width, int(self.busy_timeout * 1000)
+            )
+
+    def _checked(self, row: Sequence[Any], bad_rows: list[BadRow] | None) -> StoredSnapshot | None:
+        """``row``'s snapshot; None when it is malformed and was reported in ``bad_rows`` (else it raises)."""
+        try:
+            return _stored(row, self.tier)
+        except CodecError as exc:
+            bad_row(exc, render_id(row[0]), bad_rows)
+            return None
+
     @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
-        rows = await self._fetchall(_SELECT_RUNS + " WHERE run_id = ?", (run_id,))
+        rows = await self._fetch_runs(_RUN_WIDTH, " WHERE run_id = ?", (run_id,))
         return _stored(rows[0], self.tier) if rows else None
 
     @override
-    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
+    async def load_many(
+        self, run_ids: Sequence[str], *, bad_rows: list[BadRow] | None = None
+    ) -> dict[str, StoredSnapshot]:
         found: dict[str, StoredSnapshot] = {}
         ids = list(dict.fromkeys(run_ids))
         chunk = 500  # well under SQLITE_MAX_VARIABLE_NUMBER on old builds (999)
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
-            rows = await self._fetchall(
-                f"{_SELECT_RUNS} WHERE run_id IN ({', '.join('?' * len(part))})",
-                part,
-            )
-            found.update((row[0], _stored(row, self.tier)) for row in rows)
+            rows = await self._fetch_runs(_RUN_WIDTH, f" WHERE run_id IN ({', '.join('?' * len(part))})", part)
+            for row in rows:
+                if (stored := self._checked(row, bad_rows)) is not None:
+                    found[row[0]] = stored
         return found
 
     @override
@@ -505,7 +646,8 @@ class SQLiteStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        rows = await self._page(_SELECT_HEADERS, status, workflow, after, limit)
+        check_limit(limit)
+        rows = await self._page(_HEADER_WIDTH, status, workflow, after, limit)
         return [_header(row, self.tier) for row in rows]
 
     @override
@@ -516,19 +658,28 @@ class SQLiteStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        bad_rows: list[BadRow] | None = None,
     ) -> list[StoredSnapshot]:
-        rows = await self._page(_SELECT_RUNS, status, workflow, after, limit)
-        return [_stored(row, self.tier) for row in rows]
+        """Read a page; when rows were reported in ``bad_rows``, read on until the page is full or the runs end."""
+        check_limit(limit)
+        found: list[StoredSnapshot] = []
+        cursor: object = after
+        while True:
+            wanted = limit - len(found)
+            rows = await self._page(_RUN_WIDTH, status, workflow, cursor, wanted)
+            found.extend(stored for row in rows if (stored := self._checked(row, bad_rows)) is not None)
+            if len(rows) < wanted or len(found) == limit:
+                return found
+            cursor = rows[-1][0]  # as stored: a malformed id still orders where SQLite keeps it
 
     async def _page(
         self,
-        select: str,
+        width: int,
         status: str | Iterable[str] | None,
         workflow: str | None,
-        after: str | None,
+        after: object,
         limit: int,
     ) -> list[Any]:
-        check_limit(limit)
         where: list[str] = []
         params: list[object] = []
         statuses = status_filter(status)
@@ -538,13 +689,14 @@ class SQLiteStore(StoreBase):
         if workflow is not None:
             where.append("workflow = ?")
             params.append(workflow)
-        if after is not None:
+        if isinstance(after, _NotText):  # the last row read had a run id that is not UTF-8
+            where.append("run_id > CAST(? AS TEXT)")
+            params.append(after.raw)
+        elif after is not None:
             where.append("run_id > ?")
             params.append(after)
-        sql = select
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return await self._fetchall(sql + " ORDER BY run_id LIMIT ?", [*params, limit])
+        tail = " WHERE " + " AND ".join(where) if where else ""
+        return await self._fetch_runs(width, tail + " ORDER BY run_id LIMIT ?", [*params, limit])
 
     @override
     async def history(self, run_id: str) -> list[Transition]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 
 from hotstate._errors import ConfigError, PersistenceError
 from hotstate.actors._snapshot import TERMINAL_STATUSES
+from hotstate.persistence._records import BadRow
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
     from types import TracebackType
 
+    from hotstate._errors import CodecError
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._records import (
         RunHeader,
@@ -51,7 +53,15 @@ class Store(Protocol):
     whatever order batches arrive in, and a transition is stored at most once
     per ``(run_id, version)``. So the same batch can be written again (after an
     error, or a connection lost mid-write) without harm. A stale snapshot is
-    not an error: ``save`` counts it, and no store raises ``StaleVersionError``.
+    not an error: ``save`` counts it, names the runs a strictly higher stored
+    version kept out (``SaveResult.conflicts``), and no store raises
+    ``StaleVersionError``.
+
+    A stored row that something other than hotstate wrote or changed can be
+    malformed (a header field of the wrong type, text that is not UTF-8, a
+    missing field, a key of the wrong type). Reads raise ``CodecError`` for it,
+    or, when given a ``bad_rows`` list (``scan_snapshots``, ``load_many``),
+    skip it and report it there, so one bad row never hides the others.
 
     A store keeps each body as the bytes it was given and never decodes one:
     reads return bodies as stored, and the codec verifies them.
@@ -113,7 +123,14 @@ class Store(Protocol):
         Returns:
             The counts: each snapshot is either ``written`` or ``stale``
             (``written + stale == len(snapshots)``); ``transitions`` counts the
-            transitions newly stored. ``reset`` is True when the store found it
+            transitions newly stored. ``conflicts`` maps each run whose
+            snapshot was skipped because the store holds a strictly higher
+            version to that stored version (``-1`` when the stored version is
+            not an integer): that write was not taken. A snapshot at a version
+            equal to the stored one is stale, never a conflict: it is how a
+            retried batch that was committed but not acknowledged comes back.
+            A run given more than once is a conflict only when its highest
+            version was skipped. ``reset`` is True when the store found it
             had lost everything written before (a server restarted empty, a
             database file replaced): the caller should write again every run it
             holds. A reset is reported by one ``save`` only.
@@ -142,18 +159,24 @@ class Store(Protocol):
         """
         ...
 
-    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
+    async def load_many(
+        self, run_ids: Sequence[str], *, bad_rows: list[BadRow] | None = None
+    ) -> dict[str, StoredSnapshot]:
         """Read several runs' snapshots in one go.
 
         Args:
             run_ids: the runs; repeats are read once.
+            bad_rows: when given, a malformed stored row is left out of the
+                result and reported by appending a ``BadRow`` here, instead of
+                raising ``CodecError``.
 
         Returns:
-            The stored snapshots by run id; runs not stored are left out.
+            The stored snapshots by run id; runs not stored, and malformed
+            rows reported in ``bad_rows``, are left out.
 
         Raises:
             StoreUnavailableError: the read failed.
-            CodecError: a stored header is malformed.
+            CodecError: a stored row is malformed, and ``bad_rows`` is None.
         """
         ...
 
@@ -192,25 +215,35 @@ class Store(Protocol):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        bad_rows: list[BadRow] | None = None,
     ) -> list[StoredSnapshot]:
         """Page through whole stored snapshots (header, error, body) by run id.
 
         Recovery's bulk read: one pass instead of ``scan`` then ``load_many``.
-        Filters and paging are those of ``scan``.
+        Filters and paging are those of ``scan``, and hold whatever rows are
+        skipped: a malformed row reported in ``bad_rows`` does not count
+        toward ``limit`` (the store reads on past it), so a page shorter than
+        ``limit`` is still the last one, and the last snapshot's ``run_id``
+        is still the cursor for the next page. Each bad row is reported once
+        over a whole pass.
 
         Args:
             status: keep only runs in this status (or any of these statuses).
             workflow: keep only runs of this workflow.
             after: the cursor: only run ids strictly greater than this one.
             limit: the page size.
+            bad_rows: when given, a malformed stored row is skipped and
+                reported by appending a ``BadRow`` here, instead of raising
+                ``CodecError``.
 
         Returns:
             Up to ``limit`` snapshots ordered by run id, bodies as stored.
+            Fewer than ``limit`` means there is no next page.
 
         Raises:
             ConfigError: ``limit`` is below 1.
             StoreUnavailableError: the read failed.
-            CodecError: a stored header is malformed.
+            CodecError: a stored row is malformed, and ``bad_rows`` is None.
         """
         ...
 
@@ -341,6 +374,48 @@ def check_limit(limit: int) -> None:
     """Reject a non-positive page size."""
     if limit < 1:
         raise ConfigError("limit", limit, "must be >= 1")
+
+
+def bad_row(error: CodecError, run_id: str, bad_rows: list[BadRow] | None) -> None:
+    """Report a malformed row in ``bad_rows``, or raise ``error`` when the caller gave no list.
+
+    Raises:
+        CodecError: ``error``, when ``bad_rows`` is None.
+    """
+    if bad_rows is None:
+        raise error
+    bad_rows.append(BadRow(run_id=run_id, reason=error.detail))
+
+
+def render_id(value: object) -> str:
+    """A stored run id as text, for a report: as is when it is text, else its ``repr``."""
+    return value if isinstance(value, str) else repr(value)
+
+
+_HEADER_TYPES: Final[tuple[type | tuple[type, ...], ...]] = (str, str, int, int, int, str, (int, float), int)
+
+
+def stored_problem(stored: StoredSnapshot) -> str | None:
+    """What is malformed in a stored snapshot's fields, or None when each has its type.
+
+    The rule ``SQLiteStore`` applies to its columns, for a store that keeps
+    records as they were given (``MemoryStore``): ``bool`` is not an integer,
+    a version must be an ``int`` (never a float or text), the error is text or
+    None, and the body is bytes.
+    """
+    h = stored.header
+    bad = [
+        f"{name}={value!r}"
+        for name, want, value in zip(h._fields, _HEADER_TYPES, h, strict=True)
+        if type(value) is bool or not isinstance(value, want)
+    ]
+    error: object = stored.error  # typed str | None; a caller may have put anything there
+    body: object = stored.body
+    if error is not None and not isinstance(error, str):
+        bad.append(f"error is a {type(error).__name__}")
+    if not isinstance(body, bytes):
+        bad.append(f"body is a {type(body).__name__}")
+    return ", ".join(bad) or None
 
 
 class StoreBase(Store):

@@ -25,7 +25,7 @@ import contextlib
 import json
 import sys
 import uuid
-from typing import TYPE_CHECKING, Any, Final, cast, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
 
 import valkey.asyncio as avalkey
 from valkey import exceptions as vex
@@ -47,7 +47,9 @@ from hotstate.persistence._records import (
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     StoreBase,
+    bad_row,
     check_limit,
+    render_id,
     status_filter,
 )
 
@@ -57,13 +59,16 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
     from valkey.commands.core import AsyncScript
 
     from hotstate.actors._snapshot import Transition
+    from hotstate.persistence._records import BadRow
 
 __all__ = ["ValkeyStore"]
+
+_T = TypeVar("_T")
 
 _HEADER_FIELDS: Final = (
     "run_id",
@@ -129,13 +134,18 @@ for j = 1, #trans do
   check(p .. ':hist:' .. trans[j][1], 'hash')
 end
 local written, stale, added = 0, 0, 0
+local above = false  -- a snapshot met a strictly higher (or unordered) stored version
 for j = 1, #heads do
   local h = heads[j]
   local rid, wf, st = h[1], h[2], h[6]
   local c = cur[rid]
   local key = p .. ':run:' .. rid
-  if c[1] and tonumber(c[1]) >= tonumber(h[4]) then
+  -- A stored version that is not a number (a row hotstate did not write)
+  -- cannot be ordered: it is never overwritten, and reported as a conflict.
+  local held = c[1] and tonumber(c[1])
+  if c[1] and (not held or held >= tonumber(h[4])) then
     stale = stale + 1
+    if not held or held > tonumber(h[4]) then above = true end
   else
     redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', h[3],
       'version', h[4], 'step', h[5], 'status', st, 'updated_at', h[7],
@@ -171,7 +181,26 @@ for j = 1, #trans do
     enc(t[5]) .. ',' .. fmt('%.17g', t[6]) .. ',' .. detail .. ']'
   added = added + redis.call('HSETNX', p .. ':hist:' .. t[1], version, text)
 end
-return {written, stale, added, reset}
+-- SaveResult.conflicts, as run id, stored version pairs after the counts: the
+-- runs whose highest version in the batch is below the one now stored. Only
+-- when some snapshot met a higher version, so the usual reply stays 4 integers.
+local reply = {written, stale, added, reset}
+if above then
+  local top = {}
+  for j = 1, #heads do
+    local rid, v = heads[j][1], tonumber(heads[j][4])
+    if not top[rid] or v > top[rid] then top[rid] = v end
+  end
+  for rid, v in pairs(top) do
+    local held = cur[rid][1]
+    local n = tonumber(held)
+    if held and (not n or n > v) then
+      reply[#reply + 1] = rid
+      reply[#reply + 1] = held
+    end
+  end
+end
+return reply
 """
 
 # ARGV: prefix, cut-off, then run ids. KEYS is unused (key names derive from the
@@ -210,31 +239,83 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _header(values: Sequence[bytes | None], tier: str) -> RunHeader | None:
-    if any(v is None for v in values):
-        return None
+def _fields(
+    run_id: str, reply: list[bytes | None] | Exception, names: Sequence[str], tier: str
+) -> list[bytes | None] | None:
+    """The values of a reply to ``HMGET key *names``; None when the key does not exist.
+
+    Raises:
+        CodecError: the key is not a hash, or the hash lacks a field of
+            ``names`` other than ``error`` (the one a run may lack).
+    """
+    if isinstance(reply, Exception):
+        raise CodecError(tier, f"run {run_id!r}: stored key is not a hash: {reply}")
+    if None in reply:
+        if all(v is None for v in reply):
+            return None
+        missing = [name for name, v in zip(names, reply, strict=True) if v is None and name != "error"]
+        if missing:
+            raise CodecError(tier, f"run {run_id!r}: stored hash lacks {', '.join(missing)}")
+    return reply
+
+
+def _header(run_id: str, values: Sequence[Any], tier: str) -> RunHeader:
+    """A run's header from the first eight values of ``_fields`` (all present).
+
+    Raises:
+        CodecError: a field is not UTF-8, a number does not parse, or the
+            ``run_id`` field is not the run id of its key.
+    """
     try:
-        run_id, wf, wf_version, version, step, status, updated_at, attempt = (_text(v) for v in values if v is not None)
-        return RunHeader(
-            run_id=run_id,
-            workflow=wf,
-            workflow_version=int(wf_version),
-            version=int(version),
-            step=int(step),
-            status=status,
-            updated_at=float(updated_at),
-            attempt=int(attempt),
-        )
-    except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
-        raise CodecError(tier, f"run {values[0]!r}: stored header is malformed: {exc}") from exc
+        rid, wf, wf_version, version, step, status, updated_at, attempt = (v.decode() for v in values[:8])
+        header = RunHeader(rid, wf, int(wf_version), int(version), int(step), status, float(updated_at), int(attempt))
+    except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError; so is a 5,000-digit int
+        raise CodecError(tier, f"run {run_id!r}: stored header is malformed: {exc}") from exc
+    if rid != run_id:
+        raise CodecError(tier, f"run {run_id!r}: stored header is malformed: its run_id field is {rid!r}")
+    return header
 
 
-def _stored(values: Sequence[bytes | None], tier: str) -> StoredSnapshot | None:
-    header = _header(values[: len(_HEADER_FIELDS)], tier)
-    error, body = values[len(_HEADER_FIELDS)], values[len(_HEADER_FIELDS) + 1]
-    if header is None or body is None:
-        return None
-    return StoredSnapshot(header=header, error=None if error is None else _text(error), body=bytes(body))
+def _header_row(run_id: str, values: Sequence[Any], tier: str) -> tuple[RunHeader, RunHeader]:
+    header = _header(run_id, values, tier)
+    return header, header
+
+
+def _snapshot_row(run_id: str, values: Sequence[Any], tier: str) -> tuple[RunHeader, StoredSnapshot]:
+    """A run's header and snapshot from the values of ``_fields`` for ``_SNAPSHOT_FIELDS``.
+
+    Raises:
+        CodecError: the header is malformed, or the error is not UTF-8.
+    """
+    header = _header(run_id, values, tier)
+    error = values[8]
+    try:
+        text = None if error is None else error.decode()
+    except UnicodeDecodeError as exc:
+        raise CodecError(tier, f"run {run_id!r}: stored error is not UTF-8: {exc}") from exc
+    return header, StoredSnapshot(header, text, values[9])
+
+
+def _stored(run_id: str, reply: list[bytes | None] | Exception, tier: str) -> StoredSnapshot | None:
+    """The snapshot in a reply to ``HMGET`` of ``_SNAPSHOT_FIELDS``; None when the run is not stored.
+
+    Raises:
+        CodecError: the row is malformed.
+    """
+    values = _fields(run_id, reply, _SNAPSHOT_FIELDS, tier)
+    return None if values is None else _snapshot_row(run_id, values, tier)[1]
+
+
+def _conflicts(flat: Sequence[bytes]) -> dict[str, int]:
+    """``SaveResult.conflicts`` from the save script's reply after its four counts."""
+    found: dict[str, int] = {}
+    for run_id, held in zip(flat[::2], flat[1::2], strict=True):
+        try:
+            version = int(held)
+        except ValueError:  # not an integer: a row hotstate did not write
+            version = -1
+        found[run_id.decode()] = version
+    return found
 
 
 def _header_args(s: StoredSnapshot) -> tuple[str, ...]:
@@ -385,47 +466,122 @@ class ValkeyStore(StoreBase):
         args.extend(bytes(s.body) for s in snapshots)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         async with self._errors("save"):
-            written, stale, added, reset = await self._save_script(args=args, client=client)
-        return SaveResult(written=int(written), stale=int(stale), transitions=int(added), reset=bool(reset))
+            reply: list[Any] = await self._save_script(args=args, client=client)
+        written, stale, added, reset = reply[:4]
+        return SaveResult(
+            written=int(written),
+            stale=int(stale),
+            transitions=int(added),
+            reset=bool(reset),
+            conflicts=_conflicts(reply[4:]),
+        )
 
     @override
     async def load(self, run_id: str) -> StoredSnapshot | None:
         found = await self.load_many([run_id])
         return found.get(run_id)
 
+    async def _hmget(self, keys: Sequence[str], fields: Sequence[str]) -> list[list[bytes | None] | Exception]:
+        """``HMGET`` of ``fields`` from each key, pipelined; a key of another type gives its error."""
+        async with self._errors("read"), self._c().pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, [*fields])
+            replies: list[list[bytes | None] | Exception] = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                # WRONGTYPE is about one key: a malformed row. Anything else
+                # (LOADING, NOAUTH...) is about the server, and fails the read.
+                if isinstance(reply, vex.ResponseError) and not str(reply).startswith("WRONGTYPE"):
+                    raise reply
+        return replies
+
     @override
-    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
-        client = self._c()
+    async def load_many(
+        self, run_ids: Sequence[str], *, bad_rows: list[BadRow] | None = None
+    ) -> dict[str, StoredSnapshot]:
+        self._c()
         ids = list(dict.fromkeys(run_ids))
         if not ids:
             return {}
-        async with self._errors("load"), client.pipeline(transaction=False) as pipe:
-            for run_id in ids:
-                pipe.hmget(self._key("run", run_id), [*_SNAPSHOT_FIELDS])
-            replies: list[list[bytes | None]] = await pipe.execute()
+        replies = await self._hmget([self._key("run", run_id) for run_id in ids], _SNAPSHOT_FIELDS)
         found = {}
-        for run_id, values in zip(ids, replies, strict=True):
-            stored = _stored(values, self.tier)
+        for run_id, reply in zip(ids, replies, strict=True):
+            try:
+                stored = _stored(run_id, reply, self.tier)
+            except CodecError as exc:
+                bad_row(exc, run_id, bad_rows)
+                continue
             if stored is not None:
                 found[run_id] = stored
         return found
 
-    async def _headers(self, run_ids: Sequence[str]) -> list[RunHeader]:
-        async with self._errors("scan"), self._c().pipeline(transaction=False) as pipe:
-            for run_id in run_ids:
-                pipe.hmget(self._key("run", run_id), [*_HEADER_FIELDS])
-            replies: list[list[bytes | None]] = await pipe.execute()
-        return [h for values in replies if (h := _header(values, self.tier)) is not None]
-
-    async def _index_page(self, keys: Sequence[str], after: str | None, count: int) -> list[str]:
-        """The next ``count`` run ids after ``after`` in the union of index sets."""
-        low: bytes = b"-" if after is None else b"(" + after.encode()
+    async def _index_page(self, keys: Sequence[str], after: bytes | None, count: int) -> list[bytes]:
+        """The next ``count`` members after ``after`` in the union of index sets, as stored (bytes)."""
+        low: bytes = b"-" if after is None else b"(" + after
         async with self._errors("scan"), self._c().pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.zrangebylex(key, low, b"+", start=0, num=count)
             replies: list[list[bytes]] = await pipe.execute()
-        members = sorted({m for reply in replies for m in reply})
-        return [m.decode() for m in members[:count]]
+        return sorted({m for reply in replies for m in reply})[:count]
+
+    def _index_keys(self, statuses: frozenset[str] | None, workflow: str | None) -> list[str]:
+        if statuses is not None:
+            return [self._key("status", s) for s in sorted(statuses)]
+        if workflow is not None:
+            return [self._key("wf", workflow)]
+        return [self._key("runs")]
+
+    async def _walk(
+        self,
+        status: str | Iterable[str] | None,
+        workflow: str | None,
+        after: str | None,
+        limit: int,
+        fields: Sequence[str],
+        make: Callable[[str, Sequence[bytes | None], str], tuple[RunHeader, _T]],
+        bad_rows: list[BadRow] | None,
+    ) -> list[_T]:
+        """Up to ``limit`` runs of the index that match the filters, by run id: ``make`` of their ``fields``.
+
+        Each row is checked against the filters again, so an index lagging a
+        concurrent write never returns a wrong row, and a run deleted since it
+        was listed is left out. Malformed rows are reported in ``bad_rows`` (or
+        raised). Rows left out do not count toward ``limit``: the walk reads on.
+        """
+        check_limit(limit)
+        statuses = status_filter(status)
+        keys = self._index_keys(statuses, workflow)
+        found: list[_T] = []
+        cursor = None if after is None else after.encode()
+        while len(found) < limit:
+            wanted = limit - len(found)
+            members = await self._index_page(keys, cursor, wanted)
+            if not members:
+                break
+            cursor = members[-1]
+            ids: list[str] = []
+            for member in members:
+                try:
+                    ids.append(member.decode())
+                except UnicodeDecodeError:
+                    error = CodecError(self.tier, f"run {member!r}: index member is not UTF-8")
+                    bad_row(error, render_id(member), bad_rows)
+            replies = await self._hmget([self._key("run", run_id) for run_id in ids], fields)
+            for run_id, reply in zip(ids, replies, strict=True):
+                try:
+                    values = _fields(run_id, reply, fields, self.tier)
+                    if values is None:
+                        continue  # deleted since it was listed
+                    header, item = make(run_id, values, self.tier)
+                except CodecError as exc:
+                    bad_row(exc, run_id, bad_rows)
+                    continue
+                if (statuses is None or header.status in statuses) and (
+                    workflow is None or header.workflow == workflow
+                ):
+                    found.append(item)
+            if len(members) < wanted:
+                break  # every index set ran out
+        return found
 
     @override
     async def scan(
@@ -441,27 +597,7 @@ class ValkeyStore(StoreBase):
         Each header is checked against the filters again, so an index lagging
         a concurrent write never returns a wrong row.
         """
-        check_limit(limit)
-        statuses = status_filter(status)
-        if statuses is not None:
-            keys = [self._key("status", s) for s in sorted(statuses)]
-        elif workflow is not None:
-            keys = [self._key("wf", workflow)]
-        else:
-            keys = [self._key("runs")]
-        found: list[RunHeader] = []
-        cursor = after
-        while len(found) < limit:
-            ids = await self._index_page(keys, cursor, limit - len(found))
-            if not ids:
-                break
-            cursor = ids[-1]
-            found.extend(
-                h
-                for h in await self._headers(ids)
-                if (statuses is None or h.status in statuses) and (workflow is None or h.workflow == workflow)
-            )
-        return found
+        return await self._walk(status, workflow, after, limit, _HEADER_FIELDS, _header_row, None)
 
     @override
     async def scan_snapshots(
@@ -471,15 +607,13 @@ class ValkeyStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        bad_rows: list[BadRow] | None = None,
     ) -> list[StoredSnapshot]:
-        """``scan``, then ``load_many`` for the bodies.
+        """``scan``, reading whole runs: one round trip for a page of ids, one for their rows.
 
-        A run deleted between the two is left out, so a page shorter than
-        ``limit`` is not always the last one.
+        A run deleted between the two is left out, and the page read on past it.
         """
-        headers = await self.scan(status=status, workflow=workflow, after=after, limit=limit)
-        loaded = await self.load_many([h.run_id for h in headers])
-        return [loaded[h.run_id] for h in headers if h.run_id in loaded]
+        return await self._walk(status, workflow, after, limit, _SNAPSHOT_FIELDS, _snapshot_row, bad_rows)
 
     @override
     async def history(self, run_id: str) -> list[Transition]:
@@ -595,7 +729,7 @@ class ValkeyStore(StoreBase):
         purged = 0
         for status in sorted(FINISHED_STATUSES):
             key = self._key("status", status)
-            cursor: str | None = None
+            cursor: bytes | None = None
             while True:
                 ids = await self._index_page([key], cursor, 500)
                 if not ids:

@@ -202,6 +202,74 @@ async def test_mixed_batch_counts_written_and_stale_per_run(store: Store) -> Non
     assert await versions(store, "a", "b", "c") == {"a": 6, "b": 5, "c": 1}
 
 
+# --- conflicts: which skipped snapshots the store holds a newer version of ------------
+
+
+async def test_a_batch_that_writes_everything_has_no_conflicts(store: Store) -> None:
+    assert (await store.save([stored("a", 1), stored("b", 1)], [])).conflicts == {}
+    assert (await store.save([stored("a", 2), stored("b", 3)], [])).conflicts == {}
+    assert (await store.save([], [trans("a", 2)])).conflicts == {}
+
+
+async def test_runs_stored_at_a_higher_version_are_the_conflicts_with_the_stored_versions(store: Store) -> None:
+    await store.save([stored("a", 5), stored("b", 7), stored("same", 2)], [])
+    result = await store.save([stored("a", 3), stored("b", 6), stored("same", 2), stored("new", 1)], [])
+    assert (result.written, result.stale) == (1, 3)
+    assert result.conflicts == {"a": 5, "b": 7}
+    assert await versions(store, "a", "b", "same", "new") == {"a": 5, "b": 7, "same": 2, "new": 1}
+
+
+async def test_an_equal_version_is_stale_but_never_a_conflict_so_a_committed_batch_can_be_retried(
+    store: Store,
+) -> None:
+    batch = [stored(f"r{i}", 4) for i in range(5)]
+    transitions = [trans(f"r{i}", 4) for i in range(5)]
+    first = await store.save(batch, transitions)
+    retried = await store.save(batch, transitions)  # committed, but the reply was lost
+    assert (first.written, first.stale, first.conflicts) == (5, 0, {})
+    assert (retried.written, retried.stale, retried.transitions, retried.conflicts) == (0, 5, 0, {})
+
+
+@pytest.mark.parametrize(
+    ("order", "written"),
+    [
+        (["x3", "x7", "y4", "y2", "z2", "z1", "w5", "w5"], 2),  # x7, z2
+        (["x7", "x3", "y2", "y4", "z1", "z2", "w5", "w5"], 3),  # x7, z1 then z2
+    ],
+    ids=["as-listed", "pairs-reversed"],
+)
+async def test_a_run_given_twice_is_a_conflict_only_when_its_highest_version_was_skipped(
+    store: Store, order: list[str], written: int
+) -> None:
+    await store.save([stored("x", 5), stored("y", 5), stored("w", 5)], [])
+    result = await store.save([stored(item[0], int(item[1:])) for item in order], [])
+    # x: v7 is written (v3 is stale). y: both skipped under v5. z: new, v2 wins.
+    # w: equal twice, a retry. Only y is a conflict.
+    assert (result.written, result.stale) == (written, len(order) - written)
+    assert result.conflicts == {"y": 5}
+    assert await versions(store, "x", "y", "z", "w") == {"x": 7, "y": 5, "z": 2, "w": 5}
+
+
+async def test_a_mixed_batch_writes_every_run_but_the_conflicts_with_their_transitions(store: Store) -> None:
+    await store.save([stored("held", 9)], [trans("held", 9)])
+    snaps = [stored("held", 2), *(stored(f"run-{i}", 1) for i in range(10))]
+    transitions = [trans("held", 2), *(trans(f"run-{i}", 1) for i in range(10))]
+    result = await store.save(snaps, transitions)
+    assert (result.written, result.stale, result.conflicts) == (10, 1, {"held": 9})
+    assert result.transitions == 11  # transitions are kept per (run_id, version), conflict or not
+    assert await versions(store, *(f"run-{i}" for i in range(10))) == {f"run-{i}": 1 for i in range(10)}
+    assert (await store.load("held")) == stored("held", 9)
+    assert [t.version for t in await store.history("run-3")] == [1]
+
+
+async def test_conflicts_are_exact_in_a_large_batch(store: Store) -> None:
+    await store.save([stored(f"run-{i:04d}", 10 if i % 7 == 0 else 1) for i in range(1_500)], [])
+    result = await store.save([stored(f"run-{i:04d}", 5) for i in range(1_500)], [])
+    held = {f"run-{i:04d}": 10 for i in range(1_500) if i % 7 == 0}
+    assert (result.written, result.stale) == (1_500 - len(held), len(held))
+    assert result.conflicts == held
+
+
 async def test_same_run_twice_in_one_batch_keeps_the_highest_version(
     store: Store,
 ) -> None:
