@@ -126,9 +126,9 @@ class MemoryStore(StoreBase):
             )
         return SaveResult(written=written, stale=stale, transitions=added)
 
-    def _checked(self, stored: StoredSnapshot, bad_rows: list[BadRow] | None) -> bool:
+    def _checked(self, stored: StoredSnapshot, bad_rows: list[BadRow] | None, *, header_only: bool = False) -> bool:
         """Whether ``stored`` is well formed; a malformed one is reported (or raised)."""
-        problem = stored_problem(stored)
+        problem = stored_problem(stored, header_only=header_only)
         if problem is None:
             return True
         rid = render_id(stored.header.run_id)
@@ -162,6 +162,8 @@ class MemoryStore(StoreBase):
         after: str | None,
         limit: int,
         bad_rows: list[BadRow] | None,
+        *,
+        header_only: bool = False,
     ) -> Iterator[StoredSnapshot]:
         """Up to ``limit`` well-formed rows in run id order; malformed ones are reported and read past."""
         self._check_open()
@@ -183,7 +185,7 @@ class MemoryStore(StoreBase):
         for stored in (*odd, *named):
             if taken == limit:
                 return
-            if self._checked(stored, bad_rows):
+            if self._checked(stored, bad_rows, header_only=header_only):
                 taken += 1
                 yield stored
 
@@ -196,7 +198,7 @@ class MemoryStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
     ) -> list[RunHeader]:
-        return [s.header for s in self._page(status, workflow, after, limit, None)]
+        return [s.header for s in self._page(status, workflow, after, limit, None, header_only=True)]
 
     @override
     async def scan_snapshots(

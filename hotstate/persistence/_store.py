@@ -395,25 +395,38 @@ def render_id(value: object) -> str:
 _HEADER_TYPES: Final[tuple[type | tuple[type, ...], ...]] = (str, str, int, int, int, str, (int, float), int)
 
 
-def stored_problem(stored: StoredSnapshot) -> str | None:
+def stored_problem(stored: StoredSnapshot, *, header_only: bool = False) -> str | None:
     """What is malformed in a stored snapshot's fields, or None when each has its type.
 
     The rule ``SQLiteStore`` applies to its columns, for a store that keeps
     records as they were given (``MemoryStore``): ``bool`` is not an integer,
     a version must be an ``int`` (never a float or text), the error is text or
-    None, and the body is bytes.
+    None, and the body is bytes. ``header_only`` checks the header alone (what
+    ``scan`` reads).
     """
     h = stored.header
+    error: object = stored.error  # typed str | None; a caller may have put anything there
+    body: object = stored.body
+    if (
+        type(h.version) is int
+        and type(h.workflow_version) is int
+        and type(h.step) is int
+        and type(h.attempt) is int
+        and type(h.run_id) is str
+        and type(h.workflow) is str
+        and type(h.status) is str
+        and type(h.updated_at) in (float, int)
+        and (header_only or ((error is None or type(error) is str) and type(body) is bytes))
+    ):
+        return None
     bad = [
         f"{name}={value!r}"
         for name, want, value in zip(h._fields, _HEADER_TYPES, h, strict=True)
         if type(value) is bool or not isinstance(value, want)
     ]
-    error: object = stored.error  # typed str | None; a caller may have put anything there
-    body: object = stored.body
-    if error is not None and not isinstance(error, str):
-        bad.append(f"error is a {type(error).__name__}")
-    if not isinstance(body, bytes):
+    if not header_only and error is not None and not isinstance(error, str):
+        bad.append(f"error={error!r}")
+    if not header_only and not isinstance(body, bytes):
         bad.append(f"body is a {type(body).__name__}")
     return ", ".join(bad) or None
 

@@ -259,6 +259,9 @@ def _fields(
     return reply
 
 
+_PARSERS: Final = (str, str, int, int, int, str, float, int)  # each header field's type, in _HEADER_FIELDS order
+
+
 def _header(run_id: str, values: Sequence[Any], tier: str) -> RunHeader:
     """A run's header from the first eight values of ``_fields`` (all present).
 
@@ -270,10 +273,23 @@ def _header(run_id: str, values: Sequence[Any], tier: str) -> RunHeader:
         rid, wf, wf_version, version, step, status, updated_at, attempt = (v.decode() for v in values[:8])
         header = RunHeader(rid, wf, int(wf_version), int(version), int(step), status, float(updated_at), int(attempt))
     except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError; so is a 5,000-digit int
-        raise CodecError(tier, f"run {run_id!r}: stored header is malformed: {exc}") from exc
+        raise CodecError(tier, f"run {run_id!r}: stored header is malformed: {_bad_fields(values)}") from exc
     if rid != run_id:
         raise CodecError(tier, f"run {run_id!r}: stored header is malformed: its run_id field is {rid!r}")
     return header
+
+
+def _bad_fields(values: Sequence[bytes]) -> str:
+    """Name each header field that does not parse, with its stored bytes (shortened)."""
+    bad = []
+    for name, parse, raw in zip(_HEADER_FIELDS, _PARSERS, values, strict=False):
+        try:
+            parse(raw.decode())
+        except (ValueError, OverflowError) as exc:
+            shown = raw if len(raw) <= 40 else raw[:40] + b"..."
+            why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not {parse.__name__}"
+            bad.append(f"{name}={shown!r} ({why})")
+    return ", ".join(bad)
 
 
 def _header_row(run_id: str, values: Sequence[Any], tier: str) -> tuple[RunHeader, RunHeader]:
