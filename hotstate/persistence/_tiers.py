@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 
 from hotstate._clock import SystemClock
-from hotstate._errors import ConfigError, PersistenceError
+from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableError
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister, PersisterStatistics
 from hotstate.persistence._policy import Tier
@@ -208,31 +208,30 @@ class Tiers:
     # ------------------------------------------------------------ lookups
 
     async def copies(self, run_id: str) -> list[tuple[str, StoredSnapshot]]:
-        """Every answering tier's copy of ``run_id``, in tier order, without waiting on an outage.
+        """Every tier's copy of ``run_id``, in tier order; every tier must answer.
 
         A copy read back is durable in its tier: that version counts as
-        acknowledged there (an adopted run's acknowledgements need no rewrite).
-        A tier whose flushes are failing is skipped, and one that does not answer
-        within its policy's ``ack_timeout`` (on the runtime's clock) is given up
-        on for this lookup: ``spawn`` of a stored id never stalls on a down tier.
+        acknowledged there. A tier that fails, or does not answer within its
+        policy's ``ack_timeout`` (on the runtime's clock), may hold the newest
+        copy: rather than guess from the others (a finished run started again
+        from an older copy), the lookup raises.
+
+        Raises:
+            StoreUnavailableError: a tier could not say whether it holds the run.
         """
         found: list[tuple[str, StoredSnapshot]] = []
         for p in self._persisters:
-            if p.failing:
-                continue  # a down tier must not stall every spawn for its socket timeout
+            seconds = p.policy.ack_timeout
             try:
-                answered, stored = await self._within(p.policy.ack_timeout, p.store.load(run_id))
+                answered, stored = await self._within(seconds, p.store.load(run_id))
             except PersistenceError as exc:
-                log.warning("hotstate: could not ask tier %r for run %r: %s", p.name, run_id, exc)
-                continue
+                raise StoreUnavailableError(
+                    p.name, f"cannot tell whether run {run_id!r} is stored there: {exc.detail}"
+                ) from exc
             if not answered:
-                log.warning(
-                    "hotstate: tier %r did not answer within %.3g s for run %r; not waiting for it",
-                    p.name,
-                    p.policy.ack_timeout,
-                    run_id,
+                raise StoreUnavailableError(
+                    p.name, f"did not answer within {seconds:g} s whether run {run_id!r} is stored there"
                 )
-                continue
             if stored is not None:
                 p.note_stored(run_id, stored.header.version)
                 found.append((p.name, stored))

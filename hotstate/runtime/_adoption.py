@@ -159,6 +159,8 @@ class Adoption:
         Raises:
             WorkflowNotRegisteredError: the stored run's workflow is not registered.
             CorruptSnapshotError: copies exist, but none verifies.
+            StoreUnavailableError: a tier could not say whether it holds the run
+                (never a second lineage from the other tiers' older copies).
         """
         copies = await self._tiers.copies(run_id)
         if not copies:

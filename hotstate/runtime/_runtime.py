@@ -266,9 +266,11 @@ class Runtime:
 
         Idempotent on ``run_id``: if a run with that id exists, its handle is
         returned and nothing new is started. An id not in memory is looked up
-        in the tiers; a tier whose flushes are failing, or that does not answer
-        within its policy's ``ack_timeout``, is skipped for that lookup, so an
-        outage never stalls ``spawn``.
+        in every tier and the newest verified copy is adopted. A tier that
+        fails, or does not answer within its policy's ``ack_timeout``, may hold
+        the newest copy, so ``spawn`` raises ``StoreUnavailableError`` rather
+        than start a second lineage from the others (retry once the tier is
+        back). Generated ids are never looked up.
 
         Args:
             workflow: a registered workflow or its name.
@@ -285,6 +287,7 @@ class Runtime:
             RuntimeClosedError: the runtime is not running.
             WorkflowNotRegisteredError: the workflow is not registered.
             ConfigError: ``run_id`` is not a non-empty str.
+            StoreUnavailableError: a tier could not say whether it holds ``run_id``.
             DurabilityTimeoutError: an acknowledging tier did not make it durable
                 within its ``ack_timeout`` (the run exists; spawning the same
                 ``run_id`` again is safe).

@@ -112,17 +112,18 @@ async def test_a_failing_tier_does_not_stop_the_other_tier():
     tiers = [Tier(down, FlushPolicy(interval=1.0)), Tier(up, FlushPolicy(interval=1.0))]
     async with Runtime([LINEAR], clock=clock, tiers=tiers) as rt:
         down.down = True
-        run = await rt.spawn(LINEAR, {"n": 0}, run_id="r1")
+        run = await rt.spawn(LINEAR, {"n": 0})  # a generated id: no tier lookup (an explicit id would need "down")
+        rid = run.run_id
         await run.wait_finished()
         await clock.advance(1.0)
         await settle()
-        assert (await up.load("r1")) is not None
-        assert rt.durable_versions("r1") == {"hot": 6, "down": 0, "up": 6}
+        assert (await up.load(rid)) is not None
+        assert rt.durable_versions(rid) == {"hot": 6, "down": 0, "up": 6}
         down.down = False
         for _ in range(5):
             await clock.advance(5.0)
         await settle()
-        assert rt.durable_versions("r1")["down"] == 6
+        assert rt.durable_versions(rid)["down"] == 6
 
 
 async def test_write_through_run_advances_only_after_its_snapshot_is_durable_with_group_commit():
@@ -160,32 +161,34 @@ async def test_write_through_waiter_gets_a_timeout_error_when_the_tier_is_down()
 
         async def spawner() -> None:  # write-through: spawn returns only once v1 is durable
             try:
-                await rt.spawn(LINEAR, {"n": 0}, run_id="r1")
+                await rt.spawn(LINEAR, {"n": 0})  # a generated id: no tier lookup
             except DurabilityTimeoutError as exc:
                 outcome.append(exc)
 
-        async def waiter() -> None:
+        async def waiter(rid: str) -> None:
             try:
-                await rt.wait_durable("r1")
+                await rt.wait_durable(rid)
             except DurabilityTimeoutError as exc:
                 outcome.append(exc)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(spawner)
             await settle()
-            assert rt.get("r1").version == 1  # parked: v1 is not durable, the run does not advance
+            (spawned,) = rt.list_runs()
+            rid = spawned.run_id
+            assert rt.get(rid).version == 1  # parked: v1 is not durable, the run does not advance
             assert outcome == []  # and spawn has not acknowledged it
-            tg.start_soon(waiter)
+            tg.start_soon(waiter, rid)
             await settle()
             await clock.advance(2.0)
             await settle()
         assert len(outcome) == 2  # spawn and wait_durable: both a typed timeout, never a false ack
-        assert all("r1" in str(exc) for exc in outcome)
-        run = rt.handle("r1")
+        assert all(isinstance(exc, DurabilityTimeoutError) and exc.run_id == rid for exc in outcome)
+        run = rt.handle(rid)
         store.down = False  # nothing was lost: once the tier is back the run finishes
         for _ in range(20):
             await clock.advance(5.0)
-            if rt.get("r1").finished:
+            if rt.get(rid).finished:
                 break
         assert await run.wait_finished() == {"n": 5}
 

@@ -10,6 +10,7 @@ import pytest
 
 from hotstate import (
     FlushPolicy,
+    RunNotFoundError,
     Runtime,
     Status,
     Step,
@@ -46,33 +47,40 @@ class HangingLoads:
         return await self.inner.load(run_id)
 
 
-async def test_a_tier_that_does_not_answer_is_skipped_after_its_ack_timeout_on_the_runtime_clock():
+async def test_a_tier_that_does_not_answer_makes_spawn_of_an_id_a_typed_error_after_its_ack_timeout():
+    """It may hold the newest copy: never start a second lineage from the others (#10)."""
     clock = ManualClock()
     store = HangingLoads()
     tiers = [Tier(store, FlushPolicy(interval=60.0, ack_timeout=2.0))]
     async with Runtime([PARKED], tiers=tiers, clock=clock) as rt:
         store.hang = True
-        done = anyio.Event()
+        outcome: list[BaseException] = []
 
         async def spawn() -> None:
-            await rt.spawn(PARKED, {}, run_id="x")
-            done.set()
+            try:
+                await rt.spawn(PARKED, {}, run_id="x")
+            except StoreUnavailableError as exc:
+                outcome.append(exc)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(spawn)
             for _ in range(20):
                 await anyio.lowlevel.checkpoint()
-            assert not done.is_set()  # still asking the tier
+            assert outcome == []  # still asking the tier
             await clock.advance(1.9)
-            assert not done.is_set()
+            assert outcome == []
             await clock.advance(0.2)  # past ack_timeout
-            with anyio.fail_after(5):
-                await done.wait()
-        assert rt.get("x").status in (Status.pending, Status.waiting)
+        assert len(outcome) == 1
+        assert "'x'" in str(outcome[0])
+        assert "2 s" in str(outcome[0])
+        with pytest.raises(RunNotFoundError):
+            rt.get("x")  # nothing was started
         store.hang = False
+        await rt.spawn(PARKED, {}, run_id="x")  # the tier answers again: the same call works
+        assert rt.get("x").status in (Status.pending, Status.waiting)
 
 
-async def test_a_failing_tier_is_not_asked_at_all():
+async def test_a_failing_tier_makes_spawn_of_an_id_a_typed_error_and_starts_nothing():
     store = HangingLoads()
     clock = ManualClock()
     async with Runtime([PARKED], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
@@ -80,13 +88,14 @@ async def test_a_failing_tier_is_not_asked_at_all():
         store.inner.down = True
         with pytest.raises(StoreUnavailableError):
             await rt.flush()
-        assert rt.tier_statistics()[0].consecutive_failures >= 1
-        store.hang = True  # would block forever if spawn asked it
-        with anyio.fail_after(5):
+        with anyio.fail_after(5), pytest.raises(StoreUnavailableError, match="'b'"):
             await rt.spawn(PARKED, {}, run_id="b")
-        assert rt.get("b").status in (Status.pending, Status.waiting)
-        store.hang = False
+        with pytest.raises(RunNotFoundError):
+            rt.get("b")
+        assert (await rt.spawn(PARKED, {})).run_id  # a generated id needs no lookup
         store.inner.down = False
+        await rt.spawn(PARKED, {}, run_id="b")
+        assert rt.get("b").status in (Status.pending, Status.waiting)
 
 
 async def test_with_the_system_clock_the_bound_is_a_deadline_on_the_lookup():
@@ -94,7 +103,8 @@ async def test_with_the_system_clock_the_bound_is_a_deadline_on_the_lookup():
     tiers = [Tier(store, FlushPolicy(interval=60.0, ack_timeout=0.05))]
     async with Runtime([PARKED], tiers=tiers) as rt:
         store.hang = True
-        with anyio.fail_after(5):  # hang guard only; the bound is the 0.05 s ack_timeout
+        with anyio.fail_after(5), pytest.raises(StoreUnavailableError):  # the bound is the 0.05 s ack_timeout
             await rt.spawn(PARKED, {}, run_id="y")
-        assert rt.get("y").version >= 1
+        with pytest.raises(RunNotFoundError):
+            rt.get("y")
         store.hang = False
