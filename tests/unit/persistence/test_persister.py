@@ -42,7 +42,7 @@ from hotstate.testing import ManualClock, checkpoint_until
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
-    from hotstate.persistence import RunHeader, StoredDeadLetter
+    from hotstate.persistence import BadRow, RunHeader, StoredDeadLetter
 
 CODEC = PickleCodec(b"k" * 32)
 
@@ -182,8 +182,10 @@ class ScriptedStore(StoreBase):
     async def load(self, run_id: str) -> StoredSnapshot | None:
         return await self.inner.load(run_id)
 
-    async def load_many(self, run_ids: Sequence[str]) -> dict[str, StoredSnapshot]:
-        return await self.inner.load_many(run_ids)
+    async def load_many(
+        self, run_ids: Sequence[str], *, bad_rows: list[BadRow] | None = None
+    ) -> dict[str, StoredSnapshot]:
+        return await self.inner.load_many(run_ids, bad_rows=bad_rows)
 
     async def scan(
         self,
@@ -202,8 +204,11 @@ class ScriptedStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        bad_rows: list[BadRow] | None = None,
     ) -> list[StoredSnapshot]:
-        return await self.inner.scan_snapshots(status=status, workflow=workflow, after=after, limit=limit)
+        return await self.inner.scan_snapshots(
+            status=status, workflow=workflow, after=after, limit=limit, bad_rows=bad_rows
+        )
 
     async def history(self, run_id: str) -> list[Transition]:
         return await self.inner.history(run_id)
