@@ -764,7 +764,7 @@ async def test_a_snapshot_the_store_skipped_for_a_newer_version_is_never_durable
         mark(p, "ours", 1)
         p.notify_when_durable("theirs", "parked actor")
         store.conflicts_next = {"theirs": 7}
-        outcome: list[BaseException] = []
+        outcome: list[StaleVersionError] = []
 
         async def wait() -> None:
             try:
