@@ -132,7 +132,7 @@ class MemoryStore(StoreBase):
         if problem is None:
             return True
         rid = render_id(stored.header.run_id)
-        bad_row(CodecError(self.tier, f"run {rid!r}: stored header is malformed: {problem}"), rid, bad_rows)
+        bad_row(CodecError(self.tier, f"run {rid!r}: stored row is malformed: {problem}"), rid, bad_rows)
         return False
 
     @override

@@ -2,7 +2,9 @@
 
 ``Store``'s docstrings are the one statement of the contract every store
 (memory, SQLite, Valkey) keeps; one shared suite in ``tests/contract`` checks
-it. ``StoreBase`` holds the open/closed bookkeeping the three share.
+it. ``StoreBase`` holds the open/closed bookkeeping the three share, and the
+functions below it the rest they share: filters, the page-size check, and how
+a malformed row is reported (``bad_row``).
 """
 
 from __future__ import annotations
