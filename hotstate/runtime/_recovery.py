@@ -29,7 +29,7 @@ from hotstate.persistence._records import (
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from hotstate.persistence import Codec, Store, StoredSnapshot
+    from hotstate.persistence import BadRow, Codec, Store, StoredSnapshot
 
 __all__ = [
     "Choice",
@@ -145,7 +145,8 @@ class RecoveryReport:
     Attributes:
         resumed: runs rebuilt in memory and continuing.
         already_finished: runs unfinished in one tier but finished in a newer copy in another.
-        corrupt: copies that failed verification (a fallback copy was used when one verified).
+        corrupt: copies that failed verification (a fallback copy was used when one
+            verified), and malformed rows skipped by the scan (``version`` 0: unreadable).
         lost: runs with no verifiable copy at all (reported, left in the stores).
         unregistered: ``(run_id, workflow)`` of runs whose workflow is not registered
             (reported, never deleted).
@@ -183,12 +184,12 @@ class RecoveryReport:
         return out
 
 
-async def _unfinished_copies(store: Store) -> dict[str, StoredSnapshot]:
-    """Every unfinished run's stored snapshot in ``store``, in one paged pass."""
+async def _unfinished_copies(store: Store, bad_rows: list[BadRow]) -> dict[str, StoredSnapshot]:
+    """Every unfinished run's stored snapshot in ``store``, in one paged pass; malformed rows go to ``bad_rows``."""
     found: dict[str, StoredSnapshot] = {}
     after: str | None = None
     while True:
-        page = await store.scan_snapshots(status=_UNFINISHED, after=after, limit=_PAGE)
+        page = await store.scan_snapshots(status=_UNFINISHED, after=after, limit=_PAGE, bad_rows=bad_rows)
         for stored in page:
             found[stored.header.run_id] = stored
         if len(page) < _PAGE:
@@ -196,13 +197,15 @@ async def _unfinished_copies(store: Store) -> dict[str, StoredSnapshot]:
         after = page[-1].header.run_id
 
 
-async def _load_all(store: Store, run_ids: Sequence[str], concurrency: int) -> dict[str, StoredSnapshot]:
+async def _load_all(
+    store: Store, run_ids: Sequence[str], concurrency: int, bad_rows: list[BadRow]
+) -> dict[str, StoredSnapshot]:
     out: dict[str, StoredSnapshot] = {}
     limiter = anyio.CapacityLimiter(concurrency)
 
     async def chunk(ids: Sequence[str]) -> None:
         async with limiter:
-            out.update(await store.load_many(ids))
+            out.update(await store.load_many(ids, bad_rows=bad_rows))
 
     async with anyio.create_task_group() as tg:
         for i in range(0, len(run_ids), _CHUNK):
@@ -234,9 +237,10 @@ async def find_runs(
     t0 = time.perf_counter()
     tier_errors: dict[str, str] = {}
     per_tier: list[dict[str, StoredSnapshot]] = []
+    bad: dict[str, list[BadRow]] = {store.tier: [] for store in stores}
     for store in stores:
         try:
-            per_tier.append(await _unfinished_copies(store))
+            per_tier.append(await _unfinished_copies(store, bad[store.tier]))
         except PersistenceError as exc:
             tier_errors[store.tier] = str(exc)
             per_tier.append({})
@@ -255,7 +259,7 @@ async def find_runs(
         missing = [rid for rid in ids if rid not in found]
         if missing:
             try:
-                found.update(await _load_all(store, missing, concurrency))
+                found.update(await _load_all(store, missing, concurrency, bad[store.tier]))
             except PersistenceError as exc:
                 tier_errors[store.tier] = str(exc)
     copies: dict[str, list[tuple[str, StoredSnapshot]]] = {rid: [] for rid in ids}
@@ -283,6 +287,10 @@ async def find_runs(
             report_resumed.append(
                 _new(RecoveredRun, (rid, snap.workflow, choice.tier, snap.version, snap.status.value))
             )
+    for tier, rows in bad.items():
+        for row in rows:  # one malformed row is skipped and reported; the rest of its tier is read
+            log.warning("hotstate recovery: malformed row of run %r in %r skipped: %s", row.run_id, tier, row.reason)
+            corrupt.append(CorruptCopy(run_id=row.run_id, tier=tier, version=0, reason=f"malformed row: {row.reason}"))
     report = RecoveryReport(
         resumed=tuple(report_resumed),
         already_finished=tuple(finished),
