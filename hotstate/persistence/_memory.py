@@ -51,14 +51,7 @@ def _conflicts(runs: Mapping[str, StoredSnapshot], snapshots: Sequence[StoredSna
         rid, version = s.header.run_id, s.header.version
         if rid not in top or version > top[rid]:
             top[rid] = version
-    found: dict[str, int] = {}
-    for rid, version in top.items():
-        held = runs[rid].header.version
-        if type(held) is not int:
-            found[rid] = -1  # malformed, never overwritten (see save)
-        elif held > version:
-            found[rid] = held
-    return found
+    return {rid: held for rid, version in top.items() if (held := runs[rid].header.version) > version}
 
 
 @final
@@ -103,15 +96,12 @@ class MemoryStore(StoreBase):
         # No await below: the whole batch is applied atomically w.r.t. other tasks.
         for stored in snapshots:
             current = self._runs.get(stored.header.run_id)
-            if current is not None:
-                try:
-                    skip = current.header.version >= stored.header.version
-                except TypeError:  # a stored version that is not a number: it cannot be ordered
-                    skip = True
-                if skip:
-                    stale += 1
-                    above = above or current.header.version != stored.header.version
-                    continue
+            # A stored version that is not an int (a malformed row, see
+            # stored_problem) orders below every version: the row is replaced.
+            if current is not None and type(held := current.header.version) is int and held >= stored.header.version:
+                stale += 1
+                above = above or held != stored.header.version
+                continue
             self._runs[stored.header.run_id] = _own(stored)
             written += 1
         for t in transitions:

@@ -129,10 +129,8 @@ class SaveResult:
             A run saved at a version equal to the stored one is stale but not a
             conflict (a retried batch the store had already taken), and a run
             that appears more than once is a conflict only when its highest
-            version in the batch was skipped. ``-1`` stands for a stored version
-            that is not an integer (a row written by something other than
-            hotstate): the store cannot order it, and skipped the snapshot.
-            Empty when every snapshot was written or was equal.
+            version in the batch was skipped. Empty when every snapshot was
+            written or was equal.
     """
 
     written: int

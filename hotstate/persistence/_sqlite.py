@@ -130,7 +130,9 @@ def _select(width: int, *, typed: bool = False) -> str:
 _SELECTS: Final = {w: (_select(w), _select(w, typed=True)) for w in (_HEADER_WIDTH, _RUN_WIDTH)}
 
 # Versions only go up (docs/architecture.md "Persistence"): the WHERE makes a lower or equal
-# version a no-op, so `rowcount` counts exactly the rows written.
+# version a no-op, so `rowcount` counts exactly the rows written. A stored version
+# that is not an integer (a row hotstate did not write, which every read reports as
+# malformed) orders below every version: the row is replaced.
 _UPSERT: Final = """
 INSERT INTO runs (
     run_id, workflow, workflow_version, version, step, status, updated_at, attempt,
@@ -146,19 +148,18 @@ ON CONFLICT (run_id) DO UPDATE SET
     attempt = excluded.attempt,
     error = excluded.error,
     body = excluded.body
-WHERE excluded.version > runs.version
+WHERE excluded.version > runs.version OR typeof(runs.version) <> 'integer'
 """
 
 
 # The runs of a saved batch whose highest version in it is below the stored
-# one: SaveResult.conflicts. Run only when some snapshot was stale. `batch`
-# holds (run_id, top) rows; a stored version that is not an integer (a foreign
-# row, which SQLite orders above every number) comes back as -1.
+# one: SaveResult.conflicts. Run in the save's transaction, only when some
+# snapshot was stale. `batch` holds (run_id, top) rows.
 def _conflicts_sql(batch: str) -> str:
     return (
         f"WITH batch(run_id, top) AS ({batch}) "  # noqa: S608 - our own SQL, values are parameters
-        "SELECT runs.run_id, CASE WHEN typeof(runs.version) = 'integer' THEN runs.version ELSE -1 END "
-        "FROM batch JOIN runs ON runs.run_id = batch.run_id WHERE runs.version > batch.top"
+        "SELECT runs.run_id, runs.version FROM batch JOIN runs ON runs.run_id = batch.run_id "
+        "WHERE typeof(runs.version) = 'integer' AND runs.version > batch.top"
     )
 
 

@@ -63,7 +63,9 @@ class Store(Protocol):
     malformed (a header field of the wrong type, text that is not UTF-8, a
     missing field, a key of the wrong type). Reads raise ``CodecError`` for it,
     or, when given a ``bad_rows`` list (``scan_snapshots``, ``load_many``),
-    skip it and report it there, so one bad row never hides the others.
+    skip it and report it there, so one bad row never hides the others. As
+    reads cannot use a stored version that is not an integer, ``save`` orders
+    it below every version: the next snapshot of that run replaces the row.
 
     A store keeps each body as the bytes it was given and never decodes one:
     reads return bodies as stored, and the codec verifies them.
@@ -127,15 +129,15 @@ class Store(Protocol):
             (``written + stale == len(snapshots)``); ``transitions`` counts the
             transitions newly stored. ``conflicts`` maps each run whose
             snapshot was skipped because the store holds a strictly higher
-            version to that stored version (``-1`` when the stored version is
-            not an integer): that write was not taken. A snapshot at a version
-            equal to the stored one is stale, never a conflict: it is how a
-            retried batch that was committed but not acknowledged comes back.
-            A run given more than once is a conflict only when its highest
-            version was skipped. ``reset`` is True when the store found it
-            had lost everything written before (a server restarted empty, a
-            database file replaced): the caller should write again every run it
-            holds. A reset is reported by one ``save`` only.
+            version to that stored version: that write was not taken. A
+            snapshot at a version equal to the stored one is stale, never a
+            conflict: it is how a retried batch that was committed but not
+            acknowledged comes back. A run given more than once is a conflict
+            only when its highest version was skipped. ``reset`` is True when
+            the store found it had lost everything written before (a server
+            restarted empty, a database file replaced): the caller should
+            write again every run it holds. A reset is reported by one
+            ``save`` only.
 
         Raises:
             StoreUnavailableError: the write failed. Nothing was written, or

@@ -133,19 +133,24 @@ check(p .. ':runs', 'zset')
 for j = 1, #trans do
   check(p .. ':hist:' .. trans[j][1], 'hash')
 end
+-- A stored version that is not an integer (a row hotstate did not write, which
+-- every read reports as malformed) orders below every version: it is replaced.
+-- Longer than 20 characters is not one either: Python's int() reads no more.
+local function version(s)
+  if s and #s <= 20 and string.find(s, '^%-?%d+$') then return tonumber(s) end
+  return nil
+end
 local written, stale, added = 0, 0, 0
-local above = false  -- a snapshot met a strictly higher (or unordered) stored version
+local above = false  -- a snapshot met a strictly higher stored version
 for j = 1, #heads do
   local h = heads[j]
   local rid, wf, st = h[1], h[2], h[6]
   local c = cur[rid]
   local key = p .. ':run:' .. rid
-  -- A stored version that is not a number (a row hotstate did not write)
-  -- cannot be ordered: it is never overwritten, and reported as a conflict.
-  local held = c[1] and tonumber(c[1])
-  if c[1] and (not held or held >= tonumber(h[4])) then
+  local held = version(c[1])
+  if held and held >= tonumber(h[4]) then
     stale = stale + 1
-    if not held or held > tonumber(h[4]) then above = true end
+    if held > tonumber(h[4]) then above = true end
   else
     redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', h[3],
       'version', h[4], 'step', h[5], 'status', st, 'updated_at', h[7],
@@ -192,11 +197,10 @@ if above then
     if not top[rid] or v > top[rid] then top[rid] = v end
   end
   for rid, v in pairs(top) do
-    local held = cur[rid][1]
-    local n = tonumber(held)
-    if held and (not n or n > v) then
+    local held = version(cur[rid][1])
+    if held and held > v then
       reply[#reply + 1] = rid
-      reply[#reply + 1] = held
+      reply[#reply + 1] = cur[rid][1]
     end
   end
 end
@@ -323,15 +327,8 @@ def _stored(run_id: str, reply: list[bytes | None] | Exception, tier: str) -> St
 
 
 def _conflicts(flat: Sequence[bytes]) -> dict[str, int]:
-    """``SaveResult.conflicts`` from the save script's reply after its four counts."""
-    found: dict[str, int] = {}
-    for run_id, held in zip(flat[::2], flat[1::2], strict=True):
-        try:
-            version = int(held)
-        except ValueError:  # not an integer: a row hotstate did not write
-            version = -1
-        found[run_id.decode()] = version
-    return found
+    """``SaveResult.conflicts`` from the save script's reply after its four counts (integers, checked there)."""
+    return {run_id.decode(): int(held) for run_id, held in zip(flat[::2], flat[1::2], strict=True)}
 
 
 def _header_args(s: StoredSnapshot) -> tuple[str, ...]:

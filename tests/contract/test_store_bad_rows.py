@@ -188,6 +188,7 @@ PLANTS = [
     sqlite("version-text", "version = 'x'", "version='x'"),
     sqlite("version-out-of-range", "version = 99999999999999999999", "version=1e+20"),  # stored as a REAL
     sqlite("version-with-nul", "version = '2' || char(0)", "version='2\\x00'"),
+    sqlite("version-real", "version = 5.5", "version=5.5"),
     sqlite("workflow-not-utf8", "workflow = CAST(x'ff' AS TEXT)", "workflow=<text that is not UTF-8"),
     sqlite("error-not-text", "error = x'00ff'", "error=b'\\x00\\xff'", header=False),
     sqlite("body-not-blob", "body = 'text'", "body is a str", header=False),
@@ -201,6 +202,7 @@ PLANTS = [
     valkey_field("version-text", "version", "x", "version=b'x' (not int)"),
     valkey_field("version-out-of-range", "version", "9" * 5_000, "version=b'9999"),
     valkey_field("version-with-nul", "version", "2\x00", "version=b'2\\x00' (not int)"),
+    valkey_field("version-exponent", "version", "1e3", "version=b'1e3' (not int)"),  # a number to Lua, not an int
     valkey_field("workflow-not-utf8", "workflow", b"\xff", "workflow=b'\\xff' (not UTF-8)"),
     valkey_field("error-not-utf8", "error", b"\xfe", "error is not UTF-8"),
     valkey_field("run-id-of-another-run", "run_id", "someone-else", "run_id field is 'someone-else'"),
@@ -367,23 +369,22 @@ async def test_sqlite_text_that_is_not_utf8_is_a_malformed_row_never_an_unreacha
 
 # --- a stored version that is not an integer, on the write side ------------------------------
 
-CONFLICT_PLANTS = [
+REPLACED = [
     pytest.param(p, id=f"{p.tier}-{p.name}")
     for p in PLANTS
-    if p.name in ("version-text", "version-out-of-range", "version-with-nul")
-    # Not Valkey's "2\0": Lua's tonumber() reads it as 2, so a newer write replaces it.
-    and (p.tier, p.name) != ("valkey", "version-with-nul")
+    if p.name in ("version-text", "version-out-of-range", "version-with-nul", "version-real", "version-exponent")
 ]
 
 
-@pytest.mark.parametrize("plant", CONFLICT_PLANTS)
-async def test_a_stored_version_that_is_not_an_integer_is_never_overwritten_and_is_a_conflict_at_minus_one(
+@pytest.mark.parametrize("plant", REPLACED)
+async def test_a_stored_version_that_is_not_an_integer_orders_below_every_version_so_the_next_save_replaces_it(
     opened: Store, plant: Plant
 ) -> None:
+    """Reads skip such a row (it has no version they can use), and so does the version guard: never a conflict."""
     await seed(opened, plant, ["ok", "r"], {"r"})
-    result = await opened.save([stored("r", 3), stored("ok", 2), stored("new", 1)], [])
-    assert (result.written, result.stale) == (2, 1)  # the rest of the batch is written
-    assert result.conflicts == {"r": -1}
+    result = await opened.save([stored("r", 1), stored("ok", 2), stored("new", 1)], [])
+    assert (result.written, result.stale, result.conflicts) == (3, 0, {})
     bad: list[BadRow] = []
-    assert sorted(await opened.load_many(["r", "ok", "new"], bad_rows=bad)) == ["new", "ok"]
-    assert [b.run_id for b in bad] == ["r"]  # still the planted row, for an operator to see
+    found = await opened.load_many(["r", "ok", "new"], bad_rows=bad)
+    assert (found["r"], bad) == (stored("r", 1), [])
+    assert (await opened.save([stored("r", 1)], [])).conflicts == {}  # an ordinary row again: equal is stale
