@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 
 from hotstate._clock import SystemClock
-from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableError
+from hotstate._errors import CodecError, ConfigError, PersistenceError, StoreUnavailableError
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister, PersisterStatistics
 from hotstate.persistence._policy import Tier
@@ -30,12 +30,15 @@ if TYPE_CHECKING:
     from hotstate.actors import DeadLetter, Snapshot, Transition
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._listener import TierListener
-    from hotstate.persistence._records import StoredSnapshot
+    from hotstate.persistence._records import BadRow, StoredSnapshot
     from hotstate.persistence._store import Store
 
 __all__ = ["Tiers"]
 
 log = logging.getLogger("hotstate.persistence")
+
+_PAGE = 10_000  # headers per scan page when comparing tiers
+_REPAIR_BATCH = 500  # copies per save when repairing a tier that is behind
 
 
 @final
@@ -299,6 +302,88 @@ class Tiers:
             if stored is not None:
                 return decode_snapshot(stored, self.codec, tier=p.name)
         return None
+
+    # ------------------------------------------------------------ lineage repair
+
+    async def versions(self, bad_rows: dict[str, list[BadRow]]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        """Every tier's stored version of every run, finished or not, from one paged header scan each.
+
+        Args:
+            bad_rows: filled with each tier's malformed rows (left out of its versions).
+
+        Returns:
+            ``{tier: {run_id: version}}`` for the tiers that could be read, and
+            ``{tier: error}`` for those that could not.
+        """
+        held: dict[str, dict[str, int]] = {}
+        errors: dict[str, str] = {}
+        for p in self._persisters:
+            versions: dict[str, int] = {}
+            after: str | None = None
+            try:
+                try:
+                    while True:
+                        page = await p.store.scan(after=after, limit=_PAGE)
+                        for header in page:
+                            versions[header.run_id] = header.version
+                        if len(page) < _PAGE:
+                            break
+                        after = page[-1].run_id
+                except CodecError:
+                    # A malformed header: read whole rows instead, which skips and
+                    # reports it (rare, and slower: bodies come too).
+                    versions = await self._versions_past_bad_rows(p, bad_rows.setdefault(p.name, []))
+            except PersistenceError as exc:
+                errors[p.name] = str(exc)
+                log.error("hotstate: cannot scan tier %r to compare copies: %s", p.name, exc)
+                continue
+            held[p.name] = versions
+        return held, errors
+
+    @staticmethod
+    async def _versions_past_bad_rows(p: Persister, bad: list[BadRow]) -> dict[str, int]:
+        versions: dict[str, int] = {}
+        after: str | None = None
+        while True:
+            page = await p.store.scan_snapshots(after=after, limit=_PAGE, bad_rows=bad)
+            for stored in page:
+                versions[stored.header.run_id] = stored.header.version
+            if len(page) < _PAGE:
+                break
+            after = page[-1].header.run_id
+        return versions
+
+    async def load_from(self, tier: str, run_ids: Sequence[str], bad_rows: list[BadRow]) -> dict[str, StoredSnapshot]:
+        """``tier``'s copies of ``run_ids`` (malformed rows reported in ``bad_rows``); each read copy is durable there."""
+        p = self._by_name[tier]
+        found = await p.store.load_many(run_ids, bad_rows=bad_rows)
+        for rid, stored in found.items():
+            p.note_stored(rid, stored.header.version)
+        return found
+
+    async def history_from(self, tier: str, run_id: str) -> list[Transition]:
+        """``tier``'s stored transitions of ``run_id``, oldest first."""
+        return await self._by_name[tier].store.history(run_id)
+
+    async def repair(self, tier: str, copies: Sequence[tuple[StoredSnapshot, Sequence[Transition]]]) -> int:
+        """Write verified copies, with their history, into ``tier``, which is behind; in batches.
+
+        The store's version guard keeps anything newer it holds, and a repeated
+        transition is ignored, so a repair never regresses a tier.
+
+        Returns:
+            How many snapshots the tier took.
+        """
+        p = self._by_name[tier]
+        written = 0
+        for i in range(0, len(copies), _REPAIR_BATCH):
+            batch = copies[i : i + _REPAIR_BATCH]
+            result = await p.store.save([s for s, _ in batch], [t for _, history in batch for t in history])
+            written += result.written
+            for stored, _ in batch:
+                if stored.header.run_id not in result.conflicts:
+                    p.note_stored(stored.header.run_id, stored.header.version)
+        return written
 
     # ------------------------------------------------------------ writes
 

@@ -13,9 +13,9 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, NamedTuple, final
 
-from hotstate._errors import HotstateInternalError, WorkflowNotRegisteredError
+from hotstate._errors import HotstateInternalError, PersistenceError, WorkflowNotRegisteredError
 from hotstate.actors import (
     TERMINAL_STATUSES,
     Snapshot,
@@ -27,6 +27,7 @@ from hotstate.actors._actor import RunActor
 from hotstate.actors._history import History
 from hotstate.actors._snapshot import new_tuple as _new
 from hotstate.runtime._recovery import (
+    CorruptCopy,
     RecoveryReport,
     choose_copy,
     find_dead_letters,
@@ -34,18 +35,35 @@ from hotstate.runtime._recovery import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from hotstate.actors import DeadLetter, Workflow
-    from hotstate.persistence import Codec
+    from hotstate.persistence import BadRow, Codec, StoredSnapshot
     from hotstate.persistence._tiers import Tiers
     from hotstate.runtime._registry import RunRegistry
     from hotstate.runtime._scheduler import Scheduler
     from hotstate.runtime._supervisor import Supervisor
 
-__all__ = ["Adoption"]
+__all__ = ["Adoption", "Repair"]
 
 log = logging.getLogger("hotstate.runtime")
+
+
+_LOAD_CHUNK = 2_000
+
+
+class Repair(NamedTuple):
+    """What ``Adoption.reconcile`` did.
+
+    Attributes:
+        repaired: per tier, how many runs were written back to the newest verified copy.
+        corrupt: copies that did not verify (or rows that were malformed), never copied.
+        errors: tiers that could not be compared or repaired, with the error.
+    """
+
+    repaired: dict[str, int]
+    corrupt: list[CorruptCopy]
+    errors: dict[str, str]
 
 
 @final
@@ -112,7 +130,77 @@ class Adoption:
         )
         return report
 
+    async def reconcile(self) -> Repair:
+        """Bring every tier that is behind up to the newest verified copy of every run, finished ones included.
+
+        A run finished in a fast tier while a slow tier still holds an older,
+        unfinished copy (a crash between their flushes) must never come back
+        from the older copy: the slow tier gets the newest verified copy and
+        its history. Copies that do not verify are reported, never spread.
+        """
+        malformed: dict[str, list[BadRow]] = {}
+        held, errors = await self._tiers.versions(malformed)
+        corrupt = [
+            CorruptCopy(run_id=row.run_id, tier=tier, version=0, reason=f"malformed row: {row.reason}")
+            for tier, rows in malformed.items()
+            for row in rows
+        ]
+        # A malformed row is left for an operator: never written over, even with a verified copy.
+        untouchable = {(tier, row.run_id) for tier, rows in malformed.items() for row in rows}
+        if len(held) < 2:
+            return Repair({}, corrupt, errors)
+        newest: dict[str, int] = {}
+        for versions in held.values():
+            for rid, v in versions.items():
+                if v > newest.get(rid, 0):
+                    newest[rid] = v
+        ids = sorted(rid for rid, v in newest.items() if any(versions.get(rid, 0) < v for versions in held.values()))
+        if not ids:
+            return Repair({}, corrupt, errors)
+        copies: dict[str, list[tuple[str, StoredSnapshot]]] = {rid: [] for rid in ids}
+        for tier, versions in held.items():
+            bad: list[BadRow] = []
+            want = [rid for rid in ids if rid in versions]
+            for i in range(0, len(want), _LOAD_CHUNK):
+                found = await self._tiers.load_from(tier, want[i : i + _LOAD_CHUNK], bad)
+                for rid, stored in found.items():
+                    copies[rid].append((tier, stored))
+            corrupt.extend(
+                CorruptCopy(run_id=row.run_id, tier=tier, version=0, reason=f"malformed row: {row.reason}")
+                for row in bad
+            )
+        repairs: dict[str, list[tuple[StoredSnapshot, Sequence[Transition]]]] = {tier: [] for tier in held}
+        for rid in ids:
+            if not copies[rid]:
+                continue
+            choice = choose_copy(rid, copies[rid], self._codec)
+            corrupt.extend(choice.corrupt)
+            if choice.snapshot is None:
+                continue
+            stored = next(c for t, c in copies[rid] if t == choice.tier)
+            try:
+                history = await self._tiers.history_from(choice.tier, rid)
+            except PersistenceError as exc:
+                log.warning("hotstate: history of run %r in %r unreadable; repairing its snapshot only: %s",
+                            rid, choice.tier, exc)  # fmt: skip
+                history = []
+            for tier, versions in held.items():
+                if versions.get(rid, 0) < choice.snapshot.version and (tier, rid) not in untouchable:
+                    repairs[tier].append((stored, history))
+        repaired: dict[str, int] = {}
+        for tier, items in repairs.items():
+            if items:
+                try:
+                    repaired[tier] = await self._tiers.repair(tier, items)
+                except PersistenceError as exc:
+                    errors[tier] = str(exc)
+                    log.error("hotstate: could not repair tier %r: %s", tier, exc)
+        if repaired:
+            log.info("hotstate: tiers behind brought up to the newest verified copies: %s", repaired)
+        return Repair(repaired, corrupt, errors)
+
     async def _recover(self, t0: float) -> RecoveryReport:
+        repair = await self.reconcile()
         stores = self._tiers.stores
         snapshots, report = await find_runs(stores, self._codec, self._workflows, concurrency=self._concurrency)
         letters, bad_letters, letter_errors = await find_dead_letters(stores, self._codec)
@@ -139,8 +227,9 @@ class Adoption:
             report,
             resumed=resumed,
             seconds=time.perf_counter() - t0,  # the whole recovery, adoption included
-            corrupt=(*report.corrupt, *bad_letters),
-            tier_errors={**letter_errors, **report.tier_errors},
+            corrupt=tuple(dict.fromkeys((*repair.corrupt, *report.corrupt, *bad_letters))),  # each copy once
+            tier_errors={**repair.errors, **letter_errors, **report.tier_errors},
+            repaired=repair.repaired,
             dead_letters=tuple(loaded),
             failed_before_crash=tuple(failed),
             stale_dead_letters=tuple(stale),

@@ -158,6 +158,8 @@ class RecoveryReport:
             recorded as failed, not resumed.
         stale_dead_letters: dead letters of runs retried before the crash
             (the run is newer than its letter): deleted.
+        repaired: per tier, runs written back to the newest verified copy (and
+            its history) because the tier was behind, finished runs included.
         seconds: how long recovery took, from the first read to the last run adopted.
     """
 
@@ -170,6 +172,7 @@ class RecoveryReport:
     dead_letters: tuple[str, ...] = ()
     failed_before_crash: tuple[str, ...] = ()
     stale_dead_letters: tuple[str, ...] = ()
+    repaired: Mapping[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def by_tier(self) -> dict[str, int]:

@@ -501,6 +501,11 @@ class Runtime:
         dead letter stay in memory so they can still be retried; their
         dead-letter record keeps the final snapshot in the tiers.
 
+        First every tier is flushed and every tier that is behind is brought
+        up to the newest verified copy of each run (a header scan of every
+        tier), so a run finished in one tier is never purged there while an
+        older, unfinished copy survives in another and comes back later.
+
         Args:
             older_than: age in seconds (by ``updated_at``, wall clock).
 
@@ -516,6 +521,8 @@ class Runtime:
         number("purge_finished.older_than", older_than)
         before = self._wall() - older_than
         gone = self._registry.purge_finished(before, keep=self._supervisor.dead_letters)
+        await self._tiers.flush()
+        await self._adoption.reconcile()
         return {"hot": len(gone), **await self._tiers.purge(gone, before)}
 
     async def snapshot_at(self, run_id: str, version: int, *, tier: str | None = None) -> Snapshot:

@@ -1,22 +1,29 @@
-"""Recovery and lineage under faults (#10): real SQLite files and a real Valkey server.
+"""Recovery and lineage under faults (#10): real SQLite files, a real Valkey server, real SIGKILLs.
 
 - One malformed row in a tier is skipped and reported; every other run of that
   tier is recovered (before: the whole tier was dropped and 491 recorded steps
   ran again from the other tier's older copies).
+- A SIGKILL after runs finished in Valkey but before SQLite's flush, then
+  recovery, ``purge_finished`` and another restart: no finished run comes back
+  (before: 20 of 20 were resumed from SQLite's stale copies, because recovery
+  never repaired the tier that was behind and each tier purged only what it
+  listed as finished).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
-from typing import TYPE_CHECKING, Any
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
 
 import anyio
 
 from hotstate import FlushPolicy, Runtime, Step, StepContext, Tier, Workflow
-from hotstate.persistence import SQLiteStore
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from hotstate.persistence import SQLiteStore, ValkeyStore
 
 GUARD = 10  # seconds; a hang guard only
 
@@ -62,3 +69,107 @@ async def test_one_malformed_row_is_skipped_and_reported_and_the_rest_of_its_tie
     with sqlite3.connect(db) as conn:  # the bad row is left for an operator, untouched
         assert conn.execute("SELECT step FROM runs WHERE run_id = 'r07'").fetchone() == ("two",)
     conn.close()
+
+
+# A child on the README's tiers (Valkey every 10 ms, SQLite every second, here
+# every minute so the kill surely lands before SQLite's flush): runs park at the
+# charge step, both tiers flush, the runs are paid and finish; once Valkey holds
+# every run finished, the child SIGKILLs itself. SQLite still holds them parked.
+LINEAGE_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import anyio
+    from hotstate import FlushPolicy, Runtime, Step, Tier, Workflow
+    from hotstate.persistence import SQLiteStore, ValkeyStore
+
+    db, url, prefix, ledger, runs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+
+    async def reserve(p, ctx):
+        return {**p, "reserved": True}
+
+    async def charge(p, ctx):  # the side effect, written down once per execution
+        with open(ledger, "a") as f:
+            f.write(json.dumps([ctx.run_id, ctx.signal]) + "\\n")
+        return {**p, "charged": ctx.signal}
+
+    async def ship(p, ctx):
+        return {**p, "shipped": True}
+
+    ORDER = Workflow("order", [Step(fn=reserve, name="reserve"), Step(fn=charge, wait_for="paid"), Step(fn=ship, name="ship")])
+
+    async def main():
+        tiers = [
+            Tier(ValkeyStore(url, prefix=prefix), FlushPolicy(interval=0.01)),
+            Tier(SQLiteStore(db), FlushPolicy(interval=60.0)),
+        ]
+        async with Runtime([ORDER], tiers=tiers) as rt:
+            ids = [f"order-{i:02d}" for i in range(runs)]
+            for rid in ids:
+                await rt.spawn(ORDER, {}, run_id=rid)
+            while rt.count(status="waiting") < runs:
+                await anyio.sleep(0.001)
+            await rt.flush()  # both tiers hold every run parked at charge
+            for rid in ids:
+                await rt.send(rid, "paid", 42)
+            for rid in ids:
+                await rt.wait_finished(rid)
+                await rt.wait_durable(rid, tier="valkey")
+            print(json.dumps(rt.durable_versions(ids[0])), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # before SQLite's flush
+
+    anyio.run(main)
+    """
+)
+
+ORDER_STEPS = [Step(fn=inc, name="reserve"), Step(fn=take, wait_for="paid"), Step(fn=inc, name="ship")]
+ORDER = Workflow("order", ORDER_STEPS)
+
+
+def lineage_tiers(url: str, prefix: str, db: Path) -> list[Tier]:
+    return [
+        Tier(ValkeyStore(url, prefix=prefix), FlushPolicy(interval=0.01)),
+        Tier(SQLiteStore(db), FlushPolicy(interval=1.0)),
+    ]
+
+
+async def test_runs_finished_in_one_tier_never_come_back_after_a_crash_recovery_purge_and_restart(
+    tmp_path: Path, valkey_url: str, valkey_prefix: str
+) -> None:
+    db, ledger, script, runs = tmp_path / "runs.db", tmp_path / "ledger.jsonl", tmp_path / "child.py", 20
+    script.write_text(LINEAGE_CHILD)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    with anyio.fail_after(60):
+        proc = await anyio.run_process(
+            [sys.executable, str(script), str(db), valkey_url, valkey_prefix, str(ledger), str(runs)],
+            env=env,
+            check=False,
+        )
+    assert proc.returncode == -9, proc.stderr.decode()
+    at_kill = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert at_kill["valkey"] == at_kill["hot"] > at_kill["sqlite"]  # killed between the two tiers' flushes
+    charged = [json.loads(line)[0] for line in ledger.read_text().splitlines()]
+    assert sorted(charged) == [f"order-{i:02d}" for i in range(runs)]
+    async with SQLiteStore(db) as sq:
+        assert {h.status for h in await sq.scan(limit=100)} == {"waiting"}  # SQLite is behind
+
+    async with Runtime([ORDER], tiers=lineage_tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        report = rt.recovery_report
+        assert report is not None
+        assert report.resumed == ()  # every run finished: nothing to resume
+        assert dict(report.repaired) == {"sqlite": runs}  # the tier that was behind is brought up
+        async with SQLiteStore(db) as sq:
+            assert {h.status for h in await sq.scan(limit=100)} == {"done"}
+            history = await sq.history("order-00")
+            assert [t.version for t in history] == list(range(1, history[-1].version + 1))  # no gap
+        purged = await rt.purge_finished(older_than=0)
+        assert purged == {"hot": 0, "valkey": runs, "sqlite": runs}  # the finished copy is deleted everywhere
+
+    async with Runtime([ORDER], tiers=lineage_tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        report = rt.recovery_report
+        assert report is not None
+        assert report.resumed == ()  # 0 finished runs resumed (before: 20 of 20)
+        assert rt.count() == 0
+    assert len(ledger.read_text().splitlines()) == runs  # no side effect ran twice
