@@ -138,6 +138,8 @@ class Adoption:
         from the older copy: the slow tier gets the newest verified copy and
         its history. Copies that do not verify are reported, never spread.
         """
+        if len(self._tiers) < 2:
+            return Repair({}, [], {})  # one tier is its own newest copy
         malformed: dict[str, list[BadRow]] = {}
         held, errors = await self._tiers.versions(malformed)
         corrupt = [
