@@ -59,6 +59,20 @@ class RunFinishedError(RunError):
         super().__init__(run_id, f"cannot {action}: the run is already {status}")
 
 
+class CrashLoopError(RunError):
+    """The run was in flight at ``crashes`` consecutive process crashes: it is failed instead of resumed again.
+
+    A step that kills its process (out of memory, a crashing extension) would
+    otherwise be resumed at every restart forever. ``step`` is the cursor it
+    was resumed at each time.
+    """
+
+    def __init__(self, run_id: str, crashes: int, step: int) -> None:
+        self.crashes = crashes
+        self.step = step
+        super().__init__(run_id, f"in flight at {crashes} consecutive process crashes (step {step}); not resumed again")
+
+
 class RunFailedError(RunError):
     """The run failed for good.
 

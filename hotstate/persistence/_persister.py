@@ -421,7 +421,10 @@ class Persister:
         rounds = 0
         while self._transitions or self._dead or self._dead_deletes or target:
             await self.flush_once()
-            target = {rid: v for rid, v in target.items() if self.durable.get(rid, 0) < v}
+            # A version the store skipped for a newer one, or that cannot be encoded,
+            # will never be durable here: waiting for it would never return.
+            never = self._conflicted | self._poisoned
+            target = {rid: v for rid, v in target.items() if self.durable.get(rid, 0) < v and rid not in never}
             rounds += 1
             if rounds > 1 and not target and not self._dead and not self._dead_deletes:
                 break

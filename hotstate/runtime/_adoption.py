@@ -15,9 +15,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, NamedTuple, final
 
-from hotstate._errors import HotstateInternalError, PersistenceError, WorkflowNotRegisteredError
+from hotstate._errors import CrashLoopError, HotstateInternalError, PersistenceError, WorkflowNotRegisteredError
 from hotstate.actors import (
     TERMINAL_STATUSES,
+    ErrorInfo,
     Snapshot,
     Status,
     Transition,
@@ -44,12 +45,37 @@ if TYPE_CHECKING:
     from hotstate.runtime._scheduler import Scheduler
     from hotstate.runtime._supervisor import Supervisor
 
-__all__ = ["Adoption", "Repair"]
+__all__ = ["Adoption", "Repair", "crash_marker", "crashes_of"]
 
 log = logging.getLogger("hotstate.runtime")
 
 
 _LOAD_CHUNK = 2_000
+_IN_FLIGHT = (Status.running, Status.pending, Status.retrying)
+_CRASH = "hotstate.crash"  # ErrorInfo.type of the marker a resumed in-flight run carries
+
+
+def crashes_of(snap: Snapshot) -> int:
+    """How many consecutive process crashes found ``snap``'s run in flight (its stored crash marker)."""
+    error = snap.error
+    return error.attempt if error is not None and error.type == _CRASH else 0
+
+
+def crash_marker(snap: Snapshot, crashes: int, now: float) -> ErrorInfo:
+    """The ``error`` a run resumed after ``crashes`` crashes carries until its next step commits.
+
+    Its ``attempt`` is ``crashes + 1``: the count should the process crash
+    again before then. Stored with the snapshot, so the count is durable.
+    """
+    return ErrorInfo(
+        type=_CRASH,
+        message=f"resumed at step {snap.step} after {crashes} consecutive process crash(es) while in flight",
+        traceback="",
+        step=snap.step,
+        step_name="",
+        attempt=crashes + 1,
+        at=now,
+    )
 
 
 class Repair(NamedTuple):
@@ -90,6 +116,8 @@ class Adoption:
         wall: Callable[[], float],
         *,
         concurrency: int,
+        crash_limit: int,
+        release_timeout: float,
     ) -> None:
         self._registry = registry
         self._scheduler = scheduler
@@ -99,6 +127,9 @@ class Adoption:
         self._codec = codec
         self._wall = wall
         self._concurrency = concurrency
+        self._crash_limit = crash_limit
+        self._release_timeout = release_timeout
+        self._quarantine: list[tuple[Snapshot, int, int]] = []  # (snapshot, highest, crashes) held back
 
     async def recover(self) -> RecoveryReport:
         """Resume every unfinished run found in the tiers; hold their dead letters again.
@@ -207,7 +238,11 @@ class Adoption:
         snapshots, report = await find_runs(stores, self._codec, self._workflows, concurrency=self._concurrency)
         letters, bad_letters, letter_errors = await find_dead_letters(stores, self._codec)
         failed: list[str] = []
+        crash_looped: list[str] = []
+        ready: list[RunActor] = []  # resumed, scheduled once their crash counts are durable
         registry = self._registry
+        # Fewest consecutive crashes first: a suspect never delays the others.
+        snapshots.sort(key=lambda item: crashes_of(item[0]))
         for snap, highest in snapshots:
             if snap.run_id in registry:
                 continue
@@ -217,9 +252,38 @@ class Adoption:
                 # run failed for good, but its final row missed the crash.
                 self._adopt_failed(letter, highest)
                 failed.append(snap.run_id)
+            elif snap.status in _IN_FLIGHT:
+                # In flight at the crash that just happened. Its marker (set when it was
+                # last resumed, cleared by any step since) says how many consecutive
+                # crashes that makes; unmarked, this is the first.
+                marked = crashes_of(snap)
+                crashes = max(marked, 1)
+                if crashes >= self._crash_limit:
+                    ready.append(self._fail_crash_loop(snap, highest, crashes))
+                    crash_looped.append(snap.run_id)
+                elif marked == 0:
+                    ready.append(self._resume(snap, highest, crashes=crashes, schedule=False))
+                else:
+                    # In flight at the last crash too, without durable progress since:
+                    # a suspect. Held back, released one at a time once the others run.
+                    self._registry.add(
+                        RunActor(self._workflows[snap.workflow], snap, History(max(snap.version, highest)))
+                    )
+                    self._quarantine.append((snap, highest, crashes))
             else:
-                self._resume(snap, highest)
+                ready.append(self._resume(snap, highest, schedule=False))
         loaded, stale, rows_written = await self._load_dead_letters(letters, set(failed))
+        if ready:
+            # The crash counts the resumed runs carry are durable before any step
+            # runs: a step that takes the process down at once still counts.
+            try:
+                await self._tiers.flush()
+            except PersistenceError as exc:
+                log.warning("hotstate recovery: crash counts not durable in every tier: %s", exc)
+            for actor in ready:
+                status = actor.snapshot.status
+                if status is not Status.waiting and status not in TERMINAL_STATUSES:
+                    self._scheduler.schedule(actor)
         failed.extend(rows_written)
         resumed = report.resumed
         if failed:
@@ -235,7 +299,38 @@ class Adoption:
             dead_letters=tuple(loaded),
             failed_before_crash=tuple(failed),
             stale_dead_letters=tuple(stale),
+            crash_looped=tuple(crash_looped),
+            held_back=tuple(s.run_id for s, _, _ in self._quarantine),
         )
+
+    async def release_held_back(self) -> None:
+        """Run the held-back suspects one at a time, each with its crash count durable first.
+
+        A suspect's count goes up only when it is released, and is flushed to
+        every tier before its step runs: if it takes the process down again,
+        only its own count has grown, and past ``crash_limit`` the next recovery
+        fails it instead. The next suspect is released once this one has made
+        durable progress (its next version is in every tier), has ended, or
+        ``release_timeout`` passed.
+        """
+        while self._quarantine:
+            snap, highest, crashes = self._quarantine.pop(0)
+            actor = self._registry.get(snap.run_id)
+            if actor is None or actor.snapshot.version != snap.version:
+                continue  # purged, or moved on by a send/cancel meanwhile
+            self._registry.remove(snap.run_id)
+            actor = self._resume(snap, highest, crashes=crashes, schedule=False)
+            released = actor.snapshot.version
+            try:
+                await self._tiers.flush()
+            except PersistenceError as exc:
+                log.warning("hotstate: held-back run %r released without its crash count durable: %s", snap.run_id, exc)
+            self._scheduler.schedule(actor)
+            for tier in self._tiers.names:
+                try:
+                    await self._tiers.wait_durable(snap.run_id, released + 1, tier=tier, timeout=self._release_timeout)
+                except PersistenceError:
+                    break  # no durable progress in time (a long step, or a tier down): release the next anyway
 
     async def adopt(self, run_id: str) -> bool:
         """``spawn`` with an id only a tier knows: bring that run back, never a duplicate.
@@ -274,14 +369,34 @@ class Adoption:
             self._resume(snap, choice.highest)
         return True
 
-    def _resume(self, snap: Snapshot, highest: int) -> None:
-        """Bring a stored unfinished run into memory at ``snap`` and record ``resumed``."""
+    def _resume(self, snap: Snapshot, highest: int, *, crashes: int = 0, schedule: bool = True) -> RunActor:
+        """Bring a stored unfinished run into memory at ``snap`` and record ``resumed``.
+
+        ``crashes`` > 0 marks a run that was in flight at that many consecutive
+        crashes: the resumed snapshot carries ``crashes + 1`` (in its ``error``,
+        so it is stored with it), the count should the process crash again
+        before the run's next step clears it.
+        """
         status = snap.status
         if status is Status.retrying or status is Status.pending:
             status = Status.running  # the backoff timer died with the old process: retry now
-        actor = self._bring_back(snap, highest, status, TransitionKind.resumed, "from v{}")
-        if status is not Status.waiting and status not in TERMINAL_STATUSES:
+        error = snap.error if crashes == 0 else crash_marker(snap, crashes, self._wall())
+        actor = self._bring_back(snap._replace(error=error), highest, status, TransitionKind.resumed, "from v{}")
+        if schedule and status is not Status.waiting and status not in TERMINAL_STATUSES:
             self._scheduler.schedule(actor)
+        return actor
+
+    def _fail_crash_loop(self, snap: Snapshot, highest: int, crashes: int) -> RunActor:
+        """Fail a run in flight at ``crashes`` consecutive crashes: compensated and dead-lettered, not resumed.
+
+        Returns:
+            The actor, to schedule: its mailbox holds the failure.
+        """
+        actor = self._resume(snap, highest, schedule=False)
+        exc = CrashLoopError(snap.run_id, crashes, snap.step)
+        log.error("hotstate recovery: %s", exc)
+        actor.post_fail("it crashed the process", exc)
+        return actor
 
     def _adopt_failed(self, letter: DeadLetter, highest: int) -> None:
         """Record a run that failed for good before the crash (its dead letter is newer than its row)."""

@@ -160,6 +160,11 @@ class RecoveryReport:
             (the run is newer than its letter): deleted.
         repaired: per tier, runs written back to the newest verified copy (and
             its history) because the tier was behind, finished runs included.
+        crash_looped: runs in flight at ``crash_limit`` consecutive process
+            crashes: failed with ``CrashLoopError`` (compensated, dead-lettered)
+            instead of resumed again.
+        held_back: suspects (in flight at the last crash too) resumed one at a
+            time after the others, each with its crash count durable first.
         seconds: how long recovery took, from the first read to the last run adopted.
     """
 
@@ -173,6 +178,8 @@ class RecoveryReport:
     failed_before_crash: tuple[str, ...] = ()
     stale_dead_letters: tuple[str, ...] = ()
     repaired: Mapping[str, int] = field(default_factory=dict)
+    crash_looped: tuple[str, ...] = ()
+    held_back: tuple[str, ...] = ()
     seconds: float = 0.0
 
     def by_tier(self) -> dict[str, int]:

@@ -88,6 +88,11 @@ class Runtime:
         shutdown_timeout: seconds in-flight steps get to finish at shutdown.
         flush_timeout: seconds the final flush at shutdown may take.
         steps_per_turn: steps one run may take before others get a turn (fairness).
+        crash_limit: a run in flight at this many consecutive process crashes
+            (a step that kills its process) is failed with ``CrashLoopError``,
+            compensated and dead-lettered at the next recovery instead of being
+            resumed again; runs in flight at the last crash too are resumed one
+            at a time after the others, so one poison run never starves them.
         ack_tiers: tiers whose durability every acknowledgement waits for, as
             for write-through tiers (always waited for): ``spawn``, ``send``,
             ``cancel`` and ``retry_dead_letter`` return, and ``wait_finished``
@@ -127,11 +132,13 @@ class Runtime:
         steps_per_turn: int = 100,
         instruments: Sequence[Instrument] = (),
         ack_tiers: Sequence[str] = (),
+        crash_limit: int = 3,
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
         number("Runtime.flush_timeout", flush_timeout, strict=True)
         integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
         integer("Runtime.recovery_concurrency", recovery_concurrency, minimum=1)
+        integer("Runtime.crash_limit", crash_limit, minimum=1)
         for instrument in instruments:
             if not isinstance(instrument, Instrument):
                 raise ConfigError("Runtime.instruments", instrument, "must be Instrument objects")
@@ -176,6 +183,8 @@ class Runtime:
             self._codec,
             self._wall,
             concurrency=recovery_concurrency,
+            crash_limit=crash_limit,
+            release_timeout=5.0,
         )
         self._ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
@@ -195,7 +204,9 @@ class Runtime:
         return self
 
     async def _recover_runs(self) -> None:
-        self.recovery_report = await self._adoption.recover()
+        self.recovery_report = report = await self._adoption.recover()
+        if report.held_back:
+            self._scheduler.start_background(self._adoption.release_held_back, "hotstate-release-held-back")
 
     async def __aexit__(
         self,

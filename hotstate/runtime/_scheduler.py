@@ -41,7 +41,7 @@ from hotstate.persistence._tiers import Tiers
 from hotstate.runtime._timers import TimerHandle
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from hotstate._clock import Clock
     from hotstate._errors import CodecError, StaleVersionError
@@ -130,6 +130,20 @@ class Scheduler:
         self._open = True
         if self._ready:
             self._start_worker()
+
+    def start_background(self, job: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``job`` in the runtime's task group; it is cancelled at shutdown, and a crash in it is logged."""
+        tg = self._tg
+        if tg is None:  # pragma: no cover - only called once started
+            return
+
+        async def guarded() -> None:
+            try:
+                await job()
+            except Exception:  # noqa: BLE001 - machinery must not take the runtime down
+                self.internal_error(name)
+
+        tg.start_soon(guarded, name=name)
 
     async def drain(self, timeout: float) -> int:  # noqa: ASYNC109 - a shielded deadline, not a cancellation point
         """Start no new step; give the steps in flight ``timeout`` seconds to finish.

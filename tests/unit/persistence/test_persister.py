@@ -783,3 +783,13 @@ async def test_a_snapshot_the_store_skipped_for_a_newer_version_is_never_durable
         assert listener.durables == []  # the parked run is not released as if durable
         assert "theirs" not in p.waiting
         assert p.statistics().conflicts == 1
+
+
+async def test_flush_returns_when_a_pending_snapshot_conflicts_with_a_newer_stored_version():
+    async with ScriptedStore(tier="guarded") as store:
+        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), Recorder())
+        mark(p, "theirs", 1)
+        store.conflicts_next = {"theirs": 7}
+        with anyio.fail_after(5):  # before the fix: spun forever waiting for "theirs" to become durable
+            await p.flush()
+        assert p.durable == {}
