@@ -182,6 +182,16 @@ class Tiers:
                 return True
         return False
 
+    def notify_everywhere(self, run_id: str, item: Any) -> bool:
+        """Hand ``item`` to the listener as each tier acknowledges ``run_id``'s next flush; flush soon.
+
+        Returns:
+            False when there is no tier (nothing will ever be acknowledged).
+        """
+        for p in self._persisters:
+            p.notify_when_durable(run_id, item)
+        return bool(self._persisters)
+
     async def wait_durable(
         self,
         run_id: str,

@@ -273,17 +273,13 @@ class Adoption:
             else:
                 ready.append(self._resume(snap, highest, schedule=False))
         loaded, stale, rows_written = await self._load_dead_letters(letters, set(failed))
-        if ready:
-            # The crash counts the resumed runs carry are durable before any step
-            # runs: a step that takes the process down at once still counts.
-            try:
-                await self._tiers.flush()
-            except PersistenceError as exc:
-                log.warning("hotstate recovery: crash counts not durable in every tier: %s", exc)
-            for actor in ready:
-                status = actor.snapshot.status
-                if status is not Status.waiting and status not in TERMINAL_STATUSES:
-                    self._scheduler.schedule(actor)
+        for actor in ready:
+            status = actor.snapshot.status
+            if status is not Status.waiting and status not in TERMINAL_STATUSES:
+                # Its first step runs once the resumed snapshot, with its crash count,
+                # is durable in a tier: a step that takes the process down at once
+                # still counts. Runs start as their flush lands, not after all of them.
+                self._scheduler.release_when_durable(actor)
         failed.extend(rows_written)
         resumed = report.resumed
         if failed:
@@ -380,8 +376,12 @@ class Adoption:
         status = snap.status
         if status is Status.retrying or status is Status.pending:
             status = Status.running  # the backoff timer died with the old process: retry now
-        error = snap.error if crashes == 0 else crash_marker(snap, crashes, self._wall())
-        actor = self._bring_back(snap._replace(error=error), highest, status, TransitionKind.resumed, "from v{}")
+        error: ErrorInfo | None = snap.error
+        if crashes:
+            error = crash_marker(snap, crashes, self._wall())
+        elif crashes_of(snap):
+            error = None  # not in flight (waiting): a crash marker it still carries is stale
+        actor = self._bring_back(snap, highest, status, TransitionKind.resumed, "from v{}", error)
         if schedule and status is not Status.waiting and status not in TERMINAL_STATUSES:
             self._scheduler.schedule(actor)
         return actor
@@ -402,10 +402,18 @@ class Adoption:
         """Record a run that failed for good before the crash (its dead letter is newer than its row)."""
         snap = letter.snapshot
         detail = f"recovered from its dead letter (v{snap.version})"
-        self._bring_back(snap, highest, Status.failed, TransitionKind.failed, detail)
+        self._bring_back(snap, highest, Status.failed, TransitionKind.failed, detail, snap.error)
 
-    def _bring_back(self, snap: Snapshot, highest: int, status: Status, kind: TransitionKind, detail: str) -> RunActor:
-        """Hold ``snap``'s run and commit its next version in ``status`` with a ``kind`` transition.
+    def _bring_back(
+        self,
+        snap: Snapshot,
+        highest: int,
+        status: Status,
+        kind: TransitionKind,
+        detail: str,
+        error: ErrorInfo | None,
+    ) -> RunActor:
+        """Hold ``snap``'s run and commit its next version in ``status`` with a ``kind`` transition and ``error``.
 
         The new version is above ``highest``, the newest version any tier claims
         for the run (a corrupt copy's too): versions are never reused. ``detail``
@@ -421,8 +429,8 @@ class Adoption:
         now = self._wall()
         v = base + 1
         # _new, not _replace: recovery adopts 100,000 runs, and _replace costs ~3 us each.
-        fields = (run_id, snap.workflow, snap.workflow_version, v, snap.step, status, snap.payload, snap.error, now,
-                  snap.attempt, snap.signals)  # fmt: skip
+        fields = (run_id, snap.workflow, snap.workflow_version, v, snap.step, status, snap.payload,
+                  error, now, snap.attempt, snap.signals)  # fmt: skip
         transition = _new(Transition, (run_id, v, kind, snap.step, status, now, detail.format(base)))
         self._scheduler.commit(actor, _new(Snapshot, fields), transition)
         return actor

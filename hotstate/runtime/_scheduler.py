@@ -66,6 +66,17 @@ _SPAWNED: Final = TransitionKind.spawned
 
 
 @final
+class _Release:
+    """A recovered run to schedule once the first tier acknowledges its resumed snapshot (one-shot)."""
+
+    __slots__ = ("actor", "fired")
+
+    def __init__(self, actor: RunActor) -> None:
+        self.actor = actor
+        self.fired = False
+
+
+@final
 class Scheduler:
     """Runs actors' turns from a ready queue; what actors and tiers call into.
 
@@ -277,7 +288,17 @@ class Scheduler:
 
     def durable(self, item: Any) -> None:
         """A parked run's snapshot is durable in a write-through tier: schedule it (TierListener)."""
+        if item.__class__ is _Release:
+            if not item.fired:  # the first tier to make it durable releases it; the others find it fired
+                item.fired = True
+                self.schedule(item.actor)
+            return
         self.schedule(item)
+
+    def release_when_durable(self, actor: RunActor) -> None:
+        """Schedule ``actor`` once its current snapshot is durable in any tier (at once when memory-only)."""
+        if not self.tiers.notify_everywhere(actor.snapshot.run_id, _Release(actor)):
+            self.schedule(actor)
 
     def pressure(self, tier: str, on: bool) -> None:
         """A tier crossed its memory bound: park steps, or let them go again (TierListener)."""
