@@ -79,6 +79,8 @@ class PersisterStatistics:
         codec_errors: snapshots that could not be encoded (their runs failed).
         conflicts: snapshots the store skipped because it holds a newer version of
             the run (never counted durable; the run was stopped).
+        dropped_rows: rows a cache tier (``FlushPolicy(cache=True)``) dropped
+            while down past its memory bound (it was written anew once back).
         resets: times the store reported it had lost its data (e.g. Valkey restarted
             empty); each time the runtime wrote what it holds in memory again.
         last_error: the last flush error's message, or None.
@@ -102,6 +104,7 @@ class PersisterStatistics:
     backpressure_events: int
     codec_errors: int
     conflicts: int
+    dropped_rows: int
     resets: int
     last_error: str | None
 
@@ -183,6 +186,8 @@ class Persister:
         self._pressure_events = 0
         self._codec_errors = 0
         self._conflicts = 0
+        self._cache_dropped = False  # a cache tier dropped pending rows: rewrite it once it answers
+        self._dropped_rows = 0
         self._resets = 0
         self._last_error: str | None = None
 
@@ -230,11 +235,37 @@ class Persister:
             self._sleep.cancel()
 
     def _set_pressure(self, on: bool) -> None:
+        if on and self.policy.cache:
+            self._cache_over_bound()  # a cache never holds steps back
+            return
         self.pressure = on
         if on:
             self._pressure_events += 1
             self._poke()
         self._listener.pressure(self.name, on)
+
+    def _cache_over_bound(self) -> None:
+        """A cache tier past its memory bound: flush now; while it fails, drop what is pending (rewritten later)."""
+        if not self.failing:
+            self._poke()
+            return
+        dropped = len(self._dirty) + len(self._transitions) + len(self._dead) + len(self._dead_deletes)
+        if not self._cache_dropped:
+            log.warning(
+                "hotstate: cache tier %r is down past its memory bound: %d pending rows dropped; "
+                "it is written anew from memory once it answers",
+                self.name,
+                dropped,
+            )
+        self._cache_dropped = True
+        self._dropped_rows += dropped
+        self._dirty = {}
+        self._transitions = []
+        self._dead = []
+        self._dead_deletes = []
+        exc = StoreUnavailableError(self.name, "a cache tier down past its memory bound dropped what was pending")
+        for rid in list(self._durable_events):
+            self._fail_waiters(rid, exc)
 
     # -------------------------------------------------------------- queries
 
@@ -276,6 +307,7 @@ class Persister:
             backpressure_events=self._pressure_events,
             codec_errors=self._codec_errors,
             conflicts=self._conflicts,
+            dropped_rows=self._dropped_rows,
             resets=self._resets,
             last_error=self._last_error,
         )
@@ -395,7 +427,7 @@ class Persister:
         # flush back to back (measured in the sweep: SQLite flushes ran without
         # pause and the loss window grew past the interval plus one flush).
         if not self._transitions and not self._dirty and not self._dead and not self._dead_deletes:
-            return float("inf")
+            return now if self._cache_dropped else float("inf")  # a dropped cache: probe it until it answers
         if self.pressure or self._durable_events or self.waiting:
             return now  # someone is blocked on this tier: flush now
         policy = self.policy
@@ -508,6 +540,8 @@ class Persister:
         done = snapshots = rows = nbytes = 0
         dead_saved = False
         try:
+            if self._cache_dropped and not chunks[0][0] and not chunks[0][1] and not dead and not dead_deletes:
+                await self.store.scan(limit=1)  # a dropped cache with nothing pending: does it answer yet?
             # Dead letters go before the run rows: after a crash between the two,
             # recovery finds a letter newer than the run's row and records the
             # run as failed (never a failed run without its letter).
@@ -569,6 +603,9 @@ class Persister:
         self._last_duration = duration
         self._max_duration = max(self._max_duration, duration)
         self._bytes += nbytes
+        if self._cache_dropped:
+            self._cache_dropped = False
+            self._store_was_reset("a cache tier answers again after rows were dropped for it")
         if snapshots:
             self._avg_bytes = avg = nbytes / snapshots
             bound_bytes = self.policy.max_pending_bytes
@@ -620,13 +657,11 @@ class Persister:
             for s in keep:
                 kept[s.header.run_id] = s.header.version // every
 
-    def _store_was_reset(self) -> None:
-        """The store lost its data: nothing acknowledged before is there any more."""
+    def _store_was_reset(self, why: str = "it lost its data (e.g. restarted empty)") -> None:
+        """The store lost writes: nothing acknowledged before can be trusted; write every run held again."""
         self._resets += 1
         self.durable.clear()
-        log.warning(
-            "hotstate: tier %r lost its data (e.g. restarted empty); writing every run it held again", self.name
-        )
+        log.warning("hotstate: tier %r: %s; writing every run held in memory again", self.name, why)
         self._listener.reset(self.name)
 
     def repopulate(self, snapshot: Snapshot, transitions: Sequence[Transition]) -> None:

@@ -57,6 +57,13 @@ class FlushPolicy:
             many versions (time travel, ``Runtime.snapshot_at``); None keeps only
             the latest snapshot. With coalescing, the copy kept for a span of
             ``keep_every`` versions is the first one flushed in it.
+        cache: the tier is a cache, not a guarantee: while it is failing and
+            past its memory bound, what is pending for it is dropped instead of
+            steps waiting (no backpressure from a cache outage), and once it
+            answers again the runtime writes every run it holds into it anew.
+            A cache tier is never write-through, never an acknowledging tier
+            (``Runtime(ack_tiers=...)``), and a ``spawn`` of a stored id does
+            not wait for it when it is down. The other tiers keep every guarantee.
 
     Raises:
         ConfigError: a field is out of range; the message names it.
@@ -71,6 +78,7 @@ class FlushPolicy:
     retry_initial: float = 0.05
     retry_max: float = 5.0
     keep_every: int | None = None
+    cache: bool = False
 
     def __post_init__(self) -> None:
         _positive("FlushPolicy.interval", self.interval)
@@ -85,6 +93,10 @@ class FlushPolicy:
             raise ConfigError("FlushPolicy.retry_max", self.retry_max, "must be >= retry_initial")
         if not isinstance(self.write_through, bool):
             raise ConfigError("FlushPolicy.write_through", self.write_through, "must be a bool")
+        if not isinstance(self.cache, bool):
+            raise ConfigError("FlushPolicy.cache", self.cache, "must be a bool")
+        if self.cache and self.write_through:
+            raise ConfigError("FlushPolicy.cache", self.cache, "a cache tier cannot be write-through")
 
     @classmethod
     def write_behind(cls, interval: float, **options: int | float | None) -> FlushPolicy:

@@ -15,7 +15,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from hotstate import CodecError, DurabilityTimeoutError, PersistenceError, StaleVersionError, StoreUnavailableError
+from hotstate import (
+    CodecError,
+    ConfigError,
+    DurabilityTimeoutError,
+    PersistenceError,
+    StaleVersionError,
+    StoreUnavailableError,
+)
 from hotstate.actors import (
     DeadLetter,
     ErrorInfo,
@@ -793,3 +800,54 @@ async def test_flush_returns_when_a_pending_snapshot_conflicts_with_a_newer_stor
         with anyio.fail_after(5):  # before the fix: spun forever waiting for "theirs" to become durable
             await p.flush()
         assert p.durable == {}
+
+
+# ---------------------------------------------------------------- a cache tier
+
+
+async def test_a_cache_tier_down_past_its_bound_drops_what_is_pending_and_is_rewritten_once_it_answers():
+    listener = Recorder()
+    async with ScriptedStore(tier="cache") as store:
+        policy = FlushPolicy(interval=60.0, max_pending_rows=10, cache=True)
+        p = Persister(Tier(store, policy), SnapshotEncoder(CODEC), ManualClock(), listener)
+        store.fail_saves = 1_000  # the cache is down
+        mark(p, "r00", 1)
+        with pytest.raises(StoreUnavailableError):
+            await p.flush_once()
+        assert p.failing
+        for i in range(1, 40):
+            mark(p, f"r{i:02d}", 1)  # far past the bound while it is down
+        assert listener.pressures == []  # a cache outage never holds steps back
+        assert p.pending_rows <= 10  # and what is pending for it does not grow without bound
+        assert p.statistics().dropped_rows >= 30
+        assert listener.resets == []
+        store.fail_saves = 0
+        await p.flush_once()  # it answers again
+        assert listener.resets == ["cache"]  # the runtime writes every run it holds into it anew
+        assert p.statistics().resets == 1
+
+
+async def test_a_dropped_cache_with_nothing_pending_is_probed_until_it_answers():
+    listener = Recorder()
+    async with ScriptedStore(tier="cache") as store:
+        policy = FlushPolicy(interval=60.0, max_pending_rows=2, cache=True)
+        p = Persister(Tier(store, policy), SnapshotEncoder(CODEC), ManualClock(), listener)
+        store.fail_saves = 1_000
+        mark(p, "a", 1)
+        with pytest.raises(StoreUnavailableError):
+            await p.flush_once()
+        mark(p, "b", 1)  # past the bound while down: dropped, nothing pending any more
+        assert p.pending_rows == 0
+        assert p._next_deadline(0.0) == 0.0  # still due: the loop keeps asking
+        store.inner.down = True
+        with pytest.raises(StoreUnavailableError):
+            await p.flush_once()  # the probe reaches the store and fails
+        assert listener.resets == []
+        store.inner.down = False
+        await p.flush_once()
+        assert listener.resets == ["cache"]
+
+
+def test_a_cache_tier_cannot_be_write_through():
+    with pytest.raises(ConfigError, match="cache"):
+        FlushPolicy.through(cache=True)
