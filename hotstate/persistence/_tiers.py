@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from hotstate.actors import DeadLetter, Snapshot, Transition
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._listener import TierListener
-    from hotstate.persistence._records import BadRow, StoredSnapshot
+    from hotstate.persistence._records import BadRow, RunHeader, StoredSnapshot
     from hotstate.persistence._store import Store
 
 __all__ = ["Tiers"]
@@ -39,6 +39,7 @@ log = logging.getLogger("hotstate.persistence")
 
 _PAGE = 10_000  # headers per scan page when comparing tiers
 _REPAIR_BATCH = 500  # copies per save when repairing a tier that is behind
+_T = TypeVar("_T")
 
 
 @final
@@ -312,6 +313,129 @@ class Tiers:
             if stored is not None:
                 return decode_snapshot(stored, self.codec, tier=p.name)
         return None
+
+    async def peek(self, run_id: str) -> list[tuple[str, StoredSnapshot]]:
+        """Every tier's copy of ``run_id``, as ``copies`` reads them, for a read that holds nothing in memory.
+
+        The rule of ``copies`` (every tier must answer within its policy's
+        ``ack_timeout``), but nothing is recorded: per-run bookkeeping of a run
+        not held in memory would only grow with every distinct run read
+        (``Runtime.load``).
+
+        Raises:
+            StoreUnavailableError: a tier could not say whether it holds the run.
+        """
+        found: list[tuple[str, StoredSnapshot]] = []
+        for p in self._persisters:
+            stored = await self._bounded(p, f"tell whether run {run_id!r} is stored there", p.store.load, run_id)
+            if stored is not None:
+                found.append((p.name, stored))
+        return found
+
+    async def newest_headers(
+        self, *, status: str | None, workflow: str | None, after: str | None, limit: int
+    ) -> tuple[dict[str, tuple[str, RunHeader]], str | None]:
+        """One page of the stored runs: the newest header of each, across every tier; bodies are not decoded.
+
+        Each tier pages up to ``limit`` headers after ``after`` (``Store.scan``).
+        The page is complete up to ``through``: the smallest last id of the
+        tiers whose page was full (None when none was: nothing more is stored).
+        For each run in it the newest version any tier holds wins (the earlier
+        tier on a tie). With a status filter, a run that some tier did not list
+        is read there too (``load_many``: bodies come, undecoded): that tier may
+        hold a newer copy in another status, which must win over an older copy
+        that matches. When the tiers agree, no run needs that read.
+
+        Args:
+            status: only runs whose newest copy is in this status.
+            workflow: only runs of this workflow.
+            after: the cursor: only run ids strictly greater.
+            limit: the page size per tier.
+
+        Returns:
+            ``{run_id: (tier, header)}`` for the matching runs up to ``through``, and ``through``.
+
+        Raises:
+            StoreUnavailableError: a tier failed, or did not answer within its
+                ``ack_timeout``: a page without it could be wrong, so none is given.
+        """
+        pages: list[tuple[Persister, dict[str, RunHeader]]] = []
+        through: str | None = None
+        for p in self._persisters:
+            page = await self._bounded(p, "list its runs", self._scan_page, p, status, workflow, after, limit)
+            pages.append((p, {h.run_id: h for h in page}))
+            if len(page) >= limit and (through is None or page[-1].run_id < through):
+                through = page[-1].run_id
+        newest: dict[str, tuple[str, RunHeader]] = {}
+        for p, headers in pages:
+            for rid, h in headers.items():
+                held = newest.get(rid)
+                if (through is None or rid <= through) and (held is None or h.version > held[1].version):
+                    newest[rid] = (p.name, h)
+        if status is None:
+            return newest, through
+        for p, headers in pages:
+            missing = [rid for rid in newest if rid not in headers]
+            if missing:
+                for rid, stored in (await self._bounded(p, "read runs", self._read_many, p, missing)).items():
+                    if stored.header.version > newest[rid][1].version:
+                        newest[rid] = (p.name, stored.header)
+        return {rid: c for rid, c in newest.items() if c[1].status == status}, through
+
+    @staticmethod
+    async def _scan_page(
+        p: Persister, status: str | None, workflow: str | None, after: str | None, limit: int
+    ) -> list[RunHeader]:
+        try:
+            return await p.store.scan(status=status, workflow=workflow, after=after, limit=limit)
+        except CodecError:
+            # A malformed header: read whole rows instead, which skips and reports it.
+            bad: list[BadRow] = []
+            page = await p.store.scan_snapshots(
+                status=status, workflow=workflow, after=after, limit=limit, bad_rows=bad
+            )
+            for row in bad:
+                log.warning("hotstate: malformed row of run %r in %r not listed: %s", row.run_id, p.name, row.reason)
+            return [stored.header for stored in page]
+
+    @staticmethod
+    async def _read_many(p: Persister, run_ids: list[str]) -> dict[str, StoredSnapshot]:
+        bad: list[BadRow] = []
+        found = await p.store.load_many(run_ids, bad_rows=bad)
+        for row in bad:
+            log.warning("hotstate: malformed row of run %r in %r not listed: %s", row.run_id, p.name, row.reason)
+        return found
+
+    async def _bounded(self, p: Persister, what: str, read: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """``await read(*args)`` within ``p``'s ``ack_timeout`` on the runtime's clock (``_within``).
+
+        Raises:
+            StoreUnavailableError: it failed, or did not answer in time.
+        """
+        box: list[_T] = []
+
+        async def into_box() -> None:  # _within returns what it awaits; its type is a snapshot's
+            box.append(await read(*args))
+
+        seconds = p.policy.ack_timeout
+        try:
+            answered, _ = await self._within(seconds, into_box())
+        except PersistenceError as exc:
+            raise StoreUnavailableError(p.name, f"cannot {what}: {exc.detail}") from exc
+        if not answered:
+            raise StoreUnavailableError(p.name, f"did not answer within {seconds:g} s: cannot {what}")
+        return box[0]
+
+    def durable_everywhere(self, run_id: str, version: int) -> bool:
+        """True when every tier has acknowledged ``version`` of ``run_id`` (or a newer one); no I/O."""
+        return all(p.durable.get(run_id, 0) >= version for p in self._persisters)
+
+    def forget(self, run_ids: Iterable[str]) -> None:
+        """Drop the per-run bookkeeping (durable versions, cached encoding) of runs that left memory but stay stored."""
+        persisters = self._persisters
+        for rid in run_ids:
+            for p in persisters:
+                p.forget(rid)
 
     # ------------------------------------------------------------ lineage repair
 

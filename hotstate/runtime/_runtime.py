@@ -28,6 +28,7 @@ import anyio
 from hotstate._clock import Clock, SystemClock
 from hotstate._errors import (
     ConfigError,
+    CorruptSnapshotError,
     HotstateInternalError,
     RunCancelledError,
     RunFailedError,
@@ -52,7 +53,8 @@ from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle
 from hotstate.runtime._lifecycle import Lifecycle, State
-from hotstate.runtime._registry import RunRegistry
+from hotstate.runtime._recovery import choose_copy
+from hotstate.runtime._registry import ListedRun, RunRegistry
 from hotstate.runtime._scheduler import Scheduler
 from hotstate.runtime._statistics import RuntimeStatistics
 from hotstate.runtime._supervisor import Supervisor
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
 
 
 __all__ = ["Runtime"]
+
+_MAX_LISTED = 10_000  # list_stored's largest page: each tier reads one page of this many headers
+_NO_TIER = "the runtime is memory-only: a run evicted from memory would be lost (purge_finished deletes runs)"
 
 
 @final
@@ -104,6 +109,12 @@ class Runtime:
             batch of run rows a tier writes (``Store.save``; not dead letters,
             kept versions or deletions) (``Instrument``); a hook no instrument
             overrides costs nothing.
+        retain_finished: seconds a finished run stays in memory once its final
+            version is durable in every tier; then it leaves memory and stays in
+            the stores (``evict_finished``). A timer on the runtime's clock checks
+            every quarter of this (at least every second, at most every
+            minute), costs the runs it evicts, and nothing per step. Default:
+            finished runs stay in memory until ``purge_finished``.
 
     Raises:
         ConfigError: an option is out of range, or two workflows share a name.
@@ -133,6 +144,7 @@ class Runtime:
         instruments: Sequence[Instrument] = (),
         ack_tiers: Sequence[str] = (),
         crash_limit: int = 3,
+        retain_finished: float | None = None,
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
         number("Runtime.flush_timeout", flush_timeout, strict=True)
@@ -175,6 +187,11 @@ class Runtime:
                 )
         # The tiers an acknowledgement waits for: every write-through tier, plus ack_tiers.
         self._ack = tuple(dict.fromkeys([*self._tiers.write_through_names, *ack_tiers]))
+        self._retain: float | None = None
+        if retain_finished is not None:
+            self._retain = number("Runtime.retain_finished", retain_finished)
+            if not len(self._tiers):
+                raise ConfigError("Runtime.retain_finished", retain_finished, _NO_TIER)
         self._adoption = Adoption(
             self._registry,
             self._scheduler,
@@ -201,6 +218,8 @@ class Runtime:
 
     async def __aenter__(self) -> Runtime:
         await self._lifecycle.start(self._recover_runs if self._recover else None)
+        if self._retain is not None:
+            self._retention_tick()
         return self
 
     async def _recover_runs(self) -> None:
@@ -363,6 +382,52 @@ class Runtime:
             raise RunNotFoundError(run_id)
         return actor.snapshot
 
+    async def load(self, run_id: str) -> Snapshot:
+        """Where is this run, in memory or in the stores, finished or not?
+
+        A run held in memory answers at once, as ``get`` does. Otherwise every
+        tier is asked for its copy, and the newest copy that verifies is
+        decoded and returned (a copy that does not verify is never unpickled;
+        an older one is used). Nothing is brought into memory, adopted or run:
+        ``spawn(run_id=...)`` does that.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            The run's newest snapshot.
+
+        Raises:
+            ConfigError: ``run_id`` is not a non-empty str.
+            RunNotFoundError: no such run in memory or in any tier.
+            RuntimeClosedError: the run is not in memory and the runtime is not
+                running (its stores are closed).
+            StoreUnavailableError: a tier failed, or did not answer within its
+                policy's ``ack_timeout``: it may hold the newest copy.
+            CorruptSnapshotError: copies exist, but none verifies.
+        """
+        text("load.run_id", run_id)
+        actor = self._registry.get(run_id)
+        if actor is not None:
+            return actor.snapshot
+        if not len(self._tiers):
+            raise RunNotFoundError(run_id)
+        self._check_open()
+        copies = await self._tiers.peek(run_id)
+        actor = self._registry.get(run_id)
+        if actor is not None:  # spawned or adopted meanwhile: memory holds the newest
+            return actor.snapshot
+        if not copies:
+            raise RunNotFoundError(run_id)
+        choice = choose_copy(run_id, copies, self._codec)
+        if choice.snapshot is None:  # every copy failed; choose_copy logged each
+            error = choice.error
+            if isinstance(error, CorruptSnapshotError):
+                raise error
+            newest = choice.corrupt[0]  # a CodecError: the frame or a field could not be read
+            raise CorruptSnapshotError(newest.tier, run_id, newest.version, newest.reason) from error
+        return choice.snapshot
+
     def list_runs(
         self, *, status: Status | str | None = None, workflow: str | None = None, limit: int | None = None
     ) -> list[Snapshot]:
@@ -406,6 +471,62 @@ class Runtime:
             ConfigError: ``status`` is not a status name.
         """
         return self._registry.count(self._status(status), workflow)
+
+    async def list_stored(
+        self,
+        *,
+        status: Status | str | None = None,
+        workflow: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[ListedRun]:
+        """List runs in the stores and in memory, a page at a time, ordered by run id.
+
+        Finished runs that left memory (``evict_finished``) or were never
+        loaded (after a restart) are listed as well as runs in memory. Only
+        headers are read, never a payload (``Store.scan``, one page per tier).
+        Each run is listed once, at its newest version: a run held in memory as
+        memory holds it, otherwise the newest copy any tier holds (headers carry
+        no digest: a copy ``load`` would reject as corrupt is still listed).
+        Filters apply to that version. Costs one page per tier, and a pass
+        over the runs in memory that match the filters.
+
+        Args:
+            status: only runs in this status.
+            workflow: only runs of this workflow.
+            after: the cursor: only run ids after this one (pass the last
+                ``run_id`` of the previous page).
+            limit: the page size, 1 to 10,000.
+
+        Returns:
+            Up to ``limit`` runs; fewer means there is no next page.
+
+        Raises:
+            ConfigError: ``status`` is not a status name, ``workflow`` or
+                ``after`` is not a str, or ``limit`` is out of range.
+            RuntimeClosedError: the runtime has tiers and is not running.
+            StoreUnavailableError: a tier failed, or did not answer within its
+                policy's ``ack_timeout`` (no partial page is given).
+        """
+        st = self._status(status)
+        if workflow is not None:
+            text("list_stored.workflow", workflow)
+        if after is not None and not isinstance(after, str):
+            raise ConfigError("list_stored.after", after, "must be a run id (str) or None")
+        if integer("list_stored.limit", limit, minimum=1) > _MAX_LISTED:
+            raise ConfigError("list_stored.limit", limit, f"must be <= {_MAX_LISTED}")
+        if len(self._tiers):
+            self._check_open()
+        listed: list[ListedRun] = []
+        cursor = after
+        while True:
+            stored, through = await self._tiers.newest_headers(
+                status=None if st is None else st.value, workflow=workflow, after=cursor, limit=limit
+            )
+            listed.extend(self._registry.listing(stored, st, workflow, cursor, through)[: limit - len(listed)])
+            if len(listed) >= limit or through is None:
+                return listed
+            cursor = through  # a run that left the filter since it was stored made the page short
 
     @staticmethod
     def _status(status: Status | str | None) -> Status | None:
@@ -535,6 +656,50 @@ class Runtime:
         await self._tiers.flush()
         await self._adoption.reconcile()
         return {"hot": len(gone), **await self._tiers.purge(gone, before)}
+
+    async def evict_finished(self, older_than: float) -> int:
+        """Let finished runs last updated more than ``older_than`` seconds ago leave memory; they stay stored.
+
+        Every tier is flushed first, and a run leaves memory only once its
+        newest version is durable in every tier. Afterwards ``get`` raises
+        ``RunNotFoundError`` for it while ``load`` and ``list_stored`` answer
+        from the stores, its history stays there, and ``spawn(run_id=...)``
+        returns it (finished, never run again). Dead-lettered runs stay in
+        memory so they can be retried. ``purge_finished`` is the delete.
+
+        Args:
+            older_than: age in seconds (by ``updated_at``, wall clock).
+
+        Returns:
+            How many runs left memory.
+
+        Raises:
+            RuntimeClosedError: the runtime is not running.
+            ConfigError: ``older_than`` is negative or not a number, or the
+                runtime is memory-only (an evicted run would be lost).
+            PersistenceError: a tier failed to flush (nothing left memory).
+        """
+        self._check_open()
+        number("evict_finished.older_than", older_than)
+        if not len(self._tiers):
+            raise ConfigError("evict_finished", older_than, _NO_TIER)
+        await self._tiers.flush()
+        return self._evict(self._wall() - older_than, ordered=False)
+
+    def _evict(self, before: float, *, ordered: bool) -> int:
+        gone = self._registry.evict_finished(
+            before, keep=self._supervisor.dead_letters, durable=self._tiers.durable_everywhere, ordered=ordered
+        )
+        self._tiers.forget(gone)
+        return len(gone)
+
+    def _retention_tick(self) -> None:
+        """``retain_finished``: evict what is old enough and durable, without I/O; a later tick takes the rest."""
+        retain = self._retain
+        if retain is None or self._lifecycle.state != "open":
+            return
+        self._timers.call_later(min(max(retain / 4, 1.0), 60.0), self._retention_tick)
+        self._evict(self._wall() - retain, ordered=True)
 
     async def snapshot_at(self, run_id: str, version: int, *, tier: str | None = None) -> Snapshot:
         """Time travel: the run as it was at ``version`` (or the newest kept copy before it).
