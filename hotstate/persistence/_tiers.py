@@ -318,16 +318,23 @@ class Tiers:
         """Every tier's copy of ``run_id``, as ``copies`` reads them, for a read that holds nothing in memory.
 
         The rule of ``copies`` (every tier must answer within its policy's
-        ``ack_timeout``), but nothing is recorded: per-run bookkeeping of a run
-        not held in memory would only grow with every distinct run read
-        (``Runtime.load``).
+        ``ack_timeout``; a cache tier that cannot is left out, as
+        ``FlushPolicy.cache`` says), but nothing is recorded: per-run
+        bookkeeping of a run not held in memory would only grow with every
+        distinct run read (``Runtime.load``).
 
         Raises:
-            StoreUnavailableError: a tier could not say whether it holds the run.
+            StoreUnavailableError: a tier that is not a cache could not say whether it holds the run.
         """
         found: list[tuple[str, StoredSnapshot]] = []
         for p in self._persisters:
-            stored = await self._bounded(p, f"tell whether run {run_id!r} is stored there", p.store.load, run_id)
+            try:
+                stored = await self._bounded(p, f"tell whether run {run_id!r} is stored there", p.store.load, run_id)
+            except StoreUnavailableError as exc:
+                if not p.policy.cache:
+                    raise
+                log.warning("hotstate: cache tier %r left out of a read: %s", p.name, exc)
+                continue
             if stored is not None:
                 found.append((p.name, stored))
         return found
@@ -344,7 +351,8 @@ class Tiers:
         tier on a tie). With a status filter, a run that some tier did not list
         is read there too (``load_many``: bodies come, undecoded): that tier may
         hold a newer copy in another status, which must win over an older copy
-        that matches. When the tiers agree, no run needs that read.
+        that matches. When the tiers agree, no run needs that read. A cache
+        tier (``FlushPolicy.cache``) that cannot be read is left out.
 
         Args:
             status: only runs whose newest copy is in this status.
@@ -356,13 +364,20 @@ class Tiers:
             ``{run_id: (tier, header)}`` for the matching runs up to ``through``, and ``through``.
 
         Raises:
-            StoreUnavailableError: a tier failed, or did not answer within its
-                ``ack_timeout``: a page without it could be wrong, so none is given.
+            StoreUnavailableError: a tier that is not a cache failed, or did not
+                answer within its ``ack_timeout``: a page without it could be
+                wrong, so none is given.
         """
         pages: list[tuple[Persister, dict[str, RunHeader]]] = []
         through: str | None = None
         for p in self._persisters:
-            page = await self._bounded(p, "list its runs", self._scan_page, p, status, workflow, after, limit)
+            try:
+                page = await self._bounded(p, "list its runs", self._scan_page, p, status, workflow, after, limit)
+            except StoreUnavailableError as exc:
+                if not p.policy.cache:
+                    raise
+                log.warning("hotstate: cache tier %r left out of a listing: %s", p.name, exc)
+                continue
             pages.append((p, {h.run_id: h for h in page}))
             if len(page) >= limit and (through is None or page[-1].run_id < through):
                 through = page[-1].run_id
@@ -376,10 +391,18 @@ class Tiers:
             return newest, through
         for p, headers in pages:
             missing = [rid for rid in newest if rid not in headers]
-            if missing:
-                for rid, stored in (await self._bounded(p, "read runs", self._read_many, p, missing)).items():
-                    if stored.header.version > newest[rid][1].version:
-                        newest[rid] = (p.name, stored.header)
+            if not missing:
+                continue
+            try:
+                found = await self._bounded(p, "read runs", self._read_many, p, missing)
+            except StoreUnavailableError as exc:
+                if not p.policy.cache:
+                    raise
+                log.warning("hotstate: cache tier %r left out of a listing: %s", p.name, exc)
+                continue
+            for rid, stored in found.items():
+                if stored.header.version > newest[rid][1].version:
+                    newest[rid] = (p.name, stored.header)
         return {rid: c for rid, c in newest.items() if c[1].status == status}, through
 
     @staticmethod

@@ -403,7 +403,8 @@ class Runtime:
             RuntimeClosedError: the run is not in memory and the runtime is not
                 running (its stores are closed).
             StoreUnavailableError: a tier failed, or did not answer within its
-                policy's ``ack_timeout``: it may hold the newest copy.
+                policy's ``ack_timeout``: it may hold the newest copy (a cache
+                tier, ``FlushPolicy.cache``, is left out instead).
             CorruptSnapshotError: copies exist, but none verifies.
         """
         text("load.run_id", run_id)
@@ -506,7 +507,8 @@ class Runtime:
                 ``after`` is not a str, or ``limit`` is out of range.
             RuntimeClosedError: the runtime has tiers and is not running.
             StoreUnavailableError: a tier failed, or did not answer within its
-                policy's ``ack_timeout`` (no partial page is given).
+                policy's ``ack_timeout`` (no partial page is given; a cache
+                tier, ``FlushPolicy.cache``, is left out instead).
         """
         st = self._status(status)
         if workflow is not None:

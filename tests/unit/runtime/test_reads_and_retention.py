@@ -214,6 +214,25 @@ async def test_a_down_tier_makes_load_and_list_stored_raise_store_unavailable():
         assert [r.run_id for r in await rt.list_stored()] == ["a", "b"]
 
 
+async def test_a_down_cache_tier_is_left_out_of_load_and_list_stored():
+    cache, durable = MemoryStore(tier="cache"), MemoryStore(tier="durable")
+    clock = ManualClock()
+    tiers = [Tier(cache, FlushPolicy(interval=60.0, cache=True)), Tier(durable, FlushPolicy(interval=60.0))]
+    async with Runtime(WORKFLOWS, tiers=tiers, clock=clock) as rt:
+        await finish(rt, ["a"])
+        await clock.advance(1.0)
+        assert await rt.evict_finished(0.5) == 1
+        cache.down = True  # a cache, not a guarantee: the other tier answers
+        assert (await rt.load("a")).status is Status.done
+        assert [(r.run_id, r.tier) for r in await rt.list_stored(status="done")] == [("a", "durable")]
+        durable.down = True
+        with pytest.raises(StoreUnavailableError):
+            await rt.load("a")
+        with pytest.raises(StoreUnavailableError):
+            await rt.list_stored()
+        cache.down = durable.down = False
+
+
 async def test_a_tier_that_does_not_answer_makes_load_and_list_stored_raise_after_its_ack_timeout():
     clock = ManualClock()
     store = HangingReads("slow")
