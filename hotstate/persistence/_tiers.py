@@ -109,6 +109,11 @@ class Tiers:
         return tuple(p.store for p in self._persisters)
 
     @property
+    def cache_names(self) -> tuple[str, ...]:
+        """The names of the cache tiers (``FlushPolicy(cache=True)``), in order."""
+        return tuple(p.name for p in self._persisters if p.policy.cache)
+
+    @property
     def write_through_names(self) -> tuple[str, ...]:
         """The names of the write-through tiers, in order."""
         return tuple(p.name for p in self._through)
@@ -222,33 +227,21 @@ class Tiers:
     # ------------------------------------------------------------ lookups
 
     async def copies(self, run_id: str) -> list[tuple[str, StoredSnapshot]]:
-        """Every tier's copy of ``run_id``, in tier order; every tier must answer.
+        """Every tier's copy of ``run_id``, in tier order; every tier that is not a cache must answer.
 
-        A copy read back is durable in its tier: that version counts as
-        acknowledged there. A tier that fails, or does not answer within its
-        policy's ``ack_timeout`` (on the runtime's clock), may hold the newest
-        copy: rather than guess from the others (a finished run started again
-        from an older copy), the lookup raises.
+        ``peek``, plus: a copy read back is durable in its tier, so that version
+        counts as acknowledged there (the run is about to be held in memory).
+        A tier that fails, or does not answer within its policy's
+        ``ack_timeout`` (on the runtime's clock), may hold the newest copy:
+        rather than guess from the others (a finished run started again from
+        an older copy), the lookup raises; a cache tier is left out instead.
 
         Raises:
-            StoreUnavailableError: a tier could not say whether it holds the run.
+            StoreUnavailableError: a tier that is not a cache could not say whether it holds the run.
         """
-        found: list[tuple[str, StoredSnapshot]] = []
-        for p in self._persisters:
-            seconds = p.policy.ack_timeout
-            try:
-                answered, stored = await self._within(seconds, p.store.load(run_id))
-            except PersistenceError as exc:
-                raise StoreUnavailableError(
-                    p.name, f"cannot tell whether run {run_id!r} is stored there: {exc.detail}"
-                ) from exc
-            if not answered:
-                raise StoreUnavailableError(
-                    p.name, f"did not answer within {seconds:g} s whether run {run_id!r} is stored there"
-                )
-            if stored is not None:
-                p.note_stored(run_id, stored.header.version)
-                found.append((p.name, stored))
+        found = await self.peek(run_id)
+        for tier, stored in found:
+            self._by_name[tier].note_stored(run_id, stored.header.version)
         return found
 
     async def _within(

@@ -8,6 +8,7 @@ from hotstate.runtime._events import Subscription
 from hotstate.runtime._handle import RunHandle
 from hotstate.runtime._loop import run
 from hotstate.runtime._recovery import CorruptCopy, RecoveredRun, RecoveryReport
+from hotstate.runtime._registry import ListedRun
 from hotstate.runtime._runtime import Runtime
 from hotstate.runtime._statistics import RuntimeStatistics
 from hotstate.runtime._supervisor import SupervisorStatistics
@@ -15,6 +16,7 @@ from hotstate.runtime._supervisor import SupervisorStatistics
 __all__ = [
     "CorruptCopy",
     "DeadLetter",
+    "ListedRun",
     "RecoveredRun",
     "RecoveryReport",
     "RestartIntensity",

@@ -185,6 +185,10 @@ class Runtime:
                 raise ConfigError(
                     "Runtime.ack_tiers", name, f"no tier has this name (tiers: {list(self._tiers.names)})"
                 )
+            if name in self._tiers.cache_names:
+                raise ConfigError(
+                    "Runtime.ack_tiers", name, "a cache tier (FlushPolicy(cache=True)) acknowledges nothing"
+                )
         # The tiers an acknowledgement waits for: every write-through tier, plus ack_tiers.
         self._ack = tuple(dict.fromkeys([*self._tiers.write_through_names, *ack_tiers]))
         self._retain: float | None = None

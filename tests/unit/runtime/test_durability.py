@@ -11,6 +11,7 @@ import pytest
 
 from hotstate import (
     CodecError,
+    ConfigError,
     CorruptSnapshotError,
     DurabilityTimeoutError,
     FlushPolicy,
@@ -432,3 +433,51 @@ async def test_background_flushes_free_every_cached_encoding_of_finished_runs():
         assert [s.pending_snapshots for s in rt.tier_statistics()] == [0, 0]
         assert len(encoder) == 0  # before the fix: 2,000 until an explicit Runtime.flush()
         assert encoder.encodes == 2000
+
+
+async def test_a_cache_tier_outage_past_its_bound_never_stalls_steps_and_the_cache_is_rewritten_once_back():
+    """Before: a Valkey outage longer than its memory bound stalled every step although SQLite was healthy (#10)."""
+    clock = ManualClock()
+    cache, durable = MemoryStore(tier="cache"), MemoryStore(tier="durable")
+    tiers = [
+        Tier(cache, FlushPolicy(interval=0.01, max_pending_rows=20, retry_initial=0.01, retry_max=0.01, cache=True)),
+        Tier(durable, FlushPolicy(interval=0.01)),
+    ]
+    async with Runtime([LINEAR], clock=clock, tiers=tiers) as rt:
+        cache.down = True
+        await rt.spawn(LINEAR, {"n": -1})
+        await clock.advance(0.01)
+        await settle()
+        assert rt.tier_statistics()[0].consecutive_failures >= 1  # the cache is known to be down
+        runs = [await rt.spawn(LINEAR, {"n": i}) for i in range(30)]  # 30 runs x 6 versions: far past 20 rows
+        with anyio.fail_after(5):
+            for i, run in enumerate(runs):
+                assert await run.wait_finished() == {"n": i + 5}  # nobody waited for the cache
+        await clock.advance(0.05)
+        await settle()
+        stats = {s.tier: s for s in rt.tier_statistics()}
+        assert stats["cache"].dropped_rows > 0
+        assert not stats["cache"].backpressure
+        assert rt.statistics().throttle_waits == 0
+        for run in runs:
+            assert rt.durable_versions(run.run_id)["durable"] == 6  # the durable tier kept every guarantee
+        cache.down = False  # the cache comes back: every run is written into it anew
+        for _ in range(10):
+            await clock.advance(0.05)
+            await settle()
+        for run in runs:
+            stored = await cache.load(run.run_id)
+            assert stored is not None
+            assert stored.header.version == 6
+
+
+async def test_a_cache_tier_is_never_an_acknowledging_tier_and_a_down_cache_never_blocks_spawn_of_an_id():
+    cache, durable = MemoryStore(tier="cache"), MemoryStore(tier="durable")
+    tiers = [Tier(cache, FlushPolicy(interval=60.0, cache=True)), Tier(durable, FlushPolicy(interval=60.0))]
+    with pytest.raises(ConfigError, match="cache"):
+        Runtime([LINEAR], tiers=tiers, ack_tiers=["cache"])
+    async with Runtime([SIGNAL], clock=ManualClock(), tiers=tiers) as rt:
+        cache.down = True
+        await rt.spawn(SIGNAL, {"n": 0}, run_id="x")  # a down cache cannot hold a copy worth waiting for
+        assert rt.get("x").run_id == "x"
+        cache.down = False
