@@ -2,7 +2,8 @@
 
 The persistence layer never imports the runtime. What the runtime must hear from
 a tier (a parked run may go on, a tier is over its memory bound, a payload cannot
-be encoded, a store lost its data) arrives through this one protocol, which the
+be encoded, the store holds a newer version of a run, a store lost its data)
+arrives through this one protocol, which the
 runtime's scheduler implements. ``IgnoringListener`` serves a persister used on
 its own (benchmarks, tests).
 """

@@ -282,9 +282,9 @@ class Adoption:
                 self._scheduler.release_when_durable(actor)
         failed.extend(rows_written)
         resumed = report.resumed
-        if failed:
-            failed_ids = set(failed)
-            resumed = tuple(r for r in resumed if r.run_id not in failed_ids)
+        if failed or crash_looped:
+            not_resumed = {*failed, *crash_looped}
+            resumed = tuple(r for r in resumed if r.run_id not in not_resumed)
         return dataclasses.replace(
             report,
             resumed=resumed,

@@ -143,7 +143,8 @@ class RecoveryReport:
     """What ``Runtime(recover=True)`` found and did.
 
     Attributes:
-        resumed: runs rebuilt in memory and continuing.
+        resumed: runs rebuilt in memory and continuing (``held_back`` ones
+            included: they continue one at a time; ``crash_looped`` ones not).
         already_finished: runs unfinished in one tier but finished in a newer copy in another.
         corrupt: copies that failed verification (a fallback copy was used when one
             verified), and malformed rows skipped by the scan (``version`` 0: unreadable).

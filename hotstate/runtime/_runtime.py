@@ -35,6 +35,7 @@ from hotstate._errors import (
     RunFinishedError,
     RunNotFoundError,
     RuntimeClosedError,
+    StoreUnavailableError,
     WorkflowNotRegisteredError,
 )
 from hotstate._instrument import Instrument, Instruments
@@ -660,7 +661,10 @@ class Runtime:
         before = self._wall() - older_than
         gone = self._registry.purge_finished(before, keep=self._supervisor.dead_letters)
         await self._tiers.flush()
-        await self._adoption.reconcile()
+        repair = await self._adoption.reconcile()
+        if repair.errors:  # a tier that could not be compared may hold the stale copy a purge would leave
+            tier, error = next(iter(repair.errors.items()))
+            raise StoreUnavailableError(tier, f"cannot compare its copies before purging; nothing purged: {error}")
         return {"hot": len(gone), **await self._tiers.purge(gone, before)}
 
     async def evict_finished(self, older_than: float) -> int:

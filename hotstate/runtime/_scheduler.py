@@ -9,7 +9,8 @@ callback per yield instead of anything per step. An idle run holds no task.
 
 The actors call in through the ``ActorHost`` protocol (commit, failure
 decisions, timers); the tiers report through ``TierListener`` (a parked run may
-go on, backpressure, an unencodable payload, a store that lost its data). Runs
+go on, backpressure, an unencodable payload, a newer stored version, a store
+that lost its data). Runs
 that must not advance yet are parked: they hold no task and sit in a tier's
 ``waiting`` map or the throttled list until the flush that unblocks them is
 acknowledged. This class is the only writer of an actor's scheduling fields
