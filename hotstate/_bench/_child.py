@@ -9,7 +9,12 @@ policy's tiers with a ``TraceWriter`` installed as the runtime's instrument
 - a trial (``_trial.py``) runs until the parent SIGKILLs it (out of run slots,
   it lingers until then: every trial ends in a crash); the parent recovers;
 - the demo's orders (``_orders.py``) run until every order has finished, with
-  ``Progress`` reports for the live view; generation 2 starts with recovery.
+  ``Progress`` reports for the live view; generation 2 starts with recovery;
+- the #10 guarantees' workloads kill themselves at the moment under test
+  (the parent's side is ``_guarantees.py``): an acknowledged call
+  (``_ack.py``, ``Acknowledged``), orders finished in Valkey before SQLite's
+  flush (``_lineage.py``, ``Settled``), a step that kills its process on
+  every start (``_crashloop.py``, ``Started`` from each start).
 
 Messages on stdout are frozen dataclasses, one JSON object per line with
 their field names and the class name under ``"message"``.
@@ -26,19 +31,24 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import anyio
 
 from hotstate import Runtime
+from hotstate._bench._ack import AckLoad, Acknowledged, AckWorkload
+from hotstate._bench._crashloop import CrashLoopLoad, CrashLoopWorkload, Started
+from hotstate._bench._lineage import LineageLoad, LineageWorkload, Settled
 from hotstate._bench._orders import Finished, OrderLoad, Orders, Progress, Recovered
 from hotstate._bench._policy import Policy
 from hotstate._bench._trace import TraceLayout, TraceWriter
 from hotstate._bench._trial import TrialLoad, Workload
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
+    from hotstate import Workflow
     from hotstate.persistence import Store
 
 
@@ -53,9 +63,14 @@ class ChildConfig:
     trace: str  # the trace file, created zeroed by ``Child``
     runs: int  # run slots in the trace
     versions: int = TraceLayout(0).versions  # timed versions per run
-    trial: Workload | None = None  # a trial's workload, or
+    # The workload: exactly one of these.
+    trial: Workload | None = None  # a trial's workload
     orders: Orders | None = None  # the demo's orders
+    ack: AckWorkload | None = None  # one acknowledged call
+    lineage: LineageWorkload | None = None  # orders finished in Valkey before SQLite's flush
+    crash_loop: CrashLoopWorkload | None = None  # a step that kills its process
     recover: bool = False  # start with Runtime(recover=True)
+    crash_limit: int = 3  # Runtime(crash_limit=...)
     report_interval: float = 0.05  # seconds between Progress messages (orders only)
     poll: float = 0.005  # seconds between durability polls
     linger: float = 120.0  # seconds to wait for the kill once the workload is done
@@ -78,12 +93,22 @@ class ChildConfig:
     def from_json(cls, text: str) -> ChildConfig:
         """Parse ``to_json``'s text."""
         fields = json.loads(text)
-        trial, orders = fields.pop("trial"), fields.pop("orders")
-        return cls(
-            **fields,
-            trial=None if trial is None else Workload(**trial),
-            orders=None if orders is None else Orders(**orders),
-        )
+        for name, workload in _WORKLOADS.items():
+            if (value := fields.get(name)) is not None:
+                for key, field_type in _TUPLES.get(name, {}).items():
+                    value[key] = field_type(value[key])  # JSON has lists only
+                fields[name] = workload(**value)
+        return cls(**fields)
+
+
+_WORKLOADS: dict[str, type[Any]] = {
+    "trial": Workload,
+    "orders": Orders,
+    "ack": AckWorkload,
+    "lineage": LineageWorkload,
+    "crash_loop": CrashLoopWorkload,
+}
+_TUPLES: dict[str, dict[str, type[tuple[Any, ...]]]] = {"lineage": {"unpaid": tuple}, "crash_loop": {"work": tuple}}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,8 +116,10 @@ class Ready:
     """The workload started (the trace's ready time is set)."""
 
 
-Message: TypeAlias = Ready | Progress | Recovered | Finished
-_MESSAGES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Ready, Progress, Recovered, Finished)}
+Message: TypeAlias = Ready | Progress | Recovered | Finished | Acknowledged | Settled | Started
+_MESSAGES: dict[str, type[Message]] = {
+    cls.__name__: cls for cls in (Ready, Progress, Recovered, Finished, Acknowledged, Settled, Started)
+}
 
 
 def send(message: Message) -> None:
@@ -182,22 +209,49 @@ class Child:
             return ""
 
 
+class Load(Protocol):
+    """A child's workload: its workflows, and what it does with the runtime."""
+
+    @property
+    def workflows(self) -> Sequence[Workflow]:
+        """The workflows to register."""
+        ...
+
+    async def run(self, rt: Runtime) -> None:
+        """Run the workload (it may end with the process)."""
+        ...
+
+
+def _load(config: ChildConfig, trace: TraceWriter, stores: list[Store]) -> Load:
+    """The config's one workload, with the trace its runs are registered in."""
+    if config.trial is not None:
+        return TrialLoad(config.trial, trace)
+    if config.ack is not None:
+        return AckLoad(config.ack, trace, send)
+    if config.lineage is not None:
+        return LineageLoad(config.lineage, trace, send)
+    if config.crash_loop is not None:
+        return CrashLoopLoad(config.crash_loop, trace, send)
+    assert config.orders is not None  # noqa: S101 - one workload, by construction
+    return OrderLoad(config.orders, trace, stores, send, config.report_interval)
+
+
 async def child_main(config: ChildConfig) -> None:
     """Run the workload until killed (or until it is done and ``linger`` passed)."""
-    tiers = Policy.parse(config.policy).build_tiers(
-        sqlite=config.sqlite, valkey_url=config.valkey_url, prefix=config.prefix
-    )
+    policy = Policy.parse(config.policy)
+    tiers = policy.build_tiers(sqlite=config.sqlite, valkey_url=config.valkey_url, prefix=config.prefix)
     trace = TraceWriter(config.trace, config.layout, [t.store.tier for t in tiers])
-    load: TrialLoad | OrderLoad
-    if config.trial is not None:
-        load = TrialLoad(config.trial, trace)
-    else:
-        assert config.orders is not None  # noqa: S101 - one of the two, by construction
-        load = OrderLoad(config.orders, trace, [t.store for t in tiers], send, config.report_interval)
+    load = _load(config, trace, [t.store for t in tiers])
     try:
         async with (
             Runtime(
-                [load.workflow], tiers=tiers, recover=config.recover, instruments=[trace], shutdown_timeout=1.0
+                load.workflows,
+                tiers=tiers,
+                recover=config.recover,
+                ack_tiers=policy.ack_tiers,
+                crash_limit=config.crash_limit,
+                instruments=[trace],
+                shutdown_timeout=1.0,
             ) as rt,
             anyio.create_task_group() as tg,
         ):

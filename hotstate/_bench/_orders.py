@@ -270,6 +270,7 @@ class OrderLoad:
         self.send = send
         self.every = report_interval
         self.workflow = order_workflow(self._record)
+        self.workflows = [self.workflow]
         self._ledger = open(orders.ledger, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed by run()
         self._rng = random.Random(f"{orders.seed}-{orders.gen}")
         self._due: dict[tuple[str, str], float] = {}

@@ -2,7 +2,9 @@
 
 A policy is its tiers in the runtime's order, each a store kind and a
 write-behind interval in seconds, or ``through`` for write-through with group
-commit (SQLite then writes with ``synchronous=FULL``). The bench's named
+commit (SQLite then writes with ``synchronous=FULL``); ``:ack`` after a tier
+names it in ``Runtime(ack_tiers=...)``, so every acknowledgement waits for it
+(``"valkey:0.01,sqlite:1:ack"``). The bench's named
 policies, the sweep's points, the reliability suite and ``hotstate demo``
 (whose ``--valkey-interval V --sqlite-interval S`` is ``valkey:V,sqlite:S``)
 all parse into ``Policy``.
@@ -30,9 +32,11 @@ class TierSpec:
 
     kind: str  # "valkey" or "sqlite"
     interval: float | None  # the write-behind interval in seconds; None is write-through
+    ack: bool = False  # named in Runtime(ack_tiers=...): acknowledgements wait for it
 
     def __str__(self) -> str:
-        return f"{self.kind}:{'through' if self.interval is None else repr(self.interval)}"
+        interval = "through" if self.interval is None else repr(self.interval)
+        return f"{self.kind}:{interval}{':ack' if self.ack else ''}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,18 +51,21 @@ class Policy:
         """``"valkey:0.01,sqlite:1"``: a Valkey tier every 10 ms, then SQLite every second.
 
         Args:
-            spec: comma-separated ``kind:interval`` (seconds, or ``through``).
+            spec: comma-separated ``kind:interval[:ack]`` (seconds, or ``through``).
             name: how reports name it (default: the spec).
 
         Raises:
-            ValueError: an unknown tier kind or a bad interval.
+            ValueError: an unknown tier kind, a bad interval or flag.
         """
         tiers = []
         for part in spec.split(","):
             kind, _, value = part.strip().partition(":")
+            value, _, flag = value.partition(":")
             if kind not in KINDS:
                 raise ValueError(f"unknown tier {kind!r} in policy {spec!r}")
-            tiers.append(TierSpec(kind, None if value == "through" else float(value)))
+            if flag not in ("", "ack"):
+                raise ValueError(f"unknown flag {flag!r} in policy {spec!r} (only 'ack')")
+            tiers.append(TierSpec(kind, None if value == "through" else float(value), ack=flag == "ack"))
         return cls(name=spec if name is None else name, tiers=tuple(tiers))
 
     @property
@@ -70,6 +77,16 @@ class Policy:
     def write_through(self) -> bool:
         """True when some tier is write-through (nothing acknowledged may be lost)."""
         return any(t.interval is None for t in self.tiers)
+
+    @property
+    def ack_tiers(self) -> tuple[str, ...]:
+        """The tiers named in ``Runtime(ack_tiers=...)``."""
+        return tuple(t.kind for t in self.tiers if t.ack)
+
+    @property
+    def acknowledging(self) -> tuple[str, ...]:
+        """The tiers every acknowledgement waits for: the write-through ones and ``ack_tiers``."""
+        return tuple(t.kind for t in self.tiers if t.interval is None or t.ack)
 
     @property
     def interval(self) -> float:
@@ -107,6 +124,9 @@ POLICIES: dict[str, Policy] = {
     "sqlite-behind": Policy.parse("sqlite:0.1", "sqlite-behind 100 ms"),
     "write-through sqlite": Policy.parse("sqlite:through", "write-through sqlite FULL, group commit"),
     "write-through valkey": Policy.parse("valkey:through", "write-through valkey"),
+    "write-behind+ack": Policy.parse(
+        "valkey:0.01,sqlite:1:ack", "write-behind valkey 10 ms + sqlite 1 s, ack_tiers=[sqlite]"
+    ),
 }
 
 

@@ -7,25 +7,50 @@ policy the suite reports: trials, runs checked, invariant violations (must be
 0), runs lost (never durable, so never acknowledged), corrupt snapshots, the
 longest loss window against the policy's window, and acknowledged steps lost
 (must be 0 under write-through).
+
+``run_guarantees`` runs the #10 guarantees' trials (``_guarantees.py``): an
+acknowledged call then SIGKILL, per acknowledging policy (the calls taken in
+turn); orders finished in Valkey, SIGKILL before SQLite's flush, recovery,
+purge and restart; a step that kills its process, restarted until the run is
+dead-lettered. Per scenario (and per policy and call for acknowledgements) it
+reports trials, runs checked and violations (must be 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
+from hotstate._bench import _guarantees as guarantees
+from hotstate._bench._ack import OPS
 from hotstate._bench._crash import TrialResult, as_dict, run_trial
 from hotstate._bench._policy import Policy, find_policy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
+    from hotstate._bench._guarantees import GuaranteeTrial
     from hotstate._bench._trial import Workload
 
-__all__ = ["DEFAULT_POLICIES", "PolicyReliability", "ReliabilityReport", "run_reliability", "summarize"]
+__all__ = [
+    "DEFAULT_POLICIES",
+    "CallCount",
+    "GuaranteeReliability",
+    "GuaranteesReport",
+    "PolicyReliability",
+    "ReliabilityReport",
+    "run_guarantees",
+    "run_reliability",
+    "summarize",
+    "summarize_guarantee",
+]
 
 DEFAULT_POLICIES = ("write-behind", "sqlite-behind", "write-through sqlite", "write-through valkey")
 DEFAULT_TRIALS = 200
@@ -180,3 +205,183 @@ async def run_reliability(
         summaries.append(summarize(pol.name, results))
         everything.extend(results)
     return ReliabilityReport(policies=tuple(summaries), results=tuple(everything))
+
+
+# ------------------------------------------------------------- #10 guarantees
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallCount:
+    """One acknowledged call's trials and violations under one policy."""
+
+    trials: int
+    violations: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuaranteeReliability:
+    """One scenario's figures (for ``ack``: one acknowledging policy's) over its trials.
+
+    Attributes:
+        scenario: ``ack``, ``lineage`` or ``crash-loop``.
+        policy: the policy's name.
+        trials: SIGKILL trials run.
+        runs_checked: runs whose guarantee was checked.
+        violations: broken guarantees over all trials (must be 0).
+        seconds: the trials' summed duration (s).
+        starts: child processes started (more than ``trials`` for crash loops).
+        calls: ``ack``: per call, its trials and violations.
+        examples: the first few violation texts.
+    """
+
+    scenario: str
+    policy: str
+    trials: int
+    runs_checked: int
+    violations: int
+    seconds: float
+    starts: int
+    calls: dict[str, CallCount] = field(default_factory=dict)
+    examples: tuple[str, ...] = ()
+
+
+def summarize_guarantee(scenario: str, policy: str, results: Sequence[GuaranteeTrial]) -> GuaranteeReliability:
+    """Fold one scenario's (and policy's) trials into its figures."""
+    calls: dict[str, CallCount] = {}
+    for call in dict.fromkeys(r.call for r in results if r.call):
+        mine = [r for r in results if r.call == call]
+        calls[call] = CallCount(trials=len(mine), violations=sum(len(r.violations) for r in mine))
+    return GuaranteeReliability(
+        scenario=scenario,
+        policy=policy,
+        trials=len(results),
+        runs_checked=sum(r.runs_checked for r in results),
+        violations=sum(len(r.violations) for r in results),
+        seconds=sum(r.seconds for r in results),
+        starts=sum(r.starts for r in results),
+        calls=calls,
+        examples=tuple([v for r in results for v in r.violations][:5]),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuaranteesReport:
+    """The #10 guarantees' figures and trials.
+
+    Attributes:
+        scenarios: one summary per scenario (``ack``: one per policy), in the order run.
+        results: every trial.
+        seconds: wall-clock time of all the trials (s).
+    """
+
+    scenarios: tuple[GuaranteeReliability, ...]
+    results: tuple[GuaranteeTrial, ...] = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def violations(self) -> int:
+        """Violations over every scenario (the pass figure: 0)."""
+        return sum(s.violations for s in self.scenarios)
+
+    def to_json(self, *, trials: bool = False) -> dict[str, Any]:
+        """A JSON-able summary (and every trial's record with ``trials=True``)."""
+        out: dict[str, Any] = {
+            "violations": self.violations,
+            "seconds": self.seconds,
+            "scenarios": [{**dataclasses.asdict(s), "examples": list(s.examples)} for s in self.scenarios],
+        }
+        if trials:
+            out["trials"] = [guarantees.as_dict(r) for r in self.results]
+        return out
+
+
+async def run_guarantees(
+    *,
+    valkey_url: str,
+    workdir: Path | None = None,
+    scenarios: Sequence[str] = guarantees.SCENARIOS,
+    trials: int | None = None,
+    quick: bool = False,
+    ack_policies: Sequence[str] = guarantees.ACK_POLICIES,
+    crash_loop_policy: str = guarantees.CRASH_LOOP_POLICY,
+    seed: int = 0,
+    concurrency: int = 2,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> GuaranteesReport:
+    """Run the #10 guarantees' SIGKILL trials.
+
+    Args:
+        valkey_url: the Valkey server (the caller owns it; keys are deleted per trial).
+        workdir: scratch folder (default: a new temporary one).
+        scenarios: from ``_guarantees.SCENARIOS``.
+        trials: trials per acknowledging policy (the calls taken in turn), and
+            per other scenario (default 200, or 3 with ``quick``).
+        quick: a handful of trials.
+        ack_policies: the acknowledging policies (keys or names, see ``_policy.POLICIES``).
+        crash_loop_policy: the crash-loop trials' policy.
+        seed: the first trial's seed (each trial gets its own).
+        concurrency: trials at a time (2 keeps both cores busy, which varies
+            where in a group commit each kill lands).
+        progress: called ``(done, total, label)`` after each trial.
+
+    Returns:
+        The report: per-scenario figures and every trial.
+
+    Raises:
+        ValueError: an unknown scenario or policy.
+    """
+    unknown = sorted(set(scenarios) - set(guarantees.SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; choose from {guarantees.SCENARIOS}")
+    n = trials if trials is not None else (QUICK_TRIALS if quick else DEFAULT_TRIALS)
+    folder = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="hotstate-guarantees-"))
+    plan = _plan(scenarios, n, [find_policy(p) for p in ack_policies], find_policy(crash_loop_policy), valkey_url)
+    done = 0
+    results: list[GuaranteeTrial | None] = [None] * len(plan)
+    limit = anyio.Semaphore(max(1, concurrency))
+
+    async def one(k: int, label: str, make: Callable[..., Awaitable[GuaranteeTrial]]) -> None:
+        nonlocal done
+        async with limit:
+            results[k] = await make(workdir=folder, seed=seed + k)
+        done += 1
+        if progress is not None:
+            progress(done, len(plan), label)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for k, (label, make) in enumerate(plan):
+            tg.start_soon(one, k, label, make)
+    finished = [r for r in results if r is not None]
+    groups: dict[tuple[str, str], list[GuaranteeTrial]] = {}
+    for r in finished:
+        groups.setdefault((r.scenario, r.policy), []).append(r)
+    return GuaranteesReport(
+        scenarios=tuple(summarize_guarantee(sc, pol, rs) for (sc, pol), rs in groups.items()),
+        results=tuple(finished),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _plan(
+    scenarios: Sequence[str], n: int, ack_policies: Sequence[Policy], loop_policy: Policy, url: str
+) -> list[tuple[str, Callable[..., Awaitable[GuaranteeTrial]]]]:
+    """Every trial as ``(label, make)``, scenario by scenario; ``make(workdir=, seed=)`` runs it.
+
+    Acknowledgements take the calls in turn, each policy starting one call
+    further, so a handful of trials still covers several calls.
+    """
+    plan: list[tuple[str, Callable[..., Awaitable[GuaranteeTrial]]]] = []
+    if "ack" in scenarios:
+        for j, pol in enumerate(ack_policies):
+            for k in range(n):
+                op = OPS[(j + k) % len(OPS)]
+                plan.append(
+                    (f"ack {pol.name}: {op} {k + 1}/{n}", partial(guarantees.ack_trial, pol, op, valkey_url=url))
+                )
+    if "lineage" in scenarios:
+        plan.extend((f"lineage {k + 1}/{n}", partial(guarantees.lineage_trial, valkey_url=url)) for k in range(n))
+    if "crash-loop" in scenarios:
+        make = partial(guarantees.crash_loop_trial, loop_policy, valkey_url=url)
+        plan.extend((f"crash loop {k + 1}/{n}", make) for k in range(n))
+    return plan

@@ -30,6 +30,7 @@ from hotstate.runtime._loop import uvloop_available
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from hotstate._bench._reliability import GuaranteesReport
     from hotstate._bench._sweep import SweepPoint
 
 SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale", "sweep", "reliability")
@@ -51,7 +52,9 @@ class BenchOptions:
     recovery_runs: int = 100_000  # unfinished runs to recover
     idle_runs: int = 100_000  # idle runs for the memory suite
     scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000, 1_000_000)  # N values of the scale curve, ascending
-    trials: int | None = None  # SIGKILL trials per policy in the reliability suite (None: 200, 3 when quick)
+    # SIGKILL trials per policy in the reliability suite, and per #10 guarantee
+    # (per acknowledging policy, lineage, crash loop); None: 200, 3 when quick.
+    trials: int | None = None
     valkey_url: str | None = None  # an existing Valkey server (None: a private embedded one)
     sqlite: str | None = None  # put the SQLite databases in this path's folder (None: a temporary folder)
     quick: bool = False  # the sweep's short list of intervals and fewer SIGKILL trials
@@ -356,7 +359,7 @@ async def suite_sweep(b: Bench) -> None:
 
 
 async def suite_reliability(b: Bench) -> None:
-    """SIGKILL trials per flush policy with every invariant checked."""
+    """SIGKILL trials per flush policy with every invariant checked, then the #10 guarantees' trials."""
     from hotstate._bench import _reliability
 
     url = _need_url(b)
@@ -397,7 +400,44 @@ async def suite_reliability(b: Bench) -> None:
             target=f"all {p.trials}",
             met=p.trials_within_saturated_window == p.trials,
         )
-    b.extra["reliability"] = report.to_json()
+    print(
+        f"\n#10 guarantees: {trials} SIGKILL trials per acknowledging policy (the calls in turn), "
+        f"{trials} lineage trials, {trials} crash-loop trials; two at a time"
+    )
+    with Progress("guarantees", 1) as bar:
+        kept = await _reliability.run_guarantees(valkey_url=url, workdir=b.scratch, trials=trials, progress=bar.update)
+    print(f"  {len(kept.results)} trials in {kept.seconds:.0f} s", flush=True)
+    _guarantee_figures(b, kept)
+    b.extra["reliability"] = {
+        **report.to_json(),
+        "violations": report.violations + kept.violations,  # the suite's pass figure: 0
+        "guarantees": kept.to_json(),
+    }
+
+
+def _guarantee_figures(b: Bench, report: GuaranteesReport) -> None:
+    """Per scenario (and per acknowledging policy and call): violations, target 0, and runs checked."""
+    from hotstate._bench._guarantees import CRASH_LIMIT
+
+    for s in report.scenarios:
+        label = {
+            "ack": f"ack, {s.policy}",
+            "lineage": f"lineage, {s.policy}, SIGKILL before sqlite's flush",
+            "crash-loop": f"crash loop, {s.policy}, crash_limit {CRASH_LIMIT}",
+        }[s.scenario]
+        print(f"  {label}: {s.trials} trials, {s.starts} child processes, {s.seconds:.1f} s of trials", flush=True)
+        b.figure(
+            f"{label}: violations in {s.trials} trials", s.violations, "violations", target="0", met=s.violations == 0
+        )
+        b.figure(f"{label}: runs checked", s.runs_checked, "runs")
+        for call, c in s.calls.items():
+            b.figure(
+                f"{label}, {call}: violations in {c.trials} trials",
+                c.violations,
+                "violations",
+                target="0",
+                met=c.violations == 0,
+            )
 
 
 SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {

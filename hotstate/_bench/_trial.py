@@ -209,6 +209,7 @@ class TrialLoad:
             request_signal=self.driver.request,
             on_step=trace.step_started,
         )
+        self.workflows = [self.workflow]
 
     async def run(self, rt: Runtime) -> None:
         """Run the workload until every run slot was used (the parent kills the child before, as a rule)."""

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trials",
         type=int,
         default=None,
-        help="SIGKILL trials per policy in the reliability suite (200; 3 with --quick)",
+        help="SIGKILL trials per policy in the reliability suite, and per #10 guarantee scenario (200; 3 with --quick)",
     )
     parser.add_argument("--valkey-url", default=None, help="use this Valkey instead of a private embedded one")
     parser.add_argument("--sqlite", default=None, metavar="PATH", help="put the SQLite databases in PATH's folder")

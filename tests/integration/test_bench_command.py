@@ -96,6 +96,20 @@ def test_the_sigkill_suites_write_the_sweep_the_reliability_figures_and_the_plot
         assert point["steps_per_s"] > 0
     assert document["reliability"]["violations"] == 0
     assert len(document["reliability"]["policies"]) == 4
+    kept = document["reliability"]["guarantees"]
+    assert kept["violations"] == 0
+    scenarios = kept["scenarios"]
+    assert [(s["scenario"], s["trials"], s["violations"]) for s in scenarios] == [
+        *[("ack", 1, 0)] * 3,
+        ("lineage", 1, 0),
+        ("crash-loop", 1, 0),
+    ]
+    assert [list(s["calls"]) for s in scenarios[:3]] == [["spawn"], ["send"], ["send_consumed"]]
+    assert all(s["runs_checked"] >= 1 for s in scenarios)
+    assert 4 <= scenarios[-1]["starts"] <= 5  # the first start, crash_limit (3) crashes, the last start
+    names = {f["name"] for f in document["figures"]}
+    assert "ack, write-through valkey, send: violations in 1 trials" in names
+    assert "crash loop, write-behind valkey 10 ms + sqlite 1 s, crash_limit 3: violations in 1 trials" in names
     png = (tmp_path / "tuning.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 

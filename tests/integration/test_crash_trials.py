@@ -10,6 +10,11 @@ The workload is paced (16 runs in flight, each slot resting 10 ms between runs)
 so the event loop is not saturated: then a write-behind tier keeps its cadence
 and the promise "at most the interval plus one flush" is what is checked. The
 flat-out case is measured, not asserted, by the sweep (``hotstate bench``).
+
+The #10 guarantees' trials (hotstate._bench._guarantees) run in the same child
+runner; here one acknowledgement and one lineage trial, and the control that
+shows the acknowledgement judge can fail. ``test_bench_command.py`` runs one
+trial of every scenario, the crash loop included, through ``hotstate bench``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import pytest
 
 from hotstate._bench._crash import TrialResult, run_trial
+from hotstate._bench._guarantees import ack_trial, lineage_trial
 from hotstate._bench._reliability import run_reliability
 from hotstate._bench._sweep import run_sweep, to_json
 from hotstate._bench._trial import Workload
@@ -106,3 +112,23 @@ async def test_sweep_point_and_reliability_figures_report_progress(valkey_url, t
     assert figures["corrupt_snapshots"] == 0
     assert figures["invariant_violations"] == len(report.results[0].violations)
     assert report.results[0].violations == ()
+
+
+async def test_an_acknowledged_change_is_in_the_acknowledging_tier_and_the_control_misses_one(valkey_url, tmp_path):
+    result = await ack_trial("write-behind+ack", "send_consumed", valkey_url=valkey_url, workdir=tmp_path, seed=1)
+    assert (result.scenario, result.call, result.runs_checked, result.violations) == ("ack", "send_consumed", 1, ())
+    # Control: the same check on a write-behind SQLite tier flushed every 60 s, with no
+    # ack_tiers: the spawn returned, the child died, SQLite never saw the run.
+    control = await ack_trial(
+        "sqlite-behind 60", "spawn", valkey_url=valkey_url, workdir=tmp_path, seed=2, check=["sqlite"]
+    )
+    assert len(control.violations) == 1
+    assert "acknowledged v1, nothing stored" in control.violations[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_orders_finished_in_valkey_only_are_neither_resumed_nor_charged_twice(valkey_url, tmp_path):
+    result = await lineage_trial(valkey_url=valkey_url, workdir=tmp_path, seed=3)
+    assert result.violations == ()
+    assert result.runs_checked >= 5
+    assert list(tmp_path.iterdir()) == []

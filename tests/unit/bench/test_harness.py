@@ -1,4 +1,4 @@
-"""The SIGKILL harness's parts without a child process: the config, the messages, the trace instrument."""
+"""The SIGKILL harness's parts without a child process: the config, the messages, policies, the trace instrument."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from hotstate import FlushPolicy, Runtime, Step, StepContext, Tier, Workflow
+from hotstate._bench._ack import Acknowledged, AckWorkload
 from hotstate._bench._child import ChildConfig, Ready, parse, send
+from hotstate._bench._crashloop import CrashLoopWorkload, Started
+from hotstate._bench._lineage import LineageWorkload, Settled
 from hotstate._bench._orders import Finished, Orders, Progress, Recovered
 from hotstate._bench._policy import Policy
 from hotstate._bench._trace import TraceLayout, TraceWriter, read_trace
@@ -40,6 +43,15 @@ BASE: dict[str, Any] = {
             recover=True,
             linger=0.0,
         ),
+        ChildConfig(**BASE, ack=AckWorkload(op="send", run_id="send-3")),
+        ChildConfig(**BASE, lineage=LineageWorkload(tag="t", early=3, late=1, unpaid=(0, 2), ledger="l")),
+        ChildConfig(
+            **BASE,
+            crash_loop=CrashLoopWorkload(tag="t", ordinary=2, poison_at=1, work=(0.01, 0.05, 0.02), ledger="l"),
+            recover=True,
+            crash_limit=4,
+            linger=0.0,
+        ),
     ],
 )
 def test_the_child_config_round_trips_through_json(config):
@@ -63,6 +75,9 @@ def test_the_child_config_round_trips_through_json(config):
             respawned=0,
         ),
         Finished(dead_letters=["t-order-0007"], compensations={"t-order-0007": ["refund", "release_stock"]}),
+        Acknowledged(op="cancel", run_id="cancel-1", acked=3, version=3, status="cancelled"),
+        Settled(finished=["t-000"], parked=["t-001"], durable={"t-000": {"hot": 5, "valkey": 5, "sqlite": 2}}),
+        Started(resumed=["t-job-00"], crash_looped=[], held_back=["t-poison"]),
     ],
 )
 def test_messages_travel_as_json_with_their_field_names(message, capsys):
@@ -90,6 +105,27 @@ def test_write_through_sqlite_tiers_write_with_synchronous_full_and_readers_do_n
     assert [t.store.synchronous for t in tiers if isinstance(t.store, SQLiteStore)] == ["FULL", "NORMAL"]
     readers = policy.stores(sqlite=tmp_path / "a.db", valkey_url="", prefix="p")
     assert [s.synchronous for s in readers if isinstance(s, SQLiteStore)] == ["NORMAL", "NORMAL"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "ack_tiers", "acknowledging"),
+    [
+        ("valkey:0.01,sqlite:1.0:ack", ("sqlite",), ("sqlite",)),
+        ("sqlite:through", (), ("sqlite",)),
+        ("valkey:through,sqlite:1.0", (), ("valkey",)),
+        ("valkey:0.01,sqlite:1.0", (), ()),
+    ],
+)
+def test_a_policy_names_its_ack_tiers_and_the_tiers_acknowledgements_wait_for(spec, ack_tiers, acknowledging):
+    policy = Policy.parse(spec)
+    assert (policy.ack_tiers, policy.acknowledging) == (ack_tiers, acknowledging)
+    assert policy.spec == spec
+    assert Policy.parse(policy.spec) == policy
+
+
+def test_a_policy_with_an_unknown_tier_flag_is_refused():
+    with pytest.raises(ValueError, match="unknown flag 'fast'"):
+        Policy.parse("sqlite:1:fast")
 
 
 async def step(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
