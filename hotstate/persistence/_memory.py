@@ -17,6 +17,8 @@ from hotstate.persistence._records import SaveResult, StoredSnapshot
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     StoreBase,
+    WriterMark,
+    advance_mark,
     bad_row,
     check_limit,
     render_id,
@@ -68,6 +70,10 @@ class MemoryStore(StoreBase):
         self._history: dict[str, dict[int, Transition]] = {}
         self._dead: dict[str, StoredDeadLetter] = {}
         self._versions: dict[str, dict[int, StoredSnapshot]] = {}
+        # Writer id -> (high, lost) mark (Store: "goes back in time"). A test
+        # rolls the store back by putting copies of these dicts back.
+        self._marks: dict[str, tuple[int, int]] = {}
+        self._mark = WriterMark()
         # Testability hooks (fault injection without mocks): while `down` is
         # true every call fails like an unreachable server; `saves` counts
         # successful save() calls, which is how tests see group commit.
@@ -82,10 +88,18 @@ class MemoryStore(StoreBase):
 
     @override
     async def open(self) -> None:
+        if self._opened:
+            return
+        self._mark = mark = WriterMark()
+        _, seq = mark.next()
+        self._marks[mark.writer] = (seq, 0)
+        mark.stored(seq)
         self._opened = True
 
     @override
     async def aclose(self) -> None:
+        if self._opened:
+            self._marks.pop(self._mark.writer, None)
         self._opened = False
 
     @override
@@ -94,6 +108,9 @@ class MemoryStore(StoreBase):
         written = stale = added = 0
         above = False
         # No await below: the whole batch is applied atomically w.r.t. other tasks.
+        mark = self._mark
+        floor, seq = mark.next()
+        self._marks[mark.writer], reset = advance_mark(self._marks.get(mark.writer), floor, seq)
         for stored in snapshots:
             current = self._runs.get(stored.header.run_id)
             # A stored version that is not an int (a malformed row, see
@@ -110,11 +127,16 @@ class MemoryStore(StoreBase):
                 per_run[t.version] = t
                 added += 1
         self.saves += 1
+        mark.stored(seq)
         if above:  # an equal version is a retried batch, not a conflict
             return SaveResult(
-                written=written, stale=stale, transitions=added, conflicts=_conflicts(self._runs, snapshots)
+                written=written,
+                stale=stale,
+                transitions=added,
+                reset=reset,
+                conflicts=_conflicts(self._runs, snapshots),
             )
-        return SaveResult(written=written, stale=stale, transitions=added)
+        return SaveResult(written=written, stale=stale, transitions=added, reset=reset)
 
     def _checked(self, stored: StoredSnapshot, bad_rows: list[BadRow] | None, *, header_only: bool = False) -> bool:
         """Whether ``stored`` is well formed; a malformed one is reported (or raised)."""

@@ -3,7 +3,8 @@
 WAL mode and one writer connection (aiosqlite runs each connection on its own
 thread); a second, read-only connection serves loads and scans so readers never
 queue behind a flush. Each ``save`` is one transaction: an ``executemany``
-UPSERT guarded by version, and ``INSERT OR IGNORE`` for transitions.
+UPSERT guarded by version, ``INSERT OR IGNORE`` for transitions, and this
+writer's row in ``writer_marks`` (how a file restored from a backup is noticed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
@@ -38,7 +40,10 @@ from hotstate.persistence._records import (
 )
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
+    MARK_TTL,
     StoreBase,
+    WriterMark,
+    advance_mark,
     bad_row,
     check_limit,
     render_id,
@@ -110,6 +115,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     snapshot_error TEXT,
     body BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS writer_marks (
+    writer TEXT PRIMARY KEY,
+    high INTEGER NOT NULL,
+    lost INTEGER NOT NULL,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 _RUN_COLUMNS: Final = (*RunHeader._fields, "error", "body")
@@ -186,6 +197,24 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
 FROM json_each(?)
 """
 
+# This writer's mark (advance_mark in _store.py) in one statement of the save's
+# transaction: a thread handoff costs up to a GIL switch interval under a
+# CPU-bound loop (see _INSERT_TRANSITIONS_JSON), so not a SELECT and an UPSERT.
+# On the right of SET the columns hold the old row; RETURNING sees the new one,
+# and the save reports a reset when the new `lost` is above the floor. No row
+# reads as (0, 0), as in advance_mark. RETURNING needs SQLite 3.35.
+_ADVANCE_MARK: Final = """
+INSERT INTO writer_marks (writer, high, lost, at)
+VALUES (:writer, :seq, CASE WHEN :floor > 0 THEN :seq ELSE 0 END, :at)
+ON CONFLICT (writer) DO UPDATE SET
+    high = max(high, excluded.high),
+    lost = CASE WHEN high < :floor THEN excluded.high ELSE lost END,
+    at = excluded.at
+RETURNING lost
+"""
+_READ_MARK: Final = "SELECT high, lost FROM writer_marks WHERE writer = ?"
+_WRITE_MARK: Final = "INSERT OR REPLACE INTO writer_marks (writer, high, lost, at) VALUES (?, ?, ?, ?)"
+
 # The placeholders take sorted(FINISHED_STATUSES) (three of them) and the cut-off.
 _PURGE_TRANSITIONS: Final = """
 DELETE FROM transitions WHERE run_id IN (
@@ -258,6 +287,27 @@ def _json_available() -> bool:
             return row == (1,)
     except sqlite3.Error:
         return False
+
+
+@functools.cache
+def _returning_available() -> bool:
+    """Whether this SQLite has ``RETURNING`` (3.35): else the mark takes a SELECT and an UPSERT."""
+    return sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
+async def _advance_mark(conn: aiosqlite.Connection, writer: str, floor: int, seq: int) -> bool:
+    """Check and advance ``writer``'s mark in the open transaction; True when the file lost acknowledged writes."""
+    now = time.time()
+    if _returning_available():
+        params = {"writer": writer, "seq": seq, "floor": floor, "at": now}
+        rows = list(await conn.execute_fetchall(_ADVANCE_MARK, params))
+        lost: int = rows[0][0]
+        return lost > floor
+    rows = list(await conn.execute_fetchall(_READ_MARK, (writer,)))
+    held = (int(rows[0][0]), int(rows[0][1])) if rows else None
+    (high, lost), reset = advance_mark(held, floor, seq)
+    await conn.execute(_WRITE_MARK, (writer, high, lost, now))
+    return reset
 
 
 def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
@@ -397,8 +447,10 @@ class SQLiteStore(StoreBase):
         # (st_dev, st_ino) of the file the connections have open. A deleted (or
         # replaced) file keeps accepting writes through the open descriptors on
         # Linux, and they vanish with the process: a write must fail instead (#5).
+        # The file opened in its place holds no mark of this writer (or an
+        # older one), so the next save reports the reset.
         self._identity: tuple[int, int] | None = None
-        self._reopened = False  # the next save reports reset=True
+        self._mark = WriterMark()
         # One transaction at a time on the single writer connection.
         self._write_lock = asyncio.Lock()
 
@@ -458,12 +510,41 @@ class SQLiteStore(StoreBase):
             try:
                 if self.path != ":memory:":
                     self._reader = await self._connect(read_only=True)
+                self._mark = WriterMark()
+                await self._write_first_mark()
             except BaseException:
-                await self._writer.close()
-                self._writer = None
+                for conn in (self._reader, self._writer):
+                    if conn is not None:
+                        await conn.close()
+                self._writer = self._reader = None
                 raise
         self._identity = self._file_identity()
         self._opened = True
+
+    async def _write_first_mark(self) -> None:
+        """Write this writer's mark now, so versions read before its first save are claimed too.
+
+        Marks more than ``MARK_TTL`` old (left by crashed processes) go in the
+        same transaction. A file that cannot be written now (locked, read
+        only) is no error here: the first save writes the mark, as a row it
+        does not find is then not a loss.
+        """
+        assert self._writer is not None  # noqa: S101 - open() set it
+        conn = self._writer
+        mark = self._mark
+        floor, seq = mark.next()
+        now = time.time()
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            await conn.execute("DELETE FROM writer_marks WHERE at < ?", (now - MARK_TTL,))
+            await _advance_mark(conn, mark.writer, floor, seq)
+            await conn.commit()
+        except sqlite3.OperationalError:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.rollback()
+            return
+        mark.stored(seq)
 
     def _file_identity(self) -> tuple[int, int] | None:
         if self.path == ":memory:":
@@ -499,9 +580,6 @@ class SQLiteStore(StoreBase):
         old = (self._writer, self._reader)
         self._writer, self._reader = writer, reader
         self._identity = self._file_identity()
-        # A new file holds none of what was written before: save() reports a
-        # reset, so the persister writes every run it holds again.
-        self._reopened = True
         for conn in old:
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -509,14 +587,20 @@ class SQLiteStore(StoreBase):
 
     @override
     async def aclose(self) -> None:
-        self._opened = False
+        """Delete this writer's mark (if the file can be written; else it goes after ``MARK_TTL``) and close."""
+        was_open, self._opened = self._opened, False
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
         if reader is not None:
             await reader.close()
         if writer is not None:
             async with self._write_lock:
-                await writer.close()
+                try:
+                    if was_open:
+                        with contextlib.suppress(sqlite3.Error):
+                            await writer.execute("DELETE FROM writer_marks WHERE writer = ?", (self._mark.writer,))
+                finally:
+                    await writer.close()
 
     def _w(self) -> aiosqlite.Connection:
         self._check_open()
@@ -545,18 +629,25 @@ class SQLiteStore(StoreBase):
 
     @override
     async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
-        """Write the batch in one transaction; a failed one is rolled back.
+        """Write the batch, and advance this writer's mark, in one transaction; a failed one is rolled back.
 
         Before each write transaction the store checks that its path still
         names the file it has open. When the file was deleted or replaced, the
         store opens the path again (creating an empty database if nothing is
-        there), and the next ``save`` reports ``reset``: the file now open
-        holds none of what was written before. While the path cannot be opened
-        (its directory is gone), writes raise ``StoreUnavailableError``.
+        there). ``reset`` comes from the mark: the file now open holds no mark
+        of this writer, or an older one, when it lost writes this writer saw
+        committed (a new empty file, an older copy moved over the path, or a
+        backup restored in place, e.g. with ``sqlite3 FILE ".restore BACKUP"``,
+        which keeps the file). A file replaced by an up-to-date copy is not a
+        reset. While the path cannot be opened (its directory is gone), writes
+        raise ``StoreUnavailableError``.
         """
         written = added = 0
         conflicts: dict[str, int] = {}
+        mark = self._mark
         async with self._transaction("save") as conn:
+            floor, seq = mark.next()  # under the write lock: the floor of the save before it counts
+            reset = await _advance_mark(conn, mark.writer, floor, seq)
             if snapshots:
                 cur = await conn.executemany(_UPSERT, [_snapshot_row(s) for s in snapshots])
                 written = cur.rowcount
@@ -577,7 +668,7 @@ class SQLiteStore(StoreBase):
                     ]
                     cur = await conn.executemany(_INSERT_TRANSITION, rows)
                 added = cur.rowcount
-        reset, self._reopened = self._reopened, False
+        mark.stored(seq)
         return SaveResult(
             written=written,
             stale=len(snapshots) - written,

@@ -3,15 +3,17 @@
 ``Store``'s docstrings are the one statement of the contract every store
 (memory, SQLite, Valkey) keeps; one shared suite in ``tests/contract`` checks
 it. ``StoreBase`` holds the open/closed bookkeeping the three share, and the
-functions below it the rest they share: filters, the page-size check, and how
-a malformed row is reported (``bad_row``).
+functions below it the rest they share: filters, the page-size check, how
+a malformed row is reported (``bad_row``), and the writer's mark that notices
+a store gone back in time (``WriterMark``, ``advance_mark``).
 """
 
 from __future__ import annotations
 
 import sys
+import uuid
 import warnings
-from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, Self, final, runtime_checkable
 
 from hotstate._errors import ConfigError, PersistenceError
 from hotstate.actors._snapshot import TERMINAL_STATUSES
@@ -69,6 +71,23 @@ class Store(Protocol):
 
     A store keeps each body as the bytes it was given and never decodes one:
     reads return bodies as stored, and the codec verifies them.
+
+    A store that goes back in time is noticed (DESIGN.md "Stores"). Each
+    store object, from ``open`` to ``aclose``, is one *writer*: it picks a
+    random writer id and keeps a mark under that id in the store, written at
+    ``open`` and advanced by every ``save`` inside the save's own transaction
+    or round trip. A mark that is gone, or lower than the last one this writer
+    saw stored, means the store lost writes it had acknowledged: restarted
+    empty, restored from an older snapshot, RDB/AOF file or backup, or its
+    database file replaced or restored in place. ``save`` then reports
+    ``SaveResult.reset``, and the caller writes everything it holds again.
+    The mark is per writer, not per store, so every writer sharing a prefix
+    or a file notices on its own next ``save``, and an old backup cannot
+    carry it forward (it holds the mark as it was then). A store object
+    opened again is a new writer, which claims nothing from before.
+    ``aclose`` removes the writer's mark; a mark a crashed process left
+    behind is removed 30 days after its last save (``MARK_TTL``).
+    Read-only stores write no mark.
 
     Errors any method may raise:
 
@@ -134,10 +153,16 @@ class Store(Protocol):
             conflict: it is how a retried batch that was committed but not
             acknowledged comes back. A run given more than once is a conflict
             only when its highest version was skipped. ``reset`` is True when
-            the store found it had lost everything written before (a server
-            restarted empty, a database file replaced): the caller should
-            write again every run it holds. A reset is reported by one
-            ``save`` only.
+            the store found this writer's mark gone or lower than the last
+            one this writer saw stored: writes it acknowledged are gone (a
+            server restarted empty or from an older snapshot, a database
+            file replaced or restored from a backup). This save's own batch
+            is written; the caller should write again every run it holds. A
+            loss is reported by one ``save`` of each writer, and by the next
+            one too when the reply of that save was lost, so the report is
+            never lost with it. Losing writes that were never acknowledged
+            is not a reset: nobody claimed them. An empty batch writes no
+            run but still checks and advances the mark: it is a probe.
 
         Raises:
             StoreUnavailableError: the write failed. Nothing was written, or
@@ -363,6 +388,72 @@ class Store(Protocol):
                 gone, and calling again is safe.
         """
         ...
+
+
+MARK_TTL: Final = 30 * 86_400.0
+"""Seconds a writer's mark outlives the writer's last save (30 days).
+
+``aclose`` removes the mark; this only bounds the marks of crashed processes.
+It is safe because a mark that expires under a live writer can only cause a
+false reset (that writer writes what it holds again, all of it stale for the
+store), never a missed one, and a writer saves at every flush that has
+anything to write: only one idle for 30 days writes again needlessly.
+"""
+
+
+@final
+class WriterMark:
+    """One writer's id and how far its mark has gone (the client side of ``Store.save``'s ``reset``).
+
+    ``floor`` is the highest mark this writer knows the store holds (written at
+    ``open`` or by a save that returned); ``seq`` numbers every attempt, so a
+    retried save never reuses the mark of one whose reply was lost. The store
+    applies ``advance_mark`` (or the same rule in Lua or SQL) in the save's own
+    transaction. Saves of one writer are expected one at a time, as a
+    persister makes them: overlapping saves never cause a false reset (a mark
+    only goes up), but a loss between two of them can go unnoticed.
+    """
+
+    __slots__ = ("floor", "seq", "writer")
+
+    def __init__(self) -> None:
+        self.writer: Final = uuid.uuid4().hex
+        self.floor = 0
+        self.seq = 0
+
+    def next(self) -> tuple[int, int]:
+        """``(floor, seq)`` for the next write of the mark: the check and the new value."""
+        self.seq += 1
+        return self.floor, self.seq
+
+    def stored(self, seq: int) -> None:
+        """A write of mark ``seq`` returned: the store holds at least that much from now on."""
+        if seq > self.floor:
+            self.floor = seq
+
+
+def advance_mark(held: tuple[int, int] | None, floor: int, seq: int) -> tuple[tuple[int, int], bool]:
+    """The mark rule: a writer's stored mark after a save, and whether the save reports ``reset``.
+
+    A mark is ``(high, lost)``: the highest ``seq`` stored (a mark only goes
+    up), and the ``seq`` of the last save that found the store had lost
+    writes (0: none). A mark below ``floor`` (absent reads as ``(0, 0)``)
+    means the store lost acknowledged writes; the save reports it while the
+    writer has not seen that report returned (``lost > floor``), so a report
+    whose reply was lost is given again by the next save.
+
+    Args:
+        held: the stored mark, or None when there is none.
+        floor: the writer's ``WriterMark.floor``.
+        seq: this save's ``seq`` (greater than every one sent before).
+
+    Returns:
+        The mark to store, and ``reset``.
+    """
+    high, lost = held or (0, 0)
+    if high < floor:
+        lost = seq
+    return (max(high, seq), lost), lost > floor
 
 
 def status_filter(status: str | Iterable[str] | None) -> frozenset[str] | None:

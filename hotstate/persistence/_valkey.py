@@ -10,8 +10,10 @@ Keys (``P`` is the prefix):
 - ``P:dead``: hash of run id -> dead-letter JSON, ``P:dead:body``: run id -> body;
 - ``P:ver:{run_id}``: the kept copies, a hash of version -> body and
   ``{version}:h`` -> header JSON (``HSETNX``);
-- ``P:epoch``: a random id set when the first store opens the prefix (see
-  ``ValkeyStore.save``).
+- ``P:mark:{writer}``: each open store's mark, ``"{high}:{lost}"``, written at
+  ``open``, advanced by every ``save``, deleted by ``aclose``, and expiring
+  ``MARK_TTL`` after the last save (see ``ValkeyStore.save``). ``P:epoch``,
+  which earlier versions compared instead, is no longer read or written.
 
 ``save`` is one ``EVALSHA`` of a Lua script that applies the whole batch
 server-side, including the version guard, so it is one round trip and atomic
@@ -24,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import uuid
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
 
+import anyio
 import valkey.asyncio as avalkey
 from valkey import exceptions as vex
 from valkey.utils import LIBVALKEY_AVAILABLE
@@ -46,7 +48,9 @@ from hotstate.persistence._records import (
 )
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
+    MARK_TTL,
     StoreBase,
+    WriterMark,
     bad_row,
     check_limit,
     render_id,
@@ -82,7 +86,8 @@ _HEADER_FIELDS: Final = (
 )
 _SNAPSHOT_FIELDS: Final = (*_HEADER_FIELDS, "error", "body")
 
-# ARGV: prefix, headers JSON, transitions JSON, epoch, then one body per snapshot.
+# ARGV: prefix, headers JSON, transitions JSON, writer id, floor, seq (WriterMark),
+# then one body per snapshot.
 # The headers travel as one JSON array of string fields (cjson decodes it
 # server-side) and bodies as separate ARGV entries, so binary bytes survive and
 # the client packs ~1 argument per snapshot instead of ~13: packing arguments
@@ -92,14 +97,20 @@ _SAVE_LUA: Final = """
 local p = ARGV[1]
 local heads = cjson.decode(ARGV[2])
 local trans = cjson.decode(ARGV[3])
--- The epoch key is set when a store opens; if it is gone (or another one is
--- there), the server lost this prefix's data since: report it so the caller
--- can write what it still holds again.
-local reset = 0
-if redis.call('GET', p .. ':epoch') ~= ARGV[4] then
-  reset = 1
-  redis.call('SET', p .. ':epoch', ARGV[4])
+-- This writer's mark (advance_mark in _store.py): lower than the floor, or
+-- gone, means the server lost writes this writer had acknowledged (restarted
+-- empty or from an older RDB/AOF, a restored backup). Written after pass 1,
+-- which is the only place the script can fail.
+local mkey, floor, seq = p .. ':mark:' .. ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local high, lost = 0, 0
+local held = redis.call('GET', mkey)
+if held then
+  local h, l = string.match(held, '^(%d+):(%d+)$')
+  if h then high, lost = tonumber(h), tonumber(l) end
 end
+if high < floor then lost = seq end
+local reset = 0
+if lost > floor then reset = 1 end
 -- Pass 1 reads every run's current header and checks every key's type before
 -- any write, so the only failure a script can meet midway (WRONGTYPE) leaves
 -- nothing half-written.
@@ -133,6 +144,7 @@ check(p .. ':runs', 'zset')
 for j = 1, #trans do
   check(p .. ':hist:' .. trans[j][1], 'hash')
 end
+redis.call('SET', mkey, string.format('%d:%d', math.max(high, seq), lost), 'EX', @MARK_TTL@)
 -- A stored version that is not an integer (a row hotstate did not write, which
 -- every read reports as malformed) orders below every version: it is replaced.
 -- Longer than 20 characters is not one either: Python's int() reads no more.
@@ -154,7 +166,7 @@ for j = 1, #heads do
   else
     redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', h[3],
       'version', h[4], 'step', h[5], 'status', st, 'updated_at', h[7],
-      'attempt', h[8], 'body', ARGV[4 + j])
+      'attempt', h[8], 'body', ARGV[6 + j])
     if h[9] ~= '' then
       redis.call('HSET', key, 'error', h[9])
     elseif c[4] then
@@ -205,7 +217,7 @@ if above then
   end
 end
 return reply
-"""
+""".replace("@MARK_TTL@", str(int(MARK_TTL)))
 
 # ARGV: prefix, cut-off, then run ids. KEYS is unused (key names derive from the
 # prefix). Re-checks status and time server-side, so a run revived since the
@@ -363,8 +375,8 @@ class ValkeyStore(StoreBase):
         client: an existing client to use instead of ``url``. It must not
             decode responses; the store does not close it.
         socket_timeout: seconds to wait on connect and on each reply.
-        read_only: never write (for inspection tools): ``open`` does not
-            create the epoch key, and every write raises ``PersistenceError``.
+        read_only: never write (for inspection tools): ``open`` writes no
+            mark, and every write raises ``PersistenceError``.
     """
 
     fast_parser: Final[bool] = LIBVALKEY_AVAILABLE
@@ -388,7 +400,7 @@ class ValkeyStore(StoreBase):
         self._client = client
         self._owns_client = client is None
         self._save_script: AsyncScript | None = None
-        self._epoch = ""
+        self._mark = WriterMark()
         self._purge_script: AsyncScript | None = None
 
     def __repr__(self) -> str:
@@ -439,12 +451,18 @@ class ValkeyStore(StoreBase):
             raise
         self._save_script = self._client.register_script(_SAVE_LUA)
         self._purge_script = self._client.register_script(_PURGE_LUA)
-        # Adopt the prefix's epoch (other processes share it), or start one.
-        async with self._errors("read the epoch"):
-            if not self.read_only:
-                await self._client.set(f"{self.prefix}:epoch", uuid.uuid4().hex, nx=True)
-            epoch = await self._client.get(f"{self.prefix}:epoch")
-        self._epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch or "")
+        if not self.read_only:
+            # The mark from open on, not from the first save: versions read
+            # before that save (recovery) are claimed too.
+            self._mark = mark = WriterMark()
+            _, seq = mark.next()
+            try:
+                async with self._errors("write this writer's mark"):
+                    await self._client.set(self._key("mark", mark.writer), f"{seq}:0", ex=int(MARK_TTL))
+            except BaseException:
+                await self._drop_client()
+                raise
+            mark.stored(seq)
         self._opened = True
 
     async def _drop_client(self) -> None:
@@ -454,32 +472,39 @@ class ValkeyStore(StoreBase):
 
     @override
     async def aclose(self) -> None:
-        self._opened = False
-        await self._drop_client()
+        """Delete this writer's mark (a second at most; else it expires), then close the client."""
+        was_open, self._opened = self._opened, False
+        try:
+            if was_open and not self.read_only and self._client is not None:
+                with anyio.move_on_after(min(1.0, self.socket_timeout)), contextlib.suppress(vex.ValkeyError, OSError):
+                    await self._client.delete(self._key("mark", self._mark.writer))
+        finally:
+            await self._drop_client()
 
     @override
     async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
-        """Write the batch with one ``EVALSHA``, the version guard inside the script.
+        """Write the batch with one ``EVALSHA``: the version guard and this writer's mark inside the script.
 
-        ``reset`` is True when the script finds the prefix's epoch key gone or
-        changed: the server lost the prefix's data (restarted empty, flushed).
-        The script then sets the key again. Stores that share a prefix share
-        its epoch, so only the first of them to save after the loss sees
-        ``reset``. An empty batch returns at once, without a round trip.
+        The script reads ``P:mark:{writer}`` and sets it again (with the
+        ``MARK_TTL`` expiry, refreshed by every save) in the same round trip:
+        a server restarted empty or from an RDB/AOF file older than this
+        writer's last save is noticed there, by every writer sharing the
+        prefix. An empty batch is one round trip too: a probe of the mark.
         """
         client = self._w("save")
-        if not snapshots and not transitions:
-            return SaveResult(written=0, stale=0, transitions=0)
+        mark = self._mark
+        floor, seq = mark.next()
         heads = json.dumps([_header_args(s) for s in snapshots], separators=(",", ":"))
         # One C-speed dumps of the Transition tuples for the whole batch (StrEnum
         # members serialise as their values): a json.dumps per transition cost
         # ~3 us each, more than the step that made it.
         trans = json.dumps(list(transitions), separators=(",", ":"))
-        args: list[str | bytes] = [self.prefix, heads, trans, self._epoch]
+        args: list[str | bytes] = [self.prefix, heads, trans, mark.writer, str(floor), str(seq)]
         args.extend(bytes(s.body) for s in snapshots)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         async with self._errors("save"):
             reply: list[Any] = await self._save_script(args=args, client=client)
+        mark.stored(seq)
         written, stale, added, reset = reply[:4]
         return SaveResult(
             written=int(written),

@@ -312,6 +312,7 @@ async def test_batch_writes_every_run_and_transition_in_one_call(store: Store) -
 async def test_empty_batch_writes_nothing(store: Store) -> None:
     result = await store.save([], [])
     assert (result.written, result.stale, result.transitions) == (0, 0, 0)
+    assert not result.reset  # it checks this writer's mark (a probe): nothing was lost
 
 
 async def test_retried_batch_does_not_duplicate_history(store: Store) -> None:
