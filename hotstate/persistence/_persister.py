@@ -460,6 +460,29 @@ class Persister:
             rounds += 1
             if rounds > 1 and not target and not self._dead and not self._dead_deletes:
                 break
+        if rounds == 0 and await self._probe_reset():
+            await self.flush()  # the store went back in time: write what memory holds again
+
+    async def _probe_reset(self) -> bool:
+        """Nothing was pending: ask the store (an empty save) whether it lost writes this runtime made.
+
+        An idle runtime would otherwise never notice a store restored from an
+        older snapshot before it closes, and the next recovery would resume
+        runs the lost copies show unfinished.
+
+        Returns:
+            True when the store reported the loss (the runs held are queued again).
+        """
+        async with self._lock:
+            try:
+                result = await self.store.save([], [])
+            except PersistenceError:
+                raise
+            except Exception as exc:
+                raise StoreUnavailableError(self.name, f"{type(exc).__name__}: {exc}") from exc
+        if result.reset:
+            self._store_was_reset()
+        return result.reset
 
     async def flush_once(self) -> None:
         """Write everything pending, in saves of at most ``max_batch_rows`` runs.
@@ -657,7 +680,11 @@ class Persister:
             for s in keep:
                 kept[s.header.run_id] = s.header.version // every
 
-    def _store_was_reset(self, why: str = "it lost its data (e.g. restarted empty)") -> None:
+    def store_was_reset(self, why: str = "it lost writes (restarted empty or from an older copy)") -> None:
+        """A save reported that the store lost writes: forget what it acknowledged; the runtime writes every run again."""
+        self._store_was_reset(why)
+
+    def _store_was_reset(self, why: str = "it lost writes (restarted empty or from an older copy)") -> None:
         """The store lost writes: nothing acknowledged before can be trusted; write every run held again."""
         self._resets += 1
         self.durable.clear()

@@ -121,8 +121,9 @@ class SaveResult:
         stale: snapshots skipped because the stored version was >= theirs
             (``written + stale`` is the batch's length).
         transitions: transitions newly stored (a repeated (run_id, version) is ignored).
-        reset: the store found it had lost its data since it was opened (e.g. a
-            Valkey server restarted empty); what was written before is gone.
+        reset: this writer's mark in the store was gone or lower than it wrote:
+            writes it made are gone (the store restarted empty, or from an older
+            snapshot or backup); reported once per loss.
         conflicts: run id -> the version the store holds, for each run of the
             batch whose snapshot was skipped because the store holds a strictly
             higher version: a write the store did not take, which is not durable.

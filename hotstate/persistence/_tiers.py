@@ -529,6 +529,8 @@ class Tiers:
         for i in range(0, len(copies), _REPAIR_BATCH):
             batch = copies[i : i + _REPAIR_BATCH]
             result = await p.store.save([s for s, _ in batch], [t for _, history in batch for t in history])
+            if result.reset:  # this save found the loss: the runtime writes what it holds again
+                p.store_was_reset()
             written += result.written
             for stored, _ in batch:
                 if stored.header.run_id not in result.conflicts:

@@ -412,7 +412,7 @@ async def test_valkey_restarted_empty_is_repopulated_with_every_run_and_its_hist
             for rid in changed:
                 await rt.send(rid, "go", rid)
                 await rt.wait_finished(rid)
-            await rt.flush()  # its first save finds the epoch gone: every run is queued again
+            await rt.flush()  # its first save finds its mark gone: every run is queued again
             await rt.flush()
         assert rt.tier_statistics()[0].resets == 1
         found = await vk.load_many(ids)
