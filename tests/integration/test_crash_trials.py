@@ -12,9 +12,11 @@ and the promise "at most the interval plus one flush" is what is checked. The
 flat-out case is measured, not asserted, by the sweep (``hotstate bench``).
 
 The #10 guarantees' trials (hotstate._bench._guarantees) run in the same child
-runner; here one acknowledgement and one lineage trial, and the control that
-shows the acknowledgement judge can fail. ``test_bench_command.py`` runs one
-trial of every scenario, the crash loop included, through ``hotstate bench``.
+runner; here one acknowledgement and one lineage trial, and two controls that
+show their judges can fail (a write-behind spawn without ``ack_tiers``; recovery
+and purge without the #10 tier reconciliation, patched out in this process,
+which runs the parent's side). ``test_bench_command.py`` runs one trial of every
+scenario, the crash loop included, through ``hotstate bench``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from hotstate._bench._guarantees import ack_trial, lineage_trial
 from hotstate._bench._reliability import run_reliability
 from hotstate._bench._sweep import run_sweep, to_json
 from hotstate._bench._trial import Workload
+from hotstate.runtime._adoption import Adoption, Repair
 
 WORKLOAD = Workload(inflight=16, pace=0.01, max_runs=5000)
 KILL_AFTER = (0.15, 0.4)
@@ -131,4 +134,19 @@ async def test_orders_finished_in_valkey_only_are_neither_resumed_nor_charged_tw
     result = await lineage_trial(valkey_url=valkey_url, workdir=tmp_path, seed=3)
     assert result.violations == ()
     assert result.runs_checked >= 5
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_control_without_reconciling_the_tiers_finished_orders_come_back_and_the_lineage_judge_says_so(
+    valkey_url, tmp_path, monkeypatch
+):
+    # As before #10: recovery and purge_finished compare no tiers, so SQLite keeps its
+    # stale parked copies of orders that finished in Valkey, and they come back
+    # (11 of the 11 finished orders of seed 3 at 6c55973).
+    async def no_repair(self: Adoption) -> Repair:
+        return Repair({}, [], {})
+
+    monkeypatch.setattr(Adoption, "reconcile", no_repair)
+    result = await lineage_trial(valkey_url=valkey_url, workdir=tmp_path, seed=3)
+    assert any("resumed after the restart" in v for v in result.violations), result.violations
     assert list(tmp_path.iterdir()) == []
