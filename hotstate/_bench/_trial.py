@@ -156,9 +156,13 @@ class SignalDriver:
     def __init__(self) -> None:
         self.queue: list[str] = []
         self.event = anyio.Event()
+        self.requested: set[str] = set()  # each run needs one signal: asked by its step or seen waiting
 
     def request(self, rid: str) -> None:
-        """Queue ``rid`` for its signal."""
+        """Queue ``rid`` for its signal (once)."""
+        if rid in self.requested:
+            return
+        self.requested.add(rid)
         self.queue.append(rid)
         self.event.set()
 
@@ -174,20 +178,32 @@ class SignalDriver:
                     await rt.send(rid, SIGNAL, {"amount": run_index(rid)})
 
     async def drive(self, rt: Runtime, run_ids: list[str]) -> None:
-        """Signal every run that waits (now or later) until all of ``run_ids`` have finished."""
-        for snap in rt.list_runs(status=Status.waiting):
-            self.request(snap.run_id)
+        """Signal every run that waits (now or later) until all of ``run_ids`` have finished.
+
+        A run recovered past its ``request`` step but not yet waiting never asks
+        again: it starts once its resumed snapshot is durable, maybe after this
+        driver started, so waiting runs are looked for until the end.
+        """
 
         async def finish(rid: str) -> None:
             with contextlib.suppress(RunFailedError):  # the runs designed to fail
                 await rt.wait_finished(rid)
 
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self.watch, rt)
             tg.start_soon(self.serve, rt)
             async with anyio.create_task_group() as waiters:
                 for rid in run_ids:
                     waiters.start_soon(finish, rid)
             tg.cancel_scope.cancel()
+
+    async def watch(self, rt: Runtime, period: float = 0.01) -> None:
+        """Request the signal of every run found waiting for it without one pending; until cancelled."""
+        while True:
+            for snap in rt.list_runs(status=Status.waiting):
+                if not any(name == SIGNAL for name, _ in snap.signals):
+                    self.request(snap.run_id)
+            await anyio.sleep(period)  # the driver's cadence, not a synchronisation
 
 
 class TrialLoad:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 
 from hotstate import FlushPolicy, Runtime, Step, StepContext, Tier, Workflow
@@ -16,7 +17,7 @@ from hotstate._bench._lineage import LineageWorkload, Settled
 from hotstate._bench._orders import Finished, Orders, Progress, Recovered
 from hotstate._bench._policy import Policy
 from hotstate._bench._trace import TraceLayout, TraceWriter, read_trace
-from hotstate._bench._trial import Workload
+from hotstate._bench._trial import SignalDriver, Workload, make_workflow, payload, run_id
 from hotstate.persistence import MemoryStore, SQLiteStore
 from hotstate.testing import ManualClock
 
@@ -158,3 +159,20 @@ async def test_the_trace_writer_records_commits_steps_and_store_writes_as_an_ins
     assert all(t > 0 for t in read.times[0][1:])  # versions 1..4 timed (higher ones are only counted)
     _, _, started, ended = read.flush[0]
     assert 0 < started <= ended  # the flush's store write, stamped around
+
+
+async def test_the_signal_driver_signals_runs_that_wait_without_asking_and_each_run_once() -> None:
+    # As a run recovered past its request step: it waits for `paid` but never asks.
+    driver = SignalDriver()
+    wf = make_workflow(work_steps=1, fail_every=0, flaky_every=0, request_signal=lambda rid: None)
+    ids = [run_id(i) for i in range(3)]
+    async with Runtime([wf]) as rt:
+        for i, rid in enumerate(ids):
+            await rt.spawn(wf, payload(i), run_id=rid)
+        driver.request(ids[0])
+        driver.request(ids[0])  # asked twice (by its step, then seen waiting): one signal
+        with anyio.fail_after(5):  # a hang guard only
+            await driver.drive(rt, ids)
+        assert all(rt.get(rid).status == "done" for rid in ids)
+        assert [sum(t.kind == "signal" for t in rt.history(rid)) for rid in ids] == [1, 1, 1]
+    assert driver.requested == set(ids)
