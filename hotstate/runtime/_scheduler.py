@@ -298,8 +298,12 @@ class Scheduler:
 
     def release_when_durable(self, actor: RunActor) -> None:
         """Schedule ``actor`` once its current snapshot is durable in any tier (at once when memory-only)."""
-        if not self.tiers.notify_everywhere(actor.snapshot.run_id, _Release(actor)):
-            self.schedule(actor)
+        snap = actor.snapshot
+        durable = self.tiers.durable_versions(snap.run_id)
+        if not durable or max(durable.values()) >= snap.version:
+            self.schedule(actor)  # memory-only, or a flush already took it before this call
+            return
+        self.tiers.notify_everywhere(snap.run_id, _Release(actor))
 
     def pressure(self, tier: str, on: bool) -> None:
         """A tier crossed its memory bound: park steps, or let them go again (TierListener)."""
