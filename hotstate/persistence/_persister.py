@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 import anyio.lowlevel
 
-from hotstate._clock import SystemClock
+from hotstate._clock import within
 from hotstate._errors import (
     CodecError,
     DurabilityTimeoutError,
@@ -329,32 +329,13 @@ class Persister:
         self._durable_events.setdefault(run_id, []).append(waiter)
         self._poke()
         seconds = self.policy.ack_timeout if timeout is None else timeout
-        deadline = self._clock.now() + seconds
-        timed_out = False
         try:
-            if type(self._clock) is SystemClock:
-                # The event loop's clock: a deadline on a cancel scope, no watchdog
-                # task (write-through acknowledges every spawn through here).
-                with anyio.move_on_after(seconds) as scope:
-                    await waiter.event.wait()
-                timed_out = scope.cancelled_caught
-            else:
-                async with anyio.create_task_group() as tg:
-
-                    async def expire() -> None:
-                        nonlocal timed_out
-                        await self._clock.sleep_until(deadline)
-                        timed_out = True
-                        tg.cancel_scope.cancel()
-
-                    tg.start_soon(expire)
-                    await waiter.event.wait()
-                    tg.cancel_scope.cancel()
+            answered, _ = await within(self._clock, seconds, waiter.event.wait())
         finally:
             self._drop_waiter(run_id, waiter)
         if waiter.error is not None:
             raise waiter.error
-        if timed_out and self.durable.get(run_id, 0) < version:
+        if not answered and self.durable.get(run_id, 0) < version:
             raise DurabilityTimeoutError(
                 self.name,
                 f"run {run_id!r} v{version} not durable after {seconds:g} s"

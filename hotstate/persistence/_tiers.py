@@ -13,9 +13,7 @@ import logging
 import warnings
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
-import anyio
-
-from hotstate._clock import SystemClock
+from hotstate._clock import within
 from hotstate._errors import CodecError, ConfigError, PersistenceError, StoreUnavailableError
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister, PersisterStatistics
@@ -24,6 +22,8 @@ from hotstate.persistence._records import decode_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+    import anyio
 
     from hotstate._clock import Clock
     from hotstate._instrument import Instruments
@@ -244,38 +244,6 @@ class Tiers:
             self._by_name[tier].note_stored(run_id, stored.header.version)
         return found
 
-    async def _within(
-        self, seconds: float, read: Awaitable[StoredSnapshot | None]
-    ) -> tuple[bool, StoredSnapshot | None]:
-        """``(True, await read)``, or ``(False, None)`` after ``seconds`` on the runtime's clock (not the loop's)."""
-        result: tuple[bool, StoredSnapshot | None] = (False, None)
-        clock = self._clock
-        if type(clock) is SystemClock:
-            # SystemClock is the event loop's clock: a deadline on a cancel scope
-            # is the same bound without a watchdog task. 10,000 spawns of ids no
-            # tier knows took 1.7 s with a watchdog task per lookup; the whole
-            # test that does so now takes 0.9 s
-            # (tests/integration/test_bad_input_at_scale.py, --durations).
-            with anyio.move_on_after(seconds):
-                result = (True, await read)
-            return result
-        failure: PersistenceError | None = None
-        async with anyio.create_task_group() as tg:
-
-            async def watchdog() -> None:
-                await clock.sleep_until(clock.now() + seconds)
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watchdog)
-            try:
-                result = (True, await read)
-            except PersistenceError as exc:  # raised here, not wrapped in an ExceptionGroup
-                failure = exc
-            tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return result
-
     async def newest_versions(self, run_ids: Sequence[str]) -> dict[str, int]:
         """The highest version any readable tier holds for each of ``run_ids`` (absent: none)."""
         newest: dict[str, int] = {}
@@ -423,24 +391,19 @@ class Tiers:
         return found
 
     async def _bounded(self, p: Persister, what: str, read: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """``await read(*args)`` within ``p``'s ``ack_timeout`` on the runtime's clock (``_within``).
+        """``await read(*args)`` within ``p``'s ``ack_timeout`` on the runtime's clock.
 
         Raises:
             StoreUnavailableError: it failed, or did not answer in time.
         """
-        box: list[_T] = []
-
-        async def into_box() -> None:  # _within returns what it awaits; its type is a snapshot's
-            box.append(await read(*args))
-
         seconds = p.policy.ack_timeout
         try:
-            answered, _ = await self._within(seconds, into_box())
+            answered, value = await within(self._clock, seconds, read(*args))
         except PersistenceError as exc:
             raise StoreUnavailableError(p.name, f"cannot {what}: {exc.detail}") from exc
         if not answered:
             raise StoreUnavailableError(p.name, f"did not answer within {seconds:g} s: cannot {what}")
-        return box[0]
+        return value  # type: ignore[return-value]  # answered: the value read, None included
 
     def durable_everywhere(self, run_id: str, version: int) -> bool:
         """True when every tier has acknowledged ``version`` of ``run_id`` (or a newer one); no I/O."""
