@@ -789,13 +789,10 @@ class Runtime:
                 final snapshot was not durable there within ``ack_timeout``.
         """
         actor = self._registry.actor(run_id)
-        while actor.snapshot.status not in TERMINAL_STATUSES:
-            if self._lifecycle.state != "open":
-                raise RuntimeClosedError(f"run {run_id!r} did not finish before the runtime closed")
-            if actor.waiters is None:
-                actor.waiters = anyio.Event()
-            await actor.waiters.wait()
+        await self._settled(actor)
         snap = actor.snapshot
+        if snap.status not in TERMINAL_STATUSES:
+            raise RuntimeClosedError(f"run {run_id!r} did not finish before the runtime closed")
         if self._ack:
             await self._acknowledge(run_id, snap.version)
         if snap.status is Status.done:
