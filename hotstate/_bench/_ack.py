@@ -157,37 +157,39 @@ class AckLoad:
                         break
 
     async def _act(self, rt: Runtime) -> int:
-        """Make the acknowledged call; return the version it acknowledged.
+        return await act(rt, self.load.op, self.load.run_id, self.by_op[self.load.op])
 
-        ``rt.get`` right after the call can already be ahead of that version
-        (the run moved on in memory, not yet durable anywhere), so where the run
-        can move, the version is taken just before the call: each of these
-        calls commits exactly one version before its first await.
-        """
-        op, rid = self.load.op, self.load.run_id
-        wf = self.by_op[op]
-        handle = await rt.spawn(wf, {"op": op, "n": 0}, run_id=rid)
-        if op == "spawn":
-            return 1
-        if op in ("send", "send_consumed"):
-            before = rt.get(rid).version
-            await rt.send(rid, SIGNAL, {"sent": rid})
-            return before + 1
-        if op == "retry_dead_letter":
-            with contextlib.suppress(RunFailedError):
-                await handle.wait_finished()
-            before = rt.get(rid).version
-            await rt.retry_dead_letter(rid)
-            return before + 1
-        if op == "cancel":
-            await rt.cancel(rid)
-        elif op == "wait_finished":
+
+async def act(rt: Runtime, op: str, rid: str, wf: Workflow) -> int:
+    """Make the acknowledged call; return the version it acknowledged.
+
+    ``rt.get`` right after the call can already be ahead of that version
+    (the run moved on in memory, not yet durable anywhere), so where the run
+    can move, the version is taken just before the call: each of these
+    calls commits exactly one version before its first await.
+    """
+    handle = await rt.spawn(wf, {"op": op, "n": 0}, run_id=rid)
+    if op == "spawn":
+        return 1
+    if op in ("send", "send_consumed"):
+        before = rt.get(rid).version
+        await rt.send(rid, SIGNAL, {"sent": rid})
+        return before + 1
+    if op == "retry_dead_letter":
+        with contextlib.suppress(RunFailedError):
             await handle.wait_finished()
+        before = rt.get(rid).version
+        await rt.retry_dead_letter(rid)
+        return before + 1
+    if op == "cancel":
+        await rt.cancel(rid)
+    elif op == "wait_finished":
+        await handle.wait_finished()
+    else:
+        try:
+            await handle.wait_finished()
+        except RunFailedError:
+            pass
         else:
-            try:
-                await handle.wait_finished()
-            except RunFailedError:
-                pass
-            else:
-                raise AssertionError("the flaky run did not fail")
-        return rt.get(rid).version  # finished: it cannot move any more
+            raise AssertionError("the flaky run did not fail")
+    return rt.get(rid).version  # finished: it cannot move any more

@@ -13,7 +13,6 @@ instead, which the parent reports.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -25,37 +24,19 @@ import anyio
 
 from hotstate import (
     FlushPolicy,
-    RetryPolicy,
-    RunFailedError,
     Runtime,
-    Step,
     StepContext,
     Tier,
     TransitionKind,
-    Workflow,
 )
+from hotstate._bench._ack import FLAKY_MESSAGE, OPS, act, workflows
 from hotstate.persistence import PickleCodec, SQLiteStore, ValkeyStore
 
 KEY = b"ack-durability-key-0123456789abc"
 CHURN = 8  # runs stepping every millisecond meanwhile
 CHURN_STEPS = 5000  # more than any child lives for
 CHURN_WARMUP = 5 * CHURN  # steps taken before the call: the tiers are in their steady state
-OPS = ("spawn", "send", "send_consumed", "cancel", "wait_finished", "wait_failed", "retry_dead_letter")
 POLICIES = ("sqlite-through", "valkey-through", "behind+ack", "sqlite-behind-60s", "sqlite-behind-60s+ack")
-
-
-async def busy(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    await anyio.sleep(3600)  # ends with the SIGKILL (or a cancel)
-    return payload
-
-
-async def gate(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    return {**payload, "got": ctx.signal}
-
-
-async def tick(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-    await anyio.sleep(0.001)
-    return {**payload, "n": payload["n"] + 1}
 
 
 _flaky_calls = [0]  # one run per process: the simplest "fail once"
@@ -65,27 +46,14 @@ async def flaky(payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     """Fails the first time (the run fails for good and is dead-lettered), then stays busy."""
     _flaky_calls[0] += 1
     if _flaky_calls[0] == 1:
-        raise ValueError("first attempt fails")
-    return await busy(payload, ctx)
+        raise ValueError(FLAKY_MESSAGE)
+    await anyio.sleep(3600)  # ends with the SIGKILL
+    return payload
 
 
-# send: the signal waits behind a busy step, so the run does not move after it is accepted.
-PENDING = Workflow("pending", [Step(fn=busy, name="busy"), Step(fn=gate, name="gate", wait_for="go")])
-# send_consumed: the run waits for the signal, consumes it at once, then stays busy.
-CONSUMED = Workflow("consumed", [Step(fn=gate, name="gate", wait_for="go"), Step(fn=busy, name="busy")])
-BUSY = Workflow("busy", [Step(fn=busy, name="busy")])
-SHORT = Workflow("short", [Step(fn=tick, name=f"t{i}") for i in range(3)])
-FLAKY = Workflow("flaky", [Step(fn=flaky, name="flaky", retry=RetryPolicy.never())])
-CHURNING = Workflow("churn", [Step(fn=tick, name=f"c{i}") for i in range(CHURN_STEPS)])
-WORKFLOW = {
-    "spawn": BUSY,
-    "send": PENDING,
-    "send_consumed": CONSUMED,
-    "cancel": BUSY,
-    "wait_finished": SHORT,
-    "wait_failed": FLAKY,
-    "retry_dead_letter": FLAKY,
-}
+# The bench's acknowledgement workload: the same workflows and the same call (hotstate._bench._ack).
+WORKFLOW = workflows(CHURN_STEPS, flaky)
+CHURNING = WORKFLOW["churn"]
 
 
 def tiers(policy: str, db: str, valkey_url: str, prefix: str) -> tuple[list[Tier], list[str]]:
@@ -101,43 +69,6 @@ def tiers(policy: str, db: str, valkey_url: str, prefix: str) -> tuple[list[Tier
         ack = ["sqlite"] if policy.endswith("+ack") else []
         return [Tier(SQLiteStore(db), FlushPolicy(interval=60.0))], ack
     raise ValueError(f"unknown policy {policy!r}")
-
-
-async def act(rt: Runtime, op: str, run_id: str) -> int:
-    """Make the acknowledged call; return the version it acknowledged.
-
-    ``rt.get`` right after the call can already be ahead of that version (the
-    run moved on in memory, not yet durable anywhere), so where the run can
-    move, the version is taken just before the call: each of these calls
-    commits exactly one version before its first await.
-    """
-    wf = WORKFLOW[op]
-    if op == "spawn":
-        await rt.spawn(wf, {"op": op, "n": 0}, run_id=run_id)
-        return 1
-    handle = await rt.spawn(wf, {"op": op, "n": 0}, run_id=run_id)
-    if op in ("send", "send_consumed"):
-        before = rt.get(run_id).version
-        await rt.send(run_id, "go", {"sent": run_id})
-        return before + 1
-    if op == "retry_dead_letter":
-        with contextlib.suppress(RunFailedError):
-            await handle.wait_finished()
-        before = rt.get(run_id).version
-        await rt.retry_dead_letter(run_id)
-        return before + 1
-    if op == "cancel":
-        await rt.cancel(run_id)
-    elif op == "wait_finished":
-        await handle.wait_finished()
-    else:
-        try:
-            await handle.wait_finished()
-        except RunFailedError:
-            pass
-        else:
-            raise AssertionError("the flaky run did not fail")
-    return rt.get(run_id).version  # finished: it cannot move any more
 
 
 async def churn(rt: Runtime, run_id: str) -> None:
@@ -158,10 +89,11 @@ async def main(op: str, policy: str, db: str, valkey_url: str, prefix: str, run_
     if op not in OPS or policy not in POLICIES:
         raise ValueError(f"unknown op {op!r} or policy {policy!r}")
     tier_list, ack = tiers(policy, db, valkey_url, prefix)
-    workflows = list(dict.fromkeys([*WORKFLOW.values(), CHURNING]))
-    async with Runtime(workflows, tiers=tier_list, ack_tiers=ack, codec=PickleCodec(KEY)) as rt:
+    async with Runtime(
+        list(dict.fromkeys(WORKFLOW.values())), tiers=tier_list, ack_tiers=ack, codec=PickleCodec(KEY)
+    ) as rt:
         await churn(rt, run_id)
-        acked = await act(rt, op, run_id)
+        acked = await act(rt, op, run_id, WORKFLOW[op])
         snap = rt.get(run_id)  # sync, no I/O: the run as the caller sees it after the call
         line = {"op": op, "run_id": run_id, "acked": acked, "version": snap.version, "status": snap.status.value}
         sys.stdout.write(json.dumps(line) + "\n")
