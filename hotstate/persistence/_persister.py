@@ -696,8 +696,9 @@ class Persister:
         waiting = self.waiting
         events = self._durable_events
         acknowledged = self._encoder.acknowledged
+        skips = bool(unwritten or conflicts)  # almost always False: one test per flush, not per row
         for rid, snap in batch.items():
-            if unwritten or conflicts:
+            if skips:
                 if rid in unwritten:
                     self._fail_waiters(rid, unwritten[rid])
                     continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import sys
 import textwrap
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
-from hotstate import FlushPolicy, Runtime, Step, StepContext, Tier, Workflow
-from hotstate.persistence import SQLiteStore, ValkeyStore
+from hotstate import FlushPolicy, RunNotFoundError, Runtime, Step, StepContext, StoreUnavailableError, Tier, Workflow
+from hotstate.persistence import EmbeddedValkey, SQLiteStore, ValkeyStore
 
 GUARD = 10  # seconds; a hang guard only
 
@@ -130,6 +132,53 @@ def lineage_tiers(url: str, prefix: str, db: Path) -> list[Tier]:
         Tier(ValkeyStore(url, prefix=prefix), FlushPolicy(interval=0.01)),
         Tier(SQLiteStore(db), FlushPolicy(interval=1.0)),
     ]
+
+
+async def crash_between_the_tiers(tmp_path: Path, url: str, prefix: str, runs: int) -> tuple[Path, Path]:
+    """Run LINEAGE_CHILD: ``runs`` orders finished in Valkey, parked at charge in SQLite, then SIGKILL."""
+    db, ledger, script = tmp_path / "runs.db", tmp_path / "ledger.jsonl", tmp_path / "child.py"
+    script.write_text(LINEAGE_CHILD)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    with anyio.fail_after(60):
+        proc = await anyio.run_process(
+            [sys.executable, str(script), str(db), url, prefix, str(ledger), str(runs)], env=env, check=False
+        )
+    assert proc.returncode == -9, proc.stderr.decode()
+    return db, ledger
+
+
+async def test_spawn_of_a_finished_run_while_the_tier_with_its_newest_copy_is_stopped_starts_nothing(
+    tmp_path: Path, ephemeral_valkey: EmbeddedValkey
+) -> None:
+    """Valkey holds the run finished, SQLite an older parked copy; Valkey is SIGSTOPped (#10).
+
+    Before: spawn skipped the stopped tier and adopted SQLite's older copy, a
+    second lineage that charged the order again once paid. Now spawn raises a
+    typed error and starts nothing; once Valkey answers, it returns the finished run.
+    """
+    url, prefix = ephemeral_valkey.url, "stopped"
+    db, ledger = await crash_between_the_tiers(tmp_path, url, prefix, runs=1)
+    tiers = [
+        Tier(ValkeyStore(url, prefix=prefix, socket_timeout=5.0), FlushPolicy(interval=0.01, ack_timeout=0.3)),
+        Tier(SQLiteStore(db), FlushPolicy(interval=1.0, ack_timeout=0.3)),
+    ]
+    assert ephemeral_valkey.pid is not None
+    async with Runtime([ORDER], tiers=tiers) as rt:
+        os.kill(ephemeral_valkey.pid, signal.SIGSTOP)
+        try:
+            with anyio.fail_after(10), pytest.raises(StoreUnavailableError, match="order-00"):
+                await rt.spawn(ORDER, {}, run_id="order-00")
+            with pytest.raises(RunNotFoundError):
+                rt.get("order-00")  # no second lineage was started from SQLite's parked copy
+        finally:
+            os.kill(ephemeral_valkey.pid, signal.SIGCONT)
+        with anyio.fail_after(10):
+            await rt.spawn(ORDER, {}, run_id="order-00")
+        assert rt.get("order-00").status == "done"  # the finished run, adopted as it is
+    assert len(ledger.read_text().splitlines()) == 1  # charged once, in the child, never again
 
 
 async def test_runs_finished_in_one_tier_never_come_back_after_a_crash_recovery_purge_and_restart(

@@ -31,6 +31,7 @@ from hotstate.persistence import (
     SQLiteStore,
     ValkeyStore,
 )
+from hotstate.persistence._records import decode_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -135,6 +136,11 @@ async def one_waiting_run_in_both_tiers(url: str, prefix: str, db: Path) -> int:
     return version
 
 
+def other_store(name: str, url: str, prefix: str, db: Path) -> SQLiteStore | ValkeyStore:
+    """A second, read-side store on one tier (the runtime's own stores are busy)."""
+    return SQLiteStore(db) if name == "sqlite" else ValkeyStore(url, prefix=prefix, read_only=True)
+
+
 async def plant(tier: str, url: str, prefix: str, db: Path, fields: dict[str, Any]) -> None:
     """Overwrite stored fields of run r1 directly in one tier (its own layout, no hotstate code)."""
     if tier == "sqlite":
@@ -168,6 +174,13 @@ async def test_a_tampered_copy_is_never_unpickled_reported_corrupt_and_the_other
         assert "run 'r1'" in report.corrupt[0].reason
         assert [(r.run_id, r.tier, r.version) for r in report.resumed] == [("r1", other, good)]
         assert report.lost == ()
+        assert dict(report.repaired) == {}  # the tampered copy is never spread to the other tier
+        for name in ("valkey", "sqlite"):
+            if name != tier:
+                async with other_store(name, valkey_url, valkey_prefix, db) as store:
+                    kept = await store.load("r1")
+                assert kept is not None
+                decode_snapshot(kept, PickleCodec(KEY), tier=name)  # still the genuine, verifiable copy
         assert rt.get("r1").payload == {"n": 2}
         await rt.send("r1", "go", "ok")
         with anyio.fail_after(GUARD):
