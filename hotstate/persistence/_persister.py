@@ -34,9 +34,8 @@ from hotstate.persistence._records import (
     SaveResult,
     StoredDeadLetter,
     StoredSnapshot,
+    encode_dead_letter,
     encode_snapshot,
-    error_to_json,
-    errors_to_json,
 )
 
 if TYPE_CHECKING:
@@ -621,21 +620,8 @@ class Persister:
             self._set_pressure(False)
 
     def _encode_dead_letter(self, letter: DeadLetter) -> StoredDeadLetter:
-        """The stored form of a dead letter; an unencodable payload is written as its header only."""
-        snap = letter.snapshot
-        try:
-            stored = self._encoder.encode(snap)
-        except PersistenceError:
-            stored = encode_snapshot(snap._replace(payload=None, signals=()), self._encoder.codec)
-        return StoredDeadLetter(
-            run_id=letter.run_id,
-            workflow=letter.workflow,
-            at=letter.at,
-            error=error_to_json(letter.error),
-            attempts=errors_to_json(letter.attempts),
-            compensation_errors=errors_to_json(letter.compensation_errors),
-            snapshot=stored,
-        )
+        """The stored form of a dead letter (``encode_dead_letter``)."""
+        return encode_dead_letter(letter, self._encoder.encode, self._encoder.codec)
 
     async def _save(self, stored: list[StoredSnapshot], transitions: list[Transition]) -> SaveResult:
         instruments = self._instruments

@@ -24,8 +24,9 @@ from hotstate.actors._snapshot import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
+    from hotstate.actors._snapshot import DeadLetter
     from hotstate.persistence._codec import Codec
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "StoredDeadLetter",
     "StoredSnapshot",
     "decode_snapshot",
+    "encode_dead_letter",
     "encode_snapshot",
     "error_from_json",
     "error_to_json",
@@ -132,6 +134,11 @@ class SaveResult:
             that appears more than once is a conflict only when its highest
             version in the batch was skipped. Empty when every snapshot was
             written or was equal.
+        rejected: run id -> why, for each run of the batch the store could not
+            write at all (a stored key of the wrong type, a stored version out
+            of range): nothing of that run (snapshot or transitions) was
+            written, every other run of the batch was. Such a snapshot counts
+            as neither ``written`` nor ``stale``.
     """
 
     written: int
@@ -139,6 +146,7 @@ class SaveResult:
     transitions: int
     reset: bool = False
     conflicts: Mapping[str, int] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -347,6 +355,35 @@ def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
     body = codec.encode({"payload": snapshot.payload, "signals": snapshot.signals})
     error = None if snapshot.error is None else error_to_json(snapshot.error)
     return _new(StoredSnapshot, (header_of(snapshot), error, body))
+
+
+def encode_dead_letter(
+    letter: DeadLetter, encode: Callable[[Snapshot], StoredSnapshot], codec: Codec
+) -> StoredDeadLetter:
+    """The stored form of a dead letter; an unencodable payload is written as its header only.
+
+    Args:
+        letter: the dead letter.
+        encode: encodes its final snapshot (the persister's shared encoder).
+        codec: the codec, for the header-only fallback.
+
+    Returns:
+        The stored record.
+    """
+    snap = letter.snapshot
+    try:
+        stored = encode(snap)
+    except CodecError:
+        stored = encode_snapshot(snap._replace(payload=None, signals=()), codec)
+    return StoredDeadLetter(
+        run_id=letter.run_id,
+        workflow=letter.workflow,
+        at=letter.at,
+        error=error_to_json(letter.error),
+        attempts=errors_to_json(letter.attempts),
+        compensation_errors=errors_to_json(letter.compensation_errors),
+        snapshot=stored,
+    )
 
 
 def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snapshot:
