@@ -37,6 +37,7 @@ from hotstate._cli._runs_actions import (
     run_retry,
     run_show,
 )
+from hotstate._cli._safe import printable
 from hotstate._errors import (
     ConfigError,
     HotstateError,
@@ -227,11 +228,12 @@ def _execute(
         async with _opened(stores) as opened:
             return await action(args, opened)
 
+    # An error can quote stored text (a header field, a reason read from a row): escaped like the tables.
     try:
         return run(main, _stores(args))
     except _UsageError as exc:
-        return fail(str(exc), status=2)
+        return fail(printable(str(exc)), status=2)
     except ConfigError as exc:
-        return fail(str(exc), status=2)
+        return fail(printable(str(exc)), status=2)
     except (HotstateError, OSError) as exc:
-        return fail(str(exc), status=1)
+        return fail(printable(str(exc)), status=1)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotstate._bench._table import render_table
 from hotstate._cli._output import fail, print_json
+from hotstate._cli._safe import printable
 from hotstate._errors import (
     CodecError,
     CorruptSnapshotError,
@@ -25,7 +26,7 @@ from hotstate.persistence._records import error_from_json, errors_from_json
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from hotstate.actors import ErrorInfo
     from hotstate.persistence import RunHeader, Store, StoredDeadLetter
@@ -45,6 +46,11 @@ def _iso(at: float) -> str:
 
 def _error_text(error: ErrorInfo) -> str:
     return f"{error.type}: {error.message} (step {error.step} {error.step_name!r}, attempt {error.attempt})"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """``render_table`` with every text cell escaped (stored text is never printed raw)."""
+    return render_table(headers, [[printable(v) if isinstance(v, str) else v for v in row] for row in rows])
 
 
 def _header_dict(h: RunHeader) -> dict[str, Any]:
@@ -101,7 +107,7 @@ async def run_list(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         print_json([_header_dict(h) for h in headers])
         return 0
     print(
-        render_table(
+        _table(
             ["run id", "workflow", "status", "step", "version", "updated (UTC)"],
             [
                 (
@@ -219,7 +225,7 @@ def _print_show(data: dict[str, Any], copies: Sequence[_Copy]) -> None:
     rows += [("corrupt", c.corrupt) for c in copies if c.corrupt]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
+        print(f"{key.ljust(width)}  {printable(str(value))}")
 
 
 # --- history ----------------------------------------------------------------
@@ -251,7 +257,7 @@ async def run_history(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         print_json([_transition_dict(t) for t in transitions])
         return 0
     print(
-        render_table(
+        _table(
             ["version", "kind", "step", "status", "time (UTC)", "detail"],
             [(t.version, str(t.kind), t.step, str(t.status), _iso(t.at), t.detail) for t in transitions],
         )
@@ -302,7 +308,7 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
         print_json(rows)
         return 0
     print(
-        render_table(
+        _table(
             [
                 "run id",
                 "workflow",
@@ -357,7 +363,7 @@ async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     base = await _retry_base(run_id, stores, letters)
     h = base.header
     if h.status != Status.failed.value:
-        return fail(f"run {run_id!r} is {h.status} at v{h.version}, not failed: not retried")
+        return fail(f"run {run_id!r} is {printable(h.status)} at v{h.version}, not failed: not retried")
     newest = max(letters, key=lambda d: d.at)
     cursor = error_from_json(newest.error).step
     now = time.time()
