@@ -59,7 +59,7 @@ from hotstate.actors import (
     TransitionKind,
     Workflow,
 )
-from hotstate.persistence import FlushPolicy, JsonCodec, PickleCodec, Tier
+from hotstate.persistence import FlushPolicy, JsonCodec, MsgpackCodec, PickleCodec, Tier
 from hotstate.runtime import (
     DeadLetter,
     RecoveryReport,
@@ -89,6 +89,7 @@ __all__ = [
     "Instrument",
     "JsonCodec",
     "PersistenceError",
+    "MsgpackCodec",
     "PickleCodec",
     "RecoveryReport",
     "RestartIntensity",

@@ -42,7 +42,7 @@ from hotstate._bench import _ack as ack, _crashloop as crashloop, _lineage as li
 from hotstate._bench._child import Child, ChildConfig, Message
 from hotstate._bench._crash import clean, judge
 from hotstate._bench._policy import Policy, find_policy
-from hotstate.persistence import PickleCodec, SQLiteStore
+from hotstate.persistence import MsgpackCodec, SQLiteStore
 from hotstate.persistence._records import decode_snapshot
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ async def _acknowledging_tiers(
             raw = await store.load(said.run_id)
             history = {t.version: t for t in await store.history(said.run_id)}
         try:
-            snap = None if raw is None else decode_snapshot(raw, PickleCodec(), tier=store.tier)
+            snap = None if raw is None else decode_snapshot(raw, MsgpackCodec(), tier=store.tier)
         except Exception as exc:  # noqa: BLE001 - a copy that does not decode is this trial's finding
             out.append(f"{said.op} {said.run_id}: the {store.tier} copy does not decode: {exc!r}")
             continue

@@ -20,7 +20,7 @@ import aiosqlite
 
 from hotstate import (
     FlushPolicy,
-    PickleCodec,
+    MsgpackCodec,
     Runtime,
     Snapshot,
     Status,
@@ -131,7 +131,7 @@ def _snapshots(n: int, version: int) -> list[tuple[Snapshot, Transition]]:
 
 async def sustained_flush(store: Store, n: int, rounds: int = 3) -> float:
     """Snapshots/s a persister flushes into ``store``: mark n runs, then time ``flush()``."""
-    encoder = SnapshotEncoder(PickleCodec())
+    encoder = SnapshotEncoder(MsgpackCodec())
     from hotstate import SystemClock
 
     persister = Persister(
@@ -154,7 +154,7 @@ def body_size() -> int:
     snap = Snapshot(
         "run-0000000", "w1", 1, 2, 1, Status.running, {"n": 1, "id": "run-0000000", "blob": BLOB}, None, 0.0
     )
-    return len(encode_snapshot(snap, PickleCodec()).body)
+    return len(encode_snapshot(snap, MsgpackCodec()).body)
 
 
 # ----------------------------------------------------------------- recovery
@@ -166,7 +166,7 @@ async def recovery_time(path: Path, runs: int, rounds: int = 1) -> tuple[float, 
     Each round recovers the same runs again (each recovery leaves them waiting,
     one version later). Returns the median seconds and the runs resumed.
     """
-    codec = PickleCodec()
+    codec = MsgpackCodec()
     wf = w1.workflow(10)
     async with SQLiteStore(path) as store:
         now = time.time()

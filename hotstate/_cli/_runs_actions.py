@@ -20,9 +20,15 @@ from hotstate._errors import (
     RunNotFoundError,
 )
 from hotstate.actors import Status, Transition, TransitionKind
-from hotstate.persistence import JsonCodec, PickleCodec, StoredSnapshot
-from hotstate.persistence._codec import frame_format
-from hotstate.persistence._records import error_from_json, errors_from_json
+from hotstate.persistence import MsgpackCodec, RunHeader, StoredSnapshot
+from hotstate.persistence._records import (
+    dead_letter_context,
+    error_from_json,
+    errors_from_json,
+    snapshot_context,
+    verify_dead_letter,
+    verify_snapshot,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -129,20 +135,31 @@ async def run_list(args: argparse.Namespace, stores: Sequence[Store]) -> int:
 
 
 def _verify(stored: StoredSnapshot, tier: str) -> None:
-    """Check a copy's digest/HMAC without unpickling its payload.
+    """Check a copy's whole envelope (header, error and body) without decoding its payload.
+
+    The key comes from ``HOTSTATE_SECRET_KEY`` as the runtime's does. Checking a
+    frame decodes nothing, so a pickle frame is checked too, never unpickled.
 
     Raises:
         CorruptSnapshotError: the copy does not verify.
     """
-    h = stored.header
-    codec = JsonCodec() if frame_format(stored.body) == "json" else PickleCodec()
-    try:
-        # Verification only: the payload is not needed here, and unpickling it
-        # would import the user's classes.
-        codec.verify(stored.body, tier=tier, run_id=h.run_id)
-    except CorruptSnapshotError as exc:
-        reason = exc.detail.split(": ", 1)[-1]
-        raise CorruptSnapshotError(tier, h.run_id, h.version, reason) from None
+    verify_snapshot(stored, MsgpackCodec(), tier=tier)
+
+
+def _reseal(stored: StoredSnapshot, context: bytes, header: RunHeader, error: str | None) -> StoredSnapshot:
+    """``stored``'s body under a new header: checked against its own context first, decoded never.
+
+    Raises:
+        CorruptSnapshotError: the copy does not verify.
+    """
+    body = MsgpackCodec().reframe(
+        stored.body,
+        context=context,
+        new_context=snapshot_context(header, error),
+        tier="cli",
+        run_id=header.run_id,
+    )
+    return StoredSnapshot(header=header, error=error, body=body)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -338,20 +355,25 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
 # --- retry ------------------------------------------------------------------
 
 
-async def _retry_base(run_id: str, stores: Sequence[Store], letters: Sequence[StoredDeadLetter]) -> StoredSnapshot:
-    """The highest verified copy among the stored snapshots and the dead letters' snapshots."""
+async def _retry_base(
+    run_id: str, stores: Sequence[Store], letters: Sequence[StoredDeadLetter]
+) -> tuple[StoredSnapshot, bytes]:
+    """The highest verified copy among the stored snapshots and the dead letters' snapshots, and its context."""
     candidates = [c for c in await _copies(run_id, stores) if c.stored is not None]
+    contexts: dict[int, bytes] = {}
     for d in letters:
         try:
-            _verify(d.snapshot, "dead-letter")
+            verify_dead_letter(d, MsgpackCodec(), tier="dead-letter")
             candidates.append(_Copy(tier="dead-letter", stored=d.snapshot))
+            contexts[id(d.snapshot)] = dead_letter_context(d)
         except CorruptSnapshotError as exc:
             candidates.append(_Copy(tier="dead-letter", stored=d.snapshot, corrupt=str(exc)))
     best = _best(candidates)
     if best is None or best.stored is None:
         reasons = "; ".join(c.corrupt for c in candidates if c.corrupt)
         raise CorruptSnapshotError("cli", run_id, None, f"no copy verifies: {reasons}")
-    return best.stored
+    stored = best.stored
+    return stored, contexts.get(id(stored)) or snapshot_context(stored.header, stored.error)
 
 
 async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
@@ -360,7 +382,7 @@ async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     letters = [d for store in stores for d in await store.dead_letters() if d.run_id == run_id]
     if not letters:
         return fail(f"run {run_id!r}: no dead letter in {', '.join(s.tier for s in stores)}")
-    base = await _retry_base(run_id, stores, letters)
+    base, context = await _retry_base(run_id, stores, letters)
     h = base.header
     if h.status != Status.failed.value:
         return fail(f"run {run_id!r} is {printable(h.status)} at v{h.version}, not failed: not retried")
@@ -374,7 +396,7 @@ async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         updated_at=now,
         attempt=1,
     )
-    snapshot = StoredSnapshot(header=header, error=None, body=base.body)
+    snapshot = _reseal(base, context, header, None)
     transition = Transition(
         run_id=run_id,
         version=header.version,

@@ -5,7 +5,7 @@ This layer may import data types from ``hotstate.actors``, never the runtime.
 
 from __future__ import annotations
 
-from hotstate.persistence._codec import SECRET_KEY_ENV, Codec, JsonCodec, PickleCodec
+from hotstate.persistence._codec import SECRET_KEY_ENV, Codec, JsonCodec, MsgpackCodec, PickleCodec
 from hotstate.persistence._memory import MemoryStore
 from hotstate.persistence._persister import PersisterStatistics
 from hotstate.persistence._policy import FlushPolicy, Tier
@@ -30,6 +30,7 @@ __all__ = [
     "FlushPolicy",
     "JsonCodec",
     "MemoryStore",
+    "MsgpackCodec",
     "PersisterStatistics",
     "PickleCodec",
     "RunHeader",

@@ -621,7 +621,7 @@ class Persister:
 
     def _encode_dead_letter(self, letter: DeadLetter) -> StoredDeadLetter:
         """The stored form of a dead letter (``encode_dead_letter``)."""
-        return encode_dead_letter(letter, self._encoder.encode, self._encoder.codec)
+        return encode_dead_letter(letter, self._encoder.codec)
 
     async def _save(self, stored: list[StoredSnapshot], transitions: list[Transition]) -> SaveResult:
         instruments = self._instruments

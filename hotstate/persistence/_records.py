@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+import msgspec
 
 from hotstate._errors import CodecError, CorruptSnapshotError
 from hotstate.actors._snapshot import (
+    DeadLetter,
     ErrorInfo,
     Snapshot,
     Status,
@@ -24,9 +27,8 @@ from hotstate.actors._snapshot import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
-    from hotstate.actors._snapshot import DeadLetter
     from hotstate.persistence._codec import Codec
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "SaveResult",
     "StoredDeadLetter",
     "StoredSnapshot",
+    "dead_letter_context",
+    "decode_dead_letter",
     "decode_snapshot",
     "encode_dead_letter",
     "encode_snapshot",
@@ -43,9 +47,12 @@ __all__ = [
     "errors_from_json",
     "errors_to_json",
     "header_of",
+    "snapshot_context",
     "transition_from_json",
     "transition_from_row",
     "transition_to_json",
+    "verify_dead_letter",
+    "verify_snapshot",
 ]
 
 
@@ -339,8 +346,94 @@ def header_of(snapshot: Snapshot) -> RunHeader:
     )
 
 
+_CONTEXT_ENCODER: Final = msgspec.msgpack.Encoder()
+_RUN_CONTEXT: Final = "run/1"
+_DEAD_CONTEXT: Final = "dead-letter/1"
+
+
+def _header_fields(h: RunHeader, error: str | None) -> tuple[Any, ...]:
+    return (
+        h.run_id,
+        h.workflow,
+        int(h.workflow_version),
+        int(h.version),
+        int(h.step),
+        h.status,
+        float(h.updated_at),
+        int(h.attempt),
+        error,
+    )
+
+
+def _context(fields: tuple[Any, ...], tier: str, run_id: Any, version: Any) -> bytes:
+    try:
+        return _CONTEXT_ENCODER.encode(fields)
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        # Only a header nobody made with this release gets here (a field out of
+        # range or of another type): it cannot match any frame's check.
+        raise CorruptSnapshotError(
+            tier,
+            run_id if isinstance(run_id, str) else repr(run_id),
+            version if type(version) is int else None,
+            f"stored header cannot be checked: {type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def _fields_or_corrupt(h: RunHeader, error: str | None, tier: str) -> tuple[Any, ...]:
+    try:
+        return _header_fields(h, error)
+    except (TypeError, ValueError, OverflowError) as exc:
+        rid: object = h.run_id  # typed str; a store may hold anything
+        raise CorruptSnapshotError(
+            tier,
+            h.run_id if isinstance(rid, str) else repr(rid),
+            h.version if type(h.version) is int else None,
+            f"stored header cannot be checked: {type(exc).__name__}: {exc}",
+        ) from exc
+
+
+def snapshot_context(header: RunHeader, error: str | None, *, tier: str = "codec") -> bytes:
+    """The bytes a snapshot's frame authenticates besides its body: the whole stored header and error.
+
+    Run id, workflow and definition version, version, step cursor, status,
+    update time, attempt and the error's JSON: every field a store keeps in
+    columns or hash fields. A stored header changed after the frame was made
+    no longer verifies. (The ownership epoch joins it as ``run/2``.)
+
+    Raises:
+        CorruptSnapshotError: a field cannot be encoded (e.g. an integer out of range): the copy cannot be trusted.
+    """
+    return _context((_RUN_CONTEXT, *_fields_or_corrupt(header, error, tier)), tier, header.run_id, header.version)
+
+
+def dead_letter_context(record: StoredDeadLetter, *, tier: str = "codec") -> bytes:
+    """The context of a dead letter's snapshot frame: its snapshot's header and every field of the record.
+
+    Raises:
+        CorruptSnapshotError: a field cannot be encoded.
+    """
+    snap = record.snapshot
+    fields = (
+        _DEAD_CONTEXT,
+        *_fields_or_corrupt(snap.header, snap.error, tier),
+        record.run_id,
+        record.workflow,
+        float(record.at) if type(record.at) in (int, float) else record.at,
+        record.error,
+        record.attempts,
+        record.compensation_errors,
+    )
+    return _context(fields, tier, record.run_id, snap.header.version)
+
+
+def _body(snapshot: Snapshot) -> dict[str, Any]:
+    return {"payload": snapshot.payload, "signals": [[name, data] for name, data in snapshot.signals]}
+
+
 def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
     """Encode a snapshot once, for every tier (docs/architecture.md "Persistence").
+
+    The frame's check covers the body and the whole header (``snapshot_context``).
 
     Args:
         snapshot: the snapshot.
@@ -352,49 +445,112 @@ def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
     Raises:
         CodecError: the payload or a signal's data cannot be encoded.
     """
-    body = codec.encode({"payload": snapshot.payload, "signals": snapshot.signals})
+    header = header_of(snapshot)
     error = None if snapshot.error is None else error_to_json(snapshot.error)
-    return _new(StoredSnapshot, (header_of(snapshot), error, body))
+    body = codec.encode(_body(snapshot), context=snapshot_context(header, error))
+    return _new(StoredSnapshot, (header, error, body))
 
 
-def encode_dead_letter(
-    letter: DeadLetter, encode: Callable[[Snapshot], StoredSnapshot], codec: Codec
-) -> StoredDeadLetter:
+def encode_dead_letter(letter: DeadLetter, codec: Codec) -> StoredDeadLetter:
     """The stored form of a dead letter; an unencodable payload is written as its header only.
+
+    The frame of its snapshot covers that snapshot's header and every field of
+    the record (``dead_letter_context``): a record changed or planted without
+    the key does not verify.
 
     Args:
         letter: the dead letter.
-        encode: encodes its final snapshot (the persister's shared encoder).
-        codec: the codec, for the header-only fallback.
+        codec: the codec.
 
     Returns:
         The stored record.
     """
     snap = letter.snapshot
-    try:
-        stored = encode(snap)
-    except CodecError:
-        stored = encode_snapshot(snap._replace(payload=None, signals=()), codec)
-    return StoredDeadLetter(
+    error = None if snap.error is None else error_to_json(snap.error)
+    record = StoredDeadLetter(
         run_id=letter.run_id,
         workflow=letter.workflow,
         at=letter.at,
         error=error_to_json(letter.error),
         attempts=errors_to_json(letter.attempts),
         compensation_errors=errors_to_json(letter.compensation_errors),
-        snapshot=stored,
+        snapshot=_new(StoredSnapshot, (header_of(snap), error, b"")),
+    )
+    context = dead_letter_context(record)
+    try:
+        body = codec.encode(_body(snap), context=context)
+    except CodecError:
+        body = codec.encode({"payload": None, "signals": []}, context=context)
+    return dataclasses.replace(record, snapshot=_new(StoredSnapshot, (record.snapshot.header, error, body)))
+
+
+def decode_dead_letter(record: StoredDeadLetter, codec: Codec, *, tier: str) -> DeadLetter:
+    """Verify and decode a stored dead letter (its fields are checked with its snapshot's frame).
+
+    Raises:
+        CorruptSnapshotError: the record or its snapshot does not verify; nothing was decoded.
+        CodecError: a verified field is malformed.
+    """
+    snap = decode_snapshot(record.snapshot, codec, tier=tier, context=dead_letter_context(record, tier=tier))
+    if record.run_id != snap.run_id:
+        raise CorruptSnapshotError(tier, record.run_id, snap.version, f"dead letter holds run {snap.run_id!r}")
+    return DeadLetter(
+        run_id=record.run_id,
+        workflow=record.workflow,
+        snapshot=snap,
+        error=error_from_json(record.error, tier=tier),
+        attempts=tuple(errors_from_json(record.attempts, tier=tier)),
+        compensation_errors=tuple(errors_from_json(record.compensation_errors, tier=tier)),
+        at=record.at,
     )
 
 
-def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snapshot:
+def verify_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> None:
+    """Check a stored snapshot (header, error and body) without decoding its body.
+
+    Raises:
+        CorruptSnapshotError: it does not verify.
+    """
+    h = stored.header
+    context = snapshot_context(h, stored.error, tier=tier)
+    try:
+        codec.verify(stored.body, context=context, tier=tier, run_id=h.run_id)
+    except CorruptSnapshotError as exc:
+        raise _named(exc, tier, h) from None
+
+
+def verify_dead_letter(record: StoredDeadLetter, codec: Codec, *, tier: str) -> None:
+    """Check a stored dead letter (its fields and its snapshot) without decoding the body.
+
+    Raises:
+        CorruptSnapshotError: it does not verify.
+    """
+    h = record.snapshot.header
+    context = dead_letter_context(record, tier=tier)
+    try:
+        codec.verify(record.snapshot.body, context=context, tier=tier, run_id=h.run_id)
+    except CorruptSnapshotError as exc:
+        raise _named(exc, tier, h) from None
+
+
+def _named(exc: CorruptSnapshotError, tier: str, h: RunHeader) -> CorruptSnapshotError:
+    if exc.version is not None:
+        return exc
+    reason = str(exc).removeprefix(f"[{exc.tier}] run {exc.run_id!r} v{exc.version}: ")
+    return CorruptSnapshotError(tier, h.run_id, h.version, reason)
+
+
+def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str, context: bytes | None = None) -> Snapshot:
     """Verify and decode a stored snapshot.
 
-    The body's digest is verified before anything is unpickled.
+    The frame is checked against the stored header and error
+    (``snapshot_context``) before anything is decoded.
 
     Args:
         stored: the stored form.
         codec: the codec it was encoded with (same key).
         tier: the tier it came from (for error messages).
+        context: the context to check instead (a dead letter's).
 
     Returns:
         The snapshot.
@@ -404,13 +560,12 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> Snaps
         CodecError: the verified body, the error or the status is malformed.
     """
     h = stored.header
+    if context is None:
+        context = snapshot_context(h, stored.error, tier=tier)
     try:
-        body = codec.decode(stored.body, tier=tier, run_id=h.run_id)
+        body = codec.decode(stored.body, context=context, tier=tier, run_id=h.run_id)
     except CorruptSnapshotError as exc:
-        if exc.version is not None:
-            raise
-        reason = str(exc).removeprefix(f"[{exc.tier}] run {exc.run_id!r} v{exc.version}: ")
-        raise CorruptSnapshotError(tier, h.run_id, h.version, reason) from None
+        raise _named(exc, tier, h) from None
     if not isinstance(body, dict) or "payload" not in body:
         raise CodecError(tier, f"run {h.run_id!r} v{h.version}: body is not a snapshot body")
     # Recovery decodes every unfinished run: a dict lookup instead of Status()

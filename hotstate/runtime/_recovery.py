@@ -20,11 +20,7 @@ import anyio
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
 from hotstate.actors._snapshot import new_tuple as _new
-from hotstate.persistence._records import (
-    decode_snapshot,
-    error_from_json,
-    errors_from_json,
-)
+from hotstate.persistence._records import decode_dead_letter, decode_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -342,16 +338,7 @@ async def find_dead_letters(
             if held is not None and held.snapshot.version >= version:
                 continue
             try:
-                snap = decode_snapshot(record.snapshot, codec, tier=store.tier)
-                letter = DeadLetter(
-                    run_id=record.run_id,
-                    workflow=record.workflow,
-                    snapshot=snap,
-                    error=error_from_json(record.error, tier=store.tier),
-                    attempts=tuple(errors_from_json(record.attempts, tier=store.tier)),
-                    compensation_errors=tuple(errors_from_json(record.compensation_errors, tier=store.tier)),
-                    at=record.at,
-                )
+                letter = decode_dead_letter(record, codec, tier=store.tier)
             except (CorruptSnapshotError, CodecError) as exc:
                 corrupt.append(
                     CorruptCopy(

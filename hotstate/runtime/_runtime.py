@@ -48,7 +48,7 @@ from hotstate.actors import (
     Transition,
     Workflow,
 )
-from hotstate.persistence import Codec, PersisterStatistics, PickleCodec, Tier
+from hotstate.persistence import Codec, MsgpackCodec, PersisterStatistics, Tier
 from hotstate.runtime._adoption import Adoption
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
@@ -86,8 +86,9 @@ class Runtime:
         intensity: restart intensity applied per run.
         tiers: persistence tiers (a store and its ``FlushPolicy`` each), fastest
             first; none means memory-only.
-        codec: the payload codec for every tier (default: ``PickleCodec()``, keyed
-            from ``HOTSTATE_SECRET_KEY`` when that is set).
+        codec: the payload codec for every tier (default: ``MsgpackCodec()``,
+            data-only, keyed from ``HOTSTATE_SECRET_KEY`` when that is set;
+            ``PickleCodec`` for arbitrary objects needs a key or ``trust_stores=True``).
         recover: at start, resume every unfinished run found in the tiers
             (see ``recovery_report``).
         recovery_concurrency: chunks loaded at once per tier during recovery.
@@ -157,7 +158,7 @@ class Runtime:
                 raise ConfigError("Runtime.instruments", instrument, "must be Instrument objects")
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._wall = self._clock.wall
-        self._codec: Codec = codec if codec is not None else PickleCodec()
+        self._codec: Codec = codec if codec is not None else MsgpackCodec()
         self._workflows: dict[str, Workflow] = {}
         for wf in workflows:
             self.register(wf)

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 T = TypeVar("T")
-CODEC = PickleCodec()
+CODEC = PickleCodec(trust_stores=True)
 
 
 def stored(run_id: str, version: int, status: Status = Status.running) -> StoredSnapshot:

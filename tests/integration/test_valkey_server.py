@@ -56,7 +56,7 @@ def test_restart_keeps_the_port_and_with_persistence_the_data() -> None:
 
 
 async def test_store_reports_an_outage_as_unavailable_and_recovers_after_restart() -> None:
-    codec = PickleCodec()
+    codec = PickleCodec(trust_stores=True)
     snapshot = Snapshot(
         run_id="r",
         workflow="w",

@@ -24,6 +24,7 @@ from hotstate.persistence._records import (
     RunHeader,
     StoredSnapshot,
     decode_snapshot,
+    snapshot_context,
     error_from_json,
     errors_from_json,
     transition_from_json,
@@ -53,7 +54,7 @@ any_values = json_values | st.binary(max_size=20) | st.tuples(scalars, scalars)
 
 
 def codecs() -> list[PickleCodec | JsonCodec]:
-    return [PickleCodec(), PickleCodec(KEY), JsonCodec(), JsonCodec(KEY)]
+    return [PickleCodec(trust_stores=True), PickleCodec(KEY), JsonCodec(), JsonCodec(KEY)]
 
 
 def decodes_or_raises_typed(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -118,7 +119,7 @@ def test_a_value_that_is_not_bytes_is_corrupt(value: Any) -> None:
 def test_a_verified_json_frame_with_any_body_raises_only_codec_errors(text: str) -> None:
     codec = JsonCodec(KEY)
     for body in (text.encode("utf-8", "surrogatepass"), text.encode("utf-16")):
-        framed = codec._frame(2, body)  # correctly signed: only the body is hostile
+        framed = codec._frame(2, body, b"")  # correctly signed: only the body is hostile
         decodes_or_raises_typed(codec.decode, framed, tier="t", run_id="r")
 
 
@@ -164,18 +165,23 @@ def test_decoding_a_stored_snapshot_with_raw_bytes_is_corrupt_and_names_run_and_
 
 
 @pytest.mark.parametrize("status", [["waiting"], {"s": 1}, b"waiting"], ids=["list", "dict", "bytes"])
-def test_a_header_status_of_the_wrong_type_is_a_codec_error(status: Any) -> None:
+def test_a_header_status_of_the_wrong_type_is_corrupt(status: Any) -> None:
+    # The frame's check covers the header: a status changed to anything else fails it.
     codec = JsonCodec(KEY)
-    header = RunHeader("r", "wf", 1, 1, 0, status, 1.0, 1)
-    with pytest.raises(CodecError):
-        decode_snapshot(StoredSnapshot(header, None, codec.encode({"payload": 1})), codec, tier="t")
+    good = RunHeader("r", "wf", 1, 1, 0, "waiting", 1.0, 1)
+    body = codec.encode({"payload": 1}, context=snapshot_context(good, None))
+    decode_snapshot(StoredSnapshot(good, None, body), codec, tier="t")
+    with pytest.raises(CorruptSnapshotError):
+        decode_snapshot(StoredSnapshot(good._replace(status=status), None, body), codec, tier="t")
 
 
 def test_a_deeply_nested_stored_error_is_a_codec_error() -> None:
+    # Even one that verifies (made with the key) is refused with a typed error.
     codec = JsonCodec(KEY)
     header = RunHeader("r", "wf", 1, 1, 0, "waiting", 1.0, 1)
+    body = codec.encode({"payload": 1}, context=snapshot_context(header, DEEP))
     with pytest.raises(CodecError):
-        decode_snapshot(StoredSnapshot(header, DEEP, codec.encode({"payload": 1})), codec, tier="t")
+        decode_snapshot(StoredSnapshot(header, DEEP, body), codec, tier="t")
 
 
 # ---------------------------------------------------------------------- transitions

@@ -41,7 +41,7 @@ from hotstate.persistence import (
 )
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister
-from hotstate.persistence._records import decode_snapshot
+from hotstate.persistence._records import decode_dead_letter, decode_snapshot
 from hotstate.persistence._store import StoreBase
 from hotstate.persistence._tiers import Tiers
 from hotstate.testing import ManualClock, checkpoint_until
@@ -585,7 +585,7 @@ async def test_dead_letters_are_encoded_in_the_flush_and_written_before_the_run_
         [record] = await store.dead_letters()
         assert record.run_id == "r1"
         assert "boom" in record.error
-        assert decode_snapshot(record.snapshot, CODEC, tier="t") == failed
+        assert decode_dead_letter(record, CODEC, tier="t").snapshot == failed
         p.mark_dead_letter_deleted("r1")
         await p.flush_once()
         assert store.calls[-1] == "delete_dead_letter"
@@ -605,7 +605,7 @@ async def test_a_dead_letter_whose_payload_cannot_be_encoded_is_written_with_its
         await p.flush_once()
         [record] = await store.dead_letters()
         assert record.snapshot.header.version == 2
-        assert decode_snapshot(record.snapshot, CODEC, tier="t").payload is None
+        assert decode_dead_letter(record, CODEC, tier="t").snapshot.payload is None
 
 
 async def test_a_failed_dead_letter_write_is_retried_before_the_rows():

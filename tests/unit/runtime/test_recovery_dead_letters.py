@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from hotstate import (
+    DeadLetter,
     ErrorInfo,
     FlushPolicy,
     RetryPolicy,
@@ -19,8 +20,8 @@ from hotstate import (
     Tier,
     Workflow,
 )
-from hotstate.persistence import MemoryStore, PickleCodec, StoredDeadLetter
-from hotstate.persistence._records import encode_snapshot, error_to_json, errors_to_json
+from hotstate.persistence import MemoryStore, MsgpackCodec, StoredDeadLetter
+from hotstate.persistence._records import encode_dead_letter, encode_snapshot
 
 ATTEMPTS: dict[str, int] = {}
 
@@ -76,7 +77,7 @@ async def test_a_dead_letter_can_be_listed_and_retried_after_a_restart():
     assert await _letters(store) == []  # the retry's deletion was flushed at exit
 
 
-def _failed_letter(snap: Snapshot, codec: PickleCodec) -> StoredDeadLetter:
+def _failed_letter(snap: Snapshot, codec: MsgpackCodec) -> StoredDeadLetter:
     error = ErrorInfo(
         type="builtins.ValueError",
         message="card declined",
@@ -86,21 +87,22 @@ def _failed_letter(snap: Snapshot, codec: PickleCodec) -> StoredDeadLetter:
         attempt=1,
         at=snap.updated_at,
     )
-    return StoredDeadLetter(
+    letter = DeadLetter(
         run_id=snap.run_id,
         workflow=snap.workflow,
+        snapshot=snap,
+        error=error,
+        attempts=(error,),
+        compensation_errors=(),
         at=snap.updated_at,
-        error=error_to_json(error),
-        attempts=errors_to_json([error]),
-        compensation_errors=errors_to_json([]),
-        snapshot=encode_snapshot(snap, codec),
     )
+    return encode_dead_letter(letter, codec)
 
 
 async def test_a_run_whose_dead_letter_is_newer_than_its_row_is_recorded_failed_not_resumed():
     # The crash fell between a flush's dead-letter write and its run rows.
     store = MemoryStore()
-    codec = PickleCodec()
+    codec = MsgpackCodec()
     await store.open()
     running = Snapshot("o2", "order", ORDER.version, 3, 1, Status.running, {"first": True}, None, 1.0)
     await store.save([encode_snapshot(running, codec)], [])
@@ -125,7 +127,7 @@ async def test_a_run_whose_dead_letter_is_newer_than_its_row_is_recorded_failed_
 async def test_a_letter_older_than_its_run_is_stale_and_deleted():
     # The crash fell after a retried run's new rows but before its letter's deletion.
     store = MemoryStore()
-    codec = PickleCodec()
+    codec = MsgpackCodec()
     await store.open()
     old = Snapshot("o3", "order", ORDER.version, 5, 1, Status.failed, {"first": True}, None, 1.0)
     await store.save_dead_letter(_failed_letter(old, codec))
@@ -158,7 +160,7 @@ async def _letters(store: MemoryStore) -> list[StoredDeadLetter]:
 async def test_a_run_that_exists_only_as_a_dead_letter_gets_its_row_written():
     # The run failed for good before any of its rows reached the tier; its letter did.
     store = MemoryStore()
-    codec = PickleCodec()
+    codec = MsgpackCodec()
     async with store:
         failed = Snapshot("o4", "order", ORDER.version, 4, 1, Status.failed, {"first": True}, None, 1.0)
         await store.save_dead_letter(_failed_letter(failed, codec))
@@ -175,7 +177,7 @@ async def test_a_run_that_exists_only_as_a_dead_letter_gets_its_row_written():
 async def test_spawn_of_a_stored_id_takes_the_newest_copy_across_tiers():
     # The fast tier lags behind: it still has the run at step 1, the slow one has it done.
     fast, slow = MemoryStore(tier="fast"), MemoryStore(tier="slow")
-    codec = PickleCodec()
+    codec = MsgpackCodec()
     running = Snapshot("o5", "order", ORDER.version, 3, 1, Status.running, {"first": True}, None, 1.0)
     done = running._replace(version=6, step=2, status=Status.done, payload={"first": True, "charged": True})
     async with fast:
