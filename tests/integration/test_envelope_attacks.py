@@ -1,0 +1,330 @@
+"""The red team's attacks on the stored envelope (#11), against a real Valkey and a real SQLite file.
+
+An attacker who can write to one tier (a shared Valkey, the SQLite file) but
+holds no key changes stored header fields with one ``HSET`` / ``UPDATE``,
+moves genuine bodies between runs and versions, and plants dead letters. With
+a key, every forgery is reported corrupt and never acted on; without one, the
+same edits (which do not recompute the checksum) are caught as corruption.
+Steps record each execution in ``EFFECTS``: "never acted on" is proven by
+side effects that did not happen, not by the absence of an error.
+
+A planted pickle (a perfectly valid unkeyed frame, checksum and context
+recomputed, the strongest attacker without a key) never executes in the
+default configuration: recovery, ``spawn`` of a stored id, ``load`` and
+``hotstate runs`` all refuse to decode it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import valkey.asyncio as avalkey
+
+from hotstate import Runtime, Status, Step, StepContext, Tier, Workflow
+from hotstate.persistence import (
+    SECRET_KEY_ENV,
+    FlushPolicy,
+    MsgpackCodec,
+    PickleCodec,
+    SQLiteStore,
+    StoredDeadLetter,
+    StoredSnapshot,
+    ValkeyStore,
+)
+from hotstate.persistence._records import snapshot_context
+
+KEY = "envelope-attack-key"
+GUARD = 10.0
+EFFECTS: list[tuple[str, str, Any]] = []  # (step, run id, amount): every side effect that happened
+
+
+async def charge(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    EFFECTS.append(("charge", ctx.run_id, p["amount"]))
+    return p
+
+
+async def ship(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    EFFECTS.append(("ship", ctx.run_id, p["amount"]))
+    return {**p, "shipped": True}
+
+
+async def pay_out(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    EFFECTS.append(("refund", ctx.run_id, p["amount"]))
+    return {**p, "refunded": True}
+
+
+ORDER = Workflow("order", [Step(fn=charge), Step(fn=ship, wait_for="go")])
+REFUND = Workflow("refund", [Step(fn=pay_out)])
+
+
+class Planted:
+    """Unpickling it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(params=[True, False], ids=["keyed", "no-key"])
+def keyed(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    if request.param:
+        monkeypatch.setenv(SECRET_KEY_ENV, KEY)
+    else:
+        monkeypatch.delenv(SECRET_KEY_ENV, raising=False)
+    EFFECTS.clear()
+    return bool(request.param)
+
+
+def tiers(url: str, prefix: str, db: Path) -> list[Tier]:
+    return [
+        Tier(ValkeyStore(url, prefix=prefix, socket_timeout=1.0), FlushPolicy(interval=0.010, keep_every=1)),
+        Tier(SQLiteStore(db), FlushPolicy(interval=1.0, keep_every=1)),
+    ]
+
+
+async def until_status(rt: Runtime, run_id: str, status: Status) -> None:
+    with anyio.fail_after(GUARD):
+        while rt.get(run_id).status is not status:  # noqa: ASYNC110 - no event for a status
+            await anyio.sleep(0.001)
+
+
+async def setup(url: str, prefix: str, db: Path) -> None:
+    """alice's order is done (charged and shipped); bob's and carol's are charged, waiting to ship."""
+    async with Runtime([ORDER, REFUND], tiers=tiers(url, prefix, db)) as rt:
+        await rt.spawn(ORDER, {"customer": "alice", "amount": 10}, run_id="alice")
+        await rt.spawn(ORDER, {"customer": "bob", "amount": 20}, run_id="bob")
+        await rt.spawn(ORDER, {"customer": "carol", "amount": 9000}, run_id="carol")
+        await until_status(rt, "alice", Status.waiting)
+        await rt.send("alice", "go")
+        with anyio.fail_after(GUARD):
+            await rt.wait_finished("alice")
+        await until_status(rt, "bob", Status.waiting)
+        await until_status(rt, "carol", Status.waiting)
+        await rt.flush()
+    EFFECTS.clear()
+
+
+async def read(tier: str, url: str, prefix: str, db: Path, run_id: str) -> StoredSnapshot:
+    store = SQLiteStore(db) if tier == "sqlite" else ValkeyStore(url, prefix=prefix, read_only=True)
+    async with store:
+        stored = await store.load(run_id)
+    assert stored is not None
+    return stored
+
+
+async def plant(tier: str, url: str, prefix: str, db: Path, run_id: str, fields: dict[str, Any]) -> None:
+    """Overwrite stored fields of one run in one tier with the backend's own commands (no hotstate code)."""
+    if tier == "sqlite":
+        with sqlite3.connect(db) as conn:
+            sets = ", ".join(f"{name} = ?" for name in fields)
+            conn.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", [*fields.values(), run_id])  # noqa: S608
+        conn.close()
+        return
+    raw = avalkey.Valkey.from_url(url)
+    try:
+        await raw.hset(f"{prefix}:run:{run_id}", mapping=fields)
+    finally:
+        await raw.aclose()
+
+
+async def recover(url: str, prefix: str, db: Path) -> tuple[Runtime, Any]:
+    rt = Runtime([ORDER, REFUND], tiers=tiers(url, prefix, db), recover=True)
+    await rt.__aenter__()
+    return rt, rt.recovery_report
+
+
+TIERS = ["valkey", "sqlite"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_rewinding_a_done_order_never_ships_it_again(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    done = await read(tier, valkey_url, valkey_prefix, db, "alice")
+    # Back to "waiting to ship", one version ahead of every other copy.
+    await plant(tier, valkey_url, valkey_prefix, db, "alice", {"status": "waiting", "step": 1, "version": 99})
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert [(c.run_id, c.tier, c.version) for c in report.corrupt] == [("alice", tier, 99)]
+        assert "alice" not in [r.run_id for r in report.resumed]
+        with pytest.raises(Exception, match="no such run|finished"):
+            await rt.send("alice", "go")
+        snap = await rt.load("alice")
+        assert (snap.status, snap.version) == (Status.done, done.header.version)
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert [e for e in EFFECTS if e[1] == "alice"] == []
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_another_runs_body_in_a_run_is_corrupt_and_never_resumed(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    carol = await read(tier, valkey_url, valkey_prefix, db, "carol")
+    bob = await read(tier, valkey_url, valkey_prefix, db, "bob")
+    # carol's genuine body as bob's newest copy (one version ahead, so recovery must look at it).
+    await plant(tier, valkey_url, valkey_prefix, db, "bob", {"body": carol.body, "version": bob.header.version + 1})
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert ("bob", tier) in [(c.run_id, c.tier) for c in report.corrupt]
+        other = "sqlite" if tier == "valkey" else "valkey"
+        assert ("bob", other) in [(r.run_id, r.tier) for r in report.resumed]
+        assert rt.get("bob").payload == {"customer": "bob", "amount": 20}  # bob's own, from the other tier
+        await rt.send("bob", "go")
+        with anyio.fail_after(GUARD):
+            await rt.wait_finished("bob")
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert ("ship", "bob", 20) in EFFECTS
+    assert ("ship", "bob", 9000) not in EFFECTS
+
+
+async def test_an_older_genuine_body_under_a_raised_version_loses_to_the_newer_copy(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    old = await read("valkey", valkey_url, valkey_prefix, db, "bob")  # genuine: bob waiting to ship
+    async with Runtime([ORDER, REFUND], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        await rt.send("bob", "go")
+        with anyio.fail_after(GUARD):
+            await rt.wait_finished("bob")
+        done = rt.get("bob").version
+    EFFECTS.clear()
+    # Roll bob back to the older genuine copy, its version raised above the newest.
+    fields = {"body": old.body, "status": old.header.status, "step": old.header.step, "version": done + 50}
+    await plant("valkey", valkey_url, valkey_prefix, db, "bob", fields)
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert [(c.run_id, c.tier, c.version) for c in report.corrupt] == [("bob", "valkey", done + 50)]
+        assert "bob" not in [r.run_id for r in report.resumed]
+        snap = await rt.load("bob")
+        assert (snap.status, snap.version) == (Status.done, done)  # SQLite's newer copy
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert EFFECTS == []  # never shipped again
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_retyping_an_order_into_the_refund_workflow_never_pays_out(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    await plant(tier, valkey_url, valkey_prefix, db, "carol", {"workflow": "refund", "step": 0, "version": 77})
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert [(c.run_id, c.tier, c.version) for c in report.corrupt] == [("carol", tier, 77)]
+        assert rt.get("carol").workflow == "order"
+        await rt.flush()
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert [e for e in EFFECTS if e[0] == "refund"] == []
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_a_planted_dead_letter_never_fails_a_live_run(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    bob = await read(tier, valkey_url, valkey_prefix, db, "bob")
+    # A dead letter for bob, newer than his row: from a genuine copy, header raised and marked failed.
+    forged = StoredDeadLetter(
+        run_id="bob",
+        workflow="order",
+        at=bob.header.updated_at + 1,
+        error='{"type":"x.Boom","message":"planted","traceback":"","step":1,"step_name":"ship","attempt":1,"at":1.0}',
+        attempts="[]",
+        compensation_errors="[]",
+        snapshot=bob._replace(header=bob.header._replace(version=bob.header.version + 5, status="failed")),
+    )
+    store = SQLiteStore(db) if tier == "sqlite" else ValkeyStore(valkey_url, prefix=valkey_prefix)
+    async with store:
+        await store.save_dead_letter(forged)
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert "bob" not in report.failed_before_crash
+        assert "bob" not in report.dead_letters
+        assert ("bob", f"{tier} (dead letter)") in [(c.run_id, c.tier) for c in report.corrupt]
+        assert rt.get("bob").status is Status.waiting
+        await rt.send("bob", "go")
+        with anyio.fail_after(GUARD):
+            await rt.wait_finished("bob")
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert ("ship", "bob", 20) in EFFECTS
+
+
+# --- a planted pickle never executes in the default configuration ---------------------------
+
+
+def evil_frame(marker: Path, stored: StoredSnapshot) -> bytes:
+    """A valid unkeyed pickle frame for ``stored``'s header: checksum and context recomputed."""
+    body = {"payload": Planted(marker), "signals": []}
+    return PickleCodec(trust_stores=True).encode(body, context=snapshot_context(stored.header, stored.error))
+
+
+async def test_a_planted_pickle_never_executes_anywhere_a_store_holds_bytes(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SECRET_KEY_ENV, raising=False)
+    db = tmp_path / "runs.db"
+    marker = tmp_path / "executed"
+    await setup(valkey_url, valkey_prefix, db)
+    # Every place a store holds bytes, in both tiers: run rows, a dead letter, kept versions.
+    for tier in TIERS:
+        for run_id in ("alice", "bob"):
+            stored = await read(tier, valkey_url, valkey_prefix, db, run_id)
+            await plant(tier, valkey_url, valkey_prefix, db, run_id, {"body": evil_frame(marker, stored)})
+    bob = await read("sqlite", valkey_url, valkey_prefix, db, "bob")
+    letter = StoredDeadLetter(
+        run_id="bob",
+        workflow="order",
+        at=bob.header.updated_at + 1,
+        error='{"type":"x","message":"m","traceback":"","step":1,"step_name":"s","attempt":1,"at":1.0}',
+        attempts="[]",
+        compensation_errors="[]",
+        snapshot=bob._replace(header=bob.header._replace(version=bob.header.version + 1)),
+    )
+    kept = bob._replace(header=bob.header._replace(version=bob.header.version + 10))
+    async with SQLiteStore(db) as sq, ValkeyStore(valkey_url, prefix=valkey_prefix) as vk:
+        for store in (sq, vk):
+            await store.save_dead_letter(letter)
+            await store.save_versions([kept._replace(body=evil_frame(marker, kept))])
+
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert {c.run_id for c in report.corrupt} >= {"bob"}
+        assert "bob" not in [r.run_id for r in report.resumed]
+        for run_id in ("alice", "bob"):
+            with pytest.raises(Exception, match="never decodes|corrupt|verif"):
+                await rt.load(run_id)
+            with pytest.raises(Exception, match="never decodes|corrupt|verif"):
+                await rt.spawn(ORDER, {"customer": "x", "amount": 1}, run_id=run_id)
+        with pytest.raises(Exception, match="never decodes|corrupt|verif"):
+            await rt.snapshot_at("bob", kept.header.version)
+    finally:
+        await rt.__aexit__(None, None, None)
+    stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
+    for args in (["list"], ["show", "bob"], ["show", "alice"], ["dead-letters"], ["retry", "bob"], ["history", "bob"]):
+        done = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, *args], check=False)
+        assert b"Traceback" not in done.stderr, done.stderr
+    assert not marker.exists()
+    # The control: the same frame decoded by a codec that trusts the stores runs the code.
+    stored = await read("sqlite", valkey_url, valkey_prefix, db, "alice")
+    PickleCodec(trust_stores=True).decode(stored.body, context=snapshot_context(stored.header, stored.error))
+    assert marker.exists()
+    assert MsgpackCodec().keyed is False
