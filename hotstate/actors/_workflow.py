@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import inspect
 import math
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, final
 
 from hotstate._errors import ConfigError
-from hotstate._validate import integer, text
+from hotstate._names import name as valid_name
+from hotstate._validate import integer
 
 if TYPE_CHECKING:
     from hotstate.actors._context import StepContext
@@ -114,12 +116,13 @@ class Step:
 
     Attributes:
         fn: ``fn(payload, ctx) -> next payload``, sync or ``async def``.
-        name: the step's name (defaults to ``fn.__name__``).
+        name: the step's name (defaults to ``fn.__name__``): a non-empty str of
+            at most 128 bytes of UTF-8 without control characters.
         retry: the retry policy (defaults to the workflow's).
         timeout: seconds the step may run once it suspends, or None.
         compensate: undoes the step when the run gives up later, or None.
         wait_for: the name of a signal the step waits for before it runs;
-            the signal's data is in ``ctx.signal``.
+            the signal's data is in ``ctx.signal``. Named as a step is.
 
     Raises:
         ConfigError: a field is invalid; the message names it.
@@ -139,14 +142,16 @@ class Step:
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise ConfigError("Step.fn", self.fn, "must be callable")
-        if not self.name:
+        given: object = self.name  # callers may ignore the type hints
+        if isinstance(given, str) and not given:
             object.__setattr__(self, "name", getattr(self.fn, "__name__", "step"))
+        object.__setattr__(self, "name", valid_name("Step.name", self.name))
         if self.timeout is not None:
             _check_positive(f"Step({self.name!r}).timeout", self.timeout)
         if self.compensate is not None and not callable(self.compensate):
             raise ConfigError(f"Step({self.name!r}).compensate", self.compensate, "must be callable")
         if self.wait_for is not None:
-            text(f"Step({self.name!r}).wait_for", self.wait_for)
+            object.__setattr__(self, "wait_for", valid_name(f"Step({self.name!r}).wait_for", self.wait_for))
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"Step({self.name!r}).retry", self.retry, "must be a RetryPolicy")
         object.__setattr__(self, "is_async", _is_async_callable(self.fn))
@@ -159,16 +164,18 @@ class Workflow:
     """A named, versioned sequence of steps.
 
     Args:
-        name: the workflow's name (unique within a runtime).
+        name: the workflow's name (unique within a runtime): a non-empty str of
+            at most 128 bytes of UTF-8 without control characters.
         steps: the steps, in order; plain callables are wrapped in ``Step``.
         version: the definition's version, recorded in every snapshot.
         retry: the default retry policy for steps that set none.
 
     Raises:
-        ConfigError: empty name or steps, duplicate step names, bad version.
+        ConfigError: a bad name, empty steps (or not an iterable of steps),
+            duplicate step names, a bad version or retry policy.
     """
 
-    __slots__ = ("name", "retry", "steps", "version")
+    __slots__ = ("_waits", "name", "retry", "steps", "version")
 
     def __init__(
         self,
@@ -178,9 +185,16 @@ class Workflow:
         version: int = 1,
         retry: RetryPolicy | None = None,
     ) -> None:
-        text("Workflow.name", name)
+        name = valid_name("Workflow.name", name)
         integer(f"Workflow({name!r}).version", version, minimum=1)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"Workflow({name!r}).retry", retry, f"must be a RetryPolicy, not {type(retry).__name__}")
         default_retry = retry if retry is not None else RetryPolicy()
+        given: object = steps
+        if not isinstance(given, Iterable) or isinstance(given, str | bytes):
+            raise ConfigError(
+                f"Workflow({name!r}).steps", steps, f"must be a sequence of steps, not {type(steps).__name__}"
+            )
         built: list[Step] = []
         for item in steps:
             step = item if isinstance(item, Step) else Step(fn=item)
@@ -204,6 +218,11 @@ class Workflow:
         self.version = version
         self.retry = default_retry
         self.steps: Sequence[Step] = tuple(built)
+        waits: dict[str, list[int]] = {}
+        for i, step in enumerate(built):
+            if step.wait_for is not None:
+                waits.setdefault(step.wait_for, []).append(i)
+        self._waits = {signal: tuple(at) for signal, at in waits.items()}
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version}, steps={[s.name for s in self.steps]})"
@@ -224,3 +243,27 @@ class Workflow:
             if step.name == name:
                 return i
         raise ConfigError(f"Workflow({self.name!r}).step", name, "no step has this name")
+
+    def waits_for(self, signal: str, *, from_step: int = 0) -> int:
+        """Count the steps at or after ``from_step`` that wait for ``signal``; O(log steps).
+
+        Args:
+            signal: a signal name.
+            from_step: the first step index counted (a run's cursor).
+
+        Returns:
+            How many of those steps wait for it.
+        """
+        at = self._waits.get(signal)
+        return 0 if at is None else len(at) - bisect_left(at, from_step)
+
+    def signals_from(self, from_step: int = 0) -> tuple[str, ...]:
+        """Return the signals the steps at or after ``from_step`` wait for, in step order, each once.
+
+        Args:
+            from_step: the first step index looked at.
+
+        Returns:
+            The signal names.
+        """
+        return tuple(dict.fromkeys(s.wait_for for s in self.steps[max(from_step, 0) :] if s.wait_for is not None))

@@ -39,6 +39,7 @@ from hotstate._errors import (
     WorkflowNotRegisteredError,
 )
 from hotstate._instrument import Instrument, Instruments
+from hotstate._names import name as valid_name, run_id as valid_run_id
 from hotstate._validate import integer, number, text
 from hotstate.actors import (
     TERMINAL_STATUSES,
@@ -340,8 +341,8 @@ class Runtime:
         if run_id is None:
             run_id = f"{self._id_prefix}{next(self._ids)}"
         else:
-            if run_id not in self._registry.actors:
-                text("spawn.run_id", run_id)
+            if self._lookup(run_id) is None:
+                run_id = valid_run_id("spawn.run_id", run_id)
             if run_id in self._registry.actors or (len(self._tiers) and await self._adoption.adopt(run_id)):
                 if self._ack:
                     await self._acknowledge(run_id, 1)
@@ -365,8 +366,9 @@ class Runtime:
 
         Raises:
             RunNotFoundError: no such run.
+            ConfigError: ``run_id`` is not a valid run id.
         """
-        self._registry.actor(run_id)
+        self._actor("handle.run_id", run_id)
         return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
 
     # --------------------------------------------------------------- queries
@@ -382,11 +384,26 @@ class Runtime:
 
         Raises:
             RunNotFoundError: no such run.
+            ConfigError: ``run_id`` is not a valid run id.
         """
-        actor = self._registry.get(run_id)
+        return self._actor("get.run_id", run_id).snapshot
+
+    def _lookup(self, run_id: str) -> RunActor | None:
+        """The run's actor, or None (an unhashable "id" too: it is validated on the miss)."""
+        try:
+            return self._registry.get(run_id)
+        except TypeError:
+            return None
+
+    def _actor(self, field: str, run_id: str) -> RunActor:
+        """The run's actor; ``ConfigError`` for a value no run id can be, else ``RunNotFoundError``.
+
+        Validation costs nothing on a hit: only a miss checks the id.
+        """
+        actor = self._lookup(run_id)
         if actor is None:
-            raise RunNotFoundError(run_id)
-        return actor.snapshot
+            raise RunNotFoundError(valid_run_id(field, run_id))
+        return actor
 
     async def load(self, run_id: str) -> Snapshot:
         """Where is this run, in memory or in the stores, finished or not?
@@ -404,7 +421,7 @@ class Runtime:
             The run's newest snapshot.
 
         Raises:
-            ConfigError: ``run_id`` is not a non-empty str.
+            ConfigError: ``run_id`` is not a valid run id.
             RunNotFoundError: no such run in memory or in any tier.
             RuntimeClosedError: the run is not in memory and the runtime is not
                 running (its stores are closed).
@@ -413,10 +430,10 @@ class Runtime:
                 tier, ``FlushPolicy.cache``, is left out instead).
             CorruptSnapshotError: copies exist, but none verifies.
         """
-        text("load.run_id", run_id)
-        actor = self._registry.get(run_id)
+        actor = self._lookup(run_id)
         if actor is not None:
             return actor.snapshot
+        run_id = valid_run_id("load.run_id", run_id)
         if not len(self._tiers):
             raise RunNotFoundError(run_id)
         self._check_open()
@@ -556,8 +573,9 @@ class Runtime:
 
         Raises:
             RunNotFoundError: no such run.
+            ConfigError: ``run_id`` is not a valid run id.
         """
-        return self._registry.actor(run_id).history.transitions(run_id)
+        return self._actor("history.run_id", run_id).history.transitions(run_id)
 
     def subscribe(self, *, run_id: str | None = None, workflow: str | None = None, maxsize: int = 1000) -> Subscription:
         """Subscribe to transitions as they happen.
@@ -571,8 +589,13 @@ class Runtime:
             An async iterator; ``SubscriberOverflowError`` ends it if it falls behind.
 
         Raises:
-            ConfigError: ``maxsize`` is below 1.
+            ConfigError: ``maxsize`` is below 1, ``run_id`` is not a valid run
+                id, or ``workflow`` is not a valid workflow name.
         """
+        if run_id is not None:
+            run_id = valid_run_id("subscribe.run_id", run_id)
+        if workflow is not None:
+            workflow = valid_name("subscribe.workflow", workflow)
         return self._bus.subscribe(run_id=run_id, workflow=workflow, maxsize=maxsize)
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -607,8 +630,10 @@ class Runtime:
 
         Raises:
             RunNotFoundError: no such run.
+            ConfigError: ``run_id`` is not a valid run id.
         """
-        return {"hot": self.get(run_id).version, **self._tiers.durable_versions(run_id)}
+        hot = self._actor("durable_versions.run_id", run_id).snapshot.version
+        return {"hot": hot, **self._tiers.durable_versions(run_id)}
 
     async def wait_durable(
         self,
@@ -628,10 +653,19 @@ class Runtime:
 
         Raises:
             RunNotFoundError: no such run.
-            ConfigError: no tier has that name, or the runtime is memory-only.
+            ConfigError: no tier has that name, the runtime is memory-only,
+                ``run_id`` is not a valid run id, ``version`` is not an int >= 0,
+                or ``timeout`` is not a number >= 0.
             DurabilityTimeoutError: not durable in time; the tier is down or slow.
         """
-        v = self.get(run_id).version if version is None else version
+        actor = self._actor("wait_durable.run_id", run_id)
+        v = actor.snapshot.version if version is None else integer("wait_durable.version", version)
+        if tier is not None and not isinstance(tier, str):
+            raise ConfigError(
+                "wait_durable.tier", tier, f"must be a tier name (str) or None, not {type(tier).__name__}"
+            )
+        if timeout is not None:
+            number("wait_durable.timeout", timeout)
         await self._tiers.wait_durable(run_id, v, tier=tier, timeout=timeout)
 
     async def purge_finished(self, older_than: float) -> dict[str, int]:
@@ -728,10 +762,14 @@ class Runtime:
 
         Raises:
             RunNotFoundError: no copy at or before ``version`` is kept.
-            ConfigError: no tier has that name.
+            ConfigError: no tier has that name, ``run_id`` is not a valid run
+                id, or ``version`` is not an int >= 0.
             CorruptSnapshotError: the kept copy does not verify (never unpickled).
         """
-        actor = self._registry.get(run_id)
+        actor = self._lookup(run_id)
+        if actor is None:
+            run_id = valid_run_id("snapshot_at.run_id", run_id)
+        version = integer("snapshot_at.version", version)
         if actor is not None and actor.snapshot.version <= version:
             return actor.snapshot
         snap = await self._tiers.load_version(run_id, version, tier=tier)
@@ -788,8 +826,9 @@ class Runtime:
             RuntimeClosedError: the runtime shut down before the run finished.
             DurabilityTimeoutError: under write-through or ``ack_tiers``, the
                 final snapshot was not durable there within ``ack_timeout``.
+            ConfigError: ``run_id`` is not a valid run id.
         """
-        actor = self._registry.actor(run_id)
+        actor = self._actor("wait_finished.run_id", run_id)
         await self._settled(actor)
         snap = actor.snapshot
         if snap.status not in TERMINAL_STATUSES:
@@ -824,7 +863,8 @@ class Runtime:
                 snapshot holding the signal was not durable within ``ack_timeout``.
         """
         self._check_open()
-        actor = self._registry.actor(run_id)
+        actor = self._actor("send.run_id", run_id)
+        signal = valid_name("send.signal", signal)
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
@@ -856,12 +896,13 @@ class Runtime:
             RuntimeClosedError: the runtime is not running.
             RunNotFoundError: no such run.
             RunFinishedError: the run has finished.
+            ConfigError: ``run_id`` is not a valid run id.
             DurabilityTimeoutError: under write-through or ``ack_tiers``, the run's
                 final snapshot was not durable within ``ack_timeout`` (the cancel
                 returns once the run has ended and that is durable).
         """
         self._check_open()
-        actor = self._registry.actor(run_id)
+        actor = self._actor("cancel.run_id", run_id)
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, "cancel")
@@ -890,15 +931,15 @@ class Runtime:
         Raises:
             RuntimeClosedError: the runtime is not running.
             RunNotFoundError: no dead letter for this run.
-            ConfigError: ``from_step`` names no step.
+            ConfigError: ``from_step`` names no step, or ``run_id`` is not a valid run id.
             DurabilityTimeoutError: under write-through or ``ack_tiers``, the
                 retried snapshot was not durable within ``ack_timeout``.
         """
         self._check_open()
+        actor = self._actor("retry_dead_letter.run_id", run_id)
         letter = self._supervisor.dead_letters.get(run_id)
         if letter is None:
             raise RunNotFoundError(run_id)
-        actor = self._registry.actor(run_id)
         steps = actor.workflow.steps
         if from_step is None:
             cursor = letter.error.step
@@ -906,7 +947,8 @@ class Runtime:
             cursor = actor.workflow.step_index(from_step)
         else:
             cursor = from_step
-        if isinstance(cursor, bool) or not 0 <= cursor < len(steps):
+        given: object = cursor  # callers may ignore the type hints
+        if isinstance(given, bool) or not isinstance(given, int) or not 0 <= cursor < len(steps):
             raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
         del self._supervisor.dead_letters[run_id]
         self._tiers.mark_dead_letter_deleted(run_id)
