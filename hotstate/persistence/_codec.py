@@ -84,6 +84,8 @@ _DATA_ONLY: Final = frozenset({_FMT_JSON, _FMT_MSGPACK})
 _PICKLED: Final = frozenset({_FMT_PICKLE, _FMT_CLOUDPICKLE})
 _ANY_FORMAT: Final = _DATA_ONLY | _PICKLED
 _LENGTH = struct.Struct("<I")
+_ONE_SHOT: Final = 4096  # bytes of body hashed by one call (copied once) rather than streamed
+_xxh3_128: Final = xxhash.xxh3_128_digest
 
 
 @runtime_checkable
@@ -203,12 +205,15 @@ class _FramedCodec(Codec):
     # ------------------------------------------------------------ the tag
 
     def _tag(self, prefix: bytes, context: bytes, body: bytes | memoryview) -> bytes:
-        head = b"".join((prefix, _LENGTH.pack(len(context)), context))
         if self._algorithm == _ALG_XXH3:
-            h = xxhash.xxh3_128(head)
+            if len(body) <= _ONE_SHOT:  # one call beats a streaming object for small frames
+                return _xxh3_128(b"".join((prefix, _LENGTH.pack(len(context)), context, body)))
+            h = xxhash.xxh3_128(b"".join((prefix, _LENGTH.pack(len(context)), context)))
             h.update(body)
             return h.digest()
-        m = hashlib.blake2b(head, key=self._mac_key, digest_size=_TAG_SIZE)
+        m = hashlib.blake2b(
+            b"".join((prefix, _LENGTH.pack(len(context)), context)), key=self._mac_key, digest_size=_TAG_SIZE
+        )
         m.update(body)
         return m.digest()
 

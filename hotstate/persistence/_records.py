@@ -352,15 +352,16 @@ _DEAD_CONTEXT: Final = "dead-letter/1"
 
 
 def _header_fields(h: RunHeader, error: str | None) -> tuple[Any, ...]:
+    # Values as stored; only the time is normalized (a store may hand back 5 for 5.0).
     return (
         h.run_id,
         h.workflow,
-        int(h.workflow_version),
-        int(h.version),
-        int(h.step),
+        h.workflow_version,
+        h.version,
+        h.step,
         h.status,
         float(h.updated_at),
-        int(h.attempt),
+        h.attempt,
         error,
     )
 
