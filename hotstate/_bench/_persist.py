@@ -149,6 +149,56 @@ async def sustained_flush(store: Store, n: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
+CODEC_KEY = b"bench-secret-key-0123456789abcdef"
+
+
+def codec_costs(n: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Per W1 snapshot, in us: (encode, check + decode) for each codec, keyed and not, and the raw msgspec ceiling.
+
+    ``encode`` is ``encode_snapshot`` (header, error, body, the exactness check
+    and the tag); ``check + decode`` is ``decode_snapshot`` (the tag over the
+    whole envelope, then the body). The ceiling, ``"raw msgspec"``, is one
+    ``msgspec.msgpack`` encode and decode of the same body with no envelope.
+    Medians of ``rounds`` passes over ``n`` snapshots.
+    """
+    import msgspec  # a bench-only import: the runtime uses it through the codec
+
+    from hotstate.persistence import MsgpackCodec, PickleCodec
+    from hotstate.persistence._records import decode_snapshot
+
+    snaps = [snap for snap, _ in _snapshots(n, 5)]
+    codecs = {
+        "msgpack (default), no key": MsgpackCodec(key=None),
+        "msgpack (default), keyed": MsgpackCodec(key=CODEC_KEY),
+        "pickle, keyed": PickleCodec(key=CODEC_KEY),
+    }
+    out: dict[str, tuple[float, float]] = {}
+    bodies = [{"payload": s.payload, "signals": []} for s in snaps]
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+    raw_enc, raw_dec = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        raw = [enc.encode(body) for body in bodies]
+        raw_enc.append((time.perf_counter() - t0) / n * 1e6)
+        t0 = time.perf_counter()
+        for data in raw:
+            dec.decode(data)
+        raw_dec.append((time.perf_counter() - t0) / n * 1e6)
+    out["raw msgspec"] = (statistics.median(raw_enc), statistics.median(raw_dec))
+    for name, codec in codecs.items():
+        encodes, decodes = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            stored = [encode_snapshot(s, codec) for s in snaps]
+            encodes.append((time.perf_counter() - t0) / n * 1e6)
+            t0 = time.perf_counter()
+            for x in stored:
+                decode_snapshot(x, codec, tier="bench")
+            decodes.append((time.perf_counter() - t0) / n * 1e6)
+        out[name] = (statistics.median(encodes), statistics.median(decodes))
+    return out
+
+
 def body_size() -> int:
     """The encoded size of one W1 snapshot body, so ceilings write the same bytes."""
     snap = Snapshot(

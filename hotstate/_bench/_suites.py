@@ -202,11 +202,21 @@ async def suite_policies(b: Bench) -> None:
 
 
 async def suite_flush(b: Bench) -> None:
-    """Sustained flush throughput per tier against its raw ceiling."""
+    """Per-snapshot codec cost, then sustained flush throughput per tier against its raw ceiling."""
     url = _need_url(b)
     n = b.opts.flush_rows
     body = persist.body_size()
     rounds = max(3, b.opts.rounds - 2)
+    print(f"\nCodec: us per W1 snapshot, {n:,} snapshots (median of {rounds}); the check covers the whole envelope")
+    with Progress("codec costs", 1) as bar:
+        costs = persist.codec_costs(n, rounds)
+        bar.advance()
+    raw_encode, raw_decode = costs.pop("raw msgspec")
+    b.figure("raw msgspec encode (body only)", raw_encode, "us")
+    b.figure("raw msgspec decode (body only)", raw_decode, "us")
+    for name, (encode_us, decode_us) in costs.items():
+        b.figure(f"encode + tag, {name}", encode_us, "us", "raw encode", raw_encode)
+        b.figure(f"check + decode, {name}", decode_us, "us", "raw decode", raw_decode)
     print(f"\nSustained flush throughput: {n:,} dirty runs per flush, {body} B bodies (median of {rounds})")
     raw_sql = await _rounds("raw aiosqlite", rounds, lambda: persist.raw_sqlite_upsert(b.db("raw"), n, body))
     with Progress("persister -> sqlite", 1) as bar:
