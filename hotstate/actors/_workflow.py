@@ -96,7 +96,14 @@ class RetryPolicy:
         _check_positive("RetryPolicy.jitter", self.jitter, allow_zero=True)
         if not (0.0 <= self.jitter <= 1.0):
             raise ConfigError("RetryPolicy.jitter", self.jitter, "must be within [0, 1]")
-        for kind in self.non_retryable:
+        kinds: object = self.non_retryable  # callers may ignore the type hints
+        if isinstance(kinds, list | set | frozenset):
+            object.__setattr__(self, "non_retryable", kinds := tuple(kinds))
+        if not isinstance(kinds, tuple):
+            raise ConfigError(
+                "RetryPolicy.non_retryable", kinds, f"must be a tuple of exception types, not {type(kinds).__name__}"
+            )
+        for kind in kinds:
             if not _is_exception_type(kind):
                 raise ConfigError("RetryPolicy.non_retryable", kind, "must be exception types")
 

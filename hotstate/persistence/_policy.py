@@ -6,14 +6,15 @@ tested with plain numbers (STYLE.md F.19).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, final
 
 from hotstate._errors import ConfigError
 from hotstate._validate import integer, number
+from hotstate.persistence._store import Store
 
 if TYPE_CHECKING:
-    from hotstate.persistence._store import Store
+    from collections.abc import Mapping
 
 __all__ = ["FlushPolicy", "Tier"]
 
@@ -110,8 +111,9 @@ class FlushPolicy:
             The policy.
 
         Raises:
-            ConfigError: a field is out of range.
+            ConfigError: a field is out of range, or no field has an option's name.
         """
+        _known("FlushPolicy.write_behind", options)
         return cls(interval=interval, **options)  # type: ignore[arg-type]
 
     @classmethod
@@ -125,8 +127,9 @@ class FlushPolicy:
             The policy.
 
         Raises:
-            ConfigError: a field is out of range.
+            ConfigError: a field is out of range, or no field has an option's name.
         """
+        _known("FlushPolicy.through", options)
         return cls(write_through=True, **options)  # type: ignore[arg-type]
 
     def flush_due(self, *, now: float, last_flush: float, pending_rows: int, dirty_runs: int) -> bool:
@@ -163,15 +166,35 @@ class FlushPolicy:
         return self.max_pending_bytes is not None and pending_bytes > self.max_pending_bytes
 
 
+def _known(where: str, options: Mapping[str, object]) -> None:
+    names = {f.name for f in fields(FlushPolicy)}
+    for option in options:
+        if option not in names:
+            raise ConfigError(
+                f"{where}.{option}", options[option], f"FlushPolicy has no such field (fields: {sorted(names)})"
+            )
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class Tier:
     """A store and the policy its persister flushes with.
 
     Attributes:
-        store: where snapshots go.
+        store: where snapshots go (a ``Store``).
         policy: when and how they go there.
+
+    Raises:
+        ConfigError: ``store`` is not a ``Store`` or ``policy`` not a ``FlushPolicy``.
     """
 
     store: Store
     policy: FlushPolicy = field(default_factory=FlushPolicy)
+
+    def __post_init__(self) -> None:
+        given: object = self.store  # callers may ignore the type hints
+        if not isinstance(given, Store):
+            raise ConfigError("Tier.store", given, f"must be a Store, not {type(given).__name__}")
+        policy: object = self.policy
+        if not isinstance(policy, FlushPolicy):
+            raise ConfigError("Tier.policy", policy, f"must be a FlushPolicy, not {type(policy).__name__}")

@@ -21,7 +21,8 @@ import itertools
 import random
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, final
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
 
@@ -63,7 +64,7 @@ from hotstate.runtime._supervisor import Supervisor
 from hotstate.runtime._timers import TimerService
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
     from types import TracebackType
 
     from hotstate.actors._actor import RunActor
@@ -71,6 +72,25 @@ if TYPE_CHECKING:
 
 
 __all__ = ["Runtime"]
+
+_T = TypeVar("_T")
+
+
+def _check_kind(field: str, value: object, kind: type, what: str) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(field, value, f"must be {what} or None, not {type(value).__name__}")
+
+
+def _items(field: str, value: object, kind: type[_T], what: str) -> list[_T]:
+    """``value`` as a list of ``kind``: ``ConfigError`` for a str, a non-iterable or an item of another type."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(field, value, f"must be a sequence of {what}, not {type(value).__name__}")
+    items = list(value)
+    for item in items:
+        if not isinstance(item, kind):
+            raise ConfigError(field, item, f"must be {what}, not {type(item).__name__}")
+    return items
+
 
 _MAX_LISTED = 10_000  # list_stored's largest page: each tier reads one page of this many headers
 _NO_TIER = "the runtime is memory-only: a run evicted from memory would be lost (purge_finished deletes runs)"
@@ -120,7 +140,8 @@ class Runtime:
             finished runs stay in memory until ``purge_finished``.
 
     Raises:
-        ConfigError: an option is out of range, or two workflows share a name.
+        ConfigError: an option is out of range or of the wrong type, or two
+            workflows share a name.
 
     Example::
 
@@ -154,9 +175,14 @@ class Runtime:
         integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
         integer("Runtime.recovery_concurrency", recovery_concurrency, minimum=1)
         integer("Runtime.crash_limit", crash_limit, minimum=1)
-        for instrument in instruments:
-            if not isinstance(instrument, Instrument):
-                raise ConfigError("Runtime.instruments", instrument, "must be Instrument objects")
+        _check_kind("Runtime.clock", clock, Clock, "a Clock")
+        _check_kind("Runtime.rng", rng, random.Random, "a random.Random")
+        _check_kind("Runtime.intensity", intensity, RestartIntensity, "a RestartIntensity")
+        _check_kind("Runtime.codec", codec, Codec, "a Codec")
+        workflows = _items("Runtime.workflows", workflows, Workflow, "Workflow objects")
+        tiers = _items("Runtime.tiers", tiers, Tier, "Tier objects")
+        instruments = _items("Runtime.instruments", instruments, Instrument, "Instrument objects")
+        ack_tiers = _items("Runtime.ack_tiers", ack_tiers, str, "tier names (str)")
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._wall = self._clock.wall
         self._codec: Codec = codec if codec is not None else MsgpackCodec()
@@ -323,7 +349,8 @@ class Runtime:
         Raises:
             RuntimeClosedError: the runtime is not running.
             WorkflowNotRegisteredError: the workflow is not registered.
-            ConfigError: ``run_id`` is not a non-empty str.
+            ConfigError: ``workflow`` is neither a ``Workflow`` nor a str, or
+                ``run_id`` is not a valid run id.
             StoreUnavailableError: a tier could not say whether it holds ``run_id``.
             DurabilityTimeoutError: an acknowledging tier did not make it durable
                 within its ``ack_timeout`` (the run exists; spawning the same
@@ -334,10 +361,19 @@ class Runtime:
         """
         if self._lifecycle.state != "open":
             self._check_open()
+        if isinstance(workflow, str):
+            name = workflow
+        elif isinstance(workflow, Workflow):
+            name = workflow.name
+        else:
+            raise ConfigError(
+                "spawn.workflow",
+                workflow,
+                f"must be a Workflow or a workflow name (str), not {type(workflow).__name__}",
+            )
         scheduler = self._scheduler
         if scheduler.hold:
             await scheduler.wait_gate()  # backpressure: a tier is over its memory bound
-        name = workflow if isinstance(workflow, str) else workflow.name
         if run_id is None:
             run_id = f"{self._id_prefix}{next(self._ids)}"
         else:
@@ -466,9 +502,14 @@ class Runtime:
             Their latest snapshots.
 
         Raises:
-            ConfigError: ``status`` is not a status name.
+            ConfigError: ``status`` is not a status name, ``workflow`` is not a
+                workflow name, or ``limit`` is not an int >= 0.
         """
         st = self._status(status)
+        if workflow is not None:
+            workflow = valid_name("list_runs.workflow", workflow)
+        if limit is not None:
+            integer("list_runs.limit", limit)
         registry = self._registry
         if st is None and workflow is None:
             actors_in_order = iter(registry)  # spawn order, across workflows
@@ -492,8 +533,10 @@ class Runtime:
             The count.
 
         Raises:
-            ConfigError: ``status`` is not a status name.
+            ConfigError: ``status`` is not a status name, or ``workflow`` is not a workflow name.
         """
+        if workflow is not None:
+            workflow = valid_name("count.workflow", workflow)
         return self._registry.count(self._status(status), workflow)
 
     async def list_stored(

@@ -1,5 +1,9 @@
 # mypy: allow-untyped-defs
-"""Inputs bounded and typed (#11): every public entry that takes a run id or a signal name checks it."""
+# mypy: disable-error-code="arg-type,list-item"
+"""Inputs bounded and typed (#11): every public entry that takes a run id or a signal name checks it.
+
+Wrong types are the point of this file, so mypy's arg-type check is off here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,18 @@ from typing import Any
 
 import pytest
 
-from hotstate import ConfigError, RunNotFoundError, Runtime, Step, Workflow
+from hotstate import (
+    ConfigError,
+    FlushPolicy,
+    RetryPolicy,
+    RunFailedError,
+    RunNotFoundError,
+    Runtime,
+    Step,
+    Tier,
+    Workflow,
+)
+from hotstate.persistence import MemoryStore
 
 
 async def take(payload, ctx):
@@ -47,7 +62,7 @@ RUN_ID_ENTRIES: list[tuple[str, Any]] = [
 ]
 
 
-async def call(result: Any) -> Any:
+async def call_(result: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
@@ -57,7 +72,7 @@ async def test_every_entry_taking_a_run_id_refuses_a_bad_one_with_config_error(c
     async with Runtime([PARKED], clock=clock) as rt:
         await rt.spawn(PARKED, {}, run_id="r1")
         with pytest.raises(ConfigError, match=reason) as info:
-            await call(entry(rt, bad))
+            await call_(entry(rt, bad))
         assert info.value.field == f"{method}.run_id"
         assert rt.count() == 1  # nothing was started
 
@@ -66,7 +81,7 @@ async def test_every_entry_taking_a_run_id_refuses_a_bad_one_with_config_error(c
 async def test_a_valid_id_of_no_run_is_still_run_not_found(clock, method, entry):
     async with Runtime([PARKED], clock=clock) as rt:
         with pytest.raises(RunNotFoundError):
-            await call(entry(rt, "ghost"))
+            await call_(entry(rt, "ghost"))
 
 
 async def test_a_spawned_run_with_a_non_ascii_id_is_found_by_every_lookup(clock):
@@ -94,3 +109,108 @@ async def test_send_refuses_a_bad_signal_name_before_anything_is_queued(clock, b
             await run.send(bad)
         assert info.value.field == "send.signal"
         assert rt.get("r1").version == before.version
+
+
+# ------------------------------------------------------------------ wrong types
+
+
+class NotAStore:
+    pass
+
+
+def _runtime(**options: Any) -> Runtime:
+    return Runtime([PARKED], **options)
+
+
+# (the call, the field the ConfigError names): misuse that used to raise AttributeError,
+# TypeError or ValueError from deep inside, or pass silently.
+CONSTRUCTION: list[tuple[str, Any, str]] = [
+    ("Tier(store, None)", lambda: Tier(MemoryStore(), None), "Tier.policy"),
+    ("Tier(None)", lambda: Tier(None), "Tier.store"),
+    ("Tier(object)", lambda: Tier(NotAStore()), "Tier.store"),
+    ("Tier(store, dict)", lambda: Tier(MemoryStore(), {"interval": 1}), "Tier.policy"),
+    ("FlushPolicy(interval='1')", lambda: FlushPolicy(interval="1"), "FlushPolicy.interval"),
+    ("FlushPolicy(max_batch_rows=1.5)", lambda: FlushPolicy(max_batch_rows=1.5), "FlushPolicy.max_batch_rows"),
+    ("FlushPolicy(write_through=1)", lambda: FlushPolicy(write_through=1), "FlushPolicy.write_through"),
+    (
+        "FlushPolicy.write_behind(bogus)",
+        lambda: FlushPolicy.write_behind(1.0, bogus=1),
+        "FlushPolicy.write_behind.bogus",
+    ),
+    ("FlushPolicy.through(bogus)", lambda: FlushPolicy.through(intervall=1), "FlushPolicy.through.intervall"),
+    ("RetryPolicy(non_retryable=int)", lambda: RetryPolicy(non_retryable=5), "RetryPolicy.non_retryable"),
+    ("RetryPolicy(non_retryable=cls)", lambda: RetryPolicy(non_retryable=ValueError), "RetryPolicy.non_retryable"),
+    ("Workflow(steps=None)", lambda: Workflow("w", None), "Workflow('w').steps"),
+    ("Workflow(version='1')", lambda: Workflow("w", [take], version="1"), "Workflow('w').version"),
+    ("Step(timeout='1')", lambda: Step(fn=take, timeout="1"), "Step('take').timeout"),
+    ("Runtime(workflows=5)", lambda: Runtime(5), "Runtime.workflows"),
+    ("Runtime(workflows=[5])", lambda: Runtime([5]), "Runtime.workflows"),
+    ("Runtime(clock=5)", lambda: _runtime(clock=5), "Runtime.clock"),
+    ("Runtime(rng=5)", lambda: _runtime(rng=5), "Runtime.rng"),
+    ("Runtime(intensity=5)", lambda: _runtime(intensity=5), "Runtime.intensity"),
+    ("Runtime(codec=5)", lambda: _runtime(codec=5), "Runtime.codec"),
+    ("Runtime(tiers=tier)", lambda: _runtime(tiers=Tier(MemoryStore())), "Runtime.tiers"),
+    ("Runtime(tiers=[store])", lambda: _runtime(tiers=[MemoryStore()]), "Runtime.tiers"),
+    ("Runtime(instruments=5)", lambda: _runtime(instruments=5), "Runtime.instruments"),
+    ("Runtime(ack_tiers='t')", lambda: _runtime(tiers=[Tier(MemoryStore())], ack_tiers="memory"), "Runtime.ack_tiers"),
+    ("Runtime(ack_tiers=[5])", lambda: _runtime(ack_tiers=[5]), "Runtime.ack_tiers"),
+    ("Runtime(steps_per_turn='9')", lambda: _runtime(steps_per_turn="9"), "Runtime.steps_per_turn"),
+    ("Runtime.register(5)", lambda: _runtime().register(5), "Runtime.register.workflow"),
+]
+
+
+@pytest.mark.parametrize(("call", "field"), [(c, f) for _, c, f in CONSTRUCTION], ids=[n for n, _, _ in CONSTRUCTION])
+def test_wrong_types_at_construction_are_config_errors_naming_the_field(call, field):
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert info.value.field == field
+
+
+# The same for every public Runtime method, on a running runtime with one run "r1".
+METHODS: list[tuple[str, Any, str]] = [
+    ("spawn(123)", lambda rt: rt.spawn(123, {}), "spawn.workflow"),
+    ("spawn(None)", lambda rt: rt.spawn(None, {}), "spawn.workflow"),
+    ("list_runs(limit=-1)", lambda rt: rt.list_runs(limit=-1), "list_runs.limit"),
+    ("list_runs(limit='x')", lambda rt: rt.list_runs(limit="x"), "list_runs.limit"),
+    ("list_runs(limit=1.5)", lambda rt: rt.list_runs(status="waiting", limit=1.5), "list_runs.limit"),
+    ("list_runs(workflow=[])", lambda rt: rt.list_runs(workflow=[]), "list_runs.workflow"),
+    ("list_runs(status=[])", lambda rt: rt.list_runs(status=[]), "status"),
+    ("count(workflow=5)", lambda rt: rt.count(workflow=5), "count.workflow"),
+    ("count(status=5)", lambda rt: rt.count(status=5), "status"),
+    ("list_stored(limit=0)", lambda rt: rt.list_stored(limit=0), "list_stored.limit"),
+    ("list_stored(after=5)", lambda rt: rt.list_stored(after=5), "list_stored.after"),
+    ("subscribe(maxsize='9')", lambda rt: rt.subscribe(maxsize="9"), "subscribe.maxsize"),
+    ("subscribe(workflow=5)", lambda rt: rt.subscribe(workflow=5), "subscribe.workflow"),
+    ("snapshot_at(version='1')", lambda rt: rt.snapshot_at("r1", "1"), "snapshot_at.version"),
+    ("wait_durable(version='1')", lambda rt: rt.wait_durable("r1", "1"), "wait_durable.version"),
+    ("wait_durable(tier=5)", lambda rt: rt.wait_durable("r1", tier=5), "wait_durable.tier"),
+    ("wait_durable(timeout='1')", lambda rt: rt.wait_durable("r1", timeout="1"), "wait_durable.timeout"),
+    ("purge_finished('1')", lambda rt: rt.purge_finished("1"), "purge_finished.older_than"),
+    ("evict_finished(-1)", lambda rt: rt.evict_finished(-1), "evict_finished.older_than"),
+    ("send(signal=5)", lambda rt: rt.send("r1", 5), "send.signal"),
+]
+
+
+@pytest.mark.parametrize(("call", "field"), [(c, f) for _, c, f in METHODS], ids=[n for n, _, _ in METHODS])
+async def test_wrong_types_given_to_runtime_methods_are_config_errors_naming_the_field(clock, call, field):
+    async with Runtime([PARKED], clock=clock) as rt:
+        await rt.spawn(PARKED, {}, run_id="r1")
+        with pytest.raises(ConfigError) as info:
+            await call_(call(rt))
+        assert info.value.field == field
+        assert rt.count() == 1
+
+
+async def test_retry_dead_letter_from_a_fractional_step_is_a_config_error(clock):
+    async def boom(payload, ctx):
+        raise RuntimeError("no")
+
+    wf = Workflow("boom", [Step(fn=take, name="a"), Step(fn=boom, name="b")], retry=RetryPolicy.never())
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, {}, run_id="b1")
+        with pytest.raises(RunFailedError):
+            await run.wait_finished()
+        with pytest.raises(ConfigError) as info:
+            await rt.retry_dead_letter("b1", from_step=0.5)
+        assert info.value.field == "retry_dead_letter.from_step"
+        assert rt.dead_letters()[0].run_id == "b1"  # still dead-lettered: nothing was restarted
