@@ -75,46 +75,83 @@ def _header_dict(h: RunHeader) -> dict[str, Any]:
 # --- list -------------------------------------------------------------------
 
 
-async def _scan_all(store: Store, args: argparse.Namespace) -> dict[str, RunHeader]:
-    found: dict[str, RunHeader] = {}
+def _check_cell(entry: _Listed) -> str:
+    if not entry.verified:
+        return "CORRUPT (no copy verifies)"
+    if entry.corrupt:
+        return f"ok; corrupt copy in {', '.join(sorted(entry.corrupt))}"
+    return "ok"
+
+
+async def _scan_all(store: Store, args: argparse.Namespace) -> dict[str, StoredSnapshot]:
+    found: dict[str, StoredSnapshot] = {}
     after: str | None = None
     while len(found) < args.limit:
         want = min(_PAGE, args.limit - len(found))
-        page = await store.scan(status=args.status, workflow=args.workflow, after=after, limit=want)
-        found.update((h.run_id, h) for h in page)
+        page = await store.scan_snapshots(
+            status=args.status, workflow=args.workflow, after=after, limit=want, bad_rows=[]
+        )
+        found.update((s.header.run_id, s) for s in page)
         if len(page) < want:
             break
-        after = page[-1].run_id
+        after = page[-1].header.run_id
     return found
 
 
-def _newest(a: RunHeader | None, b: RunHeader) -> RunHeader:
-    return b if a is None or b.version > a.version else a
+class _Listed:
+    """One run in ``hotstate runs list``: its newest copy that verifies, and the tiers whose newer copy did not."""
+
+    __slots__ = ("corrupt", "header", "verified")
+
+    def __init__(self) -> None:
+        self.header: RunHeader | None = None
+        self.verified = False
+        self.corrupt: set[str] = set()
+
+    def offer(self, tier: str, stored: StoredSnapshot) -> None:
+        h = stored.header
+        if self.header is not None and self.verified and h.version <= self.header.version:
+            return
+        try:
+            _verify(stored, tier)
+        except CorruptSnapshotError:
+            self.corrupt.add(tier)
+            if self.header is None:
+                self.header = h  # shown, marked corrupt, until a copy that verifies is offered
+            return
+        self.header, self.verified = h, True
 
 
 async def run_list(args: argparse.Namespace, stores: Sequence[Store]) -> int:
-    """List run headers (newest per run across tiers); no payload is decoded."""
-    newest: dict[str, RunHeader] = {}
+    """List runs: per run the newest copy across tiers whose whole envelope verifies; no payload is decoded."""
+    listed: dict[str, _Listed] = {}
     for store in stores:
-        for rid, h in (await _scan_all(store, args)).items():
-            newest[rid] = _newest(newest.get(rid), h)
-    if len(stores) > 1 and newest:
+        for rid, stored in (await _scan_all(store, args)).items():
+            listed.setdefault(rid, _Listed()).offer(store.tier, stored)
+    if len(stores) > 1 and listed:
         # A run may match the filter in one tier yet be newer (and elsewhere) in another.
         for store in stores:
-            for rid, s in (await store.load_many(sorted(newest))).items():
-                newest[rid] = _newest(newest[rid], s.header)
-        newest = {
-            rid: h
-            for rid, h in newest.items()
-            if (not args.status or h.status in args.status) and (args.workflow is None or h.workflow == args.workflow)
-        }
-    headers = [newest[rid] for rid in sorted(newest)][: args.limit]
+            for rid, stored in (await store.load_many(sorted(listed), bad_rows=[])).items():
+                listed[rid].offer(store.tier, stored)
+    rows = [
+        (rid, entry)
+        for rid, entry in sorted(listed.items())
+        if entry.header is not None
+        and (not args.status or entry.header.status in args.status)
+        and (args.workflow is None or entry.header.workflow == args.workflow)
+    ][: args.limit]
     if args.json:
-        print_json([_header_dict(h) for h in headers])
+        print_json(
+            [
+                {**_header_dict(e.header), "verified": e.verified, "corrupt": sorted(e.corrupt)}
+                for _, e in rows
+                if e.header is not None
+            ]
+        )
         return 0
     print(
         _table(
-            ["run id", "workflow", "status", "step", "version", "updated (UTC)"],
+            ["run id", "workflow", "status", "step", "version", "updated (UTC)", "check"],
             [
                 (
                     h.run_id,
@@ -123,8 +160,10 @@ async def run_list(args: argparse.Namespace, stores: Sequence[Store]) -> int:
                     h.step,
                     h.version,
                     _iso(h.updated_at),
+                    _check_cell(e),
                 )
-                for h in headers
+                for _, e in rows
+                if (h := e.header) is not None
             ],
         )
     )

@@ -102,7 +102,9 @@ def test_list_shows_headers_as_a_table_and_as_json(db: Path, capsys: pytest.Capt
         "version",
         "updated",
         "(UTC)",
+        "check",
     ]
+    assert all(line.rstrip().endswith(" ok") for line in lines[2:])  # every copy's envelope verifies
     assert [line.split()[0] for line in lines[2:]] == [
         "lin-0",
         "lin-1",
@@ -115,6 +117,7 @@ def test_list_shows_headers_as_a_table_and_as_json(db: Path, capsys: pytest.Capt
     assert rows["order-7"]["status"] == "failed"
     assert rows["sig-1"]["status"] == "waiting"
     assert rows["lin-0"]["workflow"] == "linear"
+    assert all(r["verified"] and r["corrupt"] == [] for r in rows.values())
     assert rows["lin-0"]["updated_at"].endswith("+00:00")
 
 
@@ -433,3 +436,27 @@ async def test_a_read_only_valkey_store_refuses_every_write(valkey_url: str, val
         with pytest.raises(PersistenceError, match="read-only"):
             await store.purge_finished(before=0.0)
         assert await store.load("r") is None
+
+
+def test_list_checks_each_copy_and_marks_a_forged_header(
+    db: Path, valkey_url: str, valkey_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One HSET-style edit: sig-1 claims to be done. Its frame no longer verifies.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'done', version = version + 9 WHERE run_id = 'sig-1'")
+    conn.close()
+    _, out, _ = cli(capsys, "--sqlite", str(db), "--json", "list")
+    rows = {r["run_id"]: r for r in json.loads(out)}
+    assert (rows["sig-1"]["verified"], rows["sig-1"]["corrupt"]) == (False, ["sqlite"])
+    assert all(r["verified"] for rid, r in rows.items() if rid != "sig-1")
+    _, out, _ = cli(capsys, "--sqlite", str(db), "list")
+    assert "CORRUPT (no copy verifies)" in next(line for line in out.splitlines() if line.startswith("sig-1"))
+    # With a genuine copy in another tier, that one is listed, and the forged one named.
+    anyio.run(_copy_to_valkey, db, valkey_url, valkey_prefix, "order-7", 0)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'done', version = version + 9 WHERE run_id = 'order-7'")
+    conn.close()
+    stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
+    _, out, _ = cli(capsys, *stores, "--json", "list")
+    order = next(r for r in json.loads(out) if r["run_id"] == "order-7")
+    assert (order["status"], order["verified"], order["corrupt"]) == ("failed", True, ["sqlite"])
