@@ -185,6 +185,28 @@ class HotstateInternalError(HotstateError):
     """A bug in hotstate, never the user's fault. Please report it."""
 
 
+class RunConflictError(RunError):
+    """``spawn`` named an existing run of another workflow or definition version; nothing was started.
+
+    ``workflow`` and ``workflow_version`` are the existing run's (its
+    snapshot's), ``requested`` and ``requested_version`` what ``spawn`` asked
+    for. The existing run is left as it is.
+    """
+
+    def __init__(
+        self, run_id: str, workflow: str, workflow_version: int, requested: str, requested_version: int
+    ) -> None:
+        self.workflow = workflow
+        self.workflow_version = workflow_version
+        self.requested = requested
+        self.requested_version = requested_version
+        super().__init__(
+            run_id,
+            f"exists as workflow {workflow!r} v{workflow_version}; "
+            f"spawn asked for {requested!r} v{requested_version}: nothing was started",
+        )
+
+
 # Recorded error type names (ErrorInfo.type) and pickles should name the public
 # path, not this private module (STYLE.md D.14).
 for _cls in list(globals().values()):

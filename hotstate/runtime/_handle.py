@@ -42,21 +42,31 @@ class RunOwner(Protocol):
 
 @final
 class RunHandle:
-    """A handle on one run of a runtime. Returned by ``Runtime.spawn``; not built by users."""
+    """A handle on one run of a runtime. Returned by ``Runtime.spawn``; not built by users.
 
-    __slots__ = ("_runtime", "run_id")
+    Attributes:
+        run_id: the run's id.
+        created: True when the ``Runtime.spawn`` call that returned this handle
+            started the run; False when the run already existed (in memory or
+            in a store), and for handles from ``Runtime.handle`` and
+            ``Runtime.retry_dead_letter``. Not part of equality.
+    """
+
+    __slots__ = ("_runtime", "created", "run_id")
 
     def __init__(self, runtime: RunOwner, run_id: str, *, _token: object = None) -> None:
         if _token is not _HANDLE_TOKEN:
             raise TypeError("RunHandle is created by Runtime.spawn or Runtime.handle")
         self._runtime = runtime
         self.run_id = run_id
+        self.created = False
 
     @classmethod
-    def _new(cls, runtime: RunOwner, run_id: str) -> RunHandle:
+    def _new(cls, runtime: RunOwner, run_id: str, created: bool) -> RunHandle:
         handle = object.__new__(cls)  # skips the guarded __init__: spawn is on W1's path
         handle._runtime = runtime
         handle.run_id = run_id
+        handle.created = created
         return handle
 
     def __repr__(self) -> str:

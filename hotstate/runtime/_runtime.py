@@ -32,6 +32,7 @@ from hotstate._errors import (
     CorruptSnapshotError,
     HotstateInternalError,
     RunCancelledError,
+    RunConflictError,
     RunFailedError,
     RunFinishedError,
     RunNotFoundError,
@@ -328,8 +329,11 @@ class Runtime:
         """Start a run of ``workflow`` with ``payload``.
 
         Idempotent on ``run_id``: if a run with that id exists, its handle is
-        returned and nothing new is started. An id not in memory is looked up
-        in every tier and the newest verified copy is adopted. A tier that
+        returned (``created`` False) and nothing new is started, provided it is
+        a run of the same workflow and definition version (its
+        ``Snapshot.workflow_version``); otherwise ``RunConflictError``. An id not
+        in memory is looked up in every tier and the newest verified copy is
+        adopted (before the check: a conflicting stored run is in memory after). A tier that
         fails, or does not answer within its policy's ``ack_timeout``, may hold
         the newest copy, so ``spawn`` raises ``StoreUnavailableError`` rather
         than start a second lineage from the others (retry once the tier is
@@ -344,11 +348,13 @@ class Runtime:
         first snapshot is durable in those tiers.
 
         Returns:
-            The run's handle.
+            The run's handle; ``RunHandle.created`` says whether this call started it.
 
         Raises:
             RuntimeClosedError: the runtime is not running.
             WorkflowNotRegisteredError: the workflow is not registered.
+            RunConflictError: a run with ``run_id`` exists, of another workflow
+                or another definition version; it is left as it is.
             ConfigError: ``workflow`` is neither a ``Workflow`` nor a str, or
                 ``run_id`` is not a valid run id.
             StoreUnavailableError: a tier could not say whether it holds ``run_id``.
@@ -376,20 +382,37 @@ class Runtime:
             await scheduler.wait_gate()  # backpressure: a tier is over its memory bound
         if run_id is None:
             run_id = f"{self._id_prefix}{next(self._ids)}"
+            wf = self._registered(workflow, name, run_id)
         else:
-            if self._lookup(run_id) is None:
+            held = self._lookup(run_id) is not None
+            if not held:
                 run_id = valid_run_id("spawn.run_id", run_id)
-            if run_id in self._registry.actors or (len(self._tiers) and await self._adoption.adopt(run_id)):
+            wf = self._registered(workflow, name, run_id)
+            if (
+                held
+                or (len(self._tiers) and await self._adoption.adopt(run_id))
+                or run_id in self._registry.actors  # spawned by a concurrent call while the tiers answered
+            ):
+                self._same_definition(run_id, wf)
                 if self._ack:
                     await self._acknowledge(run_id, 1)
-                return RunHandle._new(self, run_id)
-        wf = self._workflows.get(name)
-        if wf is None or (wf is not workflow and not isinstance(workflow, str)):
-            raise WorkflowNotRegisteredError(run_id, name)
+                return RunHandle._new(self, run_id, False)
         scheduler.spawn_new(wf, run_id, payload)
         if self._ack:
             await self._acknowledge(run_id, 1)
-        return RunHandle._new(self, run_id)
+        return RunHandle._new(self, run_id, True)
+
+    def _registered(self, workflow: Workflow | str, name: str, run_id: str) -> Workflow:
+        wf = self._workflows.get(name)
+        if wf is None or (wf is not workflow and not isinstance(workflow, str)):
+            raise WorkflowNotRegisteredError(run_id, name)
+        return wf
+
+    def _same_definition(self, run_id: str, wf: Workflow) -> None:
+        """``spawn`` of an existing id returns it only for the same workflow and definition version."""
+        s = self._registry.actors[run_id].snapshot
+        if s.workflow != wf.name or s.workflow_version != wf.version:
+            raise RunConflictError(run_id, s.workflow, s.workflow_version, wf.name, wf.version)
 
     def handle(self, run_id: str) -> RunHandle:
         """Return a handle on an existing run.

@@ -183,6 +183,7 @@ E15_TREE = [
     ("RunNotFoundError", ("RunError", "LookupError")),
     ("WorkflowNotRegisteredError", ("RunError", "LookupError")),
     ("RunFailedError", ("RunError",)),
+    ("RunConflictError", ("RunError",)),
     ("PersistenceError", ("HotstateError",)),
     ("StoreUnavailableError", ("PersistenceError",)),
     ("StaleVersionError", ("PersistenceError",)),
@@ -227,6 +228,9 @@ def test_errors_carry_their_fields():
     stale = hotstate.StaleVersionError("sqlite", "r1", stored=5, attempted=4)
     assert (stale.tier, stale.stored, stale.attempted) == ("sqlite", 5, 4)
     assert hotstate.WorkflowNotRegisteredError("r1", "order").workflow == "order"
+    conflict = hotstate.RunConflictError("o1", "order", 1, "refund", 2)
+    assert (conflict.run_id, conflict.workflow, conflict.workflow_version) == ("o1", "order", 1)
+    assert (conflict.requested, conflict.requested_version) == ("refund", 2)
     late = hotstate.DurabilityTimeoutError("sqlite", "not durable", run_id="r1", version=3)
     assert (late.tier, late.run_id, late.version) == ("sqlite", "r1", 3)
     assert isinstance(late, TimeoutError)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import anyio
 import pytest
 
 from hotstate import (
     ConfigError,
     FlushPolicy,
     RetryPolicy,
+    RunConflictError,
     RunFailedError,
     RunNotFoundError,
     Runtime,
@@ -24,6 +26,7 @@ from hotstate import (
     Workflow,
 )
 from hotstate.persistence import MemoryStore
+from hotstate.testing import checkpoint_until
 
 
 async def take(payload, ctx):
@@ -214,3 +217,98 @@ async def test_retry_dead_letter_from_a_fractional_step_is_a_config_error(clock)
             await rt.retry_dead_letter("b1", from_step=0.5)
         assert info.value.field == "retry_dead_letter.from_step"
         assert rt.dead_letters()[0].run_id == "b1"  # still dead-lettered: nothing was restarted
+
+
+# ------------------------------------------------------------------ spawn of an existing id
+
+
+async def step(payload, ctx):
+    return payload
+
+
+ORDER = Workflow("order", [Step(fn=take, name="pay", wait_for="paid")])
+REFUND = Workflow("refund", [Step(fn=take, name="pay_back", wait_for="approved")])
+ORDER_V2 = Workflow("order", [Step(fn=take, name="pay", wait_for="paid"), step], version=2)
+
+
+async def test_spawn_of_an_existing_id_with_another_workflow_is_a_conflict_and_changes_nothing(clock):
+    async with Runtime([ORDER, REFUND], clock=clock) as rt:
+        first = await rt.spawn(ORDER, {"amount": 5}, run_id="o1")
+        before = rt.get("o1")
+        for workflow in (REFUND, "refund"):
+            with pytest.raises(RunConflictError) as info:
+                await rt.spawn(workflow, {"amount": 500}, run_id="o1")
+            err = info.value
+            assert (err.run_id, err.workflow, err.workflow_version) == ("o1", "order", 1)
+            assert (err.requested, err.requested_version) == ("refund", 1)
+            assert "'order' v1" in str(err)
+            assert "'refund' v1" in str(err)
+        assert rt.get("o1") == before
+        assert rt.count() == 1
+        assert first.created
+
+
+async def test_the_handle_says_whether_spawn_created_the_run(clock):
+    async with Runtime([ORDER], clock=clock) as rt:
+        generated = await rt.spawn(ORDER, {})
+        first = await rt.spawn(ORDER, {}, run_id="o1")
+        again = await rt.spawn("order", {"other": "payload"}, run_id="o1")
+        assert (generated.created, first.created, again.created) == (True, True, False)
+        assert again == first  # created is not part of equality
+        assert rt.get("o1").payload == {}
+        assert not rt.handle("o1").created
+
+
+async def test_spawn_of_an_id_only_a_store_holds_conflicts_on_another_workflow_or_version(clock):
+    store = MemoryStore()
+    async with Runtime([ORDER], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
+        await rt.spawn(ORDER, {"amount": 5}, run_id="o1")
+        await rt.flush()
+    async with Runtime([ORDER_V2, REFUND], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
+        with pytest.raises(RunConflictError) as info:
+            await rt.spawn(REFUND, {"amount": 500}, run_id="o1")
+        assert (info.value.workflow, info.value.requested) == ("order", "refund")
+        with pytest.raises(RunConflictError) as info:
+            await rt.spawn(ORDER_V2, {"amount": 5}, run_id="o1")
+        assert (info.value.workflow_version, info.value.requested_version) == (1, 2)
+        assert rt.get("o1").payload == {"amount": 5}  # the stored run, as it was
+    async with Runtime([ORDER], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
+        adopted = await rt.spawn(ORDER, {"amount": 999}, run_id="o1")
+        assert not adopted.created
+        assert rt.get("o1").payload == {"amount": 5}
+
+
+class GatedLoads:
+    """A MemoryStore whose ``load`` waits for ``gate`` (two spawns of one new id ask it at once)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.tier = self.inner.tier
+        self.gate = anyio.Event()
+        self.loads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def load(self, run_id: str) -> Any:
+        self.loads += 1
+        await self.gate.wait()
+        return await self.inner.load(run_id)
+
+
+async def test_two_concurrent_spawns_of_one_new_id_start_it_once(clock):
+    store = GatedLoads()
+    async with Runtime([ORDER], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
+        handles: list[Any] = []
+
+        async def spawn(payload: int) -> None:
+            handles.append(await rt.spawn(ORDER, {"n": payload}, run_id="o1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spawn, 1)
+            tg.start_soon(spawn, 2)
+            await checkpoint_until(lambda: store.loads == 2)
+            store.gate.set()
+        assert sorted(h.created for h in handles) == [False, True]
+        assert [t.kind for t in rt.history("o1")][:1] == ["spawned"]
+        assert sum(t.kind == "spawned" for t in rt.history("o1")) == 1
