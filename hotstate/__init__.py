@@ -44,6 +44,7 @@ from hotstate._errors import (
     StepTimeoutError,
     StoreUnavailableError,
     SubscriberOverflowError,
+    UnknownSignalError,
     ValkeyServerError,
     WorkflowNotRegisteredError,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "Tier",
     "Transition",
     "TransitionKind",
+    "UnknownSignalError",
     "ValkeyServerError",
     "Workflow",
     "WorkflowNotRegisteredError",

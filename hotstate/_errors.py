@@ -207,6 +207,28 @@ class RunConflictError(RunError):
         )
 
 
+class UnknownSignalError(RunError, ConfigError):
+    """``send`` of a signal no step left in the run waits for; nothing was queued or acknowledged.
+
+    Steps run in order, so such a signal would stay queued forever (a
+    re-delivered webhook, a typo). That covers a signal no step of the
+    workflow waits for, one only steps before the cursor wait for, one whose
+    every waiting step left already has one queued, and any signal while the
+    run is compensating. A ``ConfigError`` (and so a ``ValueError``) too, as
+    ``send`` raised for a signal no step waits for before. ``signal`` names the
+    signal and ``waiting_for`` the signals the run still waits for.
+    """
+
+    def __init__(self, run_id: str, signal: str, waiting_for: tuple[str, ...], reason: str) -> None:
+        self.run_id = run_id
+        self.signal = signal
+        self.waiting_for = waiting_for
+        self.field = "send.signal"
+        self.value = signal
+        wanted = ", ".join(map(repr, waiting_for)) or "no signal"
+        HotstateError.__init__(self, f"run {run_id!r}: {reason}; it still waits for {wanted}; nothing was queued")
+
+
 # Recorded error type names (ErrorInfo.type) and pickles should name the public
 # path, not this private module (STYLE.md D.14).
 for _cls in list(globals().values()):

@@ -482,6 +482,32 @@ class RunActor:
             status = _RUNNING
         self._commit(host, TransitionKind.signal, name, signals=(*s.signals, (name, data)), status=status)
 
+    def signal_room(self, name: str) -> int:
+        """How many more ``name`` signals the run would ever consume (<= 0: none).
+
+        The steps at or after the cursor that wait for ``name``, minus the
+        ``name`` signals already queued (in the snapshot, or in the mailbox
+        when the run's own step sent them). Steps run in order, so a signal
+        no step left waits for would stay queued forever. A run that is
+        compensating runs no more steps.
+        """
+        s = self.snapshot
+        if s.status is _COMPENSATING:
+            return 0
+        wanted = self.workflow.waits_for(name, from_step=s.step)
+        if not wanted:
+            return 0
+        queued = sum(1 for sig, _ in s.signals if sig == name)
+        if self.mailbox:
+            queued += sum(1 for kind, sig, _ in self.mailbox if kind == MSG_SIGNAL and sig == name)
+        return wanted - queued
+
+    def signals_wanted(self) -> tuple[str, ...]:
+        """The signals the run still waits for (``signal_room`` > 0), in the order its steps wait for them."""
+        if self.snapshot.status is _COMPENSATING:
+            return ()
+        return tuple(n for n in self.workflow.signals_from(self.snapshot.step) if self.signal_room(n) > 0)
+
     def _give_up(self, host: ActorHost, reason: str, exc: Exception) -> None:
         """Fail the run for good from outside a step (compensations still run)."""
         s = self.snapshot

@@ -38,6 +38,7 @@ from hotstate._errors import (
     RunNotFoundError,
     RuntimeClosedError,
     StoreUnavailableError,
+    UnknownSignalError,
     WorkflowNotRegisteredError,
 )
 from hotstate._instrument import Instrument, Instruments
@@ -91,6 +92,20 @@ def _items(field: str, value: object, kind: type[_T], what: str) -> list[_T]:
         if not isinstance(item, kind):
             raise ConfigError(field, item, f"must be {what}, not {type(item).__name__}")
     return items
+
+
+def _why_unwanted(actor: RunActor, signal: str) -> str:
+    """Why ``send`` refuses ``signal`` (``UnknownSignalError``'s reason)."""
+    s = actor.snapshot
+    workflow = actor.workflow
+    if s.status is Status.compensating:
+        return f"no step waits for signal {signal!r}: the run is compensating"
+    if not workflow.waits_for(signal):
+        return f"no step of workflow {workflow.name!r} waits for signal {signal!r}"
+    left = workflow.waits_for(signal, from_step=s.step)
+    if not left:
+        return f"no step left (at or after step {s.step}) waits for signal {signal!r}"
+    return f"no step left waits for another signal {signal!r}: each of the {left} that do already has one queued"
 
 
 _MAX_LISTED = 10_000  # list_stored's largest page: each tier reads one page of this many headers
@@ -914,6 +929,8 @@ class Runtime:
         """Send a named signal (with data) to a run.
 
         Signals queue in the run until a step that waits for that name runs.
+        Only a signal some step left (at or after the cursor) will consume is
+        taken: one per such step, counting those already queued.
 
         Args:
             run_id: the run's id.
@@ -924,7 +941,10 @@ class Runtime:
             RuntimeClosedError: the runtime is not running.
             RunNotFoundError: no such run.
             RunFinishedError: the run has finished.
-            ConfigError: no step of the run's workflow waits for ``signal``.
+            UnknownSignalError: no step left waits for ``signal``, or each one
+                that does already has one queued, or the run is compensating;
+                nothing was queued (a ``ConfigError`` too).
+            ConfigError: ``run_id`` or ``signal`` is not a valid id or name.
             DurabilityTimeoutError: under write-through or ``ack_tiers``, the
                 snapshot holding the signal was not durable within ``ack_timeout``.
         """
@@ -934,8 +954,8 @@ class Runtime:
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
-        if not any(step.wait_for == signal for step in actor.workflow.steps):
-            raise ConfigError("send.signal", signal, f"no step of workflow {actor.workflow.name!r} waits for it")
+        if actor.signal_room(signal) <= 0:
+            raise UnknownSignalError(run_id, signal, actor.signals_wanted(), _why_unwanted(actor, signal))
         if actor.running and actor.host_task is asyncio.current_task():
             actor.post_signal(signal, data)  # the run's own step is sending: apply after it
             own_step = True

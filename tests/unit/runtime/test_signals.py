@@ -1,0 +1,155 @@
+# mypy: allow-untyped-defs
+"""``send`` takes only a signal some step left will consume (#11 item 4): no orphan queued forever."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from hotstate import (
+    ConfigError,
+    RetryPolicy,
+    RunFinishedError,
+    Runtime,
+    Status,
+    Step,
+    UnknownSignalError,
+    Workflow,
+)
+
+
+async def take(payload, ctx):
+    return [*payload, (ctx.step_name, ctx.signal)]
+
+
+ORDER = Workflow(
+    "order",
+    [Step(fn=take, name="pay", wait_for="paid"), Step(fn=take, name="ship", wait_for="shipped")],
+)
+
+
+async def waiting_at(rt: Runtime, run_id: str, step: int, until: Any) -> None:
+    await until(lambda: (rt.get(run_id).status, rt.get(run_id).step) == (Status.waiting, step))
+
+
+async def test_a_redelivered_webhook_is_refused_and_nothing_is_queued(clock, until):
+    async with Runtime([ORDER], clock=clock) as rt:
+        run = await rt.spawn(ORDER, [], run_id="o1")
+        await run.send("paid", 1)
+        await waiting_at(rt, "o1", 1, until)
+        before = rt.get("o1")
+        with pytest.raises(UnknownSignalError) as info:
+            await run.send("paid", 1)  # the payment provider delivers the webhook again
+        err = info.value
+        assert (err.run_id, err.signal, err.waiting_for) == ("o1", "paid", ("shipped",))
+        assert "no step left (at or after step 1) waits for signal 'paid'" in str(err)
+        assert "'shipped'" in str(err)
+        assert isinstance(err, ConfigError)
+        assert err.field == "send.signal"
+        assert rt.get("o1") == before  # no new version, nothing queued
+        await run.send("shipped", 2)
+        with anyio.fail_after(5):
+            assert await run.wait_finished() == [("pay", 1), ("ship", 2)]
+
+
+async def test_a_signal_for_a_later_step_is_queued_until_that_step(clock, until):
+    async with Runtime([ORDER], clock=clock) as rt:
+        run = await rt.spawn(ORDER, [], run_id="o1")
+        await waiting_at(rt, "o1", 0, until)
+        await run.send("shipped", "early")  # the current step waits for "paid": fine, a later one takes it
+        assert rt.get("o1").signals == (("shipped", "early"),)
+        with pytest.raises(UnknownSignalError) as info:
+            await run.send("shipped", "again")  # the one step that waits for it has one queued
+        assert info.value.waiting_for == ("paid",)
+        assert "each of the 1 that do already has one queued" in str(info.value)
+        await run.send("paid", "now")
+        with anyio.fail_after(5):
+            assert await run.wait_finished() == [("pay", "now"), ("ship", "early")]
+
+
+async def test_a_signal_no_step_waits_for_is_refused_naming_what_the_run_waits_for(clock):
+    async with Runtime([ORDER], clock=clock) as rt:
+        run = await rt.spawn(ORDER, [], run_id="o1")
+        with pytest.raises(UnknownSignalError, match="no step of workflow 'order' waits for signal 'refunded'") as info:
+            await run.send("refunded")
+        assert info.value.waiting_for == ("paid", "shipped")
+        assert rt.get("o1").signals == ()
+
+
+async def test_as_many_signals_are_taken_as_steps_left_wait_for_them(clock):
+    wf = Workflow("collect", [Step(fn=take, name=f"t{i}", wait_for="item") for i in range(3)])
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="c1")
+        for item in ("a", "b", "c"):
+            await run.send("item", item)
+        with pytest.raises(UnknownSignalError):
+            await run.send("item", "d")
+        with anyio.fail_after(5):
+            assert [data for _, data in await run.wait_finished()] == ["a", "b", "c"]
+
+
+async def test_a_finished_run_still_raises_run_finished(clock):
+    async with Runtime([ORDER], clock=clock) as rt:
+        run = await rt.spawn(ORDER, [], run_id="o1")
+        await run.send("paid")
+        await run.send("shipped")
+        with anyio.fail_after(5):
+            await run.wait_finished()
+        with pytest.raises(RunFinishedError):
+            await run.send("paid")
+
+
+async def test_a_compensating_run_takes_no_signal(clock, until):
+    undo_started = anyio.Event()
+    release = anyio.Event()
+
+    async def undo(payload, ctx):
+        undo_started.set()
+        await release.wait()
+
+    async def boom(payload, ctx):
+        raise RuntimeError("card declined")
+
+    wf = Workflow(
+        "saga",
+        [
+            Step(fn=take, name="reserve", compensate=undo),
+            Step(fn=boom, name="charge"),
+            Step(fn=take, name="ship", wait_for="shipped"),
+        ],
+        retry=RetryPolicy.never(),
+    )
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="s1")
+        with anyio.fail_after(5):
+            await undo_started.wait()
+        assert rt.get("s1").status is Status.compensating
+        with pytest.raises(UnknownSignalError, match="compensating") as info:
+            await run.send("shipped")
+        assert info.value.waiting_for == ()
+        release.set()
+        with pytest.raises(Exception, match="card declined"):
+            await run.wait_finished()
+        assert rt.get("s1").signals == ()
+
+
+async def test_a_step_sending_to_its_own_run_counts_what_it_already_sent(clock):
+    outcomes: list[Any] = []
+
+    async def announce(payload, ctx):
+        for n in (1, 2):
+            try:
+                await rt.send(ctx.run_id, "next", n)
+                outcomes.append(n)
+            except UnknownSignalError as exc:
+                outcomes.append(exc.signal)
+        return payload
+
+    wf = Workflow("self", [Step(fn=announce, name="announce"), Step(fn=take, name="then", wait_for="next")])
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="me")
+        with anyio.fail_after(5):
+            assert await run.wait_finished() == [("then", 1)]
+        assert outcomes == [1, "next"]
