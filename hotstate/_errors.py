@@ -229,6 +229,22 @@ class UnknownSignalError(RunError, ConfigError):
         HotstateError.__init__(self, f"run {run_id!r}: {reason}; it still waits for {wanted}; nothing was queued")
 
 
+class SignalQueueFullError(RunError):
+    """``send`` found ``limit`` signals already pending in the run; nothing was queued or acknowledged.
+
+    ``Runtime(max_pending_signals=...)`` bounds each run's pending signals.
+    Send again once the run's steps have consumed some. ``signal`` names the
+    signal refused.
+    """
+
+    def __init__(self, run_id: str, signal: str, limit: int) -> None:
+        self.signal = signal
+        self.limit = limit
+        super().__init__(
+            run_id, f"{limit} signals are pending already (max_pending_signals); {signal!r} was not queued"
+        )
+
+
 # Recorded error type names (ErrorInfo.type) and pickles should name the public
 # path, not this private module (STYLE.md D.14).
 for _cls in list(globals().values()):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from asyncio import CancelledError
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from hotstate._errors import StepResultError, StepTimeoutError
@@ -31,6 +31,7 @@ from hotstate.actors._history import STEP_RUNNING, History
 from hotstate.actors._snapshot import (
     TERMINAL_STATUSES,
     ErrorInfo,
+    Signals,
     Snapshot,
     Status,
     Transition,
@@ -404,7 +405,7 @@ class RunActor:
         s: Snapshot,
         payload: Any,
         cursor: int,
-        signals: tuple[tuple[str, Any], ...] | None = None,
+        signals: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
         now = host.wall()
         v = s.version + 1
@@ -480,7 +481,8 @@ class RunActor:
         steps = self.workflow.steps
         if status is _WAITING and s.step < len(steps) and steps[s.step].wait_for == name:
             status = _RUNNING
-        self._commit(host, TransitionKind.signal, name, signals=(*s.signals, (name, data)), status=status)
+        signals = Signals.of(s.signals).appended(name, data)
+        self._commit(host, TransitionKind.signal, name, signals=signals, status=status)
 
     def signal_room(self, name: str) -> int:
         """How many more ``name`` signals the run would ever consume (<= 0: none).
@@ -497,10 +499,17 @@ class RunActor:
         wanted = self.workflow.waits_for(name, from_step=s.step)
         if not wanted:
             return 0
-        queued = sum(1 for sig, _ in s.signals if sig == name)
+        queued = _count_of(s.signals, name)
         if self.mailbox:
             queued += sum(1 for kind, sig, _ in self.mailbox if kind == MSG_SIGNAL and sig == name)
         return wanted - queued
+
+    def pending_signals(self) -> int:
+        """Signals received and not yet consumed: in the snapshot, and in the mailbox (the run's own step sent them)."""
+        pending = len(self.snapshot.signals)
+        if self.mailbox:
+            pending += sum(1 for kind, _, _ in self.mailbox if kind == MSG_SIGNAL)
+        return pending
 
     def signals_wanted(self) -> tuple[str, ...]:
         """The signals the run still waits for (``signal_room`` > 0), in the order its steps wait for them."""
@@ -600,17 +609,23 @@ _MISSING: Final = object()
 _FAILED: Final = object()
 
 
-def _find_signal(signals: tuple[tuple[str, Any], ...], name: str) -> Any:
+def _find_signal(signals: Sequence[tuple[str, Any]], name: str) -> Any:
     """Return the data of the oldest signal called ``name``, or ``_MISSING``."""
+    if type(signals) is Signals and not signals.count_of(name):
+        return _MISSING
     for sig, data in signals:
         if sig == name:
             return data
     return _MISSING
 
 
-def _drop_first(signals: tuple[tuple[str, Any], ...], name: str | None) -> tuple[tuple[str, Any], ...]:
+def _drop_first(signals: Sequence[tuple[str, Any]], name: str) -> Signals:
     """Remove the oldest signal called ``name`` (the one the step consumed)."""
-    for i, (sig, _) in enumerate(signals):
-        if sig == name:
-            return signals[:i] + signals[i + 1 :]
-    return signals
+    return Signals.of(signals).without_first(name)
+
+
+def _count_of(signals: Sequence[tuple[str, Any]], name: str) -> int:
+    """How many of ``signals`` are called ``name``: O(1) for ``Signals``, a scan of a (decoded) tuple."""
+    if type(signals) is Signals:
+        return signals.count_of(name)
+    return sum(1 for sig, _ in signals if sig == name)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import enum
 import traceback
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, final, overload
 
 __all__ = [
     "TERMINAL_STATUSES",
     "DeadLetter",
     "ErrorInfo",
+    "Signals",
     "Snapshot",
     "Status",
     "Transition",
@@ -132,6 +134,155 @@ class ErrorInfo:
         return f"{self.type.rpartition('.')[2]}: {self.message}"
 
 
+_COMPACT_AT: Final = 64  # dropped pairs kept in front of a shared list before it is copied
+
+
+@final
+class Signals(Sequence[tuple[str, Any]]):
+    """A run's pending signals, oldest first: an immutable sequence of ``(name, data)`` pairs.
+
+    It reads like the tuple of pairs it replaces: iteration, ``len``,
+    indexing, ``==`` and ``hash`` as that tuple, and it pickles (and copies)
+    as that tuple, so no hotstate class reaches a pickle. Built from any
+    iterable of pairs (a decoded tuple).
+
+    ``appended`` and dropping the oldest pair are O(1), where a tuple copied
+    every pending pair on each ``send`` (139 us per send at 16k pending, #11):
+    the snapshots of one run share one list and each sees its own window of
+    it. A list is only ever appended to, and only by the newest window (the
+    one ending at its end); appending to an older window copies it first, so
+    no earlier snapshot ever sees a change. ``count_of(name)`` is O(1) too.
+
+    Args:
+        pairs: ``(name, data)`` pairs, oldest first.
+    """
+
+    __slots__ = ("_counts", "_items", "_start", "_stop")
+
+    def __init__(self, pairs: Iterable[tuple[str, Any]] = ()) -> None:
+        items = [(name, data) for name, data in pairs]
+        counts: dict[str, int] = {}
+        for name, _ in items:
+            counts[name] = counts.get(name, 0) + 1
+        self._items = items
+        self._start = 0
+        self._stop = len(items)
+        self._counts = counts
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, Any]]) -> Signals:
+        """Return ``pairs`` if it is a ``Signals`` already, else a ``Signals`` of them (O(n) once).
+
+        Args:
+            pairs: ``(name, data)`` pairs, oldest first.
+
+        Returns:
+            The pending signals.
+        """
+        return pairs if type(pairs) is Signals else cls(pairs)
+
+    @classmethod
+    def _window(cls, items: list[tuple[str, Any]], start: int, stop: int, counts: dict[str, int]) -> Signals:
+        new = object.__new__(cls)
+        new._items = items
+        new._start = start
+        new._stop = stop
+        new._counts = counts
+        return new
+
+    def appended(self, name: str, data: Any) -> Signals:
+        """Return these signals with ``(name, data)`` after them; O(1) amortized.
+
+        Args:
+            name: the signal's name.
+            data: its data.
+
+        Returns:
+            The new pending signals (this object is unchanged).
+        """
+        items, start, stop = self._items, self._start, self._stop
+        if stop != len(items):  # a later window shares this list: branch off with a copy
+            items, start, stop = items[start:stop], 0, stop - start
+        items.append((name, data))
+        counts = self._counts.copy()
+        counts[name] = counts.get(name, 0) + 1
+        return self._window(items, start, stop + 1, counts)
+
+    def without_first(self, name: str) -> Signals:
+        """Return these signals without the oldest one called ``name`` (the one a step consumed).
+
+        O(1) when it is the oldest of all, else O(n).
+
+        Args:
+            name: the signal's name.
+
+        Returns:
+            The new pending signals (``self`` when none is called ``name``).
+        """
+        items, start, stop = self._items, self._start, self._stop
+        if not self._counts.get(name):
+            return self
+        at = next(i for i in range(start, stop) if items[i][0] == name)
+        counts = self._counts.copy()
+        if counts[name] == 1:
+            del counts[name]
+        else:
+            counts[name] -= 1
+        if at != start:
+            kept = items[start:at] + items[at + 1 : stop]
+            return self._window(kept, 0, len(kept), counts)
+        start += 1
+        if start >= _COMPACT_AT and start * 2 > len(items):  # most of the list is dropped pairs: copy the window
+            items, start, stop = items[start:stop], 0, stop - start
+        return self._window(items, start, stop, counts)
+
+    def count_of(self, name: str) -> int:
+        """Return how many pending signals are called ``name``; O(1).
+
+        Args:
+            name: a signal name.
+
+        Returns:
+            The count.
+        """
+        return self._counts.get(name, 0)
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return map(self._items.__getitem__, range(self._start, self._stop))
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[tuple[str, Any], ...]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, Any] | tuple[tuple[str, Any], ...]:
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        n = self._stop - self._start
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError("Signals index out of range")
+        return self._items[self._start + i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Signals | tuple):
+            return len(self) == len(other) and tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Signals({list(self)!r})"
+
+    def __reduce__(self) -> tuple[type[tuple[Any, ...]], tuple[tuple[tuple[str, Any], ...]]]:
+        return tuple, (tuple(self),)  # pickled and copied as the tuple of pairs it stands for
+
+
 class Snapshot(NamedTuple):
     """The immutable state of one run at one version.
 
@@ -147,7 +298,9 @@ class Snapshot(NamedTuple):
         updated_at: wall-clock time of this version.
         attempt: the attempt number the step at the cursor is on (1-based).
         signals: signals received but not yet consumed, oldest first,
-            as ``(name, data)`` pairs.
+            as ``(name, data)`` pairs: a ``Signals`` (O(1) append), or a
+            tuple of pairs (a new or decoded snapshot); both compare equal
+            to the tuple of pairs.
     """
 
     run_id: str
@@ -160,7 +313,7 @@ class Snapshot(NamedTuple):
     error: ErrorInfo | None
     updated_at: float
     attempt: int = 1
-    signals: tuple[tuple[str, Any], ...] = ()
+    signals: Sequence[tuple[str, Any]] = ()
 
     @property
     def finished(self) -> bool:

@@ -37,6 +37,7 @@ from hotstate._errors import (
     RunFinishedError,
     RunNotFoundError,
     RuntimeClosedError,
+    SignalQueueFullError,
     StoreUnavailableError,
     UnknownSignalError,
     WorkflowNotRegisteredError,
@@ -154,6 +155,10 @@ class Runtime:
             every quarter of this (at least every second, at most every
             minute), costs the runs it evicts, and nothing per step. Default:
             finished runs stay in memory until ``purge_finished``.
+        max_pending_signals: the most signals one run holds unconsumed;
+            ``send`` past it raises ``SignalQueueFullError`` and queues nothing.
+            (``send`` already takes only signals a step left will consume, so
+            only a workflow with more waiting steps than this reaches it.)
 
     Raises:
         ConfigError: an option is out of range or of the wrong type, or two
@@ -185,12 +190,14 @@ class Runtime:
         ack_tiers: Sequence[str] = (),
         crash_limit: int = 3,
         retain_finished: float | None = None,
+        max_pending_signals: int = 1_000,
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
         number("Runtime.flush_timeout", flush_timeout, strict=True)
         integer("Runtime.steps_per_turn", steps_per_turn, minimum=1)
         integer("Runtime.recovery_concurrency", recovery_concurrency, minimum=1)
         integer("Runtime.crash_limit", crash_limit, minimum=1)
+        self._max_signals = integer("Runtime.max_pending_signals", max_pending_signals, minimum=1)
         _check_kind("Runtime.clock", clock, Clock, "a Clock")
         _check_kind("Runtime.rng", rng, random.Random, "a random.Random")
         _check_kind("Runtime.intensity", intensity, RestartIntensity, "a RestartIntensity")
@@ -944,6 +951,8 @@ class Runtime:
             UnknownSignalError: no step left waits for ``signal``, or each one
                 that does already has one queued, or the run is compensating;
                 nothing was queued (a ``ConfigError`` too).
+            SignalQueueFullError: ``max_pending_signals`` are pending in the
+                run; nothing was queued.
             ConfigError: ``run_id`` or ``signal`` is not a valid id or name.
             DurabilityTimeoutError: under write-through or ``ack_tiers``, the
                 snapshot holding the signal was not durable within ``ack_timeout``.
@@ -956,6 +965,8 @@ class Runtime:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
         if actor.signal_room(signal) <= 0:
             raise UnknownSignalError(run_id, signal, actor.signals_wanted(), _why_unwanted(actor, signal))
+        if actor.pending_signals() >= self._max_signals:
+            raise SignalQueueFullError(run_id, signal, self._max_signals)
         if actor.running and actor.host_task is asyncio.current_task():
             actor.post_signal(signal, data)  # the run's own step is sending: apply after it
             own_step = True

@@ -159,6 +159,8 @@ CONSTRUCTION: list[tuple[str, Any, str]] = [
     ("Runtime(ack_tiers=[5])", lambda: _runtime(ack_tiers=[5]), "Runtime.ack_tiers"),
     ("Runtime(steps_per_turn='9')", lambda: _runtime(steps_per_turn="9"), "Runtime.steps_per_turn"),
     ("Runtime.register(5)", lambda: _runtime().register(5), "Runtime.register.workflow"),
+    ("Runtime(max_pending_signals=0)", lambda: _runtime(max_pending_signals=0), "Runtime.max_pending_signals"),
+    ("Runtime(max_pending_signals='9')", lambda: _runtime(max_pending_signals="9"), "Runtime.max_pending_signals"),
 ]
 
 

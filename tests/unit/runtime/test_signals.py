@@ -10,14 +10,18 @@ import pytest
 
 from hotstate import (
     ConfigError,
+    FlushPolicy,
     RetryPolicy,
     RunFinishedError,
     Runtime,
+    SignalQueueFullError,
     Status,
     Step,
+    Tier,
     UnknownSignalError,
     Workflow,
 )
+from hotstate.persistence import MemoryStore
 
 
 async def take(payload, ctx):
@@ -153,3 +157,79 @@ async def test_a_step_sending_to_its_own_run_counts_what_it_already_sent(clock):
         with anyio.fail_after(5):
             assert await run.wait_finished() == [("then", 1)]
         assert outcomes == [1, "next"]
+
+
+# ------------------------------------------------------------------ the bound per run
+
+
+def feeder(n: int) -> Workflow:
+    """A first step that waits for "start", then ``n`` steps that each take one "item"."""
+    return Workflow(
+        "feed",
+        [
+            Step(fn=take, name="start", wait_for="start"),
+            *(Step(fn=take, name=f"i{k}", wait_for="item") for k in range(n)),
+        ],
+    )
+
+
+async def test_pending_signals_are_bounded_per_run_and_a_full_queue_takes_nothing(clock, until):
+    wf = feeder(5)
+    async with Runtime([wf], clock=clock, max_pending_signals=3) as rt:
+        run = await rt.spawn(wf, [], run_id="f1")
+        for k in range(3):
+            await run.send("item", k)
+        before = rt.get("f1")
+        with pytest.raises(SignalQueueFullError) as info:
+            await run.send("item", 3)
+        assert (info.value.run_id, info.value.signal, info.value.limit) == ("f1", "item", 3)
+        assert rt.get("f1") == before
+        with pytest.raises(SignalQueueFullError):
+            await run.send("start")  # full is full, whatever the name
+        await rt.cancel("f1")
+
+
+async def test_a_queue_that_was_full_takes_signals_again_once_steps_consume_them(clock, until):
+    wf = Workflow("pair", [Step(fn=take, name="a", wait_for="x"), Step(fn=take, name="b", wait_for="y")])
+    async with Runtime([wf], clock=clock, max_pending_signals=1) as rt:
+        run = await rt.spawn(wf, [], run_id="p1")
+        await waiting_at(rt, "p1", 0, until)
+        await run.send("y", 2)  # for the later step: queued, and the queue is full
+        with pytest.raises(SignalQueueFullError):
+            await run.send("x", 1)
+        assert rt.get("p1").signals == (("y", 2),)
+        await rt.cancel("p1")
+
+
+async def test_the_default_bound_is_a_thousand(clock):
+    wf = feeder(1_001)
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="f1")
+        for k in range(1_000):
+            await run.send("item", k)
+        assert len(rt.get("f1").signals) == 1_000
+        with pytest.raises(SignalQueueFullError):
+            await run.send("item", 1_000)
+        await rt.cancel("f1")
+
+
+async def test_signals_of_a_stored_run_are_appended_to_after_adoption(clock, until):
+    """A decoded snapshot holds a plain tuple of pairs: the first send after adoption builds ``Signals`` from it."""
+    wf = feeder(3)
+    store = MemoryStore()
+    tiers = [Tier(store, FlushPolicy(interval=60.0))]
+    async with Runtime([wf], tiers=tiers, clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="f1")
+        await run.send("item", "a")
+        await run.send("item", "b")
+        await rt.flush()
+    async with Runtime([wf], tiers=tiers, clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="f1")
+        assert not run.created
+        assert rt.get("f1").signals == (("item", "a"), ("item", "b"))
+        await run.send("item", "c")
+        with pytest.raises(UnknownSignalError):
+            await run.send("item", "d")  # three steps take an item, three are queued
+        await run.send("start", "go")
+        with anyio.fail_after(5):
+            assert [data for _, data in await run.wait_finished()] == ["go", "a", "b", "c"]
