@@ -185,6 +185,21 @@ class HotstateInternalError(HotstateError):
     """A bug in hotstate, never the user's fault. Please report it."""
 
 
+class RunRejectedError(CodecError):
+    """A store could not write a run at all, so the run is failed (``SaveResult.rejected``).
+
+    What the run carried cannot be stored in that tier: text that does not
+    encode as UTF-8, an integer out of the store's range, a stored key of the
+    wrong type. The store wrote every other run of the batch. ``run_id`` names
+    the run and ``reason`` says why, as the store reported it.
+    """
+
+    def __init__(self, tier: str, run_id: str, reason: str) -> None:
+        self.run_id = run_id
+        self.reason = reason
+        super().__init__(tier, f"run {run_id!r} cannot be written to this tier: {reason}")
+
+
 class RunConflictError(RunError):
     """``spawn`` named an existing run of another workflow or definition version; nothing was started.
 

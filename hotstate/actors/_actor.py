@@ -37,6 +37,7 @@ from hotstate.actors._snapshot import (
     Transition,
     TransitionKind,
     new_tuple as _new,
+    storable_text,
 )
 
 if TYPE_CHECKING:
@@ -392,9 +393,15 @@ class RunActor:
         detail: str | None = None,
         **changes: Any,
     ) -> Snapshot:
-        """Commit a (non hot-path) transition that changes ``changes`` fields."""
+        """Commit a (non hot-path) transition that changes ``changes`` fields.
+
+        ``detail`` (a signal or step name, an error summary) is made storable
+        first: one lone surrogate in it failed every flush of a tier (#11).
+        """
         s = self.snapshot
         now = host.wall()
+        if detail is not None:
+            detail = storable_text(detail)
         new = s._replace(version=s.version + 1, updated_at=now, **changes)
         host.commit(self, new, Transition(s.run_id, new.version, kind, new.step, new.status, now, detail))
         return new

@@ -29,6 +29,7 @@ __all__ = [
     "Transition",
     "TransitionKind",
     "new_tuple",
+    "storable_text",
 ]
 
 new_tuple: Final = tuple.__new__
@@ -36,6 +37,33 @@ new_tuple: Final = tuple.__new__
 keyword-parsing ``__new__`` frame. Only the measured paths use it (the step loop,
 spawn, recovery's 100,000 adoptions, decoding headers); the field order it relies
 on is pinned by ``tests/unit/actors/test_snapshot.py``."""
+
+
+def storable_text(text: str) -> str:
+    r"""``text`` as valid UTF-8 text, so every store can keep it (#11).
+
+    A lone surrogate does not encode, and one in an error message used to
+    fail every flush of a tier. Non-UTF-8 bytes that ``os.fsdecode`` or
+    ``sys.argv`` smuggled in as surrogates (U+DC80..U+DCFF) come back as
+    ``\xNN``, the byte they stand for; any other lone surrogate as
+    ``\udNNN``. Text that encodes is returned as is.
+
+    Args:
+        text: any text.
+
+    Returns:
+        Text that encodes as UTF-8.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF
+            return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 class Status(enum.StrEnum):
@@ -105,7 +133,7 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, step: int, step_name: str, attempt: int, at: float) -> ErrorInfo:
-        """Record ``exc`` (with its traceback text).
+        """Record ``exc`` (with its traceback text), its text made storable (``storable_text``).
 
         Args:
             exc: the exception raised.
@@ -119,11 +147,11 @@ class ErrorInfo:
         """
         kind = type(exc)
         return cls(
-            type=f"{kind.__module__}.{kind.__qualname__}",
-            message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            type=storable_text(f"{kind.__module__}.{kind.__qualname__}"),
+            message=storable_text(str(exc)),
+            traceback=storable_text("".join(traceback.format_exception(exc))),
             step=step,
-            step_name=step_name,
+            step_name=storable_text(step_name),
             attempt=attempt,
             at=at,
         )

@@ -21,9 +21,12 @@ from hotstate.persistence._store import (
     advance_mark,
     bad_row,
     check_limit,
+    dead_letter_problem,
     render_id,
     status_filter,
     stored_problem,
+    unwritable,
+    without,
 )
 
 if sys.version_info >= (3, 12):
@@ -104,9 +107,17 @@ class MemoryStore(StoreBase):
 
     @override
     async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+        """Apply the batch at once (no ``await``), rejecting what SQLite and Valkey would reject.
+
+        Dicts could hold anything, but a test run on this store must see the
+        rejections a real store makes (``unwritable``).
+        """
         self._check_open()
         written = stale = added = 0
         above = False
+        rejected = unwritable(snapshots, transitions)
+        if rejected:
+            snapshots, transitions = without(rejected, snapshots, transitions)
         # No await below: the whole batch is applied atomically w.r.t. other tasks.
         mark = self._mark
         floor, seq = mark.next()
@@ -128,13 +139,14 @@ class MemoryStore(StoreBase):
                 added += 1
         self.saves += 1
         mark.stored(seq)
-        if above:  # an equal version is a retried batch, not a conflict
+        if above or rejected:  # an equal version is a retried batch, not a conflict
             return SaveResult(
                 written=written,
                 stale=stale,
                 transitions=added,
                 reset=reset,
-                conflicts=_conflicts(self._runs, snapshots),
+                conflicts=_conflicts(self._runs, snapshots) if above else {},
+                rejected=rejected,
             )
         return SaveResult(written=written, stale=stale, transitions=added, reset=reset)
 
@@ -233,13 +245,21 @@ class MemoryStore(StoreBase):
     @override
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
         self._check_open()
+        if (why := dead_letter_problem(record)) is not None:
+            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
         self._dead[record.run_id] = record
 
     @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
         self._check_open()
+        rejected: dict[str, str] = {}
         for record in records:
-            self._dead[record.run_id] = record
+            if (why := dead_letter_problem(record)) is not None:
+                rejected[record.run_id] = why
+        for record in records:
+            if record.run_id not in rejected:
+                self._dead[record.run_id] = record
+        return rejected
 
     @override
     async def dead_letters(self) -> list[StoredDeadLetter]:

@@ -26,6 +26,7 @@ from hotstate._errors import (
     CodecError,
     DurabilityTimeoutError,
     PersistenceError,
+    RunRejectedError,
     StaleVersionError,
     StoreUnavailableError,
 )
@@ -78,6 +79,11 @@ class PersisterStatistics:
         codec_errors: snapshots that could not be encoded (their runs failed).
         conflicts: snapshots the store skipped because it holds a newer version of
             the run (never counted durable; the run was stopped).
+        rejected_rows: runs the store could not write at all and left out of
+            a save (``SaveResult.rejected``: text that does not encode, a
+            number out of range, a key of the wrong type), once per save that
+            carried them, plus dead letters it could not write. Never
+            counted durable; the run was failed (#11).
         dropped_rows: rows a cache tier (``FlushPolicy(cache=True)``) dropped
             while down past its memory bound (it was written anew once back).
         resets: times the store reported it had lost its data (e.g. Valkey restarted
@@ -103,6 +109,7 @@ class PersisterStatistics:
     backpressure_events: int
     codec_errors: int
     conflicts: int
+    rejected_rows: int
     dropped_rows: int
     resets: int
     last_error: str | None
@@ -164,6 +171,7 @@ class Persister:
         self._avg_bytes = 0.0
         self._poisoned: set[str] = set()
         self._conflicted: set[str] = set()  # runs whose conflict was logged (once each)
+        self._rejected: dict[str, RunRejectedError] = {}  # runs the store refused: their last refusal
         self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
         self.pressure = False
         self._stopping = False
@@ -185,6 +193,7 @@ class Persister:
         self._pressure_events = 0
         self._codec_errors = 0
         self._conflicts = 0
+        self._rejected_rows = 0
         self._cache_dropped = False  # a cache tier dropped pending rows: rewrite it once it answers
         self._dropped_rows = 0
         self._resets = 0
@@ -273,6 +282,10 @@ class Persister:
         """True while the tier's latest flush failed (it is being retried)."""
         return self._consecutive > 0
 
+    def refused(self, run_id: str) -> bool:
+        """True when the store refused ``run_id`` (``SaveResult.rejected``) and nothing newer of it is pending."""
+        return bool(self._rejected) and run_id in self._rejected and run_id not in self._dirty
+
     @property
     def pending_rows(self) -> int:
         """Unflushed snapshots + transitions."""
@@ -306,6 +319,7 @@ class Persister:
             backpressure_events=self._pressure_events,
             codec_errors=self._codec_errors,
             conflicts=self._conflicts,
+            rejected_rows=self._rejected_rows,
             dropped_rows=self._dropped_rows,
             resets=self._resets,
             last_error=self._last_error,
@@ -321,9 +335,15 @@ class Persister:
 
         Raises:
             DurabilityTimeoutError: not durable in time (the tier is down or slow).
+            RunRejectedError: the store refused the run (``SaveResult.rejected``),
+                and no newer snapshot of it is pending: it will never be durable.
+            PersistenceError: another reason it will never be durable here
+                (a conflict, a payload that cannot be encoded).
         """
         if self.durable.get(run_id, 0) >= version:
             return
+        if self.refused(run_id):
+            raise self._rejected[run_id]
         waiter = _Waiter(version)
         self._durable_events.setdefault(run_id, []).append(waiter)
         self._poke()
@@ -435,7 +455,7 @@ class Persister:
             await self.flush_once()
             # A version the store skipped for a newer one, or that cannot be encoded,
             # will never be durable here: waiting for it would never return.
-            never = self._conflicted | self._poisoned
+            never = self._conflicted | self._poisoned | self._rejected.keys()
             target = {rid: v for rid, v in target.items() if self.durable.get(rid, 0) < v and rid not in never}
             rounds += 1
             if rounds > 1 and not target and not self._dead and not self._dead_deletes:
@@ -549,15 +569,22 @@ class Persister:
             # recovery finds a letter newer than the run's row and records the
             # run as failed (never a failed run without its letter).
             if dead:  # one transaction for all of them: a flush may carry many
-                await self.store.save_dead_letters([self._encode_dead_letter(letter) for letter in dead])
+                refused = await self.store.save_dead_letters([self._encode_dead_letter(letter) for letter in dead])
+                if refused:
+                    self._refused_dead_letters(refused)
             dead_saved = True
             for chunk, chunk_transitions in chunks:
                 stored, unwritten = self._encode(chunk)
                 conflicts: Mapping[str, int] = {}
+                rejected: Mapping[str, str] = {}
                 if stored or chunk_transitions:
                     result = await self._save(stored, chunk_transitions)
                     self._stale += result.stale
                     conflicts = result.conflicts
+                    if result.rejected:  # nothing of these runs was written
+                        rejected = result.rejected
+                        stored = [x for x in stored if x.header.run_id not in rejected]
+                        chunk_transitions = [t for t in chunk_transitions if t.run_id not in rejected]
                     if result.reset:
                         # At once, not after the whole flush: a later chunk that fails
                         # must not lose it (the store reports a reset only once).
@@ -565,7 +592,7 @@ class Persister:
                 if self.policy.keep_every is not None and stored:
                     await self._keep_versions(stored)
                 done += 1
-                self._acknowledge(chunk, unwritten, conflicts)
+                self._acknowledge(chunk, unwritten, conflicts, rejected)
                 snapshots += len(stored)
                 rows += len(stored) + len(chunk_transitions)
                 nbytes += sum(len(x.body) for x in stored)
@@ -675,18 +702,27 @@ class Persister:
         self._poke()
 
     def _acknowledge(
-        self, batch: dict[str, Snapshot], unwritten: Mapping[str, CodecError], conflicts: Mapping[str, int]
+        self,
+        batch: dict[str, Snapshot],
+        unwritten: Mapping[str, CodecError],
+        conflicts: Mapping[str, int],
+        rejected: Mapping[str, str],
     ) -> None:
-        """Count as durable what the store wrote: never a snapshot it could not take or skipped for a newer one."""
+        """Count as durable what the store wrote: never a snapshot it could not take, refused, or skipped for a newer one."""
         durable = self.durable
         waiting = self.waiting
         events = self._durable_events
         acknowledged = self._encoder.acknowledged
-        skips = bool(unwritten or conflicts)  # almost always False: one test per flush, not per row
+        skips = bool(unwritten or conflicts or rejected)  # almost always False: one test per flush, not per row
+        if rejected:
+            for rid, why in rejected.items():
+                self._refused(rid, why)
         for rid, snap in batch.items():
             if skips:
                 if rid in unwritten:
                     self._fail_waiters(rid, unwritten[rid])
+                    continue
+                if rid in rejected:
                     continue
                 stored = conflicts.get(rid)
                 if stored is not None:
@@ -728,6 +764,34 @@ class Persister:
         self.waiting.pop(rid, None)
         self._listener.conflict(rid, exc)
 
+    def _refused(self, rid: str, why: str) -> None:
+        """The store refused ``rid`` whole (``SaveResult.rejected``): not durable, never retried, and the run must fail.
+
+        Its rows are dropped, not merged back: the store would refuse them
+        again, and a retried batch would block every other run (#11). The
+        owner hears every refusal through ``codec_error``, as for a payload
+        that cannot be encoded: the first fails the run; a later one (the
+        run is being failed, and each new snapshot is offered once) schedules
+        it again, as a run parked for a write-through tier would otherwise
+        wait for a durability that never comes. Logged once per run.
+        """
+        exc = RunRejectedError(self.name, rid, why)
+        self._rejected_rows += 1
+        if rid not in self._rejected:
+            log.error(
+                "hotstate: tier %r refused run %r; not counted durable, the run is failed: %s", self.name, rid, why
+            )
+        self._rejected[rid] = exc
+        self._fail_waiters(rid, exc)
+        self.waiting.pop(rid, None)
+        self._listener.codec_error(rid, exc)
+
+    def _refused_dead_letters(self, refused: Mapping[str, str]) -> None:
+        """The store could not write these dead letters: counted and logged; the other records were written."""
+        for rid, why in refused.items():
+            self._rejected_rows += 1
+            log.error("hotstate: tier %r cannot write the dead letter of run %r: %s", self.name, rid, why)
+
     def _merge_back(
         self,
         batch: dict[str, Snapshot],
@@ -751,4 +815,5 @@ class Persister:
         self._encoder.forget(run_id)
         self._poisoned.discard(run_id)
         self._conflicted.discard(run_id)
+        self._rejected.pop(run_id, None)
         self._kept.pop(run_id, None)

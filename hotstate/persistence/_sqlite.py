@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import operator
 import os
 import sqlite3
 import sys
@@ -40,14 +41,19 @@ from hotstate.persistence._records import (
 )
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
+    INT64_MAX,
     MARK_TTL,
     StoreBase,
     WriterMark,
     advance_mark,
     bad_row,
     check_limit,
+    dead_letter_problem,
     render_id,
     status_filter,
+    transition_parts,
+    unwritable,
+    without,
 )
 
 if sys.version_info >= (3, 12):
@@ -308,6 +314,40 @@ async def _advance_mark(conn: aiosqlite.Connection, writer: str, floor: int, seq
     (high, lost), reset = advance_mark(held, floor, seq)
     await conn.execute(_WRITE_MARK, (writer, high, lost, now))
     return reset
+
+
+def _transitions_json(part: Sequence[Transition]) -> str:
+    """The transitions as one JSON parameter for ``_INSERT_TRANSITIONS_JSON`` ("" when SQLite lacks JSON).
+
+    StrEnum members serialise as their values; floats round-trip (repr). A
+    NaN raises ``ValueError`` here: SQLite would call the JSON malformed,
+    which reads as an unreachable store.
+    """
+    if not _json_available():
+        return ""
+    return json.dumps(list(part), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+_VERSION: Final = operator.itemgetter(1)
+_STEP: Final = operator.itemgetter(3)
+
+
+async def _insert_transitions(conn: aiosqlite.Connection, part: Sequence[Transition], text: str) -> int:
+    """``INSERT OR IGNORE`` ``part`` (``text`` is its ``_transitions_json``); how many rows were new.
+
+    Raises:
+        OverflowError: a version or step is past 64 bits (``save`` rejects its run).
+    """
+    if text and _NUL_IN_JSON not in text:
+        # json_extract() reads an integer past 64 bits as a REAL, which the
+        # INTEGER column keeps: check what a bind would (~20 ns a transition).
+        if max(map(_VERSION, part)) > INT64_MAX or max(map(_STEP, part)) > INT64_MAX:
+            raise OverflowError("a transition's version or step is past 64 bits")
+        cur = await conn.execute(_INSERT_TRANSITIONS_JSON, (text,))
+    else:
+        rows = [(t.run_id, t.version, str(t.kind), t.step, str(t.status), t.at, t.detail) for t in part]
+        cur = await conn.executemany(_INSERT_TRANSITION, rows)
+    return cur.rowcount
 
 
 def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
@@ -641,8 +681,38 @@ class SQLiteStore(StoreBase):
         which keeps the file). A file replaced by an up-to-date copy is not a
         reset. While the path cannot be opened (its directory is gone), writes
         raise ``StoreUnavailableError``.
+
+        A batch that sqlite3 cannot bind (a lone surrogate, an integer past
+        64 bits, a NaN in a NOT NULL column) is rolled back, and written again
+        without the runs ``unwritable`` names (``SaveResult.rejected``): the
+        check costs nothing until a batch fails. A batch written in several
+        transactions (``CALL_TRANSITIONS``) is checked before the first.
         """
-        written = added = 0
+        try:
+            return await self._save(snapshots, transitions, {})
+        except (ValueError, OverflowError, PersistenceError) as exc:  # UnicodeEncodeError is a ValueError
+            if isinstance(exc, StoreUnavailableError):
+                raise
+            rejected = unwritable(snapshots, transitions)
+            if not rejected:
+                raise
+        snapshots, transitions = without(rejected, snapshots, transitions)
+        return await self._save(snapshots, transitions, rejected)
+
+    async def _save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], rejected: dict[str, str]
+    ) -> SaveResult:
+        parts = transition_parts(transitions, _transitions_json)
+        if len(parts) > 1 and not rejected and (found := unwritable(snapshots, transitions)):
+            rejected.update(found)
+            snapshots, transitions = without(found, snapshots, transitions)
+            parts = transition_parts(transitions, _transitions_json)
+        added = 0
+        for part, text in parts[:-1]:  # a long history: the first transitions in transactions of their own
+            async with self._transaction("save") as conn:
+                added += await _insert_transitions(conn, part, text)
+        part, text = parts[-1]
+        written = 0
         conflicts: dict[str, int] = {}
         mark = self._mark
         async with self._transaction("save") as conn:
@@ -653,21 +723,8 @@ class SQLiteStore(StoreBase):
                 written = cur.rowcount
                 if written < len(snapshots):  # one more query, only when something was skipped
                     conflicts = await _conflicts(conn, snapshots)
-            if transitions:
-                # StrEnum members serialise as their values; floats round-trip (repr).
-                batch = (
-                    json.dumps(list(transitions), ensure_ascii=False, separators=(",", ":"))
-                    if _json_available()
-                    else ""
-                )
-                if batch and _NUL_IN_JSON not in batch:
-                    cur = await conn.execute(_INSERT_TRANSITIONS_JSON, (batch,))
-                else:
-                    rows = [
-                        (t.run_id, t.version, str(t.kind), t.step, str(t.status), t.at, t.detail) for t in transitions
-                    ]
-                    cur = await conn.executemany(_INSERT_TRANSITION, rows)
-                added = cur.rowcount
+            if part:
+                added += await _insert_transitions(conn, part, text)
         mark.stored(seq)
         return SaveResult(
             written=written,
@@ -675,6 +732,7 @@ class SQLiteStore(StoreBase):
             transitions=added,
             reset=reset,
             conflicts=conflicts,
+            rejected=rejected,
         )
 
     async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
@@ -800,10 +858,22 @@ class SQLiteStore(StoreBase):
 
     @override
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        await self.save_dead_letters([record])
+        rejected = await self.save_dead_letters([record])
+        if rejected:
+            why = rejected[record.run_id]
+            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
 
     @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
+        """Write the records in one transaction; one no store can write is left out (``dead_letter_problem``).
+
+        Dead letters are few: each record is checked before the write.
+        """
+        rejected = {r.run_id: why for r in records if (why := dead_letter_problem(r)) is not None}
+        await self._save_dead_letters([r for r in records if r.run_id not in rejected] if rejected else records)
+        return rejected
+
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
         if not records:
             return
         rows = [_dead_letter_row(r) for r in records]

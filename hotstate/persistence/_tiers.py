@@ -183,7 +183,9 @@ class Tiers:
             True when ``item`` was parked, False when every write-through tier has ``version``.
         """
         for p in self._through:
-            if p.durable.get(run_id, 0) < version:
+            # A tier that refused the run, with nothing of it pending, will never
+            # take this version: parking there would hold the run forever (#11).
+            if p.durable.get(run_id, 0) < version and not p.refused(run_id):
                 p.notify_when_durable(run_id, item)
                 return True
         return False
@@ -496,8 +498,9 @@ class Tiers:
                 p.store_was_reset()
             written += result.written
             for stored, _ in batch:
-                if stored.header.run_id not in result.conflicts:
-                    p.note_stored(stored.header.run_id, stored.header.version)
+                rid = stored.header.run_id
+                if rid not in result.conflicts and rid not in result.rejected:  # refused: not there (#11)
+                    p.note_stored(rid, stored.header.version)
         return written
 
     # ------------------------------------------------------------ writes

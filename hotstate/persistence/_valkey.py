@@ -53,8 +53,12 @@ from hotstate.persistence._store import (
     WriterMark,
     bad_row,
     check_limit,
+    dead_letter_problem,
     render_id,
     status_filter,
+    transition_parts,
+    unwritable,
+    without,
 )
 
 if sys.version_info >= (3, 12):
@@ -87,7 +91,8 @@ _HEADER_FIELDS: Final = (
 _SNAPSHOT_FIELDS: Final = (*_HEADER_FIELDS, "error", "body")
 
 # ARGV: prefix, headers JSON, transitions JSON, writer id, floor, seq (WriterMark),
-# then one body per snapshot.
+# then one body per snapshot. An empty writer id: a call carrying only the first
+# transitions of a long batch (ValkeyStore.save), which leaves the mark alone.
 # The headers travel as one JSON array of string fields (cjson decodes it
 # server-side) and bodies as separate ARGV entries, so binary bytes survive and
 # the client packs ~1 argument per snapshot instead of ~13: packing arguments
@@ -97,54 +102,99 @@ _SAVE_LUA: Final = """
 local p = ARGV[1]
 local heads = cjson.decode(ARGV[2])
 local trans = cjson.decode(ARGV[3])
+local fmt = string.format
 -- This writer's mark (advance_mark in _store.py): lower than the floor, or
 -- gone, means the server lost writes this writer had acknowledged (restarted
--- empty or from an older RDB/AOF, a restored backup). Written after pass 1,
--- which is the only place the script can fail.
+-- empty or from an older RDB/AOF, a restored backup). A mark key of another
+-- type reads as gone (SET replaces it).
+local marking = ARGV[4] ~= ''
 local mkey, floor, seq = p .. ':mark:' .. ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local high, lost = 0, 0
-local held = redis.call('GET', mkey)
-if held then
-  local h, l = string.match(held, '^(%d+):(%d+)$')
-  if h then high, lost = tonumber(h), tonumber(l) end
-end
-if high < floor then lost = seq end
-local reset = 0
-if lost > floor then reset = 1 end
--- Pass 1 reads every run's current header and checks every key's type before
--- any write, so the only failure a script can meet midway (WRONGTYPE) leaves
--- nothing half-written.
-local seen = {}
-local function check(key, want)
-  if seen[key] then return end
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= want then
-    error({err = 'WRONGTYPE hotstate key ' .. key .. ' is a ' .. t .. ', not a ' .. want})
+local high, lost, reset = 0, 0, 0
+if marking then
+  local ok, held = pcall(redis.call, 'GET', mkey)
+  if ok and held then
+    local h, l = string.match(held, '^(%d+):(%d+)$')
+    if h then high, lost = tonumber(h), tonumber(l) end
   end
-  seen[key] = true
+  if high < floor then lost = seq end
+  if lost > floor then reset = 1 end
 end
+-- Pass 1 reads and checks, and writes nothing. A run that cannot be written
+-- (a number out of range, a key it would write holding another type) is
+-- rejected whole, with the reason, and every other run is written (#11): a
+-- script that fails keeps the writes it made before, so no check may wait
+-- for pass 2.
+local bad, nbad = {}, 0
+local function reject(rid, why)
+  if not bad[rid] then
+    bad[rid] = why
+    nbad = nbad + 1
+  end
+end
+local types = {}
+local function wrong(key, want)
+  local t = types[key]
+  if not t then
+    t = redis.call('TYPE', key).ok
+    types[key] = t
+  end
+  if t ~= 'none' and t ~= want then return 'key ' .. key .. ' is a ' .. t .. ', not a ' .. want end
+  return false
+end
+-- Decimal text of a signed 64-bit integer (Python's str() of an int in range).
+local function int64(s)
+  local sign, d = string.match(s, '^(%-?)(%d+)$')
+  if not d then return false end
+  if #d ~= 19 then return #d < 19 end
+  if sign == '-' then return d <= '9223372036854775808' end
+  return d <= '9223372036854775807'
+end
+local NUMBERS = {{3, 'workflow_version'}, {4, 'version'}, {5, 'step'}, {8, 'attempt'}}
 local cur = {}  -- run id -> {version, status, workflow, error}, kept current through the batch
 for j = 1, #heads do
   local h = heads[j]
-  if not tonumber(h[4]) then
-    return redis.error_reply('ERR hotstate: version of ' .. h[1] .. ' is not a number')
-  end
-  if not cur[h[1]] then
-    local key = p .. ':run:' .. h[1]
-    local ok, got = pcall(redis.call, 'HMGET', key, 'version', 'status', 'workflow', 'error')
-    if not ok then
-      error({err = 'WRONGTYPE hotstate key ' .. key .. ' is not a hash'})
+  local rid = h[1]
+  if not bad[rid] then
+    local why = false
+    for k = 1, 4 do
+      local f = NUMBERS[k]
+      if not why and not int64(h[f[1]]) then
+        why = f[2] .. '=' .. h[f[1]] .. ' is out of range (a signed 64-bit integer)'
+      end
     end
-    cur[h[1]] = got
+    if not why and not cur[rid] then
+      local key = p .. ':run:' .. rid
+      local ok, got = pcall(redis.call, 'HMGET', key, 'version', 'status', 'workflow', 'error')
+      if ok then cur[rid] = got else why = wrong(key, 'hash') or ('key ' .. key .. ' cannot be read') end
+    end
+    if not why then
+      local c = cur[rid]
+      why = wrong(p .. ':status:' .. h[6], 'zset') or wrong(p .. ':wf:' .. h[2], 'zset')
+        or (c[2] and wrong(p .. ':status:' .. c[2], 'zset')) or (c[3] and wrong(p .. ':wf:' .. c[3], 'zset'))
+        or wrong(p .. ':runs', 'zset')
+    end
+    if why then reject(rid, why) end
   end
-  check(p .. ':status:' .. h[6], 'zset')
-  check(p .. ':wf:' .. h[2], 'zset')
 end
-check(p .. ':runs', 'zset')
+local LIMIT = 9223372036854775808  -- 2^63, exact as a double (cjson's numbers)
 for j = 1, #trans do
-  check(p .. ':hist:' .. trans[j][1], 'hash')
+  local t = trans[j]
+  local rid = t[1]
+  if not bad[rid] then
+    local why = false
+    if not (t[2] >= -LIMIT and t[2] < LIMIT) then
+      why = 'transition version ' .. fmt('%.17g', t[2]) .. ' is out of range (a signed 64-bit integer)'
+    elseif not (t[4] >= -LIMIT and t[4] < LIMIT) then
+      why = 'transition step ' .. fmt('%.17g', t[4]) .. ' is out of range (a signed 64-bit integer)'
+    else
+      why = wrong(p .. ':hist:' .. rid, 'hash')
+    end
+    if why then reject(rid, why) end
+  end
 end
-redis.call('SET', mkey, string.format('%d:%d', math.max(high, seq), lost), 'EX', @MARK_TTL@)
+if marking then
+  redis.call('SET', mkey, fmt('%d:%d', math.max(high, seq), lost), 'EX', @MARK_TTL@)
+end
 -- A stored version that is not an integer (a row hotstate did not write, which
 -- every read reports as malformed) orders below every version: it is replaced.
 -- Longer than 20 characters is not one either: Python's int() reads no more.
@@ -157,56 +207,69 @@ local above = false  -- a snapshot met a strictly higher stored version
 for j = 1, #heads do
   local h = heads[j]
   local rid, wf, st = h[1], h[2], h[6]
-  local c = cur[rid]
-  local key = p .. ':run:' .. rid
-  local held = version(c[1])
-  if held and held >= tonumber(h[4]) then
-    stale = stale + 1
-    if held > tonumber(h[4]) then above = true end
-  else
-    redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', h[3],
-      'version', h[4], 'step', h[5], 'status', st, 'updated_at', h[7],
-      'attempt', h[8], 'body', ARGV[6 + j])
-    if h[9] ~= '' then
-      redis.call('HSET', key, 'error', h[9])
-    elseif c[4] then
-      redis.call('HDEL', key, 'error')
+  if not bad[rid] then
+    local c = cur[rid]
+    local key = p .. ':run:' .. rid
+    local held = version(c[1])
+    if held and held >= tonumber(h[4]) then
+      stale = stale + 1
+      if held > tonumber(h[4]) then above = true end
+    else
+      redis.call('HSET', key, 'run_id', rid, 'workflow', wf, 'workflow_version', h[3],
+        'version', h[4], 'step', h[5], 'status', st, 'updated_at', h[7],
+        'attempt', h[8], 'body', ARGV[6 + j])
+      if h[9] ~= '' then
+        redis.call('HSET', key, 'error', h[9])
+      elseif c[4] then
+        redis.call('HDEL', key, 'error')
+      end
+      if c[2] ~= st then
+        if c[2] then redis.call('ZREM', p .. ':status:' .. c[2], rid) end
+        redis.call('ZADD', p .. ':status:' .. st, 0, rid)
+      end
+      if c[3] ~= wf then
+        if c[3] then redis.call('ZREM', p .. ':wf:' .. c[3], rid) end
+        redis.call('ZADD', p .. ':wf:' .. wf, 0, rid)
+      end
+      if not c[1] then redis.call('ZADD', p .. ':runs', 0, rid) end
+      cur[rid] = {h[4], st, wf, h[9] ~= '' and h[9] or false}
+      written = written + 1
     end
-    if c[2] ~= st then
-      if c[2] then redis.call('ZREM', p .. ':status:' .. c[2], rid) end
-      redis.call('ZADD', p .. ':status:' .. st, 0, rid)
-    end
-    if c[3] ~= wf then
-      if c[3] then redis.call('ZREM', p .. ':wf:' .. c[3], rid) end
-      redis.call('ZADD', p .. ':wf:' .. wf, 0, rid)
-    end
-    if not c[1] then redis.call('ZADD', p .. ':runs', 0, rid) end
-    cur[rid] = {h[4], st, wf, h[9] ~= '' and h[9] or false}
-    written = written + 1
   end
 end
 -- Each history entry is transition_to_json()'s text, built here from the
 -- batch's one JSON array ('%.17g' because cjson.encode would round `at` to
 -- 14 digits).
-local enc, fmt = cjson.encode, string.format
+local enc = cjson.encode
 for j = 1, #trans do
   local t = trans[j]
-  local detail = 'null'
-  if t[7] ~= cjson.null then detail = enc(t[7]) end
-  local version = fmt('%d', t[2])
-  local text = '[' .. enc(t[1]) .. ',' .. version .. ',' .. enc(t[3]) .. ',' .. fmt('%d', t[4]) .. ',' ..
-    enc(t[5]) .. ',' .. fmt('%.17g', t[6]) .. ',' .. detail .. ']'
-  added = added + redis.call('HSETNX', p .. ':hist:' .. t[1], version, text)
+  if not bad[t[1]] then
+    local detail = 'null'
+    if t[7] ~= cjson.null then detail = enc(t[7]) end
+    local v = fmt('%d', t[2])
+    local text = '[' .. enc(t[1]) .. ',' .. v .. ',' .. enc(t[3]) .. ',' .. fmt('%d', t[4]) .. ',' ..
+      enc(t[5]) .. ',' .. fmt('%.17g', t[6]) .. ',' .. detail .. ']'
+    added = added + redis.call('HSETNX', p .. ':hist:' .. t[1], v, text)
+  end
 end
--- SaveResult.conflicts, as run id, stored version pairs after the counts: the
--- runs whose highest version in the batch is below the one now stored. Only
--- when some snapshot met a higher version, so the usual reply stays 4 integers.
+-- After the four counts, only when a run was rejected or a snapshot met a
+-- higher version (so the usual reply stays 4 integers): the number of
+-- rejected runs, then (run id, reason) for each (SaveResult.rejected), then
+-- (run id, stored version) for each run whose highest version in the batch
+-- is below the one now stored (SaveResult.conflicts).
 local reply = {written, stale, added, reset}
+if nbad > 0 or above then
+  reply[5] = nbad
+  for rid, why in pairs(bad) do
+    reply[#reply + 1] = rid
+    reply[#reply + 1] = why
+  end
+end
 if above then
   local top = {}
   for j = 1, #heads do
     local rid, v = heads[j][1], tonumber(heads[j][4])
-    if not top[rid] or v > top[rid] then top[rid] = v end
+    if not bad[rid] and (not top[rid] or v > top[rid]) then top[rid] = v end
   end
   for rid, v in pairs(top) do
     local held = version(cur[rid][1])
@@ -338,9 +401,28 @@ def _stored(run_id: str, reply: list[bytes | None] | Exception, tier: str) -> St
     return None if values is None else _snapshot_row(run_id, values, tier)[1]
 
 
-def _conflicts(flat: Sequence[bytes]) -> dict[str, int]:
-    """``SaveResult.conflicts`` from the save script's reply after its four counts (integers, checked there)."""
-    return {run_id.decode(): int(held) for run_id, held in zip(flat[::2], flat[1::2], strict=True)}
+def _extras(flat: Sequence[Any]) -> tuple[dict[str, str], dict[str, int]]:
+    """``SaveResult.rejected`` and ``conflicts`` from the save script's reply after its four counts.
+
+    Empty, or the number of rejected runs, then (run id, reason) pairs, then
+    (run id, stored version) pairs (integers, checked in the script).
+    """
+    if not flat:
+        return {}, {}
+    end = 1 + 2 * int(flat[0])
+    refused, above = flat[1:end], flat[end:]
+    rejected = {run_id.decode(): why.decode() for run_id, why in zip(refused[::2], refused[1::2], strict=True)}
+    return rejected, {run_id.decode(): int(held) for run_id, held in zip(above[::2], above[1::2], strict=True)}
+
+
+def _transitions_json(part: Sequence[Transition]) -> str:
+    """The transitions as the script's one JSON array: one C-speed ``dumps`` for the whole part.
+
+    StrEnum members serialise as their values; a json.dumps per transition
+    cost ~3 us each, more than the step that made it. A NaN raises
+    ``ValueError`` (checked by ``save``).
+    """
+    return json.dumps(list(part), separators=(",", ":"), allow_nan=False)
 
 
 def _header_args(s: StoredSnapshot) -> tuple[str, ...]:
@@ -490,28 +572,73 @@ class ValkeyStore(StoreBase):
         a server restarted empty or from an RDB/AOF file older than this
         writer's last save is noticed there, by every writer sharing the
         prefix. An empty batch is one round trip too: a probe of the mark.
+
+        The script checks, before it writes anything, every key a run would
+        write and the run's numbers; a run with a key of another type (say a
+        list planted at ``P:run:{run_id}`` or ``P:hist:{run_id}``) or a
+        number out of range is left out and named in ``SaveResult.rejected``.
+        Text that does not encode (which cjson refuses for the whole batch)
+        is found after the script fails, and the batch is sent again without
+        those runs. A long history goes in several scripts
+        (``CALL_TRANSITIONS``): the first transitions without the mark, the
+        last with the snapshots and the mark.
         """
         client = self._w("save")
+        try:
+            return await self._save(client, snapshots, transitions, {})
+        except (ValueError, PersistenceError) as exc:  # cjson refused the batch, or a NaN
+            if isinstance(exc, StoreUnavailableError):
+                raise
+            rejected = unwritable(snapshots, transitions)
+            if not rejected:
+                raise
+        snapshots, transitions = without(rejected, snapshots, transitions)
+        return await self._save(client, snapshots, transitions, rejected)
+
+    async def _save(
+        self,
+        client: avalkey.Valkey,
+        snapshots: Sequence[StoredSnapshot],
+        transitions: Sequence[Transition],
+        rejected: dict[str, str],
+    ) -> SaveResult:
+        parts = transition_parts(transitions, _transitions_json)
+        if len(parts) > 1 and not rejected and (found := unwritable(snapshots, transitions)):
+            rejected.update(found)  # before the first script: no run is half written for these reasons
+            snapshots, transitions = without(found, snapshots, transitions)
+            parts = transition_parts(transitions, _transitions_json)
+        assert self._save_script is not None  # noqa: S101  (set with _opened)
+        script = self._save_script
+        added = 0
+        for part, text in parts[:-1]:
+            if rejected:  # a run a script rejected is left out of the later ones
+                text = _transitions_json([t for t in part if t.run_id not in rejected])
+            async with self._errors("save"):
+                reply: list[Any] = await script(args=[self.prefix, "[]", text, "", "0", "0"], client=client)
+            added += int(reply[2])
+            rejected.update(_extras(reply[4:])[0])
+        part, text = parts[-1]
+        if rejected:
+            snapshots, part = without(rejected, snapshots, part)
+            text = _transitions_json(part)
         mark = self._mark
         floor, seq = mark.next()
         heads = json.dumps([_header_args(s) for s in snapshots], separators=(",", ":"))
-        # One C-speed dumps of the Transition tuples for the whole batch (StrEnum
-        # members serialise as their values): a json.dumps per transition cost
-        # ~3 us each, more than the step that made it.
-        trans = json.dumps(list(transitions), separators=(",", ":"))
-        args: list[str | bytes] = [self.prefix, heads, trans, mark.writer, str(floor), str(seq)]
+        args: list[str | bytes] = [self.prefix, heads, text, mark.writer, str(floor), str(seq)]
         args.extend(bytes(s.body) for s in snapshots)
-        assert self._save_script is not None  # noqa: S101  (set with _opened)
         async with self._errors("save"):
-            reply: list[Any] = await self._save_script(args=args, client=client)
+            reply = await script(args=args, client=client)
         mark.stored(seq)
-        written, stale, added, reset = reply[:4]
+        written, stale, n, reset = reply[:4]
+        refused, conflicts = _extras(reply[4:])
+        rejected.update(refused)
         return SaveResult(
             written=int(written),
             stale=int(stale),
-            transitions=int(added),
+            transitions=added + int(n),
             reset=bool(reset),
-            conflicts=_conflicts(reply[4:]),
+            conflicts=conflicts,
+            rejected=rejected,
         )
 
     @override
@@ -668,10 +795,22 @@ class ValkeyStore(StoreBase):
 
     @override
     async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        await self.save_dead_letters([record])
+        rejected = await self.save_dead_letters([record])
+        if rejected:
+            why = rejected[record.run_id]
+            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
 
     @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
+        """Write the records in one MULTI; one no store can write is left out (``dead_letter_problem``).
+
+        Dead letters are few: each record is checked before the write.
+        """
+        rejected = {r.run_id: why for r in records if (why := dead_letter_problem(r)) is not None}
+        await self._save_dead_letters([r for r in records if r.run_id not in rejected] if rejected else records)
+        return rejected
+
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
         if not records:
             return
         metas: dict[str, str] = {}

@@ -568,15 +568,15 @@ def test_sqlite_rejects_unknown_synchronous_mode(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "x.db", synchronous="SOMETIMES")
 
 
-async def test_valkey_batch_with_a_wrong_type_key_leaves_nothing_behind(valkey_url: str, valkey_prefix: str) -> None:
+async def test_valkey_batch_with_a_wrong_type_key_rejects_that_run_alone(valkey_url: str, valkey_prefix: str) -> None:
     with valkey.Valkey.from_url(valkey_url) as raw:
         raw.set(f"{valkey_prefix}:hist:poison", "not a hash")
     async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
-        with pytest.raises(PersistenceError, match="WRONGTYPE"):
-            await store.save([stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)])
-        assert await store.load_many(["a", "b"]) == {}
-        assert await store.history("a") == []
-        assert await store.scan() == []
+        result = await store.save([stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)])
+        assert result.rejected == {"poison": f"key {valkey_prefix}:hist:poison is a string, not a hash"}
+        assert (result.written, result.transitions) == (2, 1)
+        assert set(await store.load_many(["a", "b"])) == {"a", "b"}
+        assert [t.version for t in await store.history("a")] == [1]
 
 
 async def test_valkey_unreachable_server_is_store_unavailable() -> None:
