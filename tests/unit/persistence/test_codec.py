@@ -389,7 +389,7 @@ def test_msgpack_keeps_tagged_structs_given_as_types_anywhere_in_the_value() -> 
 def test_msgpack_types_must_be_tagged_structs() -> None:
     with pytest.raises(ConfigError, match="tag=True"):
         MsgpackCodec(types=[Untagged])
-    with pytest.raises(ConfigError, match="msgspec.Struct"):
+    with pytest.raises(ConfigError, match=r"msgspec\.Struct"):
         MsgpackCodec(types=[Order])  # type: ignore[list-item]
 
 

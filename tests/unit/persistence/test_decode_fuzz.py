@@ -24,9 +24,9 @@ from hotstate.persistence._records import (
     RunHeader,
     StoredSnapshot,
     decode_snapshot,
-    snapshot_context,
     error_from_json,
     errors_from_json,
+    snapshot_context,
     transition_from_json,
     transition_from_row,
 )
