@@ -199,9 +199,9 @@ class RunActor:
             self.mailbox = deque()
         self.mailbox.append((kind, name, data))
 
-    def post_signal(self, name: str, data: Any) -> None:
+    def post_signal(self, name: str, data: Any, dedupe_key: str | None = None) -> None:
         """Deliver signal ``name`` after the step in flight (the run's own step sent it)."""
-        self.post(MSG_SIGNAL, name, data)
+        self.post(MSG_SIGNAL, name, (data, dedupe_key))
 
     def post_cancel(self) -> None:
         """Cancel the run at its next turn."""
@@ -449,7 +449,7 @@ class RunActor:
             if s.status in TERMINAL_STATUSES:
                 continue
             if kind == MSG_SIGNAL:
-                self.accept_signal(host, name, data)
+                self.accept_signal(host, name, *data)
             elif kind == MSG_CANCEL:
                 if s.status is _COMPENSATING:
                     continue  # a saga being undone finishes undoing; see Runtime.cancel
@@ -474,12 +474,13 @@ class RunActor:
             return None  # cancelled from outside as well: let it propagate
         return reason
 
-    def accept_signal(self, host: ActorHost, name: str, data: Any) -> None:
+    def accept_signal(self, host: ActorHost, name: str, data: Any, dedupe_key: str | None = None) -> None:
         """Record a received signal in a new snapshot (it waits there until a step consumes it).
 
         The runtime calls this straight from ``send`` unless the run's own step is
         the sender (then the signal goes through the mailbox), so an accepted
-        signal is in the snapshot, and in the persisters, at once.
+        signal is in the snapshot, and in the persisters, at once. Its
+        ``dedupe_key``, if any, is remembered in the same snapshot.
         """
         s = self.snapshot
         if s.status in TERMINAL_STATUSES:
@@ -488,8 +489,18 @@ class RunActor:
         steps = self.workflow.steps
         if status is _WAITING and s.step < len(steps) and steps[s.step].wait_for == name:
             status = _RUNNING
-        signals = Signals.of(s.signals).appended(name, data)
+        signals = Signals.of(s.signals).appended(name, data, dedupe_key)
         self._commit(host, TransitionKind.signal, name, signals=signals, status=status)
+
+    def seen(self, dedupe_key: str) -> bool:
+        """Whether a signal sent with ``dedupe_key`` was taken (in the snapshot, or in the mailbox)."""
+        signals = self.snapshot.signals
+        if type(signals) is Signals and signals.has_key(dedupe_key):
+            return True
+        mailbox = self.mailbox
+        if not mailbox:
+            return False
+        return any(kind == MSG_SIGNAL and data[1] == dedupe_key for kind, _, data in mailbox)
 
     def signal_room(self, name: str) -> int:
         """How many more ``name`` signals the run would ever consume (<= 0: none).

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, final, overload
 
 __all__ = [
+    "DEDUPE_KEYS_KEPT",
     "TERMINAL_STATUSES",
     "DeadLetter",
     "ErrorInfo",
@@ -162,7 +163,56 @@ class ErrorInfo:
         return f"{self.type.rpartition('.')[2]}: {self.message}"
 
 
-_COMPACT_AT: Final = 64  # dropped pairs kept in front of a shared list before it is copied
+_COMPACT_AT: Final = 64  # dropped entries kept in front of a shared list before it is copied
+
+DEDUPE_KEYS_KEPT: Final = 1_000
+"""How many dedupe keys (``Runtime.send(dedupe_key=...)``) a run remembers: the newest ones."""
+
+
+@final
+class _Keys:
+    """The last ``DEDUPE_KEYS_KEPT`` dedupe keys, oldest first; O(1) ``in`` and ``added``.
+
+    The same sharing as ``Signals``: one list per lineage, a window per version,
+    plus ``index`` (key -> its newest position in the list), shared as well.
+    """
+
+    __slots__ = ("index", "items", "start", "stop")
+
+    def __init__(self, items: list[str], start: int, stop: int, index: dict[str, int]) -> None:
+        self.items = items
+        self.start = start
+        self.stop = stop
+        self.index = index
+
+    @classmethod
+    def of(cls, keys: Iterable[str]) -> _Keys:
+        items = list(dict.fromkeys(keys))[-DEDUPE_KEYS_KEPT:]
+        return cls(items, 0, len(items), {key: i for i, key in enumerate(items)})
+
+    def __contains__(self, key: str) -> bool:
+        at = self.index.get(key)
+        if at is None or at < self.start:
+            return False
+        if at < self.stop:
+            return True
+        # Added again after this (older) window let it go: look in the window itself.
+        return key in self.items[self.start : self.stop]
+
+    def added(self, key: str) -> _Keys:
+        items, start, stop, index = self.items, self.start, self.stop, self.index
+        if stop != len(items) or (start >= _COMPACT_AT and start * 2 > len(items)):
+            window = items[start:stop]  # another version shares the list, or most of it is dropped keys
+            items, start, stop, index = window, 0, len(window), {k: i for i, k in enumerate(window)}
+        index[key] = len(items)
+        items.append(key)
+        stop += 1
+        if stop - start > DEDUPE_KEYS_KEPT:
+            start += 1
+        return _Keys(items, start, stop, index)
+
+    def __iter__(self) -> Iterator[str]:
+        return map(self.items.__getitem__, range(self.start, self.stop))
 
 
 @final
@@ -181,13 +231,19 @@ class Signals(Sequence[tuple[str, Any]]):
     one ending at its end); appending to an older window copies it first, so
     no earlier snapshot ever sees a change. ``count_of(name)`` is O(1) too.
 
+    It also remembers the dedupe keys of the last ``DEDUPE_KEYS_KEPT``
+    signals sent with one (``dedupe``, ``has_key``), kept the same way: they
+    change with the pending signals, in the same commit. They are not part
+    of ``==``, ``hash`` or the pickled tuple, which stand for the pairs only.
+
     Args:
         pairs: ``(name, data)`` pairs, oldest first.
+        dedupe: dedupe keys, oldest first (the newest ``DEDUPE_KEYS_KEPT`` are kept).
     """
 
-    __slots__ = ("_counts", "_items", "_start", "_stop")
+    __slots__ = ("_counts", "_items", "_keys", "_start", "_stop")
 
-    def __init__(self, pairs: Iterable[tuple[str, Any]] = ()) -> None:
+    def __init__(self, pairs: Iterable[tuple[str, Any]] = (), *, dedupe: Iterable[str] = ()) -> None:
         items = [(name, data) for name, data in pairs]
         counts: dict[str, int] = {}
         for name, _ in items:
@@ -196,6 +252,8 @@ class Signals(Sequence[tuple[str, Any]]):
         self._start = 0
         self._stop = len(items)
         self._counts = counts
+        keys = _Keys.of(dedupe)
+        self._keys: _Keys | None = keys if keys.stop else None
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[str, Any]]) -> Signals:
@@ -209,21 +267,23 @@ class Signals(Sequence[tuple[str, Any]]):
         """
         return pairs if type(pairs) is Signals else cls(pairs)
 
-    @classmethod
-    def _window(cls, items: list[tuple[str, Any]], start: int, stop: int, counts: dict[str, int]) -> Signals:
-        new = object.__new__(cls)
+    def _window(self, items: list[tuple[str, Any]], start: int, stop: int, counts: dict[str, int]) -> Signals:
+        new = object.__new__(Signals)
         new._items = items
         new._start = start
         new._stop = stop
         new._counts = counts
+        new._keys = self._keys
         return new
 
-    def appended(self, name: str, data: Any) -> Signals:
+    def appended(self, name: str, data: Any, dedupe_key: str | None = None) -> Signals:
         """Return these signals with ``(name, data)`` after them; O(1) amortized.
 
         Args:
             name: the signal's name.
             data: its data.
+            dedupe_key: remember this key too (``has_key``); the oldest one
+                goes once ``DEDUPE_KEYS_KEPT`` are kept.
 
         Returns:
             The new pending signals (this object is unchanged).
@@ -234,7 +294,29 @@ class Signals(Sequence[tuple[str, Any]]):
         items.append((name, data))
         counts = self._counts.copy()
         counts[name] = counts.get(name, 0) + 1
-        return self._window(items, start, stop + 1, counts)
+        new = self._window(items, start, stop + 1, counts)
+        if dedupe_key is not None:
+            keys = self._keys
+            new._keys = _Keys.of((dedupe_key,)) if keys is None else keys.added(dedupe_key)
+        return new
+
+    def has_key(self, key: str) -> bool:
+        """Return whether a signal was sent with dedupe key ``key`` (among the last ``DEDUPE_KEYS_KEPT``); O(1).
+
+        Args:
+            key: a dedupe key.
+
+        Returns:
+            True if it is remembered.
+        """
+        keys = self._keys
+        return keys is not None and key in keys
+
+    @property
+    def dedupe(self) -> tuple[str, ...]:
+        """The remembered dedupe keys, oldest first."""
+        keys = self._keys
+        return () if keys is None else tuple(keys)
 
     def without_first(self, name: str) -> Signals:
         """Return these signals without the oldest one called ``name`` (the one a step consumed).
@@ -308,7 +390,7 @@ class Signals(Sequence[tuple[str, Any]]):
         return f"Signals({list(self)!r})"
 
     def __reduce__(self) -> tuple[type[tuple[Any, ...]], tuple[tuple[tuple[str, Any], ...]]]:
-        return tuple, (tuple(self),)  # pickled and copied as the tuple of pairs it stands for
+        return tuple, (tuple(self),)  # pickled and copied as the tuple of pairs it stands for (no keys)
 
 
 class Snapshot(NamedTuple):
@@ -347,6 +429,16 @@ class Snapshot(NamedTuple):
     def finished(self) -> bool:
         """True when the run is done, failed or cancelled."""
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def dedupe(self) -> tuple[str, ...]:
+        """The dedupe keys of the last ``DEDUPE_KEYS_KEPT`` signals sent with one, oldest first.
+
+        Kept in ``signals`` (a ``Signals``), which they change with; a tuple of
+        pairs (a new or decoded snapshot) has none.
+        """
+        signals = self.signals
+        return signals.dedupe if type(signals) is Signals else ()
 
 
 class Transition(NamedTuple):

@@ -27,7 +27,7 @@ class RunOwner(Protocol):
         """Wait for the run to finish and return its final payload."""
         ...
 
-    async def send(self, run_id: str, signal: str, data: Any = None) -> None:
+    async def send(self, run_id: str, signal: str, data: Any = None, *, dedupe_key: str | None = None) -> None:
         """Send a signal to the run."""
         ...
 
@@ -99,14 +99,16 @@ class RunHandle:
         """
         return await self._runtime.wait_finished(self.run_id)
 
-    async def send(self, signal: str, data: Any = None) -> None:
-        """Send a signal to the run; see ``Runtime.send``.
+    async def send(self, signal: str, data: Any = None, *, dedupe_key: str | None = None) -> None:
+        """Send a signal to the run; see ``Runtime.send`` (and its ``dedupe_key``).
 
         Raises:
             RunFinishedError: the run has finished.
+            UnknownSignalError: no step left waits for ``signal``.
+            SignalQueueFullError: too many signals are pending in the run.
             RuntimeClosedError: the runtime is closed.
         """
-        await self._runtime.send(self.run_id, signal, data)
+        await self._runtime.send(self.run_id, signal, data, dedupe_key=dedupe_key)
 
     async def cancel(self) -> None:
         """Cancel the run; see ``Runtime.cancel``.

@@ -43,7 +43,7 @@ from hotstate._errors import (
     WorkflowNotRegisteredError,
 )
 from hotstate._instrument import Instrument, Instruments
-from hotstate._names import name as valid_name, run_id as valid_run_id
+from hotstate._names import dedupe_key as valid_dedupe_key, name as valid_name, run_id as valid_run_id
 from hotstate._validate import integer, number, text
 from hotstate.actors import (
     TERMINAL_STATUSES,
@@ -932,17 +932,27 @@ class Runtime:
             raise HotstateInternalError(f"run {run_id!r} failed without an error record")
         raise RunFailedError(run_id, error) from actor.last_exc
 
-    async def send(self, run_id: str, signal: str, data: Any = None) -> None:
+    async def send(self, run_id: str, signal: str, data: Any = None, *, dedupe_key: str | None = None) -> None:
         """Send a named signal (with data) to a run.
 
         Signals queue in the run until a step that waits for that name runs.
         Only a signal some step left (at or after the cursor) will consume is
         taken: one per such step, counting those already queued.
 
+        With a ``dedupe_key``, a signal sent again with the same key (a
+        re-delivered webhook) is taken once: the repeat queues nothing and
+        returns as the first call did (under write-through or ``ack_tiers``,
+        once the run's current version is durable there), even after the run
+        consumed it or finished. A run remembers the keys of its last 1,000
+        keyed signals (``Snapshot.dedupe``).
+
         Args:
             run_id: the run's id.
             signal: the signal's name.
             data: its data, given to the waiting step as ``ctx.signal``.
+            dedupe_key: the delivery's id (e.g. the webhook's event id): a
+                non-empty str of at most 256 bytes of UTF-8 without control
+                characters.
 
         Raises:
             RuntimeClosedError: the runtime is not running.
@@ -953,13 +963,21 @@ class Runtime:
                 nothing was queued (a ``ConfigError`` too).
             SignalQueueFullError: ``max_pending_signals`` are pending in the
                 run; nothing was queued.
-            ConfigError: ``run_id`` or ``signal`` is not a valid id or name.
+            ConfigError: ``run_id``, ``signal`` or ``dedupe_key`` is not a valid
+                id, name or key.
             DurabilityTimeoutError: under write-through or ``ack_tiers``, the
                 snapshot holding the signal was not durable within ``ack_timeout``.
         """
         self._check_open()
         actor = self._actor("send.run_id", run_id)
         signal = valid_name("send.signal", signal)
+        own_step = actor.running and actor.host_task is asyncio.current_task()
+        if dedupe_key is not None:
+            dedupe_key = valid_dedupe_key("send.dedupe_key", dedupe_key)
+            if actor.seen(dedupe_key):  # a re-delivery: answered as the first delivery was
+                if self._ack and not own_step:
+                    await self._acknowledge(run_id, actor.snapshot.version)
+                return
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
@@ -967,12 +985,10 @@ class Runtime:
             raise UnknownSignalError(run_id, signal, actor.signals_wanted(), _why_unwanted(actor, signal))
         if actor.pending_signals() >= self._max_signals:
             raise SignalQueueFullError(run_id, signal, self._max_signals)
-        if actor.running and actor.host_task is asyncio.current_task():
-            actor.post_signal(signal, data)  # the run's own step is sending: apply after it
-            own_step = True
+        if own_step:
+            actor.post_signal(signal, data, dedupe_key)  # the run's own step is sending: apply after it
         else:
-            actor.accept_signal(self._scheduler, signal, data)
-            own_step = False
+            actor.accept_signal(self._scheduler, signal, data, dedupe_key)
         version = actor.snapshot.version
         if actor.runnable():
             self._scheduler.schedule(actor)

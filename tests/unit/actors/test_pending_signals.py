@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hotstate.actors import Snapshot, Status
-from hotstate.actors._snapshot import Signals
+from hotstate.actors import Snapshot, Status, _snapshot
+from hotstate.actors._snapshot import DEDUPE_KEYS_KEPT, Signals
 
 PAIRS = (("a", 1), ("b", {"x": [1]}), ("a", None))
 
@@ -123,3 +123,57 @@ def test_every_version_keeps_its_value_whatever_is_done_to_the_others(ops):
             assert version == expected
             assert len(version) == len(expected)
             assert all(version.count_of(c) == sum(1 for s, _ in expected if s == c) for c in "abc")
+
+
+# ------------------------------------------------------------------ dedupe keys
+
+
+def test_dedupe_keys_are_remembered_beside_the_pairs_and_not_compared():
+    sig = Signals().appended("a", 1, "k1").appended("b", 2).appended("a", 3, "k2")
+    assert (sig.dedupe, sig.has_key("k1"), sig.has_key("k2"), sig.has_key("k3")) == (("k1", "k2"), True, True, False)
+    consumed = sig.without_first("a").without_first("a")
+    assert consumed == (("b", 2),)
+    assert consumed.dedupe == ("k1", "k2")  # consumed signals stay deduplicated
+    assert sig == (("a", 1), ("b", 2), ("a", 3))  # keys are not part of equality
+    assert Signals(sig, dedupe=["x", "y", "x"]).dedupe == ("x", "y")
+    fields = ("r1", "w", 1, 2, 0, Status.waiting, None, None, 0.0, 1)
+    assert Snapshot(*fields, signals=sig).dedupe == ("k1", "k2")
+    assert Snapshot(*fields, signals=(("a", 1),)).dedupe == ()  # a decoded tuple has none
+
+
+def test_only_the_newest_keys_are_kept():
+    sig = Signals()
+    for k in range(DEDUPE_KEYS_KEPT + 10):
+        sig = sig.appended("a", k, f"k{k}")
+    assert len(sig.dedupe) == DEDUPE_KEYS_KEPT
+    assert sig.dedupe[0] == "k10"
+    assert not sig.has_key("k9")
+    assert sig.has_key("k10")
+    assert sig.has_key(f"k{DEDUPE_KEYS_KEPT + 9}")
+    assert len(Signals(dedupe=(f"k{k}" for k in range(DEDUPE_KEYS_KEPT + 5))).dedupe) == DEDUPE_KEYS_KEPT
+
+
+key_operations = st.lists(st.tuples(st.integers(min_value=0, max_value=50), st.sampled_from("abcdef")), max_size=150)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key_operations, st.sampled_from([3, DEDUPE_KEYS_KEPT]))
+def test_every_version_keeps_its_keys_whatever_is_added_to_the_others(ops, kept):
+    """Keys added to any version (not only the newest) never change another version's keys (model: tuples).
+
+    With 3 kept, keys leave the window and come back, and the shared list is copied when most of it is dropped.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_snapshot, "DEDUPE_KEYS_KEPT", kept)
+        patch.setattr(_snapshot, "_COMPACT_AT", 4)
+        versions: list[tuple[Signals, tuple[str, ...]]] = [(Signals(), ())]
+        for pick, key in ops:
+            sig, model = versions[pick % len(versions)]
+            if sig.has_key(key):
+                assert key in model
+                continue
+            assert key not in model
+            versions.append((sig.appended("s", None, key), (*model, key)[-kept:]))
+            for version, expected in versions:
+                assert version.dedupe == expected
+                assert all(version.has_key(k) == (k in expected) for k in "abcdef")

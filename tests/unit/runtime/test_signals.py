@@ -21,6 +21,7 @@ from hotstate import (
     UnknownSignalError,
     Workflow,
 )
+from hotstate.actors._snapshot import DEDUPE_KEYS_KEPT
 from hotstate.persistence import MemoryStore
 
 
@@ -233,3 +234,105 @@ async def test_signals_of_a_stored_run_are_appended_to_after_adoption(clock, unt
         await run.send("start", "go")
         with anyio.fail_after(5):
             assert [data for _, data in await run.wait_finished()] == ["go", "a", "b", "c"]
+
+
+# ------------------------------------------------------------------ dedupe keys
+
+
+async def test_a_redelivery_with_the_same_dedupe_key_is_a_no_op_even_after_it_was_consumed(clock, until):
+    async with Runtime([ORDER], clock=clock) as rt:
+        run = await rt.spawn(ORDER, [], run_id="o1")
+        await run.send("paid", 1, dedupe_key="evt_1")
+        await waiting_at(rt, "o1", 1, until)
+        before = rt.get("o1")
+        assert before.dedupe == ("evt_1",)
+        await run.send("paid", 1, dedupe_key="evt_1")  # returns as the first did: no UnknownSignalError
+        await rt.send("o1", "paid", "other data", dedupe_key="evt_1")
+        assert rt.get("o1") == before  # nothing queued, no new version
+        await run.send("shipped", 2, dedupe_key="evt_2")
+        with anyio.fail_after(5):
+            assert await run.wait_finished() == [("pay", 1), ("ship", 2)]
+        await run.send("shipped", 2, dedupe_key="evt_2")  # after the run finished: still answered
+        assert rt.get("o1").dedupe == ("evt_1", "evt_2")
+        with pytest.raises(RunFinishedError):
+            await run.send("shipped", 2, dedupe_key="evt_3")  # a new delivery to a finished run
+
+
+async def test_a_duplicate_before_consumption_queues_nothing(clock, until):
+    wf = feeder(3)
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="f1")
+        await run.send("item", "a", dedupe_key="k1")
+        await run.send("item", "a", dedupe_key="k1")
+        await run.send("item", "b", dedupe_key="k2")
+        await run.send("item", "c")  # no key: always a new signal
+        assert rt.get("f1").signals == (("item", "a"), ("item", "b"), ("item", "c"))
+        await run.send("start", "go")
+        with anyio.fail_after(5):
+            assert [data for _, data in await run.wait_finished()] == ["go", "a", "b", "c"]
+
+
+async def test_a_run_remembers_its_last_thousand_dedupe_keys(clock):
+    wf = feeder(DEDUPE_KEYS_KEPT + 1)
+    async with Runtime([wf], clock=clock, max_pending_signals=2 * DEDUPE_KEYS_KEPT) as rt:
+        run = await rt.spawn(wf, [], run_id="f1")
+        for k in range(DEDUPE_KEYS_KEPT + 1):
+            await run.send("item", k, dedupe_key=f"k{k}")
+        keys = rt.get("f1").dedupe
+        assert (len(keys), keys[0], keys[-1]) == (DEDUPE_KEYS_KEPT, "k1", f"k{DEDUPE_KEYS_KEPT}")
+        version = rt.get("f1").version
+        await run.send("item", "again", dedupe_key="k1")
+        assert rt.get("f1").version == version
+        with pytest.raises(UnknownSignalError):
+            await run.send("item", "again", dedupe_key="k0")  # forgotten: a new delivery, and no step wants it
+        await rt.cancel("f1")
+
+
+async def test_a_step_resending_with_one_dedupe_key_sends_once(clock, until):
+    async def announce(payload, ctx):
+        await rt.send(ctx.run_id, "next", 1, dedupe_key="once")
+        await rt.send(ctx.run_id, "next", 2, dedupe_key="once")  # still in the mailbox: a duplicate
+        return payload
+
+    wf = Workflow(
+        "self",
+        [
+            Step(fn=announce, name="announce"),
+            Step(fn=take, name="then", wait_for="next"),
+            Step(fn=take, name="later", wait_for="next"),
+        ],
+    )
+    async with Runtime([wf], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="me")
+        await waiting_at(rt, "me", 2, until)
+        assert rt.get("me").dedupe == ("once",)
+        await run.send("next", 3, dedupe_key="twice")
+        with anyio.fail_after(5):
+            assert await run.wait_finished() == [("then", 1), ("later", 3)]
+
+
+async def test_a_duplicate_under_write_through_returns_once_the_run_is_durable(clock, until):
+    async def keep(payload, ctx):
+        return [*payload, ctx.signal]
+
+    wf = Workflow("order", [Step(fn=keep, name="pay", wait_for="paid"), Step(fn=keep, name="ship", wait_for="shipped")])
+    async with Runtime([wf], tiers=[Tier(MemoryStore(), FlushPolicy.through())], clock=clock) as rt:
+        run = await rt.spawn(wf, [], run_id="o1")
+        await run.send("paid", 1, dedupe_key="evt_1")
+        await waiting_at(rt, "o1", 1, until)
+        await run.send("paid", 1, dedupe_key="evt_1")
+        assert rt.durable_versions("o1")["memory"] == rt.get("o1").version
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [("", "must not be empty"), ("k\x00", "control characters"), ("k" * 257, "at most 256 bytes"), (7, "not int")],
+)
+async def test_a_bad_dedupe_key_is_a_config_error_and_nothing_is_queued(clock, bad, reason):
+    async with Runtime([ORDER], clock=clock) as rt:
+        run = await rt.spawn(ORDER, [], run_id="o1")
+        before = rt.get("o1")
+        with pytest.raises(ConfigError, match=reason) as info:
+            await run.send("paid", 1, dedupe_key=bad)
+        assert info.value.field == "send.dedupe_key"
+        assert rt.get("o1") == before
