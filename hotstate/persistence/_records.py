@@ -19,6 +19,7 @@ from hotstate._errors import CodecError, CorruptSnapshotError
 from hotstate.actors._snapshot import (
     DeadLetter,
     ErrorInfo,
+    Signals,
     Snapshot,
     Status,
     Transition,
@@ -428,7 +429,13 @@ def dead_letter_context(record: StoredDeadLetter, *, tier: str = "codec") -> byt
 
 
 def _body(snapshot: Snapshot) -> dict[str, Any]:
-    return {"payload": snapshot.payload, "signals": [[name, data] for name, data in snapshot.signals]}
+    signals = snapshot.signals
+    body = {"payload": snapshot.payload, "signals": [[name, data] for name, data in signals]}
+    if type(signals) is Signals:
+        dedupe = signals.dedupe
+        if dedupe:
+            body["dedupe"] = list(dedupe)  # ``send``'s dedupe keys outlive a restart with the run
+    return body
 
 
 def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
@@ -576,7 +583,12 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str, context:
         if status is None:
             status = Status(h.status)
         raw = body.get("signals")
-        signals = tuple((str(name), data) for name, data in raw) if raw else ()
+        signals: tuple[tuple[str, Any], ...] | Signals = tuple((str(name), data) for name, data in raw) if raw else ()
+        keys = body.get("dedupe")
+        if keys:
+            if not isinstance(keys, list) or not all(type(k) is str for k in keys):
+                raise TypeError(f"dedupe keys are not a list of str: {keys!r}"[:200])
+            signals = Signals(signals, dedupe=keys)
     except (TypeError, ValueError) as exc:
         raise CodecError(tier, f"run {h.run_id!r} v{h.version}: {exc}") from exc
     error = None if stored.error is None else error_from_json(stored.error, tier=tier)

@@ -956,7 +956,8 @@ class Runtime:
 
         Raises:
             RuntimeClosedError: the runtime is not running.
-            RunNotFoundError: no such run.
+            RunNotFoundError: no such run in memory (a run only in the stores
+                answers a ``dedupe_key`` it remembers, and raises this otherwise).
             RunFinishedError: the run has finished.
             UnknownSignalError: no step left waits for ``signal``, or each one
                 that does already has one queued, or the run is compensating;
@@ -969,15 +970,20 @@ class Runtime:
                 snapshot holding the signal was not durable within ``ack_timeout``.
         """
         self._check_open()
-        actor = self._actor("send.run_id", run_id)
-        signal = valid_name("send.signal", signal)
-        own_step = actor.running and actor.host_task is asyncio.current_task()
         if dedupe_key is not None:
             dedupe_key = valid_dedupe_key("send.dedupe_key", dedupe_key)
-            if actor.seen(dedupe_key):  # a re-delivery: answered as the first delivery was
-                if self._ack and not own_step:
-                    await self._acknowledge(run_id, actor.snapshot.version)
-                return
+        try:
+            actor = self._actor("send.run_id", run_id)
+        except RunNotFoundError:
+            if dedupe_key is not None and dedupe_key in (await self.load(run_id)).dedupe:
+                return  # a re-delivery to a run that left memory (finished, or after a restart): answered
+            raise
+        signal = valid_name("send.signal", signal)
+        own_step = actor.running and actor.host_task is asyncio.current_task()
+        if dedupe_key is not None and actor.seen(dedupe_key):  # a re-delivery: answered as the first was
+            if self._ack and not own_step:
+                await self._acknowledge(run_id, actor.snapshot.version)
+            return
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
             raise RunFinishedError(run_id, status.value, f"send {signal!r}")
