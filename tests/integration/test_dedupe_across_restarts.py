@@ -7,14 +7,16 @@ is resumed and for one that finished and is only in the store.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 
 from hotstate import FlushPolicy, Runtime, Status, Step, StepContext, Tier, UnknownSignalError, Workflow
 from hotstate.persistence import SQLiteStore
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 GUARD = 10.0
 TAKEN: list[tuple[str, Any]] = []
