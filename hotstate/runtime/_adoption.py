@@ -15,7 +15,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, NamedTuple, final
 
-from hotstate._errors import CrashLoopError, HotstateInternalError, PersistenceError, WorkflowNotRegisteredError
+from hotstate._errors import (
+    CrashLoopError,
+    HotstateInternalError,
+    PersistenceError,
+    RunConflictError,
+    WorkflowNotRegisteredError,
+)
 from hotstate.actors import (
     TERMINAL_STATUSES,
     ErrorInfo,
@@ -45,7 +51,7 @@ if TYPE_CHECKING:
     from hotstate.runtime._scheduler import Scheduler
     from hotstate.runtime._supervisor import Supervisor
 
-__all__ = ["Adoption", "Repair", "crash_marker", "crashes_of"]
+__all__ = ["Adoption", "Repair", "crash_marker", "crashes_of", "same_definition"]
 
 log = logging.getLogger("hotstate.runtime")
 
@@ -53,6 +59,16 @@ log = logging.getLogger("hotstate.runtime")
 _LOAD_CHUNK = 2_000
 _IN_FLIGHT = (Status.running, Status.pending, Status.retrying)
 _CRASH = "hotstate.crash"  # ErrorInfo.type of the marker a resumed in-flight run carries
+
+
+def same_definition(snap: Snapshot, wf: Workflow) -> None:
+    """Refuse ``snap`` for ``spawn`` of ``wf`` unless it is of that workflow and definition version.
+
+    Raises:
+        RunConflictError: it is not; nothing was changed.
+    """
+    if snap.workflow != wf.name or snap.workflow_version != wf.version:
+        raise RunConflictError(snap.run_id, snap.workflow, snap.workflow_version, wf.name, wf.version)
 
 
 def crashes_of(snap: Snapshot) -> int:
@@ -328,17 +344,21 @@ class Adoption:
                 except PersistenceError:
                     break  # no durable progress in time (a long step, or a tier down): release the next anyway
 
-    async def adopt(self, run_id: str) -> bool:
+    async def adopt(self, run_id: str, *, expect: Workflow | None = None) -> bool:
         """``spawn`` with an id only a tier knows: bring that run back, never a duplicate.
 
         Every answering tier is asked and ``choose_copy`` picks (as in recovery):
         a run finished in a slow tier is never resumed from an older copy in a
         fast one, and the resumed run continues above every version any tier claims.
+        Only the chosen (verified) copy is trusted: its workflow, not a stored
+        header's, decides, and with ``expect`` a run of another workflow or
+        definition version is refused before anything of it is resumed.
 
         Returns:
             True when the run is now held (adopted here or meanwhile), False when no tier has it.
 
         Raises:
+            RunConflictError: the stored run is not of ``expect``; it was left as it is.
             WorkflowNotRegisteredError: the stored run's workflow is not registered.
             CorruptSnapshotError: copies exist, but none verifies.
             StoreUnavailableError: a tier could not say whether it holds the run
@@ -349,16 +369,18 @@ class Adoption:
             return False
         if run_id in self._registry:  # adopted by a concurrent spawn meanwhile
             return True
-        newest = max(copies, key=lambda c: c[1].header.version)  # first on a tie: the faster tier
-        workflow = newest[1].header.workflow
-        if workflow not in self._workflows:
-            raise WorkflowNotRegisteredError(run_id, workflow)
         choice = choose_copy(run_id, copies, self._codec)
         snap = choice.snapshot
         if snap is None:
             if choice.error is None:  # pragma: no cover - no snapshot means some copy failed
                 raise HotstateInternalError(f"no copy of run {run_id!r} was chosen and none failed")
             raise choice.error
+        if expect is not None:
+            same_definition(snap, expect)
+        if snap.workflow not in self._workflows:
+            raise WorkflowNotRegisteredError(run_id, snap.workflow)
+        if run_id in self._registry:  # adopted by a concurrent spawn while the copies were checked
+            return True
         if snap.finished:
             self._registry.add(RunActor(self._workflows[snap.workflow], snap, History(snap.version)))
         else:

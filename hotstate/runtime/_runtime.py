@@ -32,7 +32,6 @@ from hotstate._errors import (
     CorruptSnapshotError,
     HotstateInternalError,
     RunCancelledError,
-    RunConflictError,
     RunFailedError,
     RunFinishedError,
     RunNotFoundError,
@@ -54,7 +53,7 @@ from hotstate.actors import (
     Workflow,
 )
 from hotstate.persistence import Codec, MsgpackCodec, PersisterStatistics, Tier
-from hotstate.runtime._adoption import Adoption
+from hotstate.runtime._adoption import Adoption, same_definition
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle
@@ -412,7 +411,7 @@ class Runtime:
             wf = self._registered(workflow, name, run_id)
             if (
                 held
-                or (len(self._tiers) and await self._adoption.adopt(run_id))
+                or (len(self._tiers) and await self._adoption.adopt(run_id, expect=wf))
                 or run_id in self._registry.actors  # spawned by a concurrent call while the tiers answered
             ):
                 self._same_definition(run_id, wf)
@@ -432,9 +431,7 @@ class Runtime:
 
     def _same_definition(self, run_id: str, wf: Workflow) -> None:
         """``spawn`` of an existing id returns it only for the same workflow and definition version."""
-        s = self._registry.actors[run_id].snapshot
-        if s.workflow != wf.name or s.workflow_version != wf.version:
-            raise RunConflictError(run_id, s.workflow, s.workflow_version, wf.name, wf.version)
+        same_definition(self._registry.actors[run_id].snapshot, wf)
 
     def handle(self, run_id: str) -> RunHandle:
         """Return a handle on an existing run.

@@ -266,6 +266,9 @@ async def test_spawn_of_an_id_only_a_store_holds_conflicts_on_another_workflow_o
     async with Runtime([ORDER], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
         await rt.spawn(ORDER, {"amount": 5}, run_id="o1")
         await rt.flush()
+    async with store:
+        stored = await store.load("o1")
+    assert stored is not None
     async with Runtime([ORDER_V2, REFUND], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
         with pytest.raises(RunConflictError) as info:
             await rt.spawn(REFUND, {"amount": 500}, run_id="o1")
@@ -273,7 +276,11 @@ async def test_spawn_of_an_id_only_a_store_holds_conflicts_on_another_workflow_o
         with pytest.raises(RunConflictError) as info:
             await rt.spawn(ORDER_V2, {"amount": 5}, run_id="o1")
         assert (info.value.workflow_version, info.value.requested_version) == (1, 2)
-        assert rt.get("o1").payload == {"amount": 5}  # the stored run, as it was
+        # Refused before anything of it was resumed: not in memory, not resumed, not rewritten.
+        assert rt.count() == 0
+        assert (await rt.load("o1")).payload == {"amount": 5}
+    async with store:
+        assert await store.load("o1") == stored
     async with Runtime([ORDER], tiers=[Tier(store, FlushPolicy(interval=60.0))], clock=clock) as rt:
         adopted = await rt.spawn(ORDER, {"amount": 999}, run_id="o1")
         assert not adopted.created
