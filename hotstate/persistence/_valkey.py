@@ -584,8 +584,9 @@ class ValkeyStore(StoreBase):
         last with the snapshots and the mark.
         """
         client = self._w("save")
+        added = [0]  # transitions stored by the scripts that went through, counted across a second attempt
         try:
-            return await self._save(client, snapshots, transitions, {})
+            return await self._save(client, snapshots, transitions, {}, added)
         except (ValueError, PersistenceError) as exc:  # cjson refused the batch, or a NaN
             if isinstance(exc, StoreUnavailableError):
                 raise
@@ -593,7 +594,7 @@ class ValkeyStore(StoreBase):
             if not rejected:
                 raise
         snapshots, transitions = without(rejected, snapshots, transitions)
-        return await self._save(client, snapshots, transitions, rejected)
+        return await self._save(client, snapshots, transitions, rejected, added)
 
     async def _save(
         self,
@@ -601,21 +602,17 @@ class ValkeyStore(StoreBase):
         snapshots: Sequence[StoredSnapshot],
         transitions: Sequence[Transition],
         rejected: dict[str, str],
+        added: list[int],
     ) -> SaveResult:
         parts = transition_parts(transitions, _transitions_json)
-        if len(parts) > 1 and not rejected and (found := unwritable(snapshots, transitions)):
-            rejected.update(found)  # before the first script: no run is half written for these reasons
-            snapshots, transitions = without(found, snapshots, transitions)
-            parts = transition_parts(transitions, _transitions_json)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         script = self._save_script
-        added = 0
         for part, text in parts[:-1]:
             if rejected:  # a run a script rejected is left out of the later ones
                 text = _transitions_json([t for t in part if t.run_id not in rejected])
             async with self._errors("save"):
                 reply: list[Any] = await script(args=[self.prefix, "[]", text, "", "0", "0"], client=client)
-            added += int(reply[2])
+            added[0] += int(reply[2])
             rejected.update(_extras(reply[4:])[0])
         part, text = parts[-1]
         if rejected:
@@ -635,7 +632,7 @@ class ValkeyStore(StoreBase):
         return SaveResult(
             written=int(written),
             stale=int(stale),
-            transitions=added + int(n),
+            transitions=added[0] + int(n),
             reset=bool(reset),
             conflicts=conflicts,
             rejected=rejected,

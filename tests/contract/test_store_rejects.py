@@ -217,7 +217,7 @@ async def test_a_history_longer_than_one_store_call_is_written_whole_and_counted
     assert (again.written, again.stale, again.transitions) == (0, 1, 0)
 
 
-async def test_long_details_split_a_batch_by_size_and_a_bad_run_in_it_is_rejected_before_any_call(
+async def test_long_details_split_a_batch_by_size_and_a_bad_run_in_it_is_still_rejected_alone(
     store: Store,
 ) -> None:
     detail = "x" * (CALL_BYTES // 4)

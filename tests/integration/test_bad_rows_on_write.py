@@ -23,18 +23,26 @@ import pytest
 import valkey
 
 from hotstate import (
+    CodecError,
+    MsgpackCodec,
     RetryPolicy,
     RunFailedError,
     RunRejectedError,
     Runtime,
+    Snapshot,
+    StaleVersionError,
     Status,
     Step,
     StepContext,
+    SystemClock,
     Tier,
+    Transition,
+    TransitionKind,
     Workflow,
 )
 from hotstate.actors import _actor, _snapshot
 from hotstate.persistence import FlushPolicy, SQLiteStore, ValkeyStore
+from hotstate.persistence._tiers import Tiers
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -77,6 +85,33 @@ def tiers_for(
             Tier(sq, FlushPolicy(interval=0.05, max_pending_rows=max_pending_rows)),
         ],
     )
+
+
+class Recorder:
+    """A ``TierListener`` that keeps the runs it is told to fail."""
+
+    def __init__(self) -> None:
+        self.codec_errors: list[tuple[str, CodecError]] = []
+
+    def durable(self, item: Any) -> None:
+        pass
+
+    def pressure(self, tier: str, on: bool) -> None:
+        pass
+
+    def codec_error(self, run_id: str, exc: CodecError) -> None:
+        self.codec_errors.append((run_id, exc))
+
+    def conflict(self, run_id: str, exc: StaleVersionError) -> None:
+        raise AssertionError(exc)
+
+    def reset(self, tier: str) -> None:
+        pass
+
+
+def step(run_id: str, version: int) -> tuple[Snapshot, Transition]:
+    snap = Snapshot(run_id, "signal", 1, version, 0, Status.running, {"n": 0}, None, 1_700_000_000.0, 1, ())
+    return snap, Transition(run_id, version, TransitionKind.step, 0, Status.running, 1_700_000_000.0, None)
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:
@@ -200,6 +235,14 @@ async def test_a_lone_surrogate_that_reaches_the_stores_is_refused_alone_and_blo
 async def test_a_planted_version_at_the_top_of_the_range_fails_its_run_alone_and_blocks_no_tier(
     valkey_url: str, valkey_prefix: str, tmp_path: Path
 ) -> None:
+    """The red team's 2**63 - 1 in SQLite's version column made every SQLite flush raise OverflowError.
+
+    The copy does not verify, so recovery resumes the run from Valkey's. Whether
+    it resumes above the forged claim (then no store can take the next version:
+    refused, ``RunRejectedError``) or below it (then SQLite holds a version the
+    run cannot pass: a conflict, ``StaleVersionError``) is recovery's choice;
+    either way the run is failed with a typed error and the tier writes the others.
+    """
     db = tmp_path / "runs.db"
     good = ids("sig")
     _vk, _sq, tiers = tiers_for(valkey_url, valkey_prefix, db)
@@ -212,24 +255,60 @@ async def test_a_planted_version_at_the_top_of_the_range_fails_its_run_alone_and
     conn.close()
     _vk, _sq, tiers = tiers_for(valkey_url, valkey_prefix, db)
     async with Runtime([SIGNAL], tiers=tiers, recover=True) as rt:
-        report = rt.recovery_report
-        assert report is not None
         for rid in good:
             await rt.send(rid, "go", rid)
         with anyio.fail_after(GUARD):
             for rid in good:
                 await rt.wait_finished(rid)
-        with anyio.fail_after(GUARD), pytest.raises(RunFailedError) as failed:
-            await rt.wait_finished("bad")
-        assert_rejected(failed.value, "bad", None, "version", "out of range")
-        with anyio.fail_after(GUARD):
-            await rt.flush()  # returns: a refused run is never waited for
+            with pytest.raises(RunFailedError) as failed:
+                await rt.wait_finished("bad")
+            await rt.flush()  # returns: a refused or conflicting run is never waited for
+        cause = failed.value.__cause__
+        assert isinstance(cause, RunRejectedError | StaleVersionError), repr(cause)
+        assert cause.run_id == "bad"
+        assert cause.tier == "sqlite" or isinstance(cause, RunRejectedError)
         final = {rid: (rt.get(rid).version, rt.get(rid).status.value) for rid in good}
         stats = {s.tier: s for s in rt.tier_statistics()}
     await assert_durable_everywhere(valkey_url, valkey_prefix, db, final)
-    for name in ("valkey", "sqlite"):
-        assert stats[name].failures == 0
-        assert stats[name].rejected_rows >= 1
+    assert (stats["valkey"].failures, stats["sqlite"].failures) == (0, 0)
+    assert stats["sqlite"].rejected_rows + stats["sqlite"].conflicts >= 1
+
+
+async def test_a_run_past_64_bits_is_refused_by_both_real_tiers_and_every_other_run_is_flushed(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path
+) -> None:
+    """What the runtime does with a run resumed above a forged 2**63 - 1, without going through recovery."""
+    listener = Recorder()
+    vk = ValkeyStore(valkey_url, prefix=valkey_prefix, socket_timeout=2.0)
+    sq = SQLiteStore(tmp_path / "runs.db")
+    tiers = Tiers([Tier(vk, FlushPolicy()), Tier(sq, FlushPolicy())], MsgpackCodec(), SystemClock(), listener)
+    await tiers.open()
+    try:
+        mark = tiers.mark
+        assert mark is not None
+        good = ids("run")
+        for rid in good:
+            mark(*step(rid, 1))
+        mark(*step("bad", 1 << 63))
+        with anyio.fail_after(GUARD):
+            await tiers.flush()  # returns: the refused run is never waited for
+        for rid in good:
+            assert tiers.durable_versions(rid) == {"valkey": 1, "sqlite": 1}
+        assert tiers.durable_versions("bad") == {"valkey": 0, "sqlite": 0}
+        assert sorted((e.tier, rid) for rid, e in listener.codec_errors) == [("sqlite", "bad"), ("valkey", "bad")]
+        for _, exc in listener.codec_errors:
+            assert isinstance(exc, RunRejectedError)
+            assert "version=9223372036854775808 is out of range" in exc.reason
+        for stats in tiers.statistics():
+            assert (stats.rejected_rows, stats.failures, stats.snapshots_written) == (1, 0, N)
+        for name in ("valkey", "sqlite"):
+            with pytest.raises(RunRejectedError):
+                await tiers.wait_durable("bad", 1 << 63, tier=name)
+        for store in (vk, sq):
+            assert len(await store.scan(limit=1000)) == N
+            assert await store.load("bad") is None
+    finally:
+        await tiers.aclose()
 
 
 # ------------------------------------------------------------ a Valkey key of the wrong type
