@@ -324,7 +324,7 @@ async def run_history(args: argparse.Namespace, stores: Sequence[Store]) -> int:
 # --- dead letters -----------------------------------------------------------
 
 
-def _letter_dict(d: StoredDeadLetter, tiers: Sequence[str]) -> dict[str, Any]:
+def _letter_dict(d: StoredDeadLetter, tiers: Sequence[str], corrupt: Sequence[str]) -> dict[str, Any]:
     h = d.snapshot.header
     try:
         error = _error_text(error_from_json(d.error))
@@ -340,26 +340,53 @@ def _letter_dict(d: StoredDeadLetter, tiers: Sequence[str]) -> dict[str, Any]:
         "error": error,
         "attempts": attempts,
         "tiers": list(tiers),
+        "verified": not corrupt or len(corrupt) < len(tiers),
+        "corrupt": list(corrupt),
     }
+
+
+def _letter_verifies(d: StoredDeadLetter, tier: str) -> bool:
+    try:
+        verify_dead_letter(d, MsgpackCodec(), tier=tier)
+    except CorruptSnapshotError:
+        return False
+    return True
+
+
+def _letter_check(row: dict[str, Any]) -> str:
+    if not row["verified"]:
+        return "CORRUPT (no copy verifies)"
+    if row["corrupt"]:
+        return f"ok; corrupt copy in {', '.join(row['corrupt'])}"
+    return "ok"
 
 
 async def _letters(
     stores: Sequence[Store],
-) -> dict[str, tuple[StoredDeadLetter, list[str]]]:
-    found: dict[str, tuple[StoredDeadLetter, list[str]]] = {}
+) -> dict[str, tuple[StoredDeadLetter, list[str], list[str]]]:
+    """Per run: the newest letter that verifies (else the newest one), the tiers holding one, those whose letter did not verify."""
+    found: dict[str, tuple[StoredDeadLetter, list[str], list[str]]] = {}
+    good: set[str] = set()
     for store in stores:
         for d in await store.dead_letters():
+            ok = _letter_verifies(d, store.tier)
             old = found.get(d.run_id)
-            tiers = ([*old[1], store.tier]) if old else [store.tier]
-            keep = d if old is None or d.at > old[0].at else old[0]
-            found[d.run_id] = (keep, tiers)
+            tiers = [*old[1], store.tier] if old else [store.tier]
+            corrupt = (old[2] if old else []) + ([] if ok else [store.tier])
+            # A letter that verifies beats one that does not; then the newer one wins.
+            keep = d
+            if old is not None and (ok, d.at) <= (d.run_id in good, old[0].at):
+                keep = old[0]
+            elif ok:
+                good.add(d.run_id)
+            found[d.run_id] = (keep, tiers, corrupt)
     return found
 
 
 async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     """The dead-letter records of every tier, oldest first."""
     letters = sorted((await _letters(stores)).values(), key=lambda item: item[0].at)
-    rows = [_letter_dict(d, tiers) for d, tiers in letters]
+    rows = [_letter_dict(d, tiers, corrupt) for d, tiers, corrupt in letters]
     if args.json:
         print_json(rows)
         return 0
@@ -373,6 +400,7 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
                 "attempts",
                 "error",
                 "tiers",
+                "check",
             ],
             [
                 (
@@ -383,6 +411,7 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
                     r["attempts"],
                     r["error"],
                     ", ".join(r["tiers"]),
+                    _letter_check(r),
                 )
                 for r in rows
             ],
@@ -418,15 +447,22 @@ async def _retry_base(
 async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     """Re-queue a dead-lettered run in every tier for the next ``recover=True`` runtime."""
     run_id = args.run_id
-    letters = [d for store in stores for d in await store.dead_letters() if d.run_id == run_id]
-    if not letters:
+    found = [(store.tier, d) for store in stores for d in await store.dead_letters() if d.run_id == run_id]
+    if not found:
         return fail(f"run {run_id!r}: no dead letter in {', '.join(s.tier for s in stores)}")
+    # Only letters whose whole record verifies are trusted: the step to resume at
+    # comes from one, and a forged one must never be signed anew by this command.
+    letters = [d for tier, d in found if _letter_verifies(d, tier)]
+    if not letters:
+        return fail(f"run {run_id!r}: no dead letter verifies (in {', '.join(t for t, _ in found)}); not retried")
     base, context = await _retry_base(run_id, stores, letters)
     h = base.header
     if h.status != Status.failed.value:
         return fail(f"run {run_id!r} is {printable(h.status)} at v{h.version}, not failed: not retried")
     newest = max(letters, key=lambda d: d.at)
     cursor = error_from_json(newest.error).step
+    if cursor < 0:
+        return fail(f"run {run_id!r}: its dead letter names step {cursor}, not a step: not retried")
     now = time.time()
     header = h._replace(
         version=h.version + 1,

@@ -14,11 +14,11 @@ import warnings
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
 from hotstate._clock import within
-from hotstate._errors import CodecError, ConfigError, PersistenceError, StoreUnavailableError
+from hotstate._errors import CodecError, ConfigError, CorruptSnapshotError, PersistenceError, StoreUnavailableError
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister, PersisterStatistics
 from hotstate.persistence._policy import Tier
-from hotstate.persistence._records import decode_snapshot
+from hotstate.persistence._records import decode_snapshot, verify_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -243,11 +243,26 @@ class Tiers:
         """
         found = await self.peek(run_id)
         for tier, stored in found:
-            self._by_name[tier].note_stored(run_id, stored.header.version)
+            self._note_verified(self._by_name[tier], stored)
         return found
 
+    def _note_verified(self, p: Persister, stored: StoredSnapshot) -> None:
+        """A copy read from ``p``'s tier counts as durable there only if its whole envelope verifies.
+
+        A forged header claiming a higher version must not make ``wait_durable``
+        (an acknowledgement) return for a version the tier never took.
+        """
+        try:
+            verify_snapshot(stored, self.codec, tier=p.name)
+        except (CorruptSnapshotError, CodecError):
+            return
+        p.note_stored(stored.header.run_id, stored.header.version)
+
     async def newest_versions(self, run_ids: Sequence[str]) -> dict[str, int]:
-        """The highest version any readable tier holds for each of ``run_ids`` (absent: none)."""
+        """The highest verified version any readable tier holds for each of ``run_ids`` (absent: none).
+
+        A copy that does not verify counts for nothing: its version may be forged.
+        """
         newest: dict[str, int] = {}
         if not run_ids:
             return newest
@@ -258,6 +273,10 @@ class Tiers:
                 log.error("hotstate recovery: cannot read runs of tier %r: %s", p.name, exc)
                 continue
             for rid, stored in found.items():
+                try:
+                    verify_snapshot(stored, self.codec, tier=p.name)
+                except (CorruptSnapshotError, CodecError):
+                    continue
                 version = stored.header.version
                 p.note_stored(rid, version)
                 newest[rid] = max(newest.get(rid, 0), version)
@@ -274,7 +293,14 @@ class Tiers:
         for p in persisters:
             stored = await p.store.load_version(run_id, version)
             if stored is not None:
-                return decode_snapshot(stored, self.codec, tier=p.name)
+                snap = decode_snapshot(stored, self.codec, tier=p.name)
+                if snap.run_id != run_id or snap.version > version:
+                    # A genuine copy, but not one of this run at or before ``version``: the
+                    # store's own keys or fields were changed (they are not under the check).
+                    raise CorruptSnapshotError(
+                        p.name, run_id, snap.version, f"kept copy is of run {snap.run_id!r} v{snap.version}"
+                    )
+                return snap
         return None
 
     async def peek(self, run_id: str) -> list[tuple[str, StoredSnapshot]]:
@@ -472,8 +498,8 @@ class Tiers:
         """``tier``'s copies of ``run_ids`` (malformed rows reported in ``bad_rows``); each read copy is durable there."""
         p = self._by_name[tier]
         found = await p.store.load_many(run_ids, bad_rows=bad_rows)
-        for rid, stored in found.items():
-            p.note_stored(rid, stored.header.version)
+        for stored in found.values():
+            self._note_verified(p, stored)
         return found
 
     async def history_from(self, tier: str, run_id: str) -> list[Transition]:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, final
+from typing import TYPE_CHECKING, Final, NamedTuple, final
 
 import anyio
 
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
 from hotstate.actors._snapshot import new_tuple as _new
-from hotstate.persistence._records import decode_dead_letter, decode_snapshot
+from hotstate.persistence._records import decode_dead_letter, decode_snapshot, verify_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -85,7 +85,7 @@ class Choice(NamedTuple):
     Attributes:
         snapshot: the newest copy that verifies, decoded (None: none verifies).
         tier: the tier it came from ("" when none verifies).
-        highest: the highest version any copy claims, a corrupt one included.
+        highest: the highest version any copy claims, a corrupt one included up to ``MAX_CLAIM``.
         corrupt: the copies that failed verification, newest first.
         error: the first verification error (to raise when nothing verifies).
     """
@@ -99,6 +99,38 @@ class Choice(NamedTuple):
 
 def _newest_first(copy: tuple[str, StoredSnapshot]) -> int:
     return -copy[1].header.version
+
+
+MAX_CLAIM: Final = 2**62
+"""The highest version a copy that does not verify may push a run to.
+
+A resumed run continues above every version any copy claims, so the version
+guard lets it replace a corrupt newer copy and no version is used twice. A
+claim beyond this (a forged 2**63 - 1) is ignored: continuing above it would
+leave no version a store can hold (SQLite keeps 64-bit integers). That tier
+then holds the run at a version this runtime cannot pass, and reports the
+conflict when it is written (the run is failed there, never run twice).
+"""
+
+
+def _highest(copies: Sequence[tuple[str, StoredSnapshot]], verified: int) -> int:
+    claims = [c[1].header.version for c in copies]
+    return max([verified, *(v for v in claims if type(v) is int and v <= MAX_CLAIM)])
+
+
+def _claimed_version(copy: tuple[str, StoredSnapshot]) -> int:
+    return copy[1].header.version
+
+
+def _newest_verified_workflow(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> str | None:
+    """The workflow of the newest copy whose whole envelope verifies (nothing decoded), or None when none does."""
+    for tier, stored in sorted(copies, key=_newest_first):
+        try:
+            verify_snapshot(stored, codec, tier=tier)
+        except (CorruptSnapshotError, CodecError):
+            continue
+        return stored.header.workflow
+    return None
 
 
 def choose_copy(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> Choice:
@@ -129,8 +161,8 @@ def choose_copy(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec
             )
             error = error or exc
             continue
-        return Choice(snap, tier, copies[0][1].header.version, corrupt, error)
-    return Choice(None, "", copies[0][1].header.version, corrupt, error)
+        return Choice(snap, tier, _highest(copies, snap.version), corrupt, error)
+    return Choice(None, "", _highest(copies, 0), corrupt, error)
 
 
 @final
@@ -252,12 +284,9 @@ async def find_runs(
             tier_errors[store.tier] = str(exc)
             per_tier.append({})
             log.error("hotstate recovery: cannot scan tier %r: %s", store.tier, exc)
-    workflows: dict[str, str] = {}
-    for found in per_tier:
-        for rid, stored in found.items():
-            workflows.setdefault(rid, stored.header.workflow)
-    unregistered = tuple(sorted((rid, wf) for rid, wf in workflows.items() if wf not in registered))
-    ids = sorted(rid for rid, wf in workflows.items() if wf in registered)
+    # Every run any tier lists: which workflow it is of is read from its chosen,
+    # verified copy below, never from a stored header (one HSET could rename it).
+    ids = sorted({rid for found in per_tier for rid in found})
     # A run unfinished in one tier may be newer (even finished) in another:
     # fetch its copy from every tier whose scan did not return it.
     for store, found in zip(stores, per_tier, strict=True):
@@ -280,13 +309,24 @@ async def find_runs(
     finished: list[str] = []
     corrupt: list[CorruptCopy] = []
     lost: list[str] = []
+    unregistered_runs: list[tuple[str, str]] = []
     for rid in ids:
+        claimed = max(copies[rid], key=_claimed_version)[1].header.workflow
+        if claimed not in registered:
+            # Probably a retired workflow: its payload may name classes that are gone,
+            # so find out from the newest copy that verifies, without decoding one.
+            verified = _newest_verified_workflow(rid, copies[rid], codec)
+            if verified is not None and verified not in registered:
+                unregistered_runs.append((rid, verified))
+                continue
         choice = choose_copy(rid, copies[rid], codec)
         if choice.corrupt:
             corrupt.extend(choice.corrupt)
         snap = choice.snapshot
         if snap is None:
             lost.append(rid)
+        elif snap.workflow not in registered:
+            unregistered_runs.append((rid, snap.workflow))
         elif snap.status in TERMINAL_STATUSES:
             finished.append(rid)
         else:
@@ -303,7 +343,7 @@ async def find_runs(
         already_finished=tuple(finished),
         corrupt=tuple(corrupt),
         lost=tuple(lost),
-        unregistered=unregistered,
+        unregistered=tuple(sorted(unregistered_runs)),
         tier_errors=tier_errors,
         seconds=time.perf_counter() - t0,
     )

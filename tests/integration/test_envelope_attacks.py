@@ -16,6 +16,7 @@ default configuration: recovery, ``spawn`` of a stored id, ``load`` and
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -25,7 +26,17 @@ import anyio
 import pytest
 import valkey.asyncio as avalkey
 
-from hotstate import CorruptSnapshotError, RunNotFoundError, Runtime, Status, Step, StepContext, Tier, Workflow
+from hotstate import (
+    CorruptSnapshotError,
+    RetryPolicy,
+    RunNotFoundError,
+    Runtime,
+    Status,
+    Step,
+    StepContext,
+    Tier,
+    Workflow,
+)
 from hotstate.persistence import (
     SECRET_KEY_ENV,
     FlushPolicy,
@@ -327,3 +338,145 @@ async def test_a_planted_pickle_never_executes_anywhere_a_store_holds_bytes(
     PickleCodec(trust_stores=True).decode(stored.body, context=snapshot_context(stored.header, stored.error))
     assert marker.exists()
     assert MsgpackCodec().keyed is False
+
+
+# --- found by red-teaming the first version of the check: paths that trusted a header unchecked ---------
+
+
+async def broken_reserve(p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    EFFECTS.append(("reserve", ctx.run_id, p["amount"]))
+    if p.get("fail"):
+        raise ValueError("out of stock")
+    return p
+
+
+FRAGILE = Workflow(
+    "fragile", [Step(fn=charge), Step(fn=broken_reserve, retry=RetryPolicy(max_attempts=1)), Step(fn=ship)]
+)
+RETIRED = Workflow("retired", [Step(fn=charge, wait_for="go")])
+
+
+async def failed_run(url: str, prefix: str, db: Path) -> None:
+    """dan's order charged, then failed for good at step 1 (reserve): dead-lettered in both tiers."""
+    async with Runtime([ORDER, FRAGILE], tiers=tiers(url, prefix, db)) as rt:
+        await rt.spawn(FRAGILE, {"amount": 50, "fail": True}, run_id="dan")
+        await until_status(rt, "dan", Status.failed)
+        await rt.flush()
+    EFFECTS.clear()
+
+
+async def test_runs_retry_never_takes_the_step_from_a_forged_dead_letter(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_KEY_ENV, KEY)
+    db = tmp_path / "runs.db"
+    await failed_run(valkey_url, valkey_prefix, db)
+    raw = avalkey.Valkey.from_url(valkey_url)
+    try:
+        meta = json.loads(await raw.hget(f"{valkey_prefix}:dead", "dan"))
+        error = json.loads(meta["error"])
+        error["step"] = 0  # resume at `charge`: charge the customer again
+        meta["error"], meta["at"] = json.dumps(error), meta["at"] + 10**6  # and be the newest letter
+        await raw.hset(f"{valkey_prefix}:dead", "dan", json.dumps(meta))
+    finally:
+        await raw.aclose()
+    stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
+    done = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, "retry", "dan"], check=False)
+    # SQLite's genuine letter is used: the run resumes at its real failed step, never at step 0.
+    assert done.returncode == 0, done.stderr
+    assert b"re-queued at step 1" in done.stdout
+    listed = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, "--json", "dead-letters"])
+    assert json.loads(listed.stdout) == []  # deleted by the retry in every tier
+    async with Runtime([ORDER, FRAGILE], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        with anyio.fail_after(GUARD):
+            await until_status(rt, "dan", Status.failed)  # still out of stock
+    assert ("charge", "dan", 50) not in EFFECTS
+
+
+async def test_runs_retry_refuses_when_only_forged_letters_remain(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_KEY_ENV, KEY)
+    db = tmp_path / "runs.db"
+    await failed_run(valkey_url, valkey_prefix, db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM dead_letters")
+    conn.close()
+    raw = avalkey.Valkey.from_url(valkey_url)
+    try:
+        meta = json.loads(await raw.hget(f"{valkey_prefix}:dead", "dan"))
+        meta["error"] = meta["error"].replace('"step":1', '"step":-1')
+        await raw.hset(f"{valkey_prefix}:dead", "dan", json.dumps(meta))
+    finally:
+        await raw.aclose()
+    stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
+    done = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, "retry", "dan"], check=False)
+    assert done.returncode != 0
+    assert b"no dead letter verifies" in done.stderr
+    listed = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, "--json", "dead-letters"])
+    [row] = json.loads(listed.stdout)
+    assert (row["run_id"], row["verified"], row["corrupt"]) == ("dan", False, ["valkey"])
+
+
+async def test_a_forged_row_version_never_deletes_a_genuine_dead_letter(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await failed_run(valkey_url, valkey_prefix, db)
+    await plant("valkey", valkey_url, valkey_prefix, db, "dan", {"version": 1000})
+    async with Runtime([ORDER, FRAGILE], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        report = rt.recovery_report
+        assert report is not None
+        assert report.stale_dead_letters == ()
+        assert report.dead_letters == ("dan",)
+        assert [d.run_id for d in rt.dead_letters()] == ["dan"]
+    async with SQLiteStore(db) as sq:
+        assert [d.run_id for d in await sq.dead_letters()] == ["dan"]
+
+
+async def test_a_renamed_workflow_field_neither_hides_a_run_nor_crashes_recovery(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    async with Runtime([ORDER, REFUND, RETIRED], tiers=tiers(valkey_url, valkey_prefix, db)) as rt:
+        await rt.spawn(RETIRED, {"amount": 1}, run_id="old")
+        await until_status(rt, "old", Status.waiting)
+        await rt.flush()
+    # bob is renamed to a workflow nobody registers; "old", of a workflow the new deploy
+    # no longer registers, is renamed to a registered one.
+    await plant("valkey", valkey_url, valkey_prefix, db, "bob", {"workflow": "retired-long-ago"})
+    await plant("valkey", valkey_url, valkey_prefix, db, "old", {"workflow": "order"})
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert ("bob", "sqlite") in [(r.run_id, r.tier) for r in report.resumed]
+        assert ("bob", "valkey") in [(c.run_id, c.tier) for c in report.corrupt]
+        assert report.unregistered == (("old", "retired"),)
+        assert "carol" in [r.run_id for r in report.resumed]
+    finally:
+        await rt.__aexit__(None, None, None)
+
+
+async def test_a_forged_out_of_range_version_never_brings_a_finished_run_back(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    await plant("valkey", valkey_url, valkey_prefix, db, "bob", {"version": 2**63 - 1})
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert [(c.run_id, c.tier) for c in report.corrupt] == [("bob", "valkey")]
+        assert rt.get("bob").version < 2**62  # continues from the verified copy, storable
+        await rt.send("bob", "go")
+        with anyio.fail_after(GUARD):
+            await rt.wait_finished("bob")
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert EFFECTS.count(("ship", "bob", 20)) == 1
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert "bob" not in [r.run_id for r in report.resumed]  # SQLite holds it done
+        assert (await rt.load("bob")).status is Status.done
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert EFFECTS.count(("ship", "bob", 20)) == 1
