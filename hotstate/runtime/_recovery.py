@@ -374,15 +374,20 @@ async def find_dead_letters(
             continue
         for record in records:
             version = record.snapshot.header.version
-            held = best.get(record.run_id)
-            if held is not None and held.snapshot.version >= version:
+            # Nothing of a record is used before it verifies: a planted one may hold anything.
+            held = best.get(record.run_id) if type(record.run_id) is str else None
+            if held is not None and type(version) is int and held.snapshot.version >= version:
                 continue
             try:
                 letter = decode_dead_letter(record, codec, tier=store.tier)
-            except (CorruptSnapshotError, CodecError) as exc:
+            except (CorruptSnapshotError, CodecError, TypeError, ValueError) as exc:
+                rid: object = record.run_id
                 corrupt.append(
                     CorruptCopy(
-                        run_id=record.run_id, tier=f"{store.tier} (dead letter)", version=version, reason=str(exc)
+                        run_id=rid if isinstance(rid, str) else repr(rid),
+                        tier=f"{store.tier} (dead letter)",
+                        version=version if type(version) is int else 0,
+                        reason=str(exc),
                     )
                 )
                 log.warning(

@@ -480,3 +480,27 @@ async def test_a_forged_out_of_range_version_never_brings_a_finished_run_back(
     finally:
         await rt.__aexit__(None, None, None)
     assert EFFECTS.count(("ship", "bob", 20)) == 1
+
+
+async def test_a_planted_dead_letter_of_the_wrong_shape_never_stops_recovery(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    header = {"run_id": "x", "workflow": "order", "workflow_version": "1", "version": "1", "step": "0"}
+    header |= {"status": "failed", "updated_at": "1.0", "attempt": "1"}
+    meta = {"run_id": ["x"], "workflow": "order", "at": 1.0, "error": "{}", "attempts": "[]"}
+    meta |= {"compensation_errors": "[]", "header": header, "snapshot_error": None}
+    raw = avalkey.Valkey.from_url(valkey_url)
+    try:
+        await raw.hset(f"{valkey_prefix}:dead", "x", json.dumps(meta))
+        await raw.hset(f"{valkey_prefix}:dead:body", "x", b"junk")
+    finally:
+        await raw.aclose()
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert {"bob", "carol"} <= {r.run_id for r in report.resumed}
+        assert report.dead_letters == ()
+        assert report.corrupt or report.tier_errors  # named, one way or the other
+    finally:
+        await rt.__aexit__(None, None, None)
