@@ -141,7 +141,8 @@ local function wrong(key, want)
   if t ~= 'none' and t ~= want then return 'key ' .. key .. ' is a ' .. t .. ', not a ' .. want end
   return false
 end
--- Decimal text of a signed 64-bit integer (Python's str() of an int in range).
+-- Decimal text of a signed 64-bit integer (Python's str() of an int in range);
+-- anything shorter than 19 characters that Python wrote is one.
 local function int64(s)
   local sign, d = string.match(s, '^(%-?)(%d+)$')
   if not d then return false end
@@ -150,28 +151,56 @@ local function int64(s)
   return d <= '9223372036854775807'
 end
 local NUMBERS = {{3, 'workflow_version'}, {4, 'version'}, {5, 'step'}, {8, 'attempt'}}
-local cur = {}  -- run id -> {version, status, workflow, error}, kept current through the batch
+-- A stored version that is not an integer (a row hotstate did not write, which
+-- every read reports as malformed) orders below every version: it is replaced.
+-- Longer than 20 characters is not one either: Python's int() reads no more.
+local function version(s)
+  if s and #s <= 20 and string.find(s, '^%-?%d+$') then return tonumber(s) end
+  return nil
+end
+local cur = {}  -- run id -> {version, status, workflow, error} as stored; pass 2 keeps it current
+-- Pass 2's writes, foreseen: run id -> version, status, workflow after the
+-- heads seen so far (three tables: no table built per head).
+local simv, sims, simw = {}, {}, {}
 for j = 1, #heads do
   local h = heads[j]
   local rid = h[1]
   if not bad[rid] then
     local why = false
-    for k = 1, 4 do
-      local f = NUMBERS[k]
-      if not why and not int64(h[f[1]]) then
-        why = f[2] .. '=' .. h[f[1]] .. ' is out of range (a signed 64-bit integer)'
+    if #h[3] > 18 or #h[4] > 18 or #h[5] > 18 or #h[8] > 18 then  -- shorter is in range: no call
+      for k = 1, 4 do
+        local f = NUMBERS[k]
+        if not why and not int64(h[f[1]]) then
+          why = f[2] .. '=' .. h[f[1]] .. ' is out of range (a signed 64-bit integer)'
+        end
       end
     end
     if not why and not cur[rid] then
       local key = p .. ':run:' .. rid
       local ok, got = pcall(redis.call, 'HMGET', key, 'version', 'status', 'workflow', 'error')
-      if ok then cur[rid] = got else why = wrong(key, 'hash') or ('key ' .. key .. ' cannot be read') end
+      if ok then
+        cur[rid] = got
+        simv[rid], sims[rid], simw[rid] = got[1], got[2], got[3]
+      else
+        why = wrong(key, 'hash') or ('key ' .. key .. ' cannot be read')
+      end
     end
-    if not why then
-      local c = cur[rid]
-      why = wrong(p .. ':status:' .. h[6], 'zset') or wrong(p .. ':wf:' .. h[2], 'zset')
-        or (c[2] and wrong(p .. ':status:' .. c[2], 'zset')) or (c[3] and wrong(p .. ':wf:' .. c[3], 'zset'))
-        or wrong(p .. ':runs', 'zset')
+    local st, wf = sims[rid], simw[rid]
+    -- Only the keys this head's write touches: one planted index key refuses
+    -- the runs moving into or out of it, not every run. A run that keeps its
+    -- status and workflow touches no index key (the usual step: no check).
+    if not why and (st ~= h[6] or wf ~= h[2] or not simv[rid]) then
+      local held = version(simv[rid])
+      if not (held and held >= tonumber(h[4])) then
+        if st ~= h[6] then
+          why = (st and wrong(p .. ':status:' .. st, 'zset')) or wrong(p .. ':status:' .. h[6], 'zset')
+        end
+        if not why and wf ~= h[2] then
+          why = (wf and wrong(p .. ':wf:' .. wf, 'zset')) or wrong(p .. ':wf:' .. h[2], 'zset')
+        end
+        if not why and not simv[rid] then why = wrong(p .. ':runs', 'zset') end
+        simv[rid], sims[rid], simw[rid] = h[4], h[6], h[2]
+      end
     end
     if why then reject(rid, why) end
   end
@@ -194,13 +223,6 @@ for j = 1, #trans do
 end
 if marking then
   redis.call('SET', mkey, fmt('%d:%d', math.max(high, seq), lost), 'EX', @MARK_TTL@)
-end
--- A stored version that is not an integer (a row hotstate did not write, which
--- every read reports as malformed) orders below every version: it is replaced.
--- Longer than 20 characters is not one either: Python's int() reads no more.
-local function version(s)
-  if s and #s <= 20 and string.find(s, '^%-?%d+$') then return tonumber(s) end
-  return nil
 end
 local written, stale, added = 0, 0, 0
 local above = false  -- a snapshot met a strictly higher stored version

@@ -271,17 +271,30 @@ def raw_type(url: str, key: str) -> str:
 async def test_valkey_an_index_key_of_another_type_rejects_only_the_runs_that_write_it(
     valkey_url: str, valkey_prefix: str
 ) -> None:
-    with valkey.Valkey.from_url(valkey_url) as raw:
-        raw.set(f"{valkey_prefix}:status:waiting", "not a sorted set")
     async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
+        await store.save([stored("stays", status="waiting"), stored("leaves", status="waiting")], [])
+        with valkey.Valkey.from_url(valkey_url) as raw:
+            raw.delete(f"{valkey_prefix}:status:waiting")
+            raw.set(f"{valkey_prefix}:status:waiting", "not a sorted set")
         result = await store.save(
-            [stored("w", status="waiting"), stored("r", status="running")], [trans("w", 1), trans("r", 1)]
+            [
+                stored("w", status="waiting"),  # new in that status: its ZADD would fail
+                stored("leaves", 2, status="running"),  # its ZREM would fail
+                stored("stays", 2, status="waiting"),  # no index write: taken
+                stored("r", status="running"),
+            ],
+            [trans("w", 1), trans("r", 1), trans("stays", 2)],
         )
-        assert set(result.rejected) == {"w"}
+        assert set(result.rejected) == {"w", "leaves"}
         assert "status:waiting is a string, not a zset" in result.rejected["w"]
+        assert (result.written, result.stale) == (2, 0)
         await assert_written(store, "r", 1, [1])
+        await assert_written(store, "stays", 2, [2])
         assert await store.load("w") is None
         assert await store.history("w") == []
+        found = await store.load("leaves")
+        assert found is not None
+        assert found.header.version == 1
 
 
 async def test_valkey_a_mark_key_of_another_type_reads_as_a_lost_mark_never_a_failed_save(
