@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
 
@@ -47,6 +48,7 @@ from hotstate.persistence._records import (
     transition_from_json,
 )
 from hotstate.persistence._store import (
+    CALL_TRANSITIONS,
     FINISHED_STATUSES,
     MARK_TTL,
     StoreBase,
@@ -56,6 +58,7 @@ from hotstate.persistence._store import (
     dead_letter_problem,
     render_id,
     status_filter,
+    stored_problem,
     transition_parts,
     unwritable,
     without,
@@ -360,7 +363,48 @@ def _fields(
     return reply
 
 
-_PARSERS: Final = (str, str, int, int, int, str, float, int)  # each header field's type, in _HEADER_FIELDS order
+_INT_TEXT: Final = re.compile(r"-?[0-9]{1,19}")
+
+
+def _strict_int(text: str) -> int:
+    """A stored integer exactly as this store writes it (``str(int)``).
+
+    Python's ``int()`` also takes ``+6``, `` 6``, ``6_0`` and other scripts'
+    digits, which the server-side scripts read differently (or not at all):
+    two readings of one field would let a changed field pass the envelope
+    check in Python while the version guard or a purge sees another value.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if _INT_TEXT.fullmatch(text) is None:
+        raise ValueError(f"not an integer as stored: {text[:40]!r}")
+    return int(text)
+
+
+def _strict_float(text: str) -> float:
+    """A stored time exactly as this store writes it (``repr(float)``).
+
+    Raises:
+        ValueError: anything else (``1_0.5``, `` 1.5``, ``nan``).
+    """
+    value = float(text)
+    if repr(value) != text or value != value:
+        raise ValueError(f"not a time as stored: {text[:40]!r}")
+    return value
+
+
+_PARSERS: Final[tuple[tuple[Callable[[str], object], str], ...]] = (
+    (str, "str"),
+    (str, "str"),
+    (_strict_int, "int"),
+    (_strict_int, "int"),
+    (_strict_int, "int"),
+    (str, "str"),
+    (_strict_float, "float"),
+    (_strict_int, "int"),
+)
+"""Each header field's parser and the type it reads, in _HEADER_FIELDS order."""
 
 
 def _header(run_id: str, values: Sequence[Any], tier: str) -> RunHeader:
@@ -372,7 +416,16 @@ def _header(run_id: str, values: Sequence[Any], tier: str) -> RunHeader:
     """
     try:
         rid, wf, wf_version, version, step, status, updated_at, attempt = (v.decode() for v in values[:8])
-        header = RunHeader(rid, wf, int(wf_version), int(version), int(step), status, float(updated_at), int(attempt))
+        header = RunHeader(
+            rid,
+            wf,
+            _strict_int(wf_version),
+            _strict_int(version),
+            _strict_int(step),
+            status,
+            _strict_float(updated_at),
+            _strict_int(attempt),
+        )
     except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError; so is a 5,000-digit int
         raise CodecError(tier, f"run {run_id!r}: stored header is malformed: {_bad_fields(values)}") from exc
     if rid != run_id:
@@ -383,12 +436,12 @@ def _header(run_id: str, values: Sequence[Any], tier: str) -> RunHeader:
 def _bad_fields(values: Sequence[bytes]) -> str:
     """Name each header field that does not parse, with its stored bytes (shortened)."""
     bad = []
-    for name, parse, raw in zip(_HEADER_FIELDS, _PARSERS, values, strict=False):
+    for name, (parse, kind), raw in zip(_HEADER_FIELDS, _PARSERS, values, strict=False):
         try:
             parse(raw.decode())
         except (ValueError, OverflowError) as exc:
             shown = raw if len(raw) <= 40 else raw[:40] + b"..."
-            why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not {parse.__name__}"
+            why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else f"not {kind}"
             bad.append(f"{name}={shown!r} ({why})")
     return ", ".join(bad)
 
@@ -626,7 +679,7 @@ class ValkeyStore(StoreBase):
         rejected: dict[str, str],
         added: list[int],
     ) -> SaveResult:
-        parts = transition_parts(transitions, _transitions_json)
+        parts = transition_parts(transitions, _transitions_json, CALL_TRANSITIONS)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         script = self._save_script
         for part, text in parts[:-1]:
@@ -902,15 +955,23 @@ class ValkeyStore(StoreBase):
         key = self._key("ver", run_id)
         async with self._errors("load_version"):
             fields = await cast("Awaitable[list[bytes]]", client.hkeys(key))
-            kept = [int(f) for f in (_text(x) for x in fields) if f.isdigit() and int(f) <= version]
+            names = (_text(x) for x in fields)
+            kept = [int(f) for f in names if _INT_TEXT.fullmatch(f) and int(f) <= version]
             if not kept:
                 return None
             v = str(max(kept))
             body, head = await cast("Awaitable[list[bytes | None]]", client.hmget(key, [v, v + ":h"]))
         if body is None or head is None:
             return None
-        *header, error = json.loads(_text(head))
-        return StoredSnapshot(header=RunHeader(*header), error=error, body=bytes(body))
+        try:
+            *header, error = json.loads(_text(head))
+            stored = StoredSnapshot(header=RunHeader(*header), error=error, body=bytes(body))
+        except (TypeError, ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+            raise CodecError(self.tier, f"run {run_id!r}: kept copy v{v} is malformed: {exc!r}"[:300]) from exc
+        problem = stored_problem(stored)
+        if problem is not None:
+            raise CodecError(self.tier, f"run {run_id!r}: kept copy v{v} is malformed: {problem}"[:300])
+        return stored
 
     @override
     async def purge_finished(self, *, before: float) -> int:
@@ -946,23 +1007,40 @@ def _dead_letter(raw: bytes, body: bytes, tier: str) -> StoredDeadLetter:
 
 
 def _dead_letter_fields(meta: dict[str, Any], body: bytes) -> StoredDeadLetter:
+    """The record, each field of the type it is written with (a planted record may hold anything).
+
+    Raises:
+        TypeError: a field has another type.
+        ValueError: a number is not as this store writes it.
+        KeyError: a field is missing.
+    """
     h = meta["header"]
     header = RunHeader(
         run_id=h["run_id"],
         workflow=h["workflow"],
-        workflow_version=int(h["workflow_version"]),
-        version=int(h["version"]),
-        step=int(h["step"]),
+        workflow_version=_strict_int(h["workflow_version"]),
+        version=_strict_int(h["version"]),
+        step=_strict_int(h["step"]),
         status=h["status"],
-        updated_at=float(h["updated_at"]),
-        attempt=int(h["attempt"]),
+        updated_at=_strict_float(h["updated_at"]),
+        attempt=_strict_int(h["attempt"]),
     )
-    return StoredDeadLetter(
+    at = meta["at"]
+    if type(at) not in (int, float):
+        raise TypeError(f"at is a {type(at).__name__}")
+    record = StoredDeadLetter(
         run_id=meta["run_id"],
         workflow=meta["workflow"],
-        at=float(meta["at"]),
+        at=float(at),
         error=meta["error"],
         attempts=meta["attempts"],
         compensation_errors=meta["compensation_errors"],
         snapshot=StoredSnapshot(header=header, error=meta["snapshot_error"], body=bytes(body)),
     )
+    texts = (record.run_id, record.workflow, record.error, record.attempts, record.compensation_errors)
+    if not all(type(t) is str for t in texts):
+        raise TypeError("a text field of the record is not text")
+    problem = stored_problem(record.snapshot)
+    if problem is not None:
+        raise TypeError(problem)
+    return record

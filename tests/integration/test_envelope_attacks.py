@@ -504,3 +504,29 @@ async def test_a_planted_dead_letter_of_the_wrong_shape_never_stops_recovery(
         assert report.corrupt or report.tier_errors  # named, one way or the other
     finally:
         await rt.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda h: {"version": f"+{h.version}"},
+        lambda h: {"version": f" {h.version}"},
+        lambda h: {"updated_at": f"1_{repr(h.updated_at)[1:]}"},
+    ],
+    ids=["version-plus", "version-space", "time-underscore"],
+)
+async def test_a_number_written_another_way_in_valkey_is_never_read_as_the_same_number(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool, spoil: Any
+) -> None:
+    # Python's int()/float() read "+6", " 6" and "1_0.5"; the server-side scripts do not. One
+    # field must never pass the envelope check in Python while the version guard sees another value.
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    bob = await read("valkey", valkey_url, valkey_prefix, db, "bob")
+    await plant("valkey", valkey_url, valkey_prefix, db, "bob", spoil(bob.header))
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert ("bob", "valkey") in [(c.run_id, c.tier) for c in report.corrupt]
+        assert ("bob", "sqlite") in [(r.run_id, r.tier) for r in report.resumed]
+    finally:
+        await rt.__aexit__(None, None, None)
