@@ -43,6 +43,7 @@ from hotstate.persistence._store import (
     FINISHED_STATUSES,
     INT64_MAX,
     MARK_TTL,
+    TRANSACTION_TRANSITIONS,
     StoreBase,
     WriterMark,
     advance_mark,
@@ -706,7 +707,7 @@ class SQLiteStore(StoreBase):
         rejected: dict[str, str],
         added: list[int],
     ) -> SaveResult:
-        parts = transition_parts(transitions, _transitions_json)
+        parts = transition_parts(transitions, _transitions_json, TRANSACTION_TRANSITIONS)
         for part, text in parts[:-1]:  # a long history: the first transitions in transactions of their own
             async with self._transaction("save") as conn:
                 added[0] += await _insert_transitions(conn, part, text)

@@ -152,10 +152,10 @@ class Store(Protocol):
         store were down. A run id holding a NUL character is a run id like
         any other: no store cuts it short.
 
-        No store call runs long (#11): a batch of more than
-        ``CALL_TRANSITIONS`` transitions, or more than ``CALL_BYTES`` of
-        them, is written in several calls (Lua scripts, SQLite
-        transactions). The first parts of the transitions go in calls before
+        No store call runs long (#11): a batch of more than a call's worth
+        of transitions (``CALL_TRANSITIONS`` in a Valkey script,
+        ``TRANSACTION_TRANSITIONS`` in an SQLite transaction), or more than
+        ``CALL_BYTES`` of them, is written in several calls. The first parts of the transitions go in calls before
         the last one, which holds the snapshots: a reader may see some of the
         batch's transitions before its snapshots, never a snapshot without
         its transitions. If the save fails midway those transitions stay
@@ -573,12 +573,20 @@ INT64_MIN: Final = -(1 << 63)
 INT64_MAX: Final = (1 << 63) - 1
 
 CALL_TRANSITIONS: Final = 4096
-"""Transitions per store call (one Lua script, one SQLite transaction), #11.
+"""Transitions per Valkey script (#11): ~3.4 us each (client and server, 2 cores), ~15 ms a script.
 
-Measured on 2 cores: ~2.4 us per transition in SQLite, ~3.4 us in Valkey
-(client and server), so a part takes ~10-15 ms. Re-writing a 1,000,000
-transition history in one script held every other Valkey client off
-(``BUSY``) for seconds.
+Re-writing a 1,000,000-transition history in one script held every other
+Valkey client off (``BUSY``) for seconds. Smaller scripts also made the W1
+write-behind workload with Valkey and SQLite faster (N=10,000: 155k -> 212k
+steps/s), as one long script no longer stalls the flush loop.
+"""
+
+TRANSACTION_TRANSITIONS: Final = 16384
+"""Transitions per SQLite transaction (#11): ~2.4 us each, ~40 ms a transaction.
+
+Larger than ``CALL_TRANSITIONS``: every transaction costs the writer thread
+a GIL handoff, which a CPU-bound loop stretches (W1 write-behind SQLite,
+N=10,000: 316k steps/s with 4,096, 333k with 16,384, 331k unbounded).
 """
 
 CALL_BYTES: Final = 1 << 20
@@ -586,19 +594,19 @@ CALL_BYTES: Final = 1 << 20
 
 
 def transition_parts(
-    transitions: Sequence[Transition], encode: Callable[[Sequence[Transition]], str]
+    transitions: Sequence[Transition], encode: Callable[[Sequence[Transition]], str], limit: int
 ) -> list[tuple[Sequence[Transition], str]]:
-    """Split ``transitions`` into store calls: at most ``CALL_TRANSITIONS`` each, encoded in at most ``CALL_BYTES``.
+    """Split ``transitions`` into store calls: at most ``limit`` each, encoded in at most ``CALL_BYTES``.
 
     Each part comes with ``encode(part)``, made once. A batch within both
-    bounds (every ordinary flush) is one part, encoded once, and never copied.
+    bounds (most flushes) is one part, encoded once, and never copied.
     """
     parts: list[tuple[Sequence[Transition], str]] = []
-    if len(transitions) <= CALL_TRANSITIONS:
+    if len(transitions) <= limit:
         _split(transitions, encode, parts)
         return parts
-    for i in range(0, len(transitions), CALL_TRANSITIONS):
-        _split(transitions[i : i + CALL_TRANSITIONS], encode, parts)
+    for i in range(0, len(transitions), limit):
+        _split(transitions[i : i + limit], encode, parts)
     return parts
 
 

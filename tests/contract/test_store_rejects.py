@@ -8,7 +8,7 @@ reason. Saving the same batch again rejects it again: the store is not down.
 
 Also here: run ids holding NUL are kept apart (``json_extract`` stops at NUL:
 one overwrote another run's history in SQLite), and a history longer than one
-store call (``CALL_TRANSITIONS``) is written in several calls, with every
+store call (``CALL_TRANSITIONS``, ``TRANSACTION_TRANSITIONS``) is written in several calls, with every
 transition stored and counted once.
 
 Records are built by hand, never through a codec: a store never decodes a body,
@@ -33,7 +33,7 @@ from hotstate.persistence import (
     StoredSnapshot,
     ValkeyStore,
 )
-from hotstate.persistence._store import CALL_BYTES, CALL_TRANSITIONS
+from hotstate.persistence._store import CALL_BYTES, CALL_TRANSITIONS, TRANSACTION_TRANSITIONS
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -207,7 +207,7 @@ async def test_a_dead_letter_the_store_cannot_write_is_left_out_and_the_others_a
 
 
 async def test_a_history_longer_than_one_store_call_is_written_whole_and_counted_once(store: Store) -> None:
-    n = 2 * CALL_TRANSITIONS + 7
+    n = 2 * max(CALL_TRANSITIONS, TRANSACTION_TRANSITIONS) + 7
     history = history_of("long", range(1, n + 1))
     result = await store.save([stored("long", n), stored("short", 1)], [*history, trans("short", 1)])
     assert (result.written, result.transitions, result.rejected) == (2, n + 1, {})
