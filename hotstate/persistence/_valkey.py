@@ -48,6 +48,7 @@ from hotstate.persistence._records import (
     transition_from_json,
 )
 from hotstate.persistence._store import (
+    CALL_TRANSITIONS,
     FINISHED_STATUSES,
     MARK_TTL,
     StoreBase,
@@ -678,7 +679,7 @@ class ValkeyStore(StoreBase):
         rejected: dict[str, str],
         added: list[int],
     ) -> SaveResult:
-        parts = transition_parts(transitions, _transitions_json)
+        parts = transition_parts(transitions, _transitions_json, CALL_TRANSITIONS)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         script = self._save_script
         for part, text in parts[:-1]:
