@@ -169,7 +169,7 @@ class Persister:
         self._sleep: anyio.CancelScope | None = None
         self._last_flush = clock.now()
         self._avg_bytes = 0.0
-        self._poisoned: set[str] = set()
+        self._poisoned: dict[str, CodecError] = {}  # runs whose snapshot cannot be encoded: why
         self._conflicted: set[str] = set()  # runs whose conflict was logged (once each)
         self._rejected: dict[str, RunRejectedError] = {}  # runs the store refused: their last refusal
         self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
@@ -344,6 +344,11 @@ class Persister:
             return
         if self.refused(run_id):
             raise self._rejected[run_id]
+        poisoned = self._poisoned.get(run_id) if self._poisoned else None
+        if poisoned is not None and run_id not in self._dirty:
+            # Its snapshot could not be encoded, and nothing newer is pending: a caller
+            # arriving after that flush would otherwise wait for a version never written.
+            raise poisoned
         waiter = _Waiter(version)
         self._durable_events.setdefault(run_id, []).append(waiter)
         self._poke()
@@ -455,7 +460,7 @@ class Persister:
             await self.flush_once()
             # A version the store skipped for a newer one, or that cannot be encoded,
             # will never be durable here: waiting for it would never return.
-            never = self._conflicted | self._poisoned | self._rejected.keys()
+            never = self._conflicted | self._poisoned.keys() | self._rejected.keys()
             target = {rid: v for rid, v in target.items() if self.durable.get(rid, 0) < v and rid not in never}
             rounds += 1
             if rounds > 1 and not target and not self._dead and not self._dead_deletes:
@@ -544,7 +549,7 @@ class Persister:
     def _encode_poisoned(self, rid: str, snap: Snapshot, exc: CodecError) -> list[StoredSnapshot]:
         """An unencodable payload fails its run; its header still reaches the store."""
         if rid not in self._poisoned:
-            self._poisoned.add(rid)
+            self._poisoned[rid] = exc
             self._codec_errors += 1
             log.error("hotstate: run %r cannot be persisted to %r: %s", rid, self.name, exc)
             self._listener.codec_error(rid, exc)
@@ -813,7 +818,7 @@ class Persister:
         """Drop per-run bookkeeping of a run that is gone from memory."""
         self.durable.pop(run_id, None)
         self._encoder.forget(run_id)
-        self._poisoned.discard(run_id)
+        self._poisoned.pop(run_id, None)
         self._conflicted.discard(run_id)
         self._rejected.pop(run_id, None)
         self._kept.pop(run_id, None)
