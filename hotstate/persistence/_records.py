@@ -143,10 +143,12 @@ class SaveResult:
             version in the batch was skipped. Empty when every snapshot was
             written or was equal.
         rejected: run id -> why, for each run of the batch the store could not
-            write at all (a stored key of the wrong type, a stored version out
-            of range): nothing of that run (snapshot or transitions) was
-            written, every other run of the batch was. Such a snapshot counts
-            as neither ``written`` nor ``stale``.
+            write at all (text that does not encode, a version or other
+            number past 64 bits, a stored key of the wrong type): nothing of
+            that run's snapshot was written, every other run of the batch was
+            (transitions of it written by an earlier call of a long batch may
+            stay; ``Store.save``). Such a snapshot counts as neither
+            ``written`` nor ``stale``.
     """
 
     written: int

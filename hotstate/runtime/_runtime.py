@@ -742,6 +742,10 @@ class Runtime:
                 ``run_id`` is not a valid run id, ``version`` is not an int >= 0,
                 or ``timeout`` is not a number >= 0.
             DurabilityTimeoutError: not durable in time; the tier is down or slow.
+            RunRejectedError: the tier refused the run (text that does not
+                encode, a number out of range, a stored key of the wrong type).
+            StaleVersionError: the tier holds a newer version of the run.
+            CodecError: the run's snapshot cannot be encoded.
         """
         actor = self._actor("wait_durable.run_id", run_id)
         v = actor.snapshot.version if version is None else integer("wait_durable.version", version)
