@@ -6,6 +6,7 @@ status; ``_runs.py`` parses, opens the stores and reports errors.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from hotstate._errors import (
     RunNotFoundError,
 )
 from hotstate.actors import Status, Transition, TransitionKind
-from hotstate.persistence import MsgpackCodec, RunHeader, StoredSnapshot
+from hotstate.persistence import BadRow, MsgpackCodec, RunHeader, StoredSnapshot
 from hotstate.persistence._records import (
     dead_letter_context,
     error_from_json,
@@ -368,7 +369,8 @@ async def _letters(
     found: dict[str, tuple[StoredDeadLetter, list[str], list[str]]] = {}
     good: set[str] = set()
     for store in stores:
-        for d in await store.dead_letters():
+        malformed: list[BadRow] = []
+        for d in await store.dead_letters(bad_rows=malformed):
             ok = _letter_verifies(d, store.tier)
             old = found.get(d.run_id)
             tiers = [*old[1], store.tier] if old else [store.tier]
@@ -380,6 +382,11 @@ async def _letters(
             elif ok:
                 good.add(d.run_id)
             found[d.run_id] = (keep, tiers, corrupt)
+        for row in malformed:
+            print(
+                f"{store.tier}: malformed dead letter of run {printable(row.run_id)}: {printable(row.reason)}",
+                file=sys.stderr,
+            )
     return found
 
 
@@ -447,7 +454,7 @@ async def _retry_base(
 async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
     """Re-queue a dead-lettered run in every tier for the next ``recover=True`` runtime."""
     run_id = args.run_id
-    found = [(store.tier, d) for store in stores for d in await store.dead_letters() if d.run_id == run_id]
+    found = [(s.tier, d) for s in stores for d in await s.dead_letters(bad_rows=[]) if d.run_id == run_id]
     if not found:
         return fail(f"run {run_id!r}: no dead letter in {', '.join(s.tier for s in stores)}")
     # Only letters whose whole record verifies are trusted: the step to resume at

@@ -262,8 +262,8 @@ class MemoryStore(StoreBase):
         return rejected
 
     @override
-    async def dead_letters(self) -> list[StoredDeadLetter]:
-        self._check_open()
+    async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
+        self._check_open()  # records are kept as given: nothing to parse, nothing malformed
         return sorted(self._dead.values(), key=lambda d: (d.at, d.run_id))
 
     @override

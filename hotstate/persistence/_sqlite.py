@@ -883,24 +883,31 @@ class SQLiteStore(StoreBase):
             )
 
     @override
-    async def dead_letters(self) -> list[StoredDeadLetter]:
+    async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
         rows = await self._fetchall(
             "SELECT run_id, workflow, at, error, attempts, compensation_errors, "
             "workflow_version, version, step, status, updated_at, attempt, "
             "snapshot_error, body FROM dead_letters ORDER BY at, run_id"
         )
-        return [
-            StoredDeadLetter(
-                run_id=r[0],
-                workflow=r[1],
-                at=r[2],
-                error=r[3],
-                attempts=r[4],
-                compensation_errors=r[5],
-                snapshot=_stored((r[0], r[1], *r[6:]), self.tier),
-            )
-            for r in rows
-        ]
+        records = []
+        for r in rows:
+            try:
+                if not all(type(x) is str for x in (r[0], r[1], r[3], r[4], r[5])) or type(r[2]) not in (int, float):
+                    raise CodecError(self.tier, f"run {render_id(r[0])}: stored dead letter is malformed")
+                records.append(
+                    StoredDeadLetter(
+                        run_id=r[0],
+                        workflow=r[1],
+                        at=float(r[2]),
+                        error=r[3],
+                        attempts=r[4],
+                        compensation_errors=r[5],
+                        snapshot=_stored((r[0], r[1], *r[6:]), self.tier),
+                    )
+                )
+            except CodecError as exc:
+                bad_row(exc, render_id(r[0]), bad_rows)
+        return records
 
     @override
     async def delete_dead_letter(self, run_id: str) -> bool:

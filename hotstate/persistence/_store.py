@@ -358,15 +358,20 @@ class Store(Protocol):
         """
         ...
 
-    async def dead_letters(self) -> list[StoredDeadLetter]:
+    async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
         """List the dead-letter records, oldest first.
+
+        Args:
+            bad_rows: when given, a malformed stored record is left out and
+                reported by appending a ``BadRow`` here, instead of raising
+                ``CodecError``: one planted record never hides the others.
 
         Returns:
             The records ordered by ``at``, then run id.
 
         Raises:
             StoreUnavailableError: the read failed.
-            CodecError: a stored record is malformed.
+            CodecError: a stored record is malformed, and ``bad_rows`` is None.
         """
         ...
 

@@ -911,7 +911,7 @@ class ValkeyStore(StoreBase):
             await pipe.execute()
 
     @override
-    async def dead_letters(self) -> list[StoredDeadLetter]:
+    async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
         async with (
             self._errors("dead_letters"),
             self._c().pipeline(transaction=True) as pipe,
@@ -923,7 +923,10 @@ class ValkeyStore(StoreBase):
         for run_id, raw in metas.items():
             body = bodies.get(run_id)
             if body is not None:
-                records.append(_dead_letter(raw, body, self.tier))
+                try:
+                    records.append(_dead_letter(raw, body, self.tier))
+                except CodecError as exc:
+                    bad_row(exc, render_id(_text(run_id)), bad_rows)
         return sorted(records, key=lambda d: (d.at, d.run_id))
 
     @override

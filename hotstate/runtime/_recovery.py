@@ -367,11 +367,19 @@ async def find_dead_letters(
     errors: dict[str, str] = {}
     for store in stores:
         try:
-            records = await store.dead_letters()
+            malformed: list[BadRow] = []
+            records = await store.dead_letters(bad_rows=malformed)
         except PersistenceError as exc:
             errors[store.tier] = str(exc)
             log.error("hotstate recovery: cannot read the dead letters of tier %r: %s", store.tier, exc)
             continue
+        for row in malformed:  # one planted record never hides the tier's other letters
+            log.warning(
+                "hotstate recovery: malformed dead letter of run %r in %r: %s", row.run_id, store.tier, row.reason
+            )
+            corrupt.append(
+                CorruptCopy(run_id=row.run_id, tier=f"{store.tier} (dead letter)", version=0, reason=row.reason)
+            )
         for record in records:
             version = record.snapshot.header.version
             # Nothing of a record is used before it verifies: a planted one may hold anything.

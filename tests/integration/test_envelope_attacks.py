@@ -530,3 +530,34 @@ async def test_a_number_written_another_way_in_valkey_is_never_read_as_the_same_
         assert ("bob", "sqlite") in [(r.run_id, r.tier) for r in report.resumed]
     finally:
         await rt.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_one_malformed_dead_letter_never_hides_the_others(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_KEY_ENV, KEY)
+    db = tmp_path / "runs.db"
+    await failed_run(valkey_url, valkey_prefix, db)
+    if tier == "valkey":
+        raw = avalkey.Valkey.from_url(valkey_url)
+        try:
+            await raw.hset(f"{valkey_prefix}:dead", "zz", "[1, 2]")
+            await raw.hset(f"{valkey_prefix}:dead:body", "zz", b"junk")
+        finally:
+            await raw.aclose()
+    else:
+        with sqlite3.connect(db) as conn:
+            row = list(conn.execute("SELECT * FROM dead_letters WHERE run_id = 'dan'").fetchone())
+            row[0], row[2] = "zz", "not a time"
+            conn.execute(f"INSERT INTO dead_letters VALUES ({', '.join('?' * len(row))})", row)  # noqa: S608
+        conn.close()
+    async with Runtime([ORDER, FRAGILE], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        report = rt.recovery_report
+        assert report is not None
+        assert report.dead_letters == ("dan",)
+        assert ("zz", f"{tier} (dead letter)") in [(c.run_id, c.tier) for c in report.corrupt]
+    stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
+    listed = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, "--json", "dead-letters"])
+    assert [r["run_id"] for r in json.loads(listed.stdout)] == ["dan"]
+    assert b"malformed dead letter of run zz" in listed.stderr

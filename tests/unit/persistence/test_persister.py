@@ -228,7 +228,7 @@ class ScriptedStore(StoreBase):
         self.calls.append("save_dead_letters")
         await self.inner.save_dead_letters(records)
 
-    async def dead_letters(self) -> list[StoredDeadLetter]:
+    async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
         return await self.inner.dead_letters()
 
     async def delete_dead_letter(self, run_id: str) -> bool:
