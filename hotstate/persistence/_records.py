@@ -585,12 +585,14 @@ def decode_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str, context:
         if status is None:
             status = Status(h.status)
         raw = body.get("signals")
-        signals: tuple[tuple[str, Any], ...] | Signals = tuple((str(name), data) for name, data in raw) if raw else ()
+        signals: tuple[tuple[str, Any], ...] | Signals = ()
         keys = body.get("dedupe")
-        if keys:
-            if not isinstance(keys, list) or not all(type(k) is str for k in keys):
-                raise TypeError(f"dedupe keys are not a list of str: {keys!r}"[:200])
-            signals = Signals(signals, dedupe=keys)
+        if keys and (not isinstance(keys, list) or not all(type(k) is str for k in keys)):
+            raise TypeError(f"dedupe keys are not a list of str: {keys!r}"[:200])
+        if raw or keys:
+            # A Signals, not a tuple: counting pending signals of a name stays O(1)
+            # however many a stored copy holds (a tuple was scanned on every send).
+            signals = Signals(((str(name), data) for name, data in raw or ()), dedupe=keys or ())
     except (TypeError, ValueError) as exc:
         raise CodecError(tier, f"run {h.run_id!r} v{h.version}: {exc}") from exc
     error = None if stored.error is None else error_from_json(stored.error, tier=tier)

@@ -884,11 +884,24 @@ class SQLiteStore(StoreBase):
 
     @override
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
-        rows = await self._fetchall(
-            "SELECT run_id, workflow, at, error, attempts, compensation_errors, "
-            "workflow_version, version, step, status, updated_at, attempt, "
-            "snapshot_error, body FROM dead_letters ORDER BY at, run_id"
+        columns = (
+            "run_id, workflow, at, error, attempts, compensation_errors, "
+            "workflow_version, version, step, status, updated_at, attempt, snapshot_error, body"
         )
+        tail = " FROM dead_letters ORDER BY at, run_id"
+        try:
+            rows = await self._fetchall(f"SELECT {columns}{tail}", ())
+        except StoreUnavailableError as exc:
+            # One text value that is not UTF-8 fails the whole query: read the rows
+            # again with text as bytes, so that row alone is malformed (as _fetch_runs).
+            if self._reader is None or not _not_utf8(exc.__cause__):
+                raise
+            names = [c.strip() for c in columns.split(",")]
+            typed = f"SELECT {columns}, {', '.join(f'typeof({c})' for c in names)}{tail}"
+            async with self._errors("read"):
+                rows = await anyio.to_thread.run_sync(
+                    _read_raw, self._read_uri, typed, (), len(names), int(self.busy_timeout * 1000)
+                )
         records = []
         for r in rows:
             try:

@@ -958,7 +958,8 @@ class ValkeyStore(StoreBase):
         key = self._key("ver", run_id)
         async with self._errors("load_version"):
             fields = await cast("Awaitable[list[bytes]]", client.hkeys(key))
-            names = (_text(x) for x in fields)
+            # Field names are not under the check: one that is not ASCII digits is not a kept copy.
+            names = (x.decode("ascii", "replace") for x in fields)
             kept = [int(f) for f in names if _INT_TEXT.fullmatch(f) and int(f) <= version]
             if not kept:
                 return None

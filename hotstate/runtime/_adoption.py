@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, NamedTuple, final
 
 from hotstate._errors import (
+    CorruptSnapshotError,
     CrashLoopError,
     HotstateInternalError,
     PersistenceError,
@@ -37,6 +38,7 @@ from hotstate.runtime._recovery import (
     CorruptCopy,
     RecoveryReport,
     choose_copy,
+    cursor_problem,
     find_dead_letters,
     find_runs,
 )
@@ -379,6 +381,9 @@ class Adoption:
             same_definition(snap, expect)
         if snap.workflow not in self._workflows:
             raise WorkflowNotRegisteredError(run_id, snap.workflow)
+        problem = cursor_problem(snap, self._workflows[snap.workflow])
+        if problem is not None:
+            raise CorruptSnapshotError(choice.tier, run_id, snap.version, problem)
         if run_id in self._registry:  # adopted by a concurrent spawn while the copies were checked
             return True
         if snap.finished:

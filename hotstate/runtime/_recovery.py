@@ -25,6 +25,7 @@ from hotstate.persistence._records import decode_dead_letter, decode_snapshot, v
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from hotstate.actors import Workflow
     from hotstate.persistence import BadRow, Codec, Store, StoredSnapshot
 
 __all__ = [
@@ -116,6 +117,20 @@ conflict when it is written (the run is failed there, never run twice).
 def _highest(copies: Sequence[tuple[str, StoredSnapshot]], verified: int) -> int:
     claims = [c[1].header.version for c in copies]
     return max([verified, *(v for v in claims if type(v) is int and v <= MAX_CLAIM)])
+
+
+def cursor_problem(snap: Snapshot, workflow: Workflow) -> str | None:
+    """Why a verified copy cannot be resumed by ``workflow``, or None.
+
+    Under no key a checksum can be recomputed: a copy may verify and still hold
+    a step cursor the workflow has no step for (a negative one indexed steps
+    from the end and made the scheduler spin) or an attempt below 1.
+    """
+    if type(snap.step) is not int or not 0 <= snap.step <= len(workflow.steps):
+        return f"step cursor {snap.step!r} is not a step of workflow {workflow.name!r} ({len(workflow.steps)} steps)"
+    if type(snap.attempt) is not int or snap.attempt < 1:
+        return f"attempt {snap.attempt!r} is below 1"
+    return None
 
 
 def _claimed_version(copy: tuple[str, StoredSnapshot]) -> int:
@@ -255,7 +270,7 @@ async def _load_all(
 async def find_runs(
     stores: Sequence[Store],
     codec: Codec,
-    registered: Mapping[str, object],
+    registered: Mapping[str, Workflow],
     *,
     concurrency: int = 4,
 ) -> tuple[list[tuple[Snapshot, int]], RecoveryReport]:
@@ -327,6 +342,10 @@ async def find_runs(
             lost.append(rid)
         elif snap.workflow not in registered:
             unregistered_runs.append((rid, snap.workflow))
+        elif (problem := cursor_problem(snap, registered[snap.workflow])) is not None:
+            log.warning("hotstate recovery: copy of run %r in %r cannot be resumed: %s", rid, choice.tier, problem)
+            corrupt.append(CorruptCopy(run_id=rid, tier=choice.tier, version=snap.version, reason=problem))
+            lost.append(rid)
         elif snap.status in TERMINAL_STATUSES:
             finished.append(rid)
         else:

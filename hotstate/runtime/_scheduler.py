@@ -65,6 +65,9 @@ _STEPS_PER_YIELD: Final = 256
 _PENDING: Final = Status.pending
 _SPAWNED: Final = TransitionKind.spawned
 
+_TURN_ERRORS = 3
+"""Turns in a row a run may raise at one version before it is failed (``Scheduler._turn_failed``)."""
+
 
 @final
 class _Release:
@@ -129,6 +132,8 @@ class Scheduler:
         self._tasks_idle: anyio.Event | None = None
         self.transitions = 0
         self.internal_errors = 0
+        # Runs whose turn raised, with the version it raised at and how many times in a row.
+        self._turn_errors: dict[str, tuple[int, int]] = {}
         self._pressured: set[str] = set()
         self._throttled: list[RunActor] = []
         self._gate: anyio.Event | None = None  # spawn waits on it under backpressure
@@ -455,20 +460,25 @@ class Scheduler:
                 self._worker_actor = actor
                 actor.running = True
                 actor.host_task = task
+                raised: Exception | None = None
                 try:
                     fast = await actor.turn(self, budget)
                     self.transitions += fast  # not `+= await`: that reads the counter before the await
-                except Exception:  # noqa: BLE001 - isolate a bug in one run from the others
+                except Exception as exc:  # noqa: BLE001 - isolate a bug in one run from the others
                     self.internal_error(f"turn of run {actor.run_id!r}")
+                    raised = exc
                 finally:
                     actor.running = False
                     actor.host_task = None
+                broken = raised is not None and self._turn_failed(actor, raised)
+                if raised is None and self._turn_errors:
+                    self._turn_errors.pop(actor.run_id, None)
                 # Only the task in the scheduler role may write _worker_actor: after
                 # a handoff it belongs to the new scheduler task, not to this host.
                 handed_off = self._worker_actor is not actor
                 if not handed_off:
                     self._worker_actor = None
-                if actor.runnable():
+                if actor.runnable() and not broken:
                     if actor.snapshot.status in TERMINAL_STATUSES:
                         actor.mailbox = None  # messages to a finished run have nowhere to go
                     else:
@@ -487,6 +497,32 @@ class Scheduler:
             self.tasks -= 1
             if self.tasks == 0 and self._tasks_idle is not None:
                 self._tasks_idle.set()
+
+    def _turn_failed(self, actor: RunActor, exc: Exception) -> bool:
+        """A run's turn raised: go on, unless it raised at the same version ``_TURN_ERRORS`` times in a row.
+
+        A bug around a run (a subscriber that raises) leaves the run moving:
+        it is scheduled again as before. A run that raises without advancing
+        would raise again at once: one such run spun a core with 160,000
+        errors a second (#11, a cursor planted in a store). It is failed
+        instead, and parked if failing it raises too.
+
+        Returns:
+            True when the caller must not schedule it again.
+        """
+        version = actor.snapshot.version
+        held = self._turn_errors.get(actor.run_id)
+        count = held[1] + 1 if held is not None and held[0] == version else 1
+        self._turn_errors[actor.run_id] = (version, count)
+        if count < _TURN_ERRORS:
+            return False
+        if count == _TURN_ERRORS:
+            log.error("hotstate: run %r raised %d times at v%d; it is failed", actor.run_id, count, version)
+            actor.post_fail("hotstate could not run its turn", exc)
+            self.schedule(actor)
+        else:
+            log.error("hotstate: run %r raised again while being failed; it is parked", actor.run_id)
+        return True
 
     def internal_error(self, where: str) -> None:
         """Count and log a crash in hotstate's own machinery (call from an ``except`` block)."""

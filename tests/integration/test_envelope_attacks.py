@@ -561,3 +561,74 @@ async def test_one_malformed_dead_letter_never_hides_the_others(
     listed = await anyio.run_process([sys.executable, "-m", "hotstate", "runs", *stores, "--json", "dead-letters"])
     assert [r["run_id"] for r in json.loads(listed.stdout)] == ["dan"]
     assert b"malformed dead letter of run zz" in listed.stderr
+
+
+# --- the second red-team pass: verified but hostile copies (no key), and rows no read could take ------
+
+
+async def test_a_verified_copy_whose_cursor_is_no_step_is_refused_never_run(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No key: the checksum is recomputed, so the copy verifies. A cursor of -5 used to index the
+    # steps from the end and make the scheduler raise and retry the run 160,000 times a second.
+    monkeypatch.delenv(SECRET_KEY_ENV, raising=False)
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    for tier in TIERS:
+        bob = await read(tier, valkey_url, valkey_prefix, db, "bob")
+        header = bob.header._replace(version=bob.header.version + 1, step=-5, status="running")
+        body = MsgpackCodec().encode({"payload": {"amount": 20}, "signals": []}, context=snapshot_context(header, None))
+        fields = {"version": header.version, "step": -5, "status": "running", "body": body}
+        await plant(tier, valkey_url, valkey_prefix, db, "bob", fields)
+    rt, report = await recover(valkey_url, valkey_prefix, db)
+    try:
+        assert "bob" in report.lost
+        assert all("step cursor -5" in c.reason for c in report.corrupt if c.run_id == "bob")
+        assert "bob" not in [r.run_id for r in report.resumed]
+        with pytest.raises(CorruptSnapshotError, match="step cursor"):
+            await rt.spawn(ORDER, {"customer": "bob", "amount": 20}, run_id="bob")
+        assert rt.statistics().internal_errors == 0
+    finally:
+        await rt.__aexit__(None, None, None)
+    assert [e for e in EFFECTS if e[1] == "bob"] == []
+
+
+async def test_a_dead_letter_row_that_is_not_utf8_never_hides_the_others(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await failed_run(valkey_url, valkey_prefix, db)
+    with sqlite3.connect(db) as conn:
+        columns = (
+            "at, error, attempts, compensation_errors, workflow_version, version, step, status, "
+            "updated_at, attempt, snapshot_error, body"
+        )
+        conn.execute(
+            f"INSERT INTO dead_letters SELECT 'zz', CAST(x'ff' AS TEXT), {columns} "  # noqa: S608 - own names
+            "FROM dead_letters WHERE run_id = 'dan'"
+        )
+    conn.close()
+    async with SQLiteStore(db) as sq:
+        bad: list[Any] = []
+        assert [d.run_id for d in await sq.dead_letters(bad_rows=bad)] == ["dan"]
+        assert [row.run_id for row in bad] == ["zz"]
+    async with Runtime([ORDER, FRAGILE], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        assert rt.recovery_report is not None
+        assert rt.recovery_report.dead_letters == ("dan",)
+
+
+async def test_a_kept_copy_field_name_that_is_not_utf8_is_no_kept_copy(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, keyed: bool
+) -> None:
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    raw = avalkey.Valkey.from_url(valkey_url)
+    try:
+        await raw.hset(f"{valkey_prefix}:ver:bob", b"\xff", b"x")
+        await raw.hset(f"{valkey_prefix}:ver:bob", "\u00b2", b"x")  # a digit to str.isdigit, not to int()
+    finally:
+        await raw.aclose()
+    async with ValkeyStore(valkey_url, prefix=valkey_prefix, read_only=True) as vk:
+        kept = await vk.load_version("bob", 2**40)
+    assert kept is not None
+    assert kept.header.run_id == "bob"
