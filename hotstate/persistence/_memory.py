@@ -267,6 +267,15 @@ class MemoryStore(StoreBase):
         return sorted(self._dead.values(), key=lambda d: (d.at, d.run_id))
 
     @override
+    async def delete_copy(self, run_id: str, body: bytes) -> bool:
+        self._check_open()
+        stored = self._runs.get(run_id)
+        if stored is None or stored.body != body:
+            return False
+        del self._runs[run_id]
+        return True
+
+    @override
     async def delete_dead_letter(self, run_id: str) -> bool:
         self._check_open()
         return self._dead.pop(run_id, None) is not None

@@ -24,6 +24,7 @@ import anyio.lowlevel
 from hotstate._clock import within
 from hotstate._errors import (
     CodecError,
+    CorruptSnapshotError,
     DurabilityTimeoutError,
     PersistenceError,
     RunRejectedError,
@@ -37,6 +38,7 @@ from hotstate.persistence._records import (
     StoredSnapshot,
     encode_dead_letter,
     encode_snapshot,
+    verify_snapshot,
 )
 
 if TYPE_CHECKING:
@@ -46,11 +48,21 @@ if TYPE_CHECKING:
 
     from hotstate._clock import Clock
     from hotstate._instrument import Instruments
+    from hotstate.persistence._codec import Codec
     from hotstate.persistence._encoder import SnapshotEncoder
     from hotstate.persistence._listener import TierListener
     from hotstate.persistence._policy import Tier
 
 __all__ = ["Persister", "PersisterStatistics"]
+
+
+def _verifies(stored: StoredSnapshot, codec: Codec, tier: str) -> bool:
+    try:
+        verify_snapshot(stored, codec, tier=tier)
+    except (CorruptSnapshotError, CodecError):
+        return False
+    return True
+
 
 log = logging.getLogger("hotstate.persistence")
 
@@ -86,6 +98,8 @@ class PersisterStatistics:
             counted durable; the run was failed (#11).
         dropped_rows: rows a cache tier (``FlushPolicy(cache=True)``) dropped
             while down past its memory bound (it was written anew once back).
+        forged_replaced: copies that claimed a newer version of a run but did
+            not verify (a forged header): deleted, and the run written again.
         resets: times the store reported it had lost its data (e.g. Valkey restarted
             empty); each time the runtime wrote what it holds in memory again.
         last_error: the last flush error's message, or None.
@@ -111,6 +125,7 @@ class PersisterStatistics:
     conflicts: int
     rejected_rows: int
     dropped_rows: int
+    forged_replaced: int
     resets: int
     last_error: str | None
 
@@ -170,7 +185,9 @@ class Persister:
         self._last_flush = clock.now()
         self._avg_bytes = 0.0
         self._poisoned: dict[str, CodecError] = {}  # runs whose snapshot cannot be encoded: why
-        self._conflicted: set[str] = set()  # runs whose conflict was logged (once each)
+        self._conflicted: set[str] = set()
+        self._suspects: dict[str, tuple[Snapshot, int]] = {}  # conflicts to judge: (snapshot, claimed version)
+        self._corrupt_replaced = 0  # runs whose conflict was logged (once each)
         self._rejected: dict[str, RunRejectedError] = {}  # runs the store refused: their last refusal
         self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
         self.pressure = False
@@ -321,6 +338,7 @@ class Persister:
             conflicts=self._conflicts,
             rejected_rows=self._rejected_rows,
             dropped_rows=self._dropped_rows,
+            forged_replaced=self._corrupt_replaced,
             resets=self._resets,
             last_error=self._last_error,
         )
@@ -598,6 +616,8 @@ class Persister:
                     await self._keep_versions(stored)
                 done += 1
                 self._acknowledge(chunk, unwritten, conflicts, rejected)
+                if self._suspects:
+                    await self._judge_conflicts()
                 snapshots += len(stored)
                 rows += len(stored) + len(chunk_transitions)
                 nbytes += sum(len(x.body) for x in stored)
@@ -731,7 +751,7 @@ class Persister:
                     continue
                 stored = conflicts.get(rid)
                 if stored is not None:
-                    self._conflict(rid, snap.version, stored)
+                    self._suspects[rid] = (snap, stored)  # judged by _judge_conflicts, which reads the copy
                     continue
             if durable.get(rid, 0) < snap.version:
                 durable[rid] = snap.version
@@ -751,6 +771,47 @@ class Persister:
                         events[rid] = keep
                     else:
                         del events[rid]
+
+    async def _judge_conflicts(self) -> None:
+        """Read each copy that kept a write out: a genuine newer copy stops the run; a forged one is replaced.
+
+        A conflict means the store holds a newer version of the run. Only a copy
+        whose whole envelope verifies says so: one HSET of a ``version`` field
+        (no key needed) used to fail a live run, compensate and dead-letter it
+        (#11). A copy that does not verify is deleted (only if its bytes are
+        still the ones read) and the run's snapshot is written again.
+        """
+        suspects, self._suspects = self._suspects, {}
+        codec = self._encoder.codec
+        for rid, (snap, claimed) in suspects.items():
+            try:
+                stored = await self.store.load(rid)
+                genuine = stored is not None and _verifies(stored, codec, self.name)
+                if stored is not None and not genuine:
+                    delete = getattr(self.store, "delete_copy", None)
+                    if delete is None:  # a store of an older protocol: keep the old rule
+                        genuine = True
+                    else:
+                        await delete(rid, stored.body)
+                        self._corrupt_replaced += 1
+                        log.warning(
+                            "hotstate: tier %r held run %r at v%d in a copy that does not verify; "
+                            "deleted, and the run's v%d written again",
+                            self.name,
+                            rid,
+                            claimed,
+                            snap.version,
+                        )
+            except Exception as exc:  # noqa: BLE001 - judged again at the next flush
+                log.warning("hotstate: tier %r: cannot judge the conflict of run %r yet: %s", self.name, rid, exc)
+                genuine = False
+            if genuine:
+                self._conflict(rid, snap.version, claimed)
+            else:
+                newer = self._dirty.get(rid)
+                if newer is None or newer.version < snap.version:
+                    self._dirty[rid] = snap
+                self._poke()
 
     def _conflict(self, rid: str, attempted: int, stored: int) -> None:
         """The store holds ``rid`` at a newer version than this runtime wrote: not durable, and the run must stop."""

@@ -923,6 +923,12 @@ class SQLiteStore(StoreBase):
         return records
 
     @override
+    async def delete_copy(self, run_id: str, body: bytes) -> bool:
+        async with self._transaction("delete_copy") as conn:
+            cur = await conn.execute("DELETE FROM runs WHERE run_id = ? AND body = ?", (run_id, body))
+            return cur.rowcount > 0
+
+    @override
     async def delete_dead_letter(self, run_id: str) -> bool:
         async with self._transaction("delete_dead_letter") as conn:
             cur = await conn.execute("DELETE FROM dead_letters WHERE run_id = ?", (run_id,))

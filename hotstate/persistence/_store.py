@@ -375,6 +375,26 @@ class Store(Protocol):
         """
         ...
 
+    async def delete_copy(self, run_id: str, body: bytes) -> bool:
+        """Delete a run's stored snapshot if its body is still exactly ``body`` (its history stays).
+
+        For a copy that does not verify but claims a newer version than the
+        runtime holds (a forged header): the version guard would refuse every
+        genuine write of the run, so the caller removes that copy, and only
+        that copy (compare and delete in one step), then writes the run again.
+
+        Args:
+            run_id: the run.
+            body: the stored body the caller read and found not to verify.
+
+        Returns:
+            True when the copy was deleted, False when the run holds another body (or none).
+
+        Raises:
+            StoreUnavailableError: the write failed.
+        """
+        ...
+
     async def delete_dead_letter(self, run_id: str) -> bool:
         """Remove a run's dead-letter record.
 

@@ -329,6 +329,19 @@ end
 return n
 """
 
+_DELETE_COPY_LUA: Final = """
+local p, rid = ARGV[1], ARGV[2]
+local key = p .. ':run:' .. rid
+if redis.call('TYPE', key)['ok'] ~= 'hash' then return 0 end
+local h = redis.call('HMGET', key, 'body', 'status', 'workflow')
+if h[1] ~= ARGV[3] then return 0 end
+redis.call('DEL', key)
+if h[2] then redis.call('ZREM', p .. ':status:' .. h[2], rid) end
+if h[3] then redis.call('ZREM', p .. ':wf:' .. h[3], rid) end
+redis.call('ZREM', p .. ':runs', rid)
+return 1
+"""
+
 _TRANSIENT_REPLIES: Final = (
     "OOM",
     "MISCONF",
@@ -559,6 +572,7 @@ class ValkeyStore(StoreBase):
         self._save_script: AsyncScript | None = None
         self._mark = WriterMark()
         self._purge_script: AsyncScript | None = None
+        self._delete_copy_script: AsyncScript | None = None
 
     def __repr__(self) -> str:
         return f"ValkeyStore({self.url!r}, prefix={self.prefix!r}, tier={self.tier!r})"
@@ -608,6 +622,7 @@ class ValkeyStore(StoreBase):
             raise
         self._save_script = self._client.register_script(_SAVE_LUA)
         self._purge_script = self._client.register_script(_PURGE_LUA)
+        self._delete_copy_script = self._client.register_script(_DELETE_COPY_LUA)
         if not self.read_only:
             # The mark from open on, not from the first save: versions read
             # before that save (recovery) are claimed too.
@@ -928,6 +943,14 @@ class ValkeyStore(StoreBase):
                 except CodecError as exc:
                     bad_row(exc, render_id(_text(run_id)), bad_rows)
         return sorted(records, key=lambda d: (d.at, d.run_id))
+
+    @override
+    async def delete_copy(self, run_id: str, body: bytes) -> bool:
+        assert self._delete_copy_script is not None  # noqa: S101  (set with _opened)
+        async with self._errors("delete_copy"):
+            client = self._w("delete_copy")
+            n = await self._delete_copy_script(args=[self.prefix, run_id, bytes(body)], client=client)
+        return bool(n)
 
     @override
     async def delete_dead_letter(self, run_id: str) -> bool:

@@ -632,3 +632,28 @@ async def test_a_kept_copy_field_name_that_is_not_utf8_is_no_kept_copy(
         kept = await vk.load_version("bob", 2**40)
     assert kept is not None
     assert kept.header.run_id == "bob"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_a_forged_newer_version_on_a_live_run_never_fails_it(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, keyed: bool
+) -> None:
+    # While bob runs, one field changes in one tier: the version guard then keeps his writes out.
+    # That used to be taken for a second writer: bob was failed, refunded and dead-lettered.
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    async with Runtime([ORDER, REFUND], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        await plant(tier, valkey_url, valkey_prefix, db, "bob", {"version": 1000})
+        await rt.send("bob", "go")
+        with anyio.fail_after(GUARD):
+            assert (await rt.wait_finished("bob"))["shipped"] is True
+            await rt.flush()
+        final = rt.get("bob").version
+        assert rt.durable_versions("bob") == {"hot": final, "valkey": final, "sqlite": final}
+        stats = {s.tier: s for s in rt.tier_statistics()}
+        assert stats[tier].forged_replaced == 1
+        assert stats[tier].conflicts == 0
+        assert rt.dead_letters() == []
+    assert ("ship", "bob", 20) in EFFECTS
+    stored = await read(tier, valkey_url, valkey_prefix, db, "bob")
+    assert (stored.header.version, stored.header.status) == (final, "done")

@@ -41,7 +41,7 @@ from hotstate.persistence import (
 )
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister
-from hotstate.persistence._records import decode_dead_letter, decode_snapshot
+from hotstate.persistence._records import decode_dead_letter, decode_snapshot, encode_snapshot
 from hotstate.persistence._store import StoreBase
 from hotstate.persistence._tiers import Tiers
 from hotstate.testing import ManualClock, checkpoint_until
@@ -188,6 +188,9 @@ class ScriptedStore(StoreBase):
 
     async def load(self, run_id: str) -> StoredSnapshot | None:
         return await self.inner.load(run_id)
+
+    async def delete_copy(self, run_id: str, body: bytes) -> bool:
+        return await self.inner.delete_copy(run_id, body)
 
     async def load_many(
         self, run_ids: Sequence[str], *, bad_rows: list[BadRow] | None = None
@@ -767,6 +770,7 @@ async def test_a_snapshot_the_store_skipped_for_a_newer_version_is_never_durable
     listener = Recorder()
     async with ScriptedStore(tier="guarded") as store:
         p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), listener)
+        await store.inner.save([encode_snapshot(snap("theirs", 7), CODEC)], [])  # a genuine newer copy
         mark(p, "theirs", 1)
         mark(p, "ours", 1)
         p.notify_when_durable("theirs", "parked actor")
@@ -795,11 +799,34 @@ async def test_a_snapshot_the_store_skipped_for_a_newer_version_is_never_durable
 async def test_flush_returns_when_a_pending_snapshot_conflicts_with_a_newer_stored_version():
     async with ScriptedStore(tier="guarded") as store:
         p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), Recorder())
+        await store.inner.save([encode_snapshot(snap("theirs", 7), CODEC)], [])  # a genuine newer copy
         mark(p, "theirs", 1)
         store.conflicts_next = {"theirs": 7}
         with anyio.fail_after(5):  # before the fix: spun forever waiting for "theirs" to become durable
             await p.flush()
         assert p.durable == {}
+
+
+async def test_a_newer_copy_that_does_not_verify_is_deleted_and_the_run_written_again():
+    # One HSET of a version field (no key) used to fail a live run through this conflict (#11).
+    listener = Recorder()
+    async with MemoryStore(tier="forged") as store:
+        p = Persister(Tier(store, FlushPolicy(interval=60.0)), SnapshotEncoder(CODEC), ManualClock(), listener)
+        genuine = encode_snapshot(snap("r1", 3), CODEC)
+        await store.save([genuine], [])
+        forged = genuine._replace(header=genuine.header._replace(version=1000))  # not re-tagged
+        await store.delete_copy("r1", genuine.body)
+        await store.save([forged], [])
+        mark(p, "r1", 4)
+        with anyio.fail_after(5):
+            await p.flush()
+            await p.wait_durable("r1", 4)
+        assert listener.conflicts == []
+        kept = await store.load("r1")
+        assert kept is not None
+        assert decode_snapshot(kept, CODEC, tier="forged").version == 4
+        assert p.statistics().forged_replaced == 1
+        assert p.durable == {"r1": 4}
 
 
 # ---------------------------------------------------------------- a cache tier
