@@ -49,7 +49,6 @@ from hotstate.persistence._store import (
     advance_mark,
     bad_row,
     check_limit,
-    dead_letter_problem,
     render_id,
     status_filter,
     transition_parts,
@@ -856,22 +855,6 @@ class SQLiteStore(StoreBase):
         return [transition_from_row(tuple(row), tier=self.tier) for row in rows]
 
     @override
-    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        rejected = await self.save_dead_letters([record])
-        if rejected:
-            why = rejected[record.run_id]
-            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
-
-    @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
-        """Write the records in one transaction; one no store can write is left out (``dead_letter_problem``).
-
-        Dead letters are few: each record is checked before the write.
-        """
-        rejected = {r.run_id: why for r in records if (why := dead_letter_problem(r)) is not None}
-        await self._save_dead_letters([r for r in records if r.run_id not in rejected] if rejected else records)
-        return rejected
-
     async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
         if not records:
             return

@@ -16,7 +16,7 @@ import uuid
 import warnings
 from typing import TYPE_CHECKING, Final, Protocol, Self, final, runtime_checkable
 
-from hotstate._errors import ConfigError, PersistenceError
+from hotstate._errors import CodecError, ConfigError, PersistenceError
 from hotstate.actors._snapshot import TERMINAL_STATUSES
 from hotstate.persistence._records import BadRow
 
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
-    from hotstate._errors import CodecError
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._records import (
         RunHeader,
@@ -799,6 +798,27 @@ class StoreBase(Store):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    @override
+    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+        rejected = await self.save_dead_letters([record])
+        if rejected:
+            why = rejected[record.run_id]
+            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
+
+    @override
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
+        """Write the records at once; one no store can write is left out (``dead_letter_problem``).
+
+        Dead letters are few: each record is checked before the write.
+        """
+        rejected = {r.run_id: why for r in records if (why := dead_letter_problem(r)) is not None}
+        await self._save_dead_letters([r for r in records if r.run_id not in rejected] if rejected else records)
+        return rejected
+
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+        """Write ``records`` (each one a store can write) in one transaction or round trip."""
+        raise NotImplementedError
 
     def _check_open(self) -> None:
         if not self._opened:

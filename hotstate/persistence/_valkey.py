@@ -55,7 +55,6 @@ from hotstate.persistence._store import (
     WriterMark,
     bad_row,
     check_limit,
-    dead_letter_problem,
     render_id,
     status_filter,
     stored_problem,
@@ -881,22 +880,6 @@ class ValkeyStore(StoreBase):
         return [transition_from_json(v, tier=self.tier) for _, v in ordered]
 
     @override
-    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        rejected = await self.save_dead_letters([record])
-        if rejected:
-            why = rejected[record.run_id]
-            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
-
-    @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
-        """Write the records in one MULTI; one no store can write is left out (``dead_letter_problem``).
-
-        Dead letters are few: each record is checked before the write.
-        """
-        rejected = {r.run_id: why for r in records if (why := dead_letter_problem(r)) is not None}
-        await self._save_dead_letters([r for r in records if r.run_id not in rejected] if rejected else records)
-        return rejected
-
     async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
         if not records:
             return

@@ -227,9 +227,9 @@ class ScriptedStore(StoreBase):
         self.calls.append("save_dead_letter")
         await self.inner.save_dead_letter(record)
 
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
         self.calls.append("save_dead_letters")
-        await self.inner.save_dead_letters(records)
+        return await self.inner.save_dead_letters(records)
 
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
         return await self.inner.dead_letters()
