@@ -91,7 +91,8 @@ class Bench:
     ) -> dict[str, Any]:
         """Record and print one figure (with its ratio to ``ceiling`` when given)."""
         ratio = value / ceiling if ceiling else None
-        tail = f"{ratio:>7.2f}x  of {ceiling_name} ({ceiling:,.0f})" if ratio is not None else ""
+        shown = f"{ceiling:,.0f}" if ceiling >= 100 else f"{ceiling:.3g}"  # a ceiling in us is below 1
+        tail = f"{ratio:>7.2f}x  of {ceiling_name} ({shown})" if ratio is not None else ""
         check = "" if met is None else f"  [{'met' if met else 'MISSED'}: {target}]"
         print(f"  {name:<48}{value:>14,.1f} {unit:<12}{tail}{check}", flush=True)
         record = {
