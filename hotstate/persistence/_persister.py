@@ -24,7 +24,6 @@ import anyio.lowlevel
 from hotstate._clock import within
 from hotstate._errors import (
     CodecError,
-    CorruptSnapshotError,
     DurabilityTimeoutError,
     PersistenceError,
     RunRejectedError,
@@ -38,7 +37,7 @@ from hotstate.persistence._records import (
     StoredSnapshot,
     encode_dead_letter,
     encode_snapshot,
-    verify_snapshot,
+    verifies,
 )
 
 if TYPE_CHECKING:
@@ -48,20 +47,11 @@ if TYPE_CHECKING:
 
     from hotstate._clock import Clock
     from hotstate._instrument import Instruments
-    from hotstate.persistence._codec import Codec
     from hotstate.persistence._encoder import SnapshotEncoder
     from hotstate.persistence._listener import TierListener
     from hotstate.persistence._policy import Tier
 
 __all__ = ["Persister", "PersisterStatistics"]
-
-
-def _verifies(stored: StoredSnapshot, codec: Codec, tier: str) -> bool:
-    try:
-        verify_snapshot(stored, codec, tier=tier)
-    except (CorruptSnapshotError, CodecError):
-        return False
-    return True
 
 
 log = logging.getLogger("hotstate.persistence")
@@ -185,9 +175,9 @@ class Persister:
         self._last_flush = clock.now()
         self._avg_bytes = 0.0
         self._poisoned: dict[str, CodecError] = {}  # runs whose snapshot cannot be encoded: why
-        self._conflicted: set[str] = set()
+        self._conflicted: set[str] = set()  # runs whose conflict was logged (once each)
         self._suspects: dict[str, tuple[Snapshot, int]] = {}  # conflicts to judge: (snapshot, claimed version)
-        self._corrupt_replaced = 0  # runs whose conflict was logged (once each)
+        self._forged_replaced = 0
         self._rejected: dict[str, RunRejectedError] = {}  # runs the store refused: their last refusal
         self._kept: dict[str, int] = {}  # run -> the keep_every span of its newest kept copy
         self.pressure = False
@@ -338,7 +328,7 @@ class Persister:
             conflicts=self._conflicts,
             rejected_rows=self._rejected_rows,
             dropped_rows=self._dropped_rows,
-            forged_replaced=self._corrupt_replaced,
+            forged_replaced=self._forged_replaced,
             resets=self._resets,
             last_error=self._last_error,
         )
@@ -786,14 +776,14 @@ class Persister:
         for rid, (snap, claimed) in suspects.items():
             try:
                 stored = await self.store.load(rid)
-                genuine = stored is not None and _verifies(stored, codec, self.name)
+                genuine = stored is not None and verifies(stored, codec, tier=self.name)
                 if stored is not None and not genuine:
                     delete = getattr(self.store, "delete_copy", None)
                     if delete is None:  # a store of an older protocol: keep the old rule
                         genuine = True
                     else:
                         await delete(rid, stored.body)
-                        self._corrupt_replaced += 1
+                        self._forged_replaced += 1
                         log.warning(
                             "hotstate: tier %r held run %r at v%d in a copy that does not verify; "
                             "deleted, and the run's v%d written again",

@@ -52,6 +52,7 @@ __all__ = [
     "transition_from_json",
     "transition_from_row",
     "transition_to_json",
+    "verifies",
     "verify_dead_letter",
     "verify_snapshot",
 ]
@@ -369,31 +370,17 @@ def _header_fields(h: RunHeader, error: str | None) -> tuple[Any, ...]:
     )
 
 
-def _context(fields: tuple[Any, ...], tier: str, run_id: Any, version: Any) -> bytes:
-    try:
-        return _CONTEXT_ENCODER.encode(fields)
-    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        # Only a header nobody made with this release gets here (a field out of
-        # range or of another type): it cannot match any frame's check.
-        raise CorruptSnapshotError(
-            tier,
-            run_id if isinstance(run_id, str) else repr(run_id),
-            version if type(version) is int else None,
-            f"stored header cannot be checked: {type(exc).__name__}: {exc}",
-        ) from exc
+_UNCHECKABLE: Final = (TypeError, ValueError, OverflowError)  # UnicodeEncodeError is a ValueError
 
 
-def _fields_or_corrupt(h: RunHeader, error: str | None, tier: str) -> tuple[Any, ...]:
-    try:
-        return _header_fields(h, error)
-    except (TypeError, ValueError, OverflowError) as exc:
-        rid: object = h.run_id  # typed str; a store may hold anything
-        raise CorruptSnapshotError(
-            tier,
-            h.run_id if isinstance(rid, str) else repr(rid),
-            h.version if type(h.version) is int else None,
-            f"stored header cannot be checked: {type(exc).__name__}: {exc}",
-        ) from exc
+def _uncheckable(exc: Exception, tier: str, run_id: object, version: object) -> CorruptSnapshotError:
+    """A header nobody made with this release (a field out of range or of another type): no frame can match it."""
+    return CorruptSnapshotError(
+        tier,
+        run_id if isinstance(run_id, str) else repr(run_id),
+        version if type(version) is int else None,
+        f"stored header cannot be checked: {type(exc).__name__}: {exc}",
+    )
 
 
 def snapshot_context(header: RunHeader, error: str | None, *, tier: str = "codec") -> bytes:
@@ -407,7 +394,10 @@ def snapshot_context(header: RunHeader, error: str | None, *, tier: str = "codec
     Raises:
         CorruptSnapshotError: a field cannot be encoded (e.g. an integer out of range): the copy cannot be trusted.
     """
-    return _context((_RUN_CONTEXT, *_fields_or_corrupt(header, error, tier)), tier, header.run_id, header.version)
+    try:
+        return _CONTEXT_ENCODER.encode((_RUN_CONTEXT, *_header_fields(header, error)))
+    except _UNCHECKABLE as exc:
+        raise _uncheckable(exc, tier, header.run_id, header.version) from exc
 
 
 def dead_letter_context(record: StoredDeadLetter, *, tier: str = "codec") -> bytes:
@@ -417,17 +407,21 @@ def dead_letter_context(record: StoredDeadLetter, *, tier: str = "codec") -> byt
         CorruptSnapshotError: a field cannot be encoded.
     """
     snap = record.snapshot
-    fields = (
-        _DEAD_CONTEXT,
-        *_fields_or_corrupt(snap.header, snap.error, tier),
-        record.run_id,
-        record.workflow,
-        float(record.at) if type(record.at) in (int, float) else record.at,
-        record.error,
-        record.attempts,
-        record.compensation_errors,
-    )
-    return _context(fields, tier, record.run_id, snap.header.version)
+    try:
+        return _CONTEXT_ENCODER.encode(
+            (
+                _DEAD_CONTEXT,
+                *_header_fields(snap.header, snap.error),
+                record.run_id,
+                record.workflow,
+                float(record.at),
+                record.error,
+                record.attempts,
+                record.compensation_errors,
+            )
+        )
+    except _UNCHECKABLE as exc:
+        raise _uncheckable(exc, tier, record.run_id, snap.header.version) from exc
 
 
 def _body(snapshot: Snapshot) -> dict[str, Any]:
@@ -515,18 +509,34 @@ def decode_dead_letter(record: StoredDeadLetter, codec: Codec, *, tier: str) -> 
     )
 
 
-def verify_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str) -> None:
+def verify_snapshot(stored: StoredSnapshot, codec: Codec, *, tier: str, context: bytes | None = None) -> None:
     """Check a stored snapshot (header, error and body) without decoding its body.
+
+    Args:
+        stored: the stored form.
+        codec: the codec it was encoded with (same key).
+        tier: the tier it came from (for error messages).
+        context: the context to check instead (a dead letter's).
 
     Raises:
         CorruptSnapshotError: it does not verify.
     """
     h = stored.header
-    context = snapshot_context(h, stored.error, tier=tier)
+    if context is None:
+        context = snapshot_context(h, stored.error, tier=tier)
     try:
         codec.verify(stored.body, context=context, tier=tier, run_id=h.run_id)
     except CorruptSnapshotError as exc:
         raise _named(exc, tier, h) from None
+
+
+def verifies(stored: StoredSnapshot, codec: Codec, *, tier: str) -> bool:
+    """Whether a stored snapshot's whole envelope verifies (``verify_snapshot`` as a test; nothing decoded)."""
+    try:
+        verify_snapshot(stored, codec, tier=tier)
+    except (CorruptSnapshotError, CodecError):
+        return False
+    return True
 
 
 def verify_dead_letter(record: StoredDeadLetter, codec: Codec, *, tier: str) -> None:
@@ -535,12 +545,7 @@ def verify_dead_letter(record: StoredDeadLetter, codec: Codec, *, tier: str) -> 
     Raises:
         CorruptSnapshotError: it does not verify.
     """
-    h = record.snapshot.header
-    context = dead_letter_context(record, tier=tier)
-    try:
-        codec.verify(record.snapshot.body, context=context, tier=tier, run_id=h.run_id)
-    except CorruptSnapshotError as exc:
-        raise _named(exc, tier, h) from None
+    verify_snapshot(record.snapshot, codec, tier=tier, context=dead_letter_context(record, tier=tier))
 
 
 def _named(exc: CorruptSnapshotError, tier: str, h: RunHeader) -> CorruptSnapshotError:

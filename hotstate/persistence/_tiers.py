@@ -18,7 +18,7 @@ from hotstate._errors import CodecError, ConfigError, CorruptSnapshotError, Pers
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister, PersisterStatistics
 from hotstate.persistence._policy import Tier
-from hotstate.persistence._records import decode_snapshot, verify_snapshot
+from hotstate.persistence._records import decode_snapshot, verifies
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -252,11 +252,8 @@ class Tiers:
         A forged header claiming a higher version must not make ``wait_durable``
         (an acknowledgement) return for a version the tier never took.
         """
-        try:
-            verify_snapshot(stored, self.codec, tier=p.name)
-        except (CorruptSnapshotError, CodecError):
-            return
-        p.note_stored(stored.header.run_id, stored.header.version)
+        if verifies(stored, self.codec, tier=p.name):
+            p.note_stored(stored.header.run_id, stored.header.version)
 
     async def newest_versions(self, run_ids: Sequence[str]) -> dict[str, int]:
         """The highest verified version any readable tier holds for each of ``run_ids`` (absent: none).
@@ -273,9 +270,7 @@ class Tiers:
                 log.error("hotstate recovery: cannot read runs of tier %r: %s", p.name, exc)
                 continue
             for rid, stored in found.items():
-                try:
-                    verify_snapshot(stored, self.codec, tier=p.name)
-                except (CorruptSnapshotError, CodecError):
+                if not verifies(stored, self.codec, tier=p.name):
                     continue
                 version = stored.header.version
                 p.note_stored(rid, version)

@@ -20,7 +20,7 @@ import anyio
 from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
 from hotstate.actors._snapshot import new_tuple as _new
-from hotstate.persistence._records import decode_dead_letter, decode_snapshot, verify_snapshot
+from hotstate.persistence._records import decode_dead_letter, decode_snapshot, verifies
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -137,15 +137,16 @@ def _claimed_version(copy: tuple[str, StoredSnapshot]) -> int:
     return copy[1].header.version
 
 
-def _newest_verified_workflow(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> str | None:
+def _newest_verified_workflow(copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> str | None:
     """The workflow of the newest copy whose whole envelope verifies (nothing decoded), or None when none does."""
-    for tier, stored in sorted(copies, key=_newest_first):
-        try:
-            verify_snapshot(stored, codec, tier=tier)
-        except (CorruptSnapshotError, CodecError):
-            continue
-        return stored.header.workflow
-    return None
+    return next(
+        (
+            stored.header.workflow
+            for tier, stored in sorted(copies, key=_newest_first)
+            if verifies(stored, codec, tier=tier)
+        ),
+        None,
+    )
 
 
 def choose_copy(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> Choice:
@@ -330,7 +331,7 @@ async def find_runs(
         if claimed not in registered:
             # Probably a retired workflow: its payload may name classes that are gone,
             # so find out from the newest copy that verifies, without decoding one.
-            verified = _newest_verified_workflow(rid, copies[rid], codec)
+            verified = _newest_verified_workflow(copies[rid], codec)
             if verified is not None and verified not in registered:
                 unregistered_runs.append((rid, verified))
                 continue
