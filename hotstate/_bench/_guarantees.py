@@ -132,6 +132,18 @@ def _killed(rc: int | None, tail: str, what: str) -> list[str]:
     return [f"the child did not {what} (exit status {rc}): {tail.strip()[-500:]}"]
 
 
+async def _killed_after(
+    config: ChildConfig, log: Path, kind: type[Any], killed: str, missing: str, violations: list[str]
+) -> Any:
+    """Run a child that says ``kind`` then SIGKILLs itself; the message, or None (both failures recorded)."""
+    messages, rc, tail = await run_child(config, log)
+    violations.extend(_killed(rc, tail, killed))
+    said = _first(messages, kind)
+    if said is None:
+        violations.append(f"{missing}: {tail.strip()[-500:]}")
+    return said
+
+
 def _recovery_errors(report: RecoveryReport | None, violations: list[str]) -> None:
     if report is None:  # pragma: no cover - recover=True sets it
         violations.append("no recovery report")
@@ -189,12 +201,15 @@ async def ack_trial(
     )
     violations: list[str] = []
     try:
-        messages, rc, tail = await run_child(config, log)
-        said: ack.Acknowledged | None = _first(messages, ack.Acknowledged)
-        violations.extend(_killed(rc, tail, "SIGKILL itself right after the call"))
-        if said is None:
-            violations.append(f"{op}: the call never returned: {tail.strip()[-500:]}")
-        else:
+        said: ack.Acknowledged | None = await _killed_after(
+            config,
+            log,
+            ack.Acknowledged,
+            "SIGKILL itself right after the call",
+            f"{op}: the call never returned",
+            violations,
+        )
+        if said is not None:
             await judge(config, time.monotonic(), violations, [workload.run_id, *workload.churn_ids()])
             violations.extend(await _acknowledging_tiers(pol, tiers, config, said))
     finally:
@@ -310,12 +325,15 @@ async def lineage_trial(*, valkey_url: str, workdir: Path, seed: int) -> Guarant
     )
     violations: list[str] = []
     try:
-        messages, rc, tail = await run_child(config, log)
-        settled: lineage.Settled | None = _first(messages, lineage.Settled)
-        violations.extend(_killed(rc, tail, "SIGKILL itself once Valkey held every order"))
-        if settled is None:
-            violations.append(f"the orders never settled in Valkey: {tail.strip()[-500:]}")
-        else:
+        settled: lineage.Settled | None = await _killed_after(
+            config,
+            log,
+            lineage.Settled,
+            "SIGKILL itself once Valkey held every order",
+            "the orders never settled in Valkey",
+            violations,
+        )
+        if settled is not None:
             await judge(config, time.monotonic(), violations, ids)
             violations.extend(await _sqlite_behind(config, settled))
             try:
