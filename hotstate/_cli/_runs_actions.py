@@ -76,11 +76,12 @@ def _header_dict(h: RunHeader) -> dict[str, Any]:
 # --- list -------------------------------------------------------------------
 
 
-def _check_cell(entry: _Listed) -> str:
-    if not entry.verified:
+def _check_text(verified: bool, corrupt: Sequence[str]) -> str:
+    """The ``check`` column of ``list`` and ``dead-letters``."""
+    if not verified:
         return "CORRUPT (no copy verifies)"
-    if entry.corrupt:
-        return f"ok; corrupt copy in {', '.join(sorted(entry.corrupt))}"
+    if corrupt:
+        return f"ok; corrupt copy in {', '.join(corrupt)}"
     return "ok"
 
 
@@ -161,7 +162,7 @@ async def run_list(args: argparse.Namespace, stores: Sequence[Store]) -> int:
                     h.step,
                     h.version,
                     _iso(h.updated_at),
-                    _check_cell(e),
+                    _check_text(e.verified, sorted(e.corrupt)),
                 )
                 for _, e in rows
                 if (h := e.header) is not None
@@ -354,20 +355,11 @@ def _letter_verifies(d: StoredDeadLetter, tier: str) -> bool:
     return True
 
 
-def _letter_check(row: dict[str, Any]) -> str:
-    if not row["verified"]:
-        return "CORRUPT (no copy verifies)"
-    if row["corrupt"]:
-        return f"ok; corrupt copy in {', '.join(row['corrupt'])}"
-    return "ok"
-
-
 async def _letters(
     stores: Sequence[Store],
 ) -> dict[str, tuple[StoredDeadLetter, list[str], list[str]]]:
     """Per run: the newest letter that verifies (else the newest one), the tiers holding one, those whose letter did not verify."""
     found: dict[str, tuple[StoredDeadLetter, list[str], list[str]]] = {}
-    good: set[str] = set()
     for store in stores:
         malformed: list[BadRow] = []
         for d in await store.dead_letters(bad_rows=malformed):
@@ -376,11 +368,10 @@ async def _letters(
             tiers = [*old[1], store.tier] if old else [store.tier]
             corrupt = (old[2] if old else []) + ([] if ok else [store.tier])
             # A letter that verifies beats one that does not; then the newer one wins.
+            # The one kept so far verifies when fewer of the tiers seen hold a corrupt one.
             keep = d
-            if old is not None and (ok, d.at) <= (d.run_id in good, old[0].at):
+            if old is not None and (ok, d.at) <= (len(old[2]) < len(old[1]), old[0].at):
                 keep = old[0]
-            elif ok:
-                good.add(d.run_id)
             found[d.run_id] = (keep, tiers, corrupt)
         for row in malformed:
             print(
@@ -418,7 +409,7 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
                     r["attempts"],
                     r["error"],
                     ", ".join(r["tiers"]),
-                    _letter_check(r),
+                    _check_text(r["verified"], r["corrupt"]),
                 )
                 for r in rows
             ],
@@ -433,16 +424,10 @@ async def run_dead_letters(args: argparse.Namespace, stores: Sequence[Store]) ->
 async def _retry_base(
     run_id: str, stores: Sequence[Store], letters: Sequence[StoredDeadLetter]
 ) -> tuple[StoredSnapshot, bytes]:
-    """The highest verified copy among the stored snapshots and the dead letters' snapshots, and its context."""
+    """The highest verified copy among the stored snapshots and ``letters``' snapshots (verified ones), and its context."""
     candidates = [c for c in await _copies(run_id, stores) if c.stored is not None]
-    contexts: dict[int, bytes] = {}
-    for d in letters:
-        try:
-            verify_dead_letter(d, MsgpackCodec(), tier="dead-letter")
-            candidates.append(_Copy(tier="dead-letter", stored=d.snapshot))
-            contexts[id(d.snapshot)] = dead_letter_context(d)
-        except CorruptSnapshotError as exc:
-            candidates.append(_Copy(tier="dead-letter", stored=d.snapshot, corrupt=str(exc)))
+    candidates += [_Copy(tier="dead-letter", stored=d.snapshot) for d in letters]
+    contexts = {id(d.snapshot): dead_letter_context(d) for d in letters}
     best = _best(candidates)
     if best is None or best.stored is None:
         reasons = "; ".join(c.corrupt for c in candidates if c.corrupt)

@@ -21,7 +21,6 @@ from hotstate.persistence._store import (
     advance_mark,
     bad_row,
     check_limit,
-    dead_letter_problem,
     render_id,
     status_filter,
     stored_problem,
@@ -243,23 +242,10 @@ class MemoryStore(StoreBase):
         return [per_run[v] for v in sorted(per_run)]
 
     @override
-    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
         self._check_open()
-        if (why := dead_letter_problem(record)) is not None:
-            raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
-        self._dead[record.run_id] = record
-
-    @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
-        self._check_open()
-        rejected: dict[str, str] = {}
         for record in records:
-            if (why := dead_letter_problem(record)) is not None:
-                rejected[record.run_id] = why
-        for record in records:
-            if record.run_id not in rejected:
-                self._dead[record.run_id] = record
-        return rejected
+            self._dead[record.run_id] = record
 
     @override
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:

@@ -42,6 +42,7 @@ from hotstate.persistence._records import (
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     INT64_MAX,
+    INT64_MIN,
     MARK_TTL,
     TRANSACTION_TRANSITIONS,
     StoreBase,
@@ -339,9 +340,10 @@ async def _insert_transitions(conn: aiosqlite.Connection, part: Sequence[Transit
         OverflowError: a version or step is past 64 bits (``save`` rejects its run).
     """
     if text and _NUL_IN_JSON not in text:
-        # json_extract() reads an integer past 64 bits as a REAL, which the
-        # INTEGER column keeps: check what a bind would (~20 ns a transition).
-        if max(map(_VERSION, part)) > INT64_MAX or max(map(_STEP, part)) > INT64_MAX:
+        # json_extract() reads an integer past 64 bits (either way) as a REAL, which
+        # the INTEGER column keeps: check what a bind would (~20 ns a transition).
+        versions, steps = list(map(_VERSION, part)), list(map(_STEP, part))
+        if max(versions) > INT64_MAX or max(steps) > INT64_MAX or min(versions) < INT64_MIN or min(steps) < INT64_MIN:
             raise OverflowError("a transition's version or step is past 64 bits")
         cur = await conn.execute(_INSERT_TRANSITIONS_JSON, (text,))
     else:

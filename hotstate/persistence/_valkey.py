@@ -207,15 +207,17 @@ for j = 1, #heads do
     if why then reject(rid, why) end
   end
 end
-local LIMIT = 9223372036854775808  -- 2^63, exact as a double (cjson's numbers)
+-- 2^63, exact as a double (cjson's numbers). Doubles cannot tell -2^63 from one below it, nor
+-- 2^63 - 1 from 2^63: both edges are refused, so nothing past 64 bits is ever taken.
+local LIMIT = 9223372036854775808
 for j = 1, #trans do
   local t = trans[j]
   local rid = t[1]
   if not bad[rid] then
     local why = false
-    if not (t[2] >= -LIMIT and t[2] < LIMIT) then
+    if not (t[2] > -LIMIT and t[2] < LIMIT) then
       why = 'transition version ' .. fmt('%.17g', t[2]) .. ' is out of range (a signed 64-bit integer)'
-    elseif not (t[4] >= -LIMIT and t[4] < LIMIT) then
+    elseif not (t[4] > -LIMIT and t[4] < LIMIT) then
       why = 'transition step ' .. fmt('%.17g', t[4]) .. ' is out of range (a signed 64-bit integer)'
     else
       why = wrong(p .. ':hist:' .. rid, 'hash')
@@ -696,15 +698,16 @@ class ValkeyStore(StoreBase):
         parts = transition_parts(transitions, _transitions_json, CALL_TRANSITIONS)
         assert self._save_script is not None  # noqa: S101  (set with _opened)
         script = self._save_script
+        known = len(rejected)  # runs left out before this call: ``transitions`` has none of theirs
         for part, text in parts[:-1]:
-            if rejected:  # a run a script rejected is left out of the later ones
+            if len(rejected) > known:  # a run a script rejected is left out of the later ones
                 text = _transitions_json([t for t in part if t.run_id not in rejected])
             async with self._errors("save"):
                 reply: list[Any] = await script(args=[self.prefix, "[]", text, "", "0", "0"], client=client)
             added[0] += int(reply[2])
             rejected.update(_extras(reply[4:])[0])
         part, text = parts[-1]
-        if rejected:
+        if len(rejected) > known:
             snapshots, part = without(rejected, snapshots, part)
             text = _transitions_json(part)
         mark = self._mark

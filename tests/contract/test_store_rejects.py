@@ -83,6 +83,7 @@ async def assert_absent(store: Store, run_id: str) -> None:
         pytest.param(stored("bad", BIG), trans("bad", BIG), "version", id="version-past-64-bits"),
         pytest.param(stored("bad", 1), trans("bad", BIG + 5), "version", id="transition-version-past-64-bits"),
         pytest.param(stored("bad", -BIG - 1), trans("bad", 1), "version", id="version-below-64-bits"),
+        pytest.param(stored("bad", 1), trans("bad", -BIG - 1), "version", id="transition-version-below-64-bits"),
         pytest.param(stored("bad"), trans("bad", 1)._replace(at=float("inf")), "at", id="transition-time-infinite"),
     ],
 )
