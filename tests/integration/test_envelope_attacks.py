@@ -16,6 +16,7 @@ default configuration: recovery, ``spawn`` of a stored id, ``load`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import sys
@@ -29,6 +30,7 @@ import valkey.asyncio as avalkey
 from hotstate import (
     CorruptSnapshotError,
     RetryPolicy,
+    RunFailedError,
     RunNotFoundError,
     Runtime,
     Status,
@@ -657,3 +659,35 @@ async def test_a_forged_newer_version_on_a_live_run_never_fails_it(
     assert ("ship", "bob", 20) in EFFECTS
     stored = await read(tier, valkey_url, valkey_prefix, db, "bob")
     assert (stored.header.version, stored.header.status) == (final, "done")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_a_genuine_newer_copy_from_another_writer_is_obeyed_never_deleted(
+    valkey_url: str, valkey_prefix: str, tmp_path: Path, tier: str, keyed: bool
+) -> None:
+    # The control of the test above: a second writer with the same key (or none) wrote a newer,
+    # valid copy of bob. The version guard keeps this runtime's write out; that copy verifies,
+    # so it is a real conflict: bob stops here, and the other writer's copy stays as it was.
+    db = tmp_path / "runs.db"
+    await setup(valkey_url, valkey_prefix, db)
+    async with Runtime([ORDER, REFUND], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
+        bob = await read(tier, valkey_url, valkey_prefix, db, "bob")
+        theirs = bob.header._replace(version=1000)
+        body = MsgpackCodec().encode(
+            {"payload": {"customer": "bob", "amount": 20, "by": "the other writer"}, "signals": []},
+            context=snapshot_context(theirs, bob.error),
+        )
+        await plant(tier, valkey_url, valkey_prefix, db, "bob", {"version": 1000, "body": body})
+        await rt.send("bob", "go")
+        with anyio.fail_after(GUARD):
+            # Under write-behind the step may finish before the flush meets the conflict
+            # (then bob is done in memory, and not durable in that tier); else he is failed.
+            with contextlib.suppress(RunFailedError):
+                await rt.wait_finished("bob")
+            await rt.flush()
+        assert rt.durable_versions("bob")[tier] < 1000
+        stats = {s.tier: s for s in rt.tier_statistics()}
+        assert stats[tier].conflicts >= 1
+        assert stats[tier].forged_replaced == 0
+    kept = await read(tier, valkey_url, valkey_prefix, db, "bob")
+    assert (kept.header.version, kept.body) == (1000, body)  # never deleted, never overwritten
