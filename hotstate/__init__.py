@@ -31,6 +31,8 @@ from hotstate._errors import (
     DurabilityTimeoutError,
     HotstateError,
     HotstateInternalError,
+    NotOwnerError,
+    OwnershipLostError,
     PersistenceError,
     RunCancelledError,
     RunConflictError,
@@ -66,6 +68,7 @@ from hotstate.actors import (
 from hotstate.persistence import FlushPolicy, JsonCodec, MsgpackCodec, PickleCodec, Tier
 from hotstate.runtime import (
     DeadLetter,
+    Ownership,
     RecoveryReport,
     RestartIntensity,
     RunHandle,
@@ -93,6 +96,9 @@ __all__ = [
     "Instrument",
     "JsonCodec",
     "MsgpackCodec",
+    "NotOwnerError",
+    "Ownership",
+    "OwnershipLostError",
     "PersistenceError",
     "PickleCodec",
     "RecoveryReport",

@@ -260,6 +260,43 @@ class SignalQueueFullError(RunError):
         )
 
 
+class OwnershipLostError(RunError):
+    """This process no longer owns the run's shard: another process does, or will once it claims it.
+
+    Raised to callers waiting on a run (``wait_finished``, ``wait_durable``,
+    an acknowledgement) when this process lost the shard: its lease lapsed,
+    another process's claim fenced it off, or it handed the shard off. What
+    this process did to the run after its last accepted write is dropped;
+    the new owner resumes the run from its newest stored copy. Ask again
+    (``Runtime.locate``, ``Runtime.load``, or any call through a process that
+    owns the shard).
+
+    Attributes:
+        shard: the shard lost.
+        epoch: the epoch this process held it at.
+    """
+
+    def __init__(self, run_id: str, shard: int, epoch: int, why: str) -> None:
+        self.shard = shard
+        self.epoch = epoch
+        super().__init__(run_id, f"this process no longer owns shard {shard} (epoch {epoch}): {why}")
+
+
+class NotOwnerError(RunError):
+    """The run's shard is owned by another process, and this call cannot be forwarded to it.
+
+    Attributes:
+        shard: the run's shard.
+        owner: the owning member's id, or None when no process holds it now.
+    """
+
+    def __init__(self, run_id: str, shard: int, owner: str | None, action: str) -> None:
+        self.shard = shard
+        self.owner = owner
+        held = f"process {owner}" if owner else "no process (it is being taken over)"
+        super().__init__(run_id, f"cannot {action}: shard {shard} is held by {held}, not this one")
+
+
 # Recorded error type names (ErrorInfo.type) and pickles should name the public
 # path, not this private module (STYLE.md D.14).
 for _cls in list(globals().values()):

@@ -33,11 +33,12 @@ if TYPE_CHECKING:
     from hotstate._bench._reliability import GuaranteesReport
     from hotstate._bench._sweep import SweepPoint
 
-SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale", "sweep", "reliability")
+SUITES = ("w1", "policies", "flush", "recovery", "memory", "scale", "sweep", "reliability", "ownership")
 """Every suite, in the order they run."""
-DEFAULT_SUITES = SUITES[:-1]
+DEFAULT_SUITES = SUITES[:-2]
 """Run by default: all but ``reliability`` (200 SIGKILL trials per policy, then 200 per #10
-guarantee scenario and acknowledging policy: about 15 minutes on 2 cores, 4 of them the guarantees)."""
+guarantee scenario and acknowledging policy: about 15 minutes on 2 cores, 4 of them the guarantees)
+and ``ownership`` (worker processes killed, paused and redeployed: several minutes)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -452,6 +453,13 @@ def _guarantee_figures(b: Bench, report: GuaranteesReport) -> None:
             )
 
 
+async def suite_ownership(b: Bench) -> None:
+    """Several processes on one store: takeover after SIGKILL, duplicates per fault, throughput, cost per step."""
+    from hotstate._bench import _ownership
+
+    await _ownership.run_suite(b)
+
+
 SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "w1": suite_w1,
     "policies": suite_policies,
@@ -461,6 +469,7 @@ SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "scale": suite_scale,
     "sweep": suite_sweep,
     "reliability": suite_reliability,
+    "ownership": suite_ownership,
 }
 NEEDS_VALKEY = frozenset({"policies", "flush", "sweep", "reliability"})
 

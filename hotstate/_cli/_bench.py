@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
         default=",".join(DEFAULT_SUITES),
-        help=f"comma-separated, from {', '.join(SUITES)} (default: all but reliability)",
+        help=f"comma-separated, from {', '.join(SUITES)} (default: all but reliability and ownership)",
     )
     parser.add_argument("--n", type=int, default=10_000, help="W1 runs started concurrently")
     parser.add_argument("--k", type=int, default=10, help="W1 steps per run")

@@ -9,6 +9,9 @@ Reads the "Store" box of the map in docs/architecture.md without a runtime: a SQ
   verifies wins; a copy that does not verify is reported, never unpickled.
 - ``history`` merges the transitions of every tier by version.
 - ``dead-letters`` lists the dead-letter records.
+- ``shards`` shows the shard map of processes sharing the SQLite file: each
+  shard's owner (member id, name, pid), epoch and lease expiry; ``show``
+  names the process holding the run's shard.
 - ``retry`` does offline what ``Runtime.retry_dead_letter`` does in process: the
   next version of the snapshot (status ``running``, cursor at the failed step,
   error cleared, attempt 1), a ``dead_letter_retried`` transition, and the dead
@@ -35,6 +38,7 @@ from hotstate._cli._runs_actions import (
     run_history,
     run_list,
     run_retry,
+    run_shards,
     run_show,
 )
 from hotstate._cli._safe import printable
@@ -140,6 +144,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = actions.add_parser("dead-letters", help="the dead-letter records")
     p.set_defaults(func=lambda a: _execute(a, run_dead_letters))
 
+    p = actions.add_parser("shards", help="the shard map: which process owns each shard, its epoch and lease")
+    p.set_defaults(func=lambda a: _execute(a, run_shards))
+
     p = actions.add_parser("retry", help="re-queue a dead-lettered run for the next recover=True runtime")
     p.add_argument("run_id", metavar="RUN_ID")
     p.set_defaults(func=lambda a: _execute(a, run_retry))
@@ -150,7 +157,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _no_action(args: argparse.Namespace) -> int:
     args.runs_parser.print_usage(sys.stderr)
-    return fail("runs: choose an action: list, show, history, dead-letters, retry", status=2)
+    return fail("runs: choose an action: list, show, history, dead-letters, shards, retry", status=2)
 
 
 # --- running ----------------------------------------------------------------

@@ -22,6 +22,7 @@ from hotstate._errors import (
 )
 from hotstate.actors import Status, Transition, TransitionKind
 from hotstate.persistence import BadRow, MsgpackCodec, RunHeader, StoredSnapshot
+from hotstate.persistence._authority import process_gone
 from hotstate.persistence._records import (
     dead_letter_context,
     error_from_json,
@@ -30,6 +31,8 @@ from hotstate.persistence._records import (
     verify_dead_letter,
     verify_snapshot,
 )
+from hotstate.persistence._shards import shard_of
+from hotstate.persistence._sqlite_authority import read_shard_map
 
 if TYPE_CHECKING:
     import argparse
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from hotstate.actors import ErrorInfo
     from hotstate.persistence import RunHeader, Store, StoredDeadLetter
 
-__all__ = ["run_dead_letters", "run_history", "run_list", "run_retry", "run_show"]
+__all__ = ["run_dead_letters", "run_history", "run_list", "run_retry", "run_shards", "run_show"]
 
 _PAGE = 1000
 _RETRY_DETAIL = "offline: hotstate runs retry"
@@ -249,6 +252,7 @@ async def run_show(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         "corrupt": {c.tier: c.corrupt for c in copies if c.corrupt},
         "source": None if best is None else best.tier,
     }
+    data.update(_holder(args, stores))
     if best is not None and best.stored is not None:
         data.update(_header_dict(best.stored.header))
         data["error"] = None
@@ -279,6 +283,9 @@ def _print_show(data: dict[str, Any], copies: Sequence[_Copy]) -> None:
             ("error", data["error"] or "-"),
             ("source", f"{data['source']} (highest verified copy)"),
         ]
+    if data.get("shard") is not None:
+        rows.append(("shard", f"{data['shard']} (epoch {data['epoch_held']})"))
+        rows.append(("held by", data["held_by"] or "no process (free, or its lease lapsed)"))
     rows.append(("durable", ", ".join(_tier_text(c) for c in copies)))
     rows += [("corrupt", c.corrupt) for c in copies if c.corrupt]
     width = max(len(k) for k, _ in rows)
@@ -497,4 +504,93 @@ async def run_retry(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         )
     if not all(written.values()):
         return fail(f"run {run_id!r}: a tier holds a newer version; not written there")
+    return 0
+
+
+# --- shards -------------------------------------------------------------------
+
+
+def _member_text(member_id: str | None, members: dict[str, Any]) -> str | None:
+    if member_id is None:
+        return None
+    m = members.get(member_id)
+    if m is None:
+        return member_id[:12]
+    label = f" {m.name}" if m.name else ""
+    gone = " (process gone)" if process_gone(m) else ""
+    return f"{member_id[:12]}{label} pid {m.pid}{gone}"
+
+
+def _shard_map(args: argparse.Namespace) -> tuple[Any, dict[str, Any], float] | None:
+    if args.sqlite is None:
+        return None
+    found = read_shard_map(args.sqlite)
+    if found is None:
+        return None
+    leases, members, now = found
+    return leases, {m.member_id: m for m in members}, now
+
+
+def _holder(args: argparse.Namespace, stores: Sequence[Store]) -> dict[str, Any]:
+    """Which process holds ``args.run_id``'s shard, from the SQLite file's shard map (empty: no map there)."""
+    found = _shard_map(args)
+    if found is None:
+        return {}
+    leases, members, now = found
+    shard = shard_of(args.run_id, stores[0].shards)
+    lease = next((x for x in leases if x.shard == shard), None)
+    if lease is None:
+        return {}
+    live = lease.owner is not None and lease.expires_at > now
+    return {
+        "shard": shard,
+        "epoch_held": lease.epoch,
+        "held_by": _member_text(lease.owner, members) if live else None,
+    }
+
+
+async def run_shards(args: argparse.Namespace, stores: Sequence[Store]) -> int:
+    """The shard map: each shard's owner, epoch and lease expiry (from the SQLite file's authority)."""
+    found = _shard_map(args)
+    if found is None:
+        return fail("runs shards: no shard map here (give --sqlite with the file the runtimes share)")
+    leases, members, now = found
+    rows = []
+    for lease in leases:
+        live = lease.owner is not None and lease.expires_at > now
+        state = "held" if live else ("lapsed" if lease.owner is not None else "free")
+        rows.append(
+            {
+                "shard": lease.shard,
+                "state": state,
+                "owner": _member_text(lease.owner, members),
+                "epoch": lease.epoch,
+                "expires_in": round(lease.expires_at - now, 3) if lease.owner is not None else None,
+            }
+        )
+    if args.json:
+        print_json({"shards": rows, "members": [m._asdict() for m in members.values()]})
+        return 0
+    print(
+        _table(
+            ["shard", "state", "owner", "epoch", "expires in (s)"],
+            [
+                [
+                    r["shard"],
+                    r["state"],
+                    r["owner"] or "-",
+                    r["epoch"],
+                    "-" if r["expires_in"] is None else r["expires_in"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    held: dict[str, int] = {}
+    for r in rows:
+        if r["state"] == "held":
+            held[r["owner"]] = held.get(r["owner"], 0) + 1
+    print(
+        f"\n{len(rows)} shards; " + ("; ".join(f"{printable(k)}: {v}" for k, v in sorted(held.items())) or "none held")
+    )
     return 0

@@ -156,6 +156,7 @@ class RunActor:
     __slots__ = (
         "attempts",
         "comp_errors",
+        "evicted",
         "history",
         "host_task",
         "interrupt",
@@ -183,6 +184,7 @@ class RunActor:
         self.attempts: tuple[ErrorInfo, ...] = ()
         self.comp_errors: tuple[ErrorInfo, ...] = ()
         self.waiters: anyio.Event | None = None
+        self.evicted = False  # its shard left this process: it commits nothing more
 
     @property
     def run_id(self) -> str:
@@ -214,6 +216,10 @@ class RunActor:
     def post_fail(self, reason: str, exc: Exception) -> None:
         """Fail the run for good at its next turn (e.g. its payload cannot be persisted)."""
         self.post(MSG_FAIL, reason, exc)
+
+    def _evicted(self) -> bool:
+        """``evicted``, read through a call: an await may have set it (type checkers narrow attributes)."""
+        return self.evicted
 
     def clear_failures(self) -> None:
         """Forget recorded step and compensation failures (a dead letter is retried)."""
@@ -287,8 +293,12 @@ class RunActor:
                 except CancelledError:
                     if self._take_interrupt() is None:
                         raise  # shutdown or an outer cancel scope: not ours to handle
+                    if self.evicted:
+                        return fast  # its shard left this process: nothing more is committed
                     continue  # "cancel": the cancel message waits in the mailbox
                 except Exception as exc:  # noqa: BLE001 - a step/compensation failure is the user's exception: recorded, supervised
+                    if self._evicted():
+                        return fast  # evicted meanwhile (the step answered our cancel with its own error)
                     self._step_failed(host, step, exc)
                     continue
                 if awaitable.get(type(result), True) and self._bad_result(host, run_id, step, result):
@@ -296,10 +306,14 @@ class RunActor:
                 s = self.snapshot  # a suspended step lets others commit (a signal) meanwhile
                 if self.interrupt is not None:
                     self._take_interrupt()  # the step swallowed our cancel and returned
+                    if self.evicted:
+                        return fast
                 signals = s.signals
             else:
                 done = await self._general_step(host, s, step, k)
                 if done is _FAILED:
+                    if self.evicted:
+                        return fast
                     continue
                 s, result, signals = done
             if type(result) is Finish:
@@ -360,13 +374,16 @@ class RunActor:
                 self._step_failed(host, step, StepTimeoutError(step.name, step.timeout))
             return _FAILED  # "cancel": the cancel message waits in the mailbox
         except Exception as exc:  # noqa: BLE001 - a step/compensation failure is the user's exception: recorded, supervised
-            self._step_failed(host, step, exc)
+            if not self._evicted():
+                self._step_failed(host, step, exc)
             return _FAILED
         finally:
             if timer is not None:
                 host.disarm(timer)
         if self.interrupt is not None:
             self._take_interrupt()  # the step swallowed our cancel and returned
+            if self.evicted:
+                return _FAILED
         if _is_awaitable(result) and self._bad_result(host, s.run_id, step, result):
             return _FAILED
         s = self.snapshot
@@ -587,6 +604,8 @@ class RunActor:
         """
         steps = self.workflow.steps
         while True:
+            if self._evicted():
+                return  # its shard left this process: the next owner compensates from the stored cursor
             s = self.snapshot
             j = s.step - 1
             if j < 0:
@@ -603,10 +622,14 @@ class RunActor:
                         result.close()
                     raise StepResultError(s.run_id, f"{step.name} (compensation)", result)
             except Exception as exc:  # noqa: BLE001 - a step/compensation failure is the user's exception: recorded, supervised
+                if self._evicted():
+                    return
                 info = ErrorInfo.from_exception(exc, step=j, step_name=step.name, attempt=1, at=host.wall())
                 self.comp_errors = (*self.comp_errors, info)
                 self._commit(host, TransitionKind.compensation_failed, info.summary, step=j)
                 continue
+            if self._evicted():
+                return  # evicted while the compensation ran: the next owner records it (at-least-once)
             changes: dict[str, Any] = {"step": j}
             if result is not None:
                 changes["payload"] = result

@@ -5,6 +5,7 @@ This layer may import data types from ``hotstate.actors``, never the runtime.
 
 from __future__ import annotations
 
+from hotstate.persistence._authority import Authority, MemberInfo, MemoryAuthority, Renewal, ShardLease
 from hotstate.persistence._codec import SECRET_KEY_ENV, Codec, JsonCodec, MsgpackCodec, PickleCodec
 from hotstate.persistence._memory import MemoryStore
 from hotstate.persistence._persister import PersisterStatistics
@@ -16,30 +17,41 @@ from hotstate.persistence._records import (
     StoredDeadLetter,
     StoredSnapshot,
 )
+from hotstate.persistence._shards import DEFAULT_SHARDS, Fence, shard_of
 from hotstate.persistence._sqlite import SQLiteStore
+from hotstate.persistence._sqlite_authority import SQLiteAuthority
 from hotstate.persistence._store import FINISHED_STATUSES, Store
 from hotstate.persistence._valkey import ValkeyStore
 from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
 
 __all__ = [
+    "DEFAULT_SHARDS",
     "FINISHED_STATUSES",
     "SECRET_KEY_ENV",
+    "Authority",
     "BadRow",
     "Codec",
     "EmbeddedValkey",
+    "Fence",
     "FlushPolicy",
     "JsonCodec",
+    "MemberInfo",
+    "MemoryAuthority",
     "MemoryStore",
     "MsgpackCodec",
     "PersisterStatistics",
     "PickleCodec",
+    "Renewal",
     "RunHeader",
+    "SQLiteAuthority",
     "SQLiteStore",
     "SaveResult",
+    "ShardLease",
     "Store",
     "StoredDeadLetter",
     "StoredSnapshot",
     "Tier",
     "ValkeyServerError",
     "ValkeyStore",
+    "shard_of",
 ]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, final
 from hotstate.persistence._records import encode_snapshot
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hotstate.actors import Snapshot
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._records import StoredSnapshot
@@ -39,6 +41,8 @@ class SnapshotEncoder:
         self._cache: dict[str, tuple[int, StoredSnapshot]] = {}
         self._durable: list[dict[str, int]] = []  # each tier's durable versions
         self.encodes = 0
+        # Ownership: the epoch each run's copy is written under (its shard's); None: 0 for all.
+        self.epoch_of: Callable[[str], int] | None = None
 
     def track(self, durable: dict[str, int]) -> None:
         """Count one more tier: an encoding is freed once ``durable`` (and every other tracked map) holds its version."""
@@ -53,7 +57,8 @@ class SnapshotEncoder:
         hit = self._cache.get(snapshot.run_id)
         if hit is not None and hit[0] == snapshot.version:
             return hit[1]
-        stored = encode_snapshot(snapshot, self.codec)
+        epoch_of = self.epoch_of
+        stored = encode_snapshot(snapshot, self.codec, 0 if epoch_of is None else epoch_of(snapshot.run_id))
         self.encodes += 1
         self._cache[snapshot.run_id] = (snapshot.version, stored)
         return stored

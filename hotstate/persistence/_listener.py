@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from hotstate._errors import CodecError, StaleVersionError
 
 __all__ = ["IgnoringListener", "TierListener"]
@@ -41,6 +43,10 @@ class TierListener(Protocol):
         """``tier``'s store lost its data: queue everything held in memory for it again."""
         ...
 
+    def fenced(self, tier: str, shards: Mapping[int, int], sent: Mapping[int, int]) -> None:
+        """``tier``'s fence refused these shards (shard -> the stored epoch) of a save made at ``sent`` epochs."""
+        ...
+
 
 @final
 class IgnoringListener:
@@ -59,4 +65,7 @@ class IgnoringListener:
         """Ignore."""
 
     def reset(self, tier: str) -> None:
+        """Ignore."""
+
+    def fenced(self, tier: str, shards: Mapping[int, int], sent: Mapping[int, int]) -> None:
         """Ignore."""

@@ -5,6 +5,11 @@ runs against it like any other tier. Stored records are frozen and hold only
 immutable values (``bytes`` bodies are copied from any buffer), so callers can
 never change what the store holds. Like SQLite, it stores the fields it is
 given and checks their types when it reads them (``stored_problem``).
+
+Ownership (design/ownership.md §4.5) works as in the other stores: a fence
+per shard in a dict, ``(epoch, version)`` order, and a shard count fixed at
+construction. Several runtimes of one process may share one object, as
+processes share a database.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, final
 
 from hotstate._errors import CodecError, StoreUnavailableError
 from hotstate.persistence._records import SaveResult, StoredSnapshot
+from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards, fence_verdict, shard_of
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     StoreBase,
@@ -34,10 +40,11 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._records import BadRow, RunHeader, StoredDeadLetter
+    from hotstate.persistence._shards import Fence
 
 __all__ = ["MemoryStore"]
 
@@ -49,13 +56,32 @@ def _own(stored: StoredSnapshot) -> StoredSnapshot:
 
 
 def _conflicts(runs: Mapping[str, StoredSnapshot], snapshots: Sequence[StoredSnapshot]) -> dict[str, int]:
-    """The runs whose highest version in the batch is below what ``runs`` now holds (after the batch)."""
-    top: dict[str, int] = {}
+    """The runs whose highest ``(epoch, version)`` in the batch is below what ``runs`` now holds (after the batch)."""
+    top: dict[str, tuple[int, int]] = {}
     for s in snapshots:
-        rid, version = s.header.run_id, s.header.version
-        if rid not in top or version > top[rid]:
-            top[rid] = version
-    return {rid: held for rid, version in top.items() if (held := runs[rid].header.version) > version}
+        h = s.header
+        pair = (h.epoch, h.version)
+        if h.run_id not in top or pair > top[h.run_id]:
+            top[h.run_id] = pair
+    return {
+        rid: held.version
+        for rid, pair in top.items()
+        if type((held := runs[rid].header).version) is int
+        and type(held.epoch) is int
+        and (held.epoch, held.version) > pair
+    }
+
+
+def _newer(held: RunHeader, header: RunHeader) -> int:
+    """How ``held`` (stored) orders against ``header`` by ``(epoch, version)``: 1 above, 0 equal, -1 below.
+
+    A stored version or epoch that is not an int (a malformed row, see
+    ``stored_problem``) orders below every pair: the row is replaced.
+    """
+    if type(held.version) is not int or type(held.epoch) is not int:
+        return -1
+    mine, theirs = (held.epoch, held.version), (header.epoch, header.version)
+    return (mine > theirs) - (mine < theirs)
 
 
 @final
@@ -64,10 +90,21 @@ class MemoryStore(StoreBase):
 
     Args:
         tier: the tier's name.
+        shards: the shard count (``shard_of``); None: ``DEFAULT_SHARDS``.
+            The object is its own record: the count never changes.
+
+    Attributes:
+        shards: the shard count.
+
+    Raises:
+        ConfigError: ``shards`` is not a shard count.
     """
 
-    def __init__(self, *, tier: str = "memory") -> None:
+    def __init__(self, *, tier: str = "memory", shards: int | None = None) -> None:
         self.tier = tier
+        self.shards = DEFAULT_SHARDS if shards is None else check_shards("shards", shards)
+        # Shard -> (epoch, owner): the newest that sealed it or wrote to it.
+        self._fences: dict[int, tuple[int, str]] = {}
         self._runs: dict[str, StoredSnapshot] = {}
         self._history: dict[str, dict[int, Transition]] = {}
         self._dead: dict[str, StoredDeadLetter] = {}
@@ -105,11 +142,14 @@ class MemoryStore(StoreBase):
         self._opened = False
 
     @override
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], *, fence: Fence | None = None
+    ) -> SaveResult:
         """Apply the batch at once (no ``await``), rejecting what SQLite and Valkey would reject.
 
         Dicts could hold anything, but a test run on this store must see the
-        rejections a real store makes (``unwritable``).
+        rejections a real store makes (``unwritable``). With ``fence``, the
+        runs of fenced shards are dropped before anything is written.
         """
         self._check_open()
         written = stale = added = 0
@@ -118,16 +158,17 @@ class MemoryStore(StoreBase):
         if rejected:
             snapshots, transitions = without(rejected, snapshots, transitions)
         # No await below: the whole batch is applied atomically w.r.t. other tasks.
+        fenced: dict[int, int] = {}
+        if fence is not None:
+            snapshots, transitions, fenced = self._fenced(fence, snapshots, transitions)
         mark = self._mark
         floor, seq = mark.next()
         self._marks[mark.writer], reset = advance_mark(self._marks.get(mark.writer), floor, seq)
         for stored in snapshots:
             current = self._runs.get(stored.header.run_id)
-            # A stored version that is not an int (a malformed row, see
-            # stored_problem) orders below every version: the row is replaced.
-            if current is not None and type(held := current.header.version) is int and held >= stored.header.version:
+            if current is not None and (order := _newer(current.header, stored.header)) >= 0:
                 stale += 1
-                above = above or held != stored.header.version
+                above = above or order > 0
                 continue
             self._runs[stored.header.run_id] = _own(stored)
             written += 1
@@ -138,7 +179,7 @@ class MemoryStore(StoreBase):
                 added += 1
         self.saves += 1
         mark.stored(seq)
-        if above or rejected:  # an equal version is a retried batch, not a conflict
+        if above or rejected or fenced:  # an equal pair is a retried batch, not a conflict
             return SaveResult(
                 written=written,
                 stale=stale,
@@ -146,8 +187,55 @@ class MemoryStore(StoreBase):
                 reset=reset,
                 conflicts=_conflicts(self._runs, snapshots) if above else {},
                 rejected=rejected,
+                fenced=fenced,
             )
         return SaveResult(written=written, stale=stale, transitions=added, reset=reset)
+
+    def _fenced(
+        self, fence: Fence, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]
+    ) -> tuple[Sequence[StoredSnapshot], Sequence[Transition], dict[int, int]]:
+        """The batch without its fenced shards' runs, and those shards; raises the older fences it meets."""
+        shards = self.shards
+        of = {
+            rid: shard_of(rid, shards) for rid in {s.header.run_id for s in snapshots} | {t.run_id for t in transitions}
+        }
+        lost = self._judge(fence, set(of.values()))
+        if not lost:
+            return snapshots, transitions, lost
+        return (
+            [s for s in snapshots if of[s.header.run_id] not in lost],
+            [t for t in transitions if of[t.run_id] not in lost],
+            lost,
+        )
+
+    def _judge(self, fence: Fence, shards: Iterable[int]) -> dict[int, int]:
+        """Apply ``fence_verdict`` to each shard, raising the older fences; shard -> stored epoch for those fenced.
+
+        A shard ``fence.epochs`` does not name is fenced (its stored epoch, 0 when it has no fence).
+        """
+        lost: dict[int, int] = {}
+        fences = self._fences
+        for shard in shards:
+            held = fences.get(shard)
+            epoch = fence.epochs.get(shard)
+            if epoch is None:
+                lost[shard] = 0 if held is None else held[0]
+                continue
+            verdict = (
+                fence_verdict(None, None, epoch, fence.owner)
+                if held is None
+                else fence_verdict(*held, epoch, fence.owner)
+            )
+            if verdict == "raise":
+                fences[shard] = (epoch, fence.owner)
+            elif verdict == "fenced" and held is not None:
+                lost[shard] = held[0]
+        return lost
+
+    @override
+    async def seal(self, fence: Fence) -> dict[int, int]:
+        self._check_open()
+        return self._judge(fence, list(fence.epochs))
 
     def _checked(self, stored: StoredSnapshot, bad_rows: list[BadRow] | None, *, header_only: bool = False) -> bool:
         """Whether ``stored`` is well formed; a malformed one is reported (or raised)."""
@@ -185,6 +273,7 @@ class MemoryStore(StoreBase):
         after: str | None,
         limit: int,
         bad_rows: list[BadRow] | None,
+        shards: Collection[int] | None,
         *,
         header_only: bool = False,
     ) -> Iterator[StoredSnapshot]:
@@ -197,6 +286,10 @@ class MemoryStore(StoreBase):
             for s in self._runs.values()
             if (statuses is None or s.header.status in statuses) and (workflow is None or s.header.workflow == workflow)
         ]
+        if shards is not None:
+            # A run id that is not text (a malformed row) belongs to no shard.
+            wanted, count = frozenset(shards), self.shards
+            rows = [s for s in rows if type(rid := s.header.run_id) is str and shard_of(rid, count) in wanted]
         # A run id that is not text (a malformed row) cannot be ordered with
         # the others: it comes first, like an integer key in SQLite.
         odd = [s for s in rows if type(s.header.run_id) is not str] if after is None else []
@@ -220,8 +313,9 @@ class MemoryStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        shards: Collection[int] | None = None,
     ) -> list[RunHeader]:
-        return [s.header for s in self._page(status, workflow, after, limit, None, header_only=True)]
+        return [s.header for s in self._page(status, workflow, after, limit, None, shards, header_only=True)]
 
     @override
     async def scan_snapshots(
@@ -232,8 +326,9 @@ class MemoryStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
         bad_rows: list[BadRow] | None = None,
+        shards: Collection[int] | None = None,
     ) -> list[StoredSnapshot]:
-        return list(self._page(status, workflow, after, limit, bad_rows))
+        return list(self._page(status, workflow, after, limit, bad_rows, shards))
 
     @override
     async def history(self, run_id: str) -> list[Transition]:
@@ -271,7 +366,10 @@ class MemoryStore(StoreBase):
         self._check_open()
         for stored in snapshots:
             kept = self._versions.setdefault(stored.header.run_id, {})
-            kept.setdefault(stored.header.version, _own(stored))
+            held = kept.get(stored.header.version)
+            # The first copy of a version stays, unless a newer owner's comes (SQLiteStore's rule).
+            if held is None or stored.header.epoch > held.header.epoch:
+                kept[stored.header.version] = _own(stored)
 
     @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:

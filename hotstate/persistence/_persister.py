@@ -25,6 +25,7 @@ from hotstate._clock import within
 from hotstate._errors import (
     CodecError,
     DurabilityTimeoutError,
+    HotstateError,
     PersistenceError,
     RunRejectedError,
     StaleVersionError,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from hotstate.persistence._encoder import SnapshotEncoder
     from hotstate.persistence._listener import TierListener
     from hotstate.persistence._policy import Tier
+    from hotstate.persistence._shards import Fence
 
 __all__ = ["Persister", "PersisterStatistics"]
 
@@ -93,6 +95,9 @@ class PersisterStatistics:
         resets: times the store reported it had lost its data (e.g. Valkey restarted
             empty); each time the runtime wrote what it holds in memory again.
         last_error: the last flush error's message, or None.
+        fenced_rows: runs (and dead letters) whose rows the store's fence
+            refused: their shard had passed to another process. Dropped, never
+            retried or counted durable (DESIGN.md "Several processes").
     """
 
     tier: str
@@ -118,6 +123,7 @@ class PersisterStatistics:
     forged_replaced: int
     resets: int
     last_error: str | None
+    fenced_rows: int = 0
 
 
 @final
@@ -129,7 +135,7 @@ class _Waiter:
     def __init__(self, version: int) -> None:
         self.version = version
         self.event = anyio.Event()
-        self.error: PersistenceError | None = None
+        self.error: HotstateError | None = None
 
 
 @final
@@ -205,6 +211,11 @@ class Persister:
         self._dropped_rows = 0
         self._resets = 0
         self._last_error: str | None = None
+        # Ownership (set by Tiers): the fence every save carries, and each run's shard.
+        self.fence: Callable[[], Fence | None] | None = None
+        self.shard_of: Callable[[str], int] | None = None
+        self._fenced_rows = 0
+        self._doomed: list[Callable[[str], bool]] = []  # dropped while a flush held its batch
 
     # ------------------------------------------------------------ hot path
 
@@ -331,6 +342,7 @@ class Persister:
             forged_replaced=self._forged_replaced,
             resets=self._resets,
             last_error=self._last_error,
+            fenced_rows=self._fenced_rows,
         )
 
     async def wait_durable(self, run_id: str, version: int, timeout: float | None = None) -> None:  # noqa: ASYNC109 - on the injectable clock, defaulting to the policy's ack_timeout
@@ -383,7 +395,7 @@ class Persister:
             if not pending:
                 del self._durable_events[run_id]
 
-    def _fail_waiters(self, run_id: str, exc: PersistenceError) -> None:
+    def _fail_waiters(self, run_id: str, exc: HotstateError) -> None:
         """Wake every ``wait_durable`` caller of ``run_id`` with ``exc``: what they wait for will not become durable."""
         pending = self._durable_events.pop(run_id, None)
         for waiter in pending or ():
@@ -504,7 +516,10 @@ class Persister:
             PersistenceError: the tier failed; the batch was put back.
         """
         async with self._lock:
-            await self._flush_locked()
+            try:
+                await self._flush_locked()
+            finally:
+                self._doomed = []
 
     def _chunks(
         self, batch: dict[str, Snapshot], transitions: list[Transition]
@@ -563,7 +578,9 @@ class Persister:
             self._listener.codec_error(rid, exc)
         if snap.status is not Status.failed:
             return []  # the run is being failed; its failed snapshot will be written
-        return [encode_snapshot(snap._replace(payload=None, signals=()), self._encoder.codec)]
+        epoch_of = self._encoder.epoch_of
+        epoch = 0 if epoch_of is None else epoch_of(rid)
+        return [encode_snapshot(snap._replace(payload=None, signals=()), self._encoder.codec, epoch)]
 
     async def _flush_locked(self) -> None:
         dead, self._dead = self._dead, []
@@ -575,12 +592,15 @@ class Persister:
         chunks = self._chunks(batch, transitions)
         done = snapshots = rows = nbytes = 0
         dead_saved = False
+        fence = None if self.fence is None else self.fence()
         try:
             if self._cache_dropped and not chunks[0][0] and not chunks[0][1] and not dead and not dead_deletes:
                 await self.store.scan(limit=1)  # a dropped cache with nothing pending: does it answer yet?
             # Dead letters go before the run rows: after a crash between the two,
             # recovery finds a letter newer than the run's row and records the
             # run as failed (never a failed run without its letter).
+            if dead and fence is not None:
+                dead = await self._owned_dead_letters(dead, fence)
             if dead:  # one transaction for all of them: a flush may carry many
                 refused = await self.store.save_dead_letters([self._encode_dead_letter(letter) for letter in dead])
                 if refused:
@@ -591,8 +611,12 @@ class Persister:
                 conflicts: Mapping[str, int] = {}
                 rejected: Mapping[str, str] = {}
                 if stored or chunk_transitions:
-                    result = await self._save(stored, chunk_transitions)
+                    result = await self._save(stored, chunk_transitions, fence)
                     self._stale += result.stale
+                    if result.fenced:  # another process owns these shards: nothing of them was written
+                        chunk, stored, chunk_transitions = self._fenced_off(
+                            result.fenced, fence, chunk, stored, chunk_transitions
+                        )
                     conflicts = result.conflicts
                     if result.rejected:  # nothing of these runs was written
                         rejected = result.rejected
@@ -665,13 +689,20 @@ class Persister:
         """The stored form of a dead letter (``encode_dead_letter``)."""
         return encode_dead_letter(letter, self._encoder.codec)
 
-    async def _save(self, stored: list[StoredSnapshot], transitions: list[Transition]) -> SaveResult:
+    async def _save(
+        self, stored: list[StoredSnapshot], transitions: list[Transition], fence: Fence | None = None
+    ) -> SaveResult:
         instruments = self._instruments
         if instruments is None:
-            return await self.store.save(stored, transitions)
+            if fence is None:
+                return await self.store.save(stored, transitions)
+            return await self.store.save(stored, transitions, fence=fence)
         instruments.saving(self.name)
         try:
-            result = await self.store.save(stored, transitions)
+            if fence is None:
+                result = await self.store.save(stored, transitions)
+            else:
+                result = await self.store.save(stored, transitions, fence=fence)
         except BaseException as exc:
             instruments.saved(self.name, exc)
             raise
@@ -774,6 +805,8 @@ class Persister:
         suspects, self._suspects = self._suspects, {}
         codec = self._encoder.codec
         for rid, (snap, claimed) in suspects.items():
+            if self._doomed and any(d(rid) for d in self._doomed):
+                continue  # its shard left this process while the save was out
             try:
                 stored = await self.store.load(rid)
                 genuine = stored is not None and verifies(stored, codec, tier=self.name)
@@ -855,7 +888,22 @@ class Persister:
         dead: list[DeadLetter],
         dead_deletes: list[str],
     ) -> None:
-        """Put a failed batch back; snapshots marked meanwhile are newer and win."""
+        """Put a failed batch back; snapshots marked meanwhile are newer and win.
+
+        Rows of runs dropped while the batch was out (their shard left this
+        process) stay dropped: written later, under another holding, they
+        would be an old owner's state.
+        """
+        if self._doomed:
+            doomed = self._doomed
+
+            def gone(rid: str) -> bool:
+                return any(d(rid) for d in doomed)
+
+            batch = {rid: snap for rid, snap in batch.items() if not gone(rid)}
+            transitions = [t for t in transitions if not gone(t.run_id)]
+            dead = [d for d in dead if not gone(d.run_id)]
+            dead_deletes = [rid for rid in dead_deletes if not gone(rid)]
         dirty = self._dirty
         for rid, snap in batch.items():
             newer = dirty.get(rid)
@@ -864,6 +912,75 @@ class Persister:
         self._transitions = transitions + self._transitions
         self._dead = dead + self._dead
         self._dead_deletes = dead_deletes + self._dead_deletes
+
+    async def _owned_dead_letters(self, dead: list[DeadLetter], fence: Fence) -> list[DeadLetter]:
+        """The dead letters whose shard this process still holds in the store (a seal at its own epoch checks).
+
+        A store's dead letters carry no fence of their own: a process fenced
+        off must not leave a letter that would fail the new owner's run at the
+        next recovery. Sealing at the epochs held is idempotent and reports a
+        shard whose fence is newer. A claim between this check and the write
+        below can still let one letter through: recovery then compares its
+        version with the run's newest copy.
+        """
+        shard_of = self.shard_of
+        if shard_of is None:
+            return dead
+        epochs = fence.epochs
+        shards = {shard_of(letter.run_id) for letter in dead}
+        held = {s: epochs[s] for s in shards if s in epochs}
+        lost = await self.store.seal(type(fence)(fence.owner, held)) if held else {}
+        keep = [letter for letter in dead if (s := shard_of(letter.run_id)) in held and s not in lost]
+        if len(keep) < len(dead):
+            self._fenced_rows += len(dead) - len(keep)
+            self._listener.fenced(self.name, {s: lost[s] for s in lost}, {s: held[s] for s in lost})
+        return keep
+
+    def _fenced_off(
+        self,
+        fenced: Mapping[int, int],
+        fence: Fence | None,
+        chunk: dict[str, Snapshot],
+        stored: list[StoredSnapshot],
+        transitions: list[Transition],
+    ) -> tuple[dict[str, Snapshot], list[StoredSnapshot], list[Transition]]:
+        """Drop the rows of shards the store fenced off: retrying them can never succeed (design/ownership.md §4.7)."""
+        shard_of = self.shard_of
+        assert shard_of is not None  # noqa: S101 - a fenced save needs the shard map
+        lost = {rid for rid in chunk if shard_of(rid) in fenced}
+        lost.update(t.run_id for t in transitions if shard_of(t.run_id) in fenced)
+        self._fenced_rows += len(lost)
+        log.warning(
+            "hotstate: tier %r refused shards %s to this process (another owns them now); their unflushed rows are dropped",
+            self.name,
+            sorted(fenced),
+        )
+        sent = {} if fence is None else {s: e for s, e in fence.epochs.items() if s in fenced}
+        self._listener.fenced(self.name, fenced, sent)
+        return (
+            {rid: snap for rid, snap in chunk.items() if rid not in lost},
+            [x for x in stored if x.header.run_id not in lost],
+            [t for t in transitions if t.run_id not in lost],
+        )
+
+    def drop(self, doomed: Callable[[str], bool], exc: Callable[[str], HotstateError]) -> None:
+        """Drop everything pending of the runs ``doomed`` selects (their shard left this process).
+
+        Their ``wait_durable`` callers get ``exc(run_id)``; nothing of them is written or merged back.
+        """
+        if self._lock.locked():
+            self._doomed.append(doomed)  # a flush holds a batch: it must not merge these back
+        self._dirty = {rid: s for rid, s in self._dirty.items() if not doomed(rid)}
+        self._transitions = [t for t in self._transitions if not doomed(t.run_id)]
+        self._dead = [d for d in self._dead if not doomed(d.run_id)]
+        self._dead_deletes = [rid for rid in self._dead_deletes if not doomed(rid)]
+        self._suspects = {rid: v for rid, v in self._suspects.items() if not doomed(rid)}
+        for rid in [rid for rid in self.waiting if doomed(rid)]:
+            del self.waiting[rid]
+        for rid in [rid for rid in self._durable_events if doomed(rid)]:
+            self._fail_waiters(rid, exc(rid))
+        for rid in [rid for rid in self.durable if doomed(rid)]:
+            self.forget(rid)
 
     def forget(self, run_id: str) -> None:
         """Drop per-run bookkeeping of a run that is gone from memory."""

@@ -74,6 +74,10 @@ class RunHeader(NamedTuple):
         status: the status as stored (a ``Status`` value).
         updated_at: wall-clock time of this version.
         attempt: the attempt number at the cursor.
+        epoch: the ownership epoch of the run's shard when this copy was
+            written (0: written without ownership). Stores order copies by
+            ``(epoch, version)``: a copy of a newer owner replaces an older
+            owner's copy whatever their versions (DESIGN.md "Several processes").
     """
 
     run_id: str
@@ -84,6 +88,7 @@ class RunHeader(NamedTuple):
     status: str
     updated_at: float
     attempt: int
+    epoch: int = 0
 
 
 class StoredSnapshot(NamedTuple):
@@ -150,6 +155,11 @@ class SaveResult:
             (transitions of it written by an earlier call of a long batch may
             stay; ``Store.save``). Such a snapshot counts as neither
             ``written`` nor ``stale``.
+        fenced: shard -> the epoch of the store's fence, for each shard of a
+            fenced save (``Store.save(fence=...)``) whose fence is newer than
+            the writer's epoch (or the same epoch held by another owner):
+            nothing of that shard's runs was written (neither ``written`` nor
+            ``stale``), and the writer has lost the shard.
     """
 
     written: int
@@ -158,6 +168,7 @@ class SaveResult:
     reset: bool = False
     conflicts: Mapping[str, int] = field(default_factory=dict)
     rejected: Mapping[str, str] = field(default_factory=dict)
+    fenced: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -334,11 +345,12 @@ def transition_from_json(text: str | bytes, *, tier: str = "codec") -> Transitio
 _STATUS_BY_VALUE: dict[str, Status] = {s.value: s for s in Status}
 
 
-def header_of(snapshot: Snapshot) -> RunHeader:
+def header_of(snapshot: Snapshot, epoch: int = 0) -> RunHeader:
     """Build the stored header of a snapshot.
 
     Args:
         snapshot: the snapshot.
+        epoch: the ownership epoch of its shard (0: no ownership).
 
     Returns:
         Its header.
@@ -346,12 +358,13 @@ def header_of(snapshot: Snapshot) -> RunHeader:
     s = snapshot
     return _new(
         RunHeader,
-        (s.run_id, s.workflow, s.workflow_version, s.version, s.step, s.status.value, s.updated_at, s.attempt),
+        (s.run_id, s.workflow, s.workflow_version, s.version, s.step, s.status.value, s.updated_at, s.attempt, epoch),
     )
 
 
 _CONTEXT_ENCODER: Final = msgspec.msgpack.Encoder()
 _RUN_CONTEXT: Final = "run/1"
+_OWNED_RUN_CONTEXT: Final = "run/2"  # run/1 and the ownership epoch
 _DEAD_CONTEXT: Final = "dead-letter/1"
 
 
@@ -389,13 +402,18 @@ def snapshot_context(header: RunHeader, error: str | None, *, tier: str = "codec
     Run id, workflow and definition version, version, step cursor, status,
     update time, attempt and the error's JSON: every field a store keeps in
     columns or hash fields. A stored header changed after the frame was made
-    no longer verifies. (The ownership epoch joins it as ``run/2``.)
+    no longer verifies. A copy written under ownership (``epoch`` above 0)
+    is tagged ``run/2`` and covers its epoch too: a copy whose stored epoch
+    was raised to win the ``(epoch, version)`` order does not verify.
 
     Raises:
         CorruptSnapshotError: a field cannot be encoded (e.g. an integer out of range): the copy cannot be trusted.
     """
     try:
-        return _CONTEXT_ENCODER.encode((_RUN_CONTEXT, *_header_fields(header, error)))
+        epoch = header.epoch
+        if epoch == 0:
+            return _CONTEXT_ENCODER.encode((_RUN_CONTEXT, *_header_fields(header, error)))
+        return _CONTEXT_ENCODER.encode((_OWNED_RUN_CONTEXT, *_header_fields(header, error), epoch))
     except _UNCHECKABLE as exc:
         raise _uncheckable(exc, tier, header.run_id, header.version) from exc
 
@@ -418,6 +436,8 @@ def dead_letter_context(record: StoredDeadLetter, *, tier: str = "codec") -> byt
                 record.error,
                 record.attempts,
                 record.compensation_errors,
+                # An ownership epoch joins only when set: letters written before it still verify.
+                *(() if snap.header.epoch == 0 else (snap.header.epoch,)),
             )
         )
     except _UNCHECKABLE as exc:
@@ -434,7 +454,7 @@ def _body(snapshot: Snapshot) -> dict[str, Any]:
     return body
 
 
-def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
+def encode_snapshot(snapshot: Snapshot, codec: Codec, epoch: int = 0) -> StoredSnapshot:
     """Encode a snapshot once, for every tier (docs/architecture.md "Persistence").
 
     The frame's check covers the body and the whole header (``snapshot_context``).
@@ -442,6 +462,7 @@ def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
     Args:
         snapshot: the snapshot.
         codec: encodes the payload and pending signals.
+        epoch: the ownership epoch of the run's shard (0: no ownership).
 
     Returns:
         The stored form.
@@ -449,7 +470,7 @@ def encode_snapshot(snapshot: Snapshot, codec: Codec) -> StoredSnapshot:
     Raises:
         CodecError: the payload or a signal's data cannot be encoded.
     """
-    header = header_of(snapshot)
+    header = header_of(snapshot, epoch)
     error = None if snapshot.error is None else error_to_json(snapshot.error)
     body = codec.encode(_body(snapshot), context=snapshot_context(header, error))
     return _new(StoredSnapshot, (header, error, body))

@@ -3,8 +3,11 @@
 WAL mode and one writer connection (aiosqlite runs each connection on its own
 thread); a second, read-only connection serves loads and scans so readers never
 queue behind a flush. Each ``save`` is one transaction: an ``executemany``
-UPSERT guarded by version, ``INSERT OR IGNORE`` for transitions, and this
-writer's row in ``writer_marks`` (how a file restored from a backup is noticed).
+UPSERT guarded by ``(epoch, version)``, ``INSERT OR IGNORE`` for transitions,
+and this writer's row in ``writer_marks`` (how a file restored from a backup
+is noticed). A fenced save also reads and raises the rows of its shards in
+``hs_shard_fence`` in that transaction (design/ownership.md §4.5); the
+shard count is recorded in ``hs_meta``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import sqlite3
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
@@ -39,6 +43,7 @@ from hotstate.persistence._records import (
     StoredSnapshot,
     transition_from_row,
 )
+from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards, fence_verdict, shard_of
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     INT64_MAX,
@@ -63,18 +68,21 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable, Sequence
+    from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._records import BadRow
+    from hotstate.persistence._shards import Fence
 
 __all__ = ["SQLiteStore"]
 
 _SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 # The columns `runs` and `snapshot_versions` share after run_id: RunHeader's
-# fields in its order (_snapshot_row and _stored rely on it), then the
-# snapshot's error and body. `dead_letters` holds a snapshot in another order.
+# fields but the epoch, then the snapshot's error and body, then the epoch and
+# the shard (added last by the release that brought ownership, so a migrated
+# file and a new one have the same layout). Every statement names its columns.
+# `dead_letters` holds a snapshot in another order.
 _SNAPSHOT_COLUMNS: Final = """
     workflow TEXT NOT NULL,
     workflow_version INTEGER NOT NULL,
@@ -84,7 +92,25 @@ _SNAPSHOT_COLUMNS: Final = """
     updated_at REAL NOT NULL,
     attempt INTEGER NOT NULL,
     error TEXT,
-    body BLOB NOT NULL"""
+    body BLOB NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    shard INTEGER NOT NULL DEFAULT 0"""
+
+SQLITE_META_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS hs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+)
+"""The settings a database records (``shards``: the shard count), shared with the SQLite lease authority."""
+
+SQLITE_FENCE_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS hs_shard_fence "
+    "(shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, owner TEXT NOT NULL) WITHOUT ROWID"
+)
+"""Each shard's fence: the newest ``(epoch, owner)`` that sealed it or wrote to it.
+
+The store reads it in every fenced save and raises it (``fence_verdict``);
+the SQLite lease authority, in the same file, bumps ``epoch`` and sets
+``owner`` when it hands out a claim, which is then this store's seal.
+"""
 
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -128,7 +154,31 @@ CREATE TABLE IF NOT EXISTS writer_marks (
     lost INTEGER NOT NULL,
     at REAL NOT NULL
 ) WITHOUT ROWID;
+{SQLITE_META_SCHEMA};
+{SQLITE_FENCE_SCHEMA};
 """
+
+# The columns a file of the release before ownership lacks: added at open
+# (ALTER TABLE ADD COLUMN keeps the rows; shards are then computed once).
+_ADDED_COLUMNS: Final = (
+    ("runs", "epoch"),
+    ("runs", "shard"),
+    ("snapshot_versions", "epoch"),
+    ("snapshot_versions", "shard"),
+)
+# After the migration: on an old file the column does not exist before it. Not
+# (shard, status, run_id): a flush's upsert sets `status`, so SQLite rewrites every
+# index holding it, and that one cost 15-20% of the CPU of a 20,000-run update flush
+# (measured; this one costs nothing there, as neither column is ever updated). A
+# status filter goes through runs_status, as before.
+_SHARD_INDEX: Final = "CREATE INDEX IF NOT EXISTS runs_shard ON runs (shard, run_id)"
+
+# A scan of at most 1/_FEW_SHARDS of the shards goes through runs_shard; of more,
+# it reads the table in run id order, filtering (a unary + keeps SQLite off the
+# index, which it would still pick, then sort every remaining match on each page).
+# Measured, 100,000 runs in 128 shards, pages of 1,000: 4 shards 9 ms by the index,
+# 16 ms in run id order; 8 shards 22 vs 16; 32 shards 143 vs 25; 1 shard 1 vs 12.
+_FEW_SHARDS: Final = 20
 
 _RUN_COLUMNS: Final = (*RunHeader._fields, "error", "body")
 _HEADER_WIDTH: Final = len(RunHeader._fields)
@@ -147,15 +197,17 @@ def _select(width: int, *, typed: bool = False) -> str:
 # width -> (the plain SELECT, the one with typeof() columns that _read_raw reads)
 _SELECTS: Final = {w: (_select(w), _select(w, typed=True)) for w in (_HEADER_WIDTH, _RUN_WIDTH)}
 
-# Versions only go up (docs/architecture.md "Persistence"): the WHERE makes a lower or equal
-# version a no-op, so `rowcount` counts exactly the rows written. A stored version
-# that is not an integer (a row hotstate did not write, which every read reports as
-# malformed) orders below every version: the row is replaced.
+# Copies are ordered by (epoch, version) (docs/architecture.md "Persistence";
+# design/ownership.md 4.5): the WHERE makes a lower or equal pair a no-op, so
+# `rowcount` counts exactly the rows written. A stored version or epoch that is
+# not an integer (a row hotstate did not write, which every read reports as
+# malformed) orders below every pair: the row is replaced. A run's shard never
+# changes (the count is fixed per file): the update leaves it.
 _UPSERT: Final = """
 INSERT INTO runs (
-    run_id, workflow, workflow_version, version, step, status, updated_at, attempt,
-    error, body
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    run_id, workflow, workflow_version, version, step, status, updated_at, attempt, epoch,
+    error, body, shard
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run_id) DO UPDATE SET
     workflow = excluded.workflow,
     workflow_version = excluded.workflow_version,
@@ -164,27 +216,51 @@ ON CONFLICT (run_id) DO UPDATE SET
     status = excluded.status,
     updated_at = excluded.updated_at,
     attempt = excluded.attempt,
+    epoch = excluded.epoch,
     error = excluded.error,
     body = excluded.body
-WHERE excluded.version > runs.version OR typeof(runs.version) <> 'integer'
+WHERE (excluded.epoch, excluded.version) > (runs.epoch, runs.version)
+    OR typeof(runs.version) <> 'integer' OR typeof(runs.epoch) <> 'integer'
+"""
+
+# A kept copy per (run_id, version): the first stays, unless a newer owner's
+# copy of that version comes (its lineage is the run's; design/ownership.md 4.5).
+_KEEP_VERSION: Final = """
+INSERT INTO snapshot_versions (
+    run_id, workflow, workflow_version, version, step, status, updated_at, attempt, epoch,
+    error, body, shard
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id, version) DO UPDATE SET
+    workflow = excluded.workflow,
+    workflow_version = excluded.workflow_version,
+    step = excluded.step,
+    status = excluded.status,
+    updated_at = excluded.updated_at,
+    attempt = excluded.attempt,
+    epoch = excluded.epoch,
+    error = excluded.error,
+    body = excluded.body
+WHERE excluded.epoch > snapshot_versions.epoch
 """
 
 
-# The runs of a saved batch whose highest version in it is below the stored
-# one: SaveResult.conflicts. Run in the save's transaction, only when some
-# snapshot was stale. `batch` holds (run_id, top) rows.
+# The runs of a saved batch whose highest (epoch, version) in it is below the
+# stored one: SaveResult.conflicts, with the stored version. Run in the save's
+# transaction, only when some snapshot was stale. `batch` holds
+# (run_id, epoch, version) rows, one per run.
 def _conflicts_sql(batch: str) -> str:
     return (
-        f"WITH batch(run_id, top) AS ({batch}) "  # noqa: S608 - our own SQL, values are parameters
+        f"WITH batch(run_id, epoch, top) AS ({batch}) "  # noqa: S608 - our own SQL, values are parameters
         "SELECT runs.run_id, runs.version FROM batch JOIN runs ON runs.run_id = batch.run_id "
-        "WHERE typeof(runs.version) = 'integer' AND runs.version > batch.top"
+        "WHERE typeof(runs.version) = 'integer' AND typeof(runs.epoch) = 'integer' "
+        "AND (runs.epoch, runs.version) > (batch.epoch, batch.top)"
     )
 
 
 _CONFLICTS_JSON: Final = _conflicts_sql(
-    "SELECT json_extract(value, '$[0]'), max(json_extract(value, '$[1]')) FROM json_each(?) GROUP BY 1"
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)"
 )
-_CONFLICT_PAIRS: Final = 400  # (run_id, top) pairs per statement: 800 parameters, under 999 on old builds
+_CONFLICT_ROWS: Final = 300  # (run_id, epoch, top) rows per statement: 900 parameters, under 999 on old builds
 
 _INSERT_TRANSITION: Final = """
 INSERT OR IGNORE INTO transitions (run_id, version, kind, step, status, at, detail)
@@ -257,6 +333,17 @@ def _dead_letter_row(record: StoredDeadLetter) -> tuple[object, ...]:
     )
 
 
+# No epoch column: a dead letter's frame does not cover it (dead_letter_context)
+# and nothing orders dead letters by it, so its snapshot reads back at epoch 0.
+# (A column would also change the table every existing INSERT ... SELECT copies.)
+_SAVE_DEAD_LETTER: Final = """
+INSERT OR REPLACE INTO dead_letters (
+    run_id, workflow, at, error, attempts, compensation_errors, workflow_version, version, step,
+    status, updated_at, attempt, snapshot_error, body
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+
 # json_extract() ends a text value at an escaped NUL (checked on SQLite 3.40):
 # a batch holding one goes row by row, or a run id "a\x00b" would become "a".
 # The test is on the JSON text, so a literal backslash-u0000 in a value also
@@ -266,22 +353,23 @@ _NUL_IN_JSON: Final = "\\u0000"
 
 async def _conflicts(conn: aiosqlite.Connection, snapshots: Sequence[StoredSnapshot]) -> dict[str, int]:
     """``SaveResult.conflicts`` of a batch just upserted, read in the same transaction."""
-    pairs = [(s.header.run_id, s.header.version) for s in snapshots]
+    top: dict[str, tuple[int, int]] = {}
+    for s in snapshots:
+        h = s.header
+        pair = (h.epoch, h.version)
+        held = top.get(h.run_id)
+        if held is None or pair > held:
+            top[h.run_id] = pair
+    rows = [(run_id, epoch, version) for run_id, (epoch, version) in top.items()]
     if _json_available():
-        batch = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
+        batch = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
         if _NUL_IN_JSON not in batch:
             return dict(cast("Iterable[tuple[str, int]]", await conn.execute_fetchall(_CONFLICTS_JSON, (batch,))))
-    top: dict[str, int] = {}
-    for run_id, version in pairs:
-        if run_id not in top or version > top[run_id]:
-            top[run_id] = version
-    items = list(top.items())
     found: dict[str, int] = {}
-    for start in range(0, len(items), _CONFLICT_PAIRS):
-        part = items[start : start + _CONFLICT_PAIRS]
-        sql = _conflicts_sql("VALUES " + ", ".join(["(?, ?)"] * len(part)))
-        rows = await conn.execute_fetchall(sql, [x for pair in part for x in pair])
-        found.update(cast("Iterable[tuple[str, int]]", rows))
+    for start in range(0, len(rows), _CONFLICT_ROWS):
+        part = rows[start : start + _CONFLICT_ROWS]
+        sql = _conflicts_sql("VALUES " + ", ".join(["(?, ?, ?)"] * len(part)))
+        found.update(cast("Iterable[tuple[str, int]]", await conn.execute_fetchall(sql, [x for r in part for x in r])))
     return found
 
 
@@ -352,10 +440,14 @@ async def _insert_transitions(conn: aiosqlite.Connection, part: Sequence[Transit
     return cur.rowcount
 
 
-def _snapshot_row(s: StoredSnapshot) -> tuple[object, ...]:
-    # RunHeader is a NamedTuple whose fields are the first 8 columns, in order.
+def _snapshot_row(s: StoredSnapshot, shards: int) -> tuple[object, ...]:
+    # RunHeader is a NamedTuple whose fields are the first 9 columns of _UPSERT, in order.
+    # shard_of costs ~0.12 us a run (measured, 20,000 ids): the fenceless path pays it too.
     body = s.body
-    return (*s.header, s.error, body if type(body) is bytes else bytes(body))
+    h = s.header
+    rid = h.run_id
+    shard = shard_of(rid, shards) if type(rid) is str else 0  # another type: SQLite binds it, a read reports it
+    return (*h, s.error, body if type(body) is bytes else bytes(body), shard)
 
 
 _new = tuple.__new__  # NamedTuples without the keyword-parsing __new__ frame
@@ -404,12 +496,13 @@ def _read_raw(uri: str, sql: str, params: Sequence[object], width: int, busy_ms:
 
 def _malformed(row: Sequence[Any], tier: str) -> CodecError:
     """A row whose columns do not have their types (written by something else)."""
-    types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, int, str, (int, float), int)
-    bad = [f"{n}={v!r}" for n, t, v in zip(RunHeader._fields, types, row[:8], strict=True) if not isinstance(v, t)]
-    if len(row) > 8 and row[8] is not None and not isinstance(row[8], str):
-        bad.append(f"error={row[8]!r}")
-    if len(row) > 9 and not isinstance(row[9], bytes | bytearray | memoryview):
-        bad.append(f"body is a {type(row[9]).__name__}")
+    types: tuple[type | tuple[type, ...], ...] = (str, str, int, int, int, str, (int, float), int, int)
+    width = _HEADER_WIDTH
+    bad = [f"{n}={v!r}" for n, t, v in zip(RunHeader._fields, types, row[:width], strict=True) if not isinstance(v, t)]
+    if len(row) > width and row[width] is not None and not isinstance(row[width], str):
+        bad.append(f"error={row[width]!r}")
+    if len(row) > width + 1 and not isinstance(row[width + 1], bytes | bytearray | memoryview):
+        bad.append(f"body is a {type(row[width + 1]).__name__}")
     return CodecError(tier, f"run {render_id(row[0])!r}: stored header is malformed: {', '.join(bad)}")
 
 
@@ -419,6 +512,7 @@ def _well_formed(row: Sequence[Any]) -> bool:
     # ~0.2 us per row on recovery's path.
     return (
         type(row[3]) is int
+        and type(row[8]) is int
         and type(row[2]) is int
         and type(row[4]) is int
         and type(row[7]) is int
@@ -432,19 +526,162 @@ def _well_formed(row: Sequence[Any]) -> bool:
 def _header(row: Sequence[Any], tier: str) -> RunHeader:
     if not _well_formed(row):
         raise _malformed(row, tier)
-    return _new(RunHeader, row[:8])
+    return _new(RunHeader, row[:_HEADER_WIDTH])
 
 
 def _stored(row: Sequence[Any], tier: str) -> StoredSnapshot:
-    body = row[9]
+    """A row of ``_RUN_COLUMNS`` (the header's columns, error, body) as a snapshot, or ``CodecError``."""
+    body = row[10]
     if type(body) is not bytes:
         if not isinstance(body, bytearray | memoryview):
             raise _malformed(row, tier)
         body = bytes(body)
-    error = row[8]
+    error = row[9]
     if not _well_formed(row) or (error is not None and type(error) is not str):
         raise _malformed(row, tier)
-    return _new(StoredSnapshot, (_new(RunHeader, row[:8]), error, body))
+    return _new(StoredSnapshot, (_new(RunHeader, row[:_HEADER_WIDTH]), error, body))
+
+
+# --- ownership: the recorded shard count, the migration, the fences ---------------
+
+_READ_SHARDS: Final = "SELECT value FROM hs_meta WHERE key = 'shards'"
+_RECORD_SHARDS: Final = "INSERT OR IGNORE INTO hs_meta (key, value) VALUES ('shards', ?)"
+_RAISE_FENCE: Final = """
+INSERT INTO hs_shard_fence (shard, epoch, owner) VALUES (?, ?, ?)
+ON CONFLICT (shard) DO UPDATE SET epoch = excluded.epoch, owner = excluded.owner
+WHERE excluded.epoch > hs_shard_fence.epoch
+"""
+
+
+async def _recorded_shards(conn: aiosqlite.Connection, tier: str) -> int | None:
+    """The shard count the file records, or None when it records none yet.
+
+    Raises:
+        PersistenceError: the recorded value is not a shard count.
+    """
+    rows = list(await conn.execute_fetchall(_READ_SHARDS))
+    if not rows:
+        return None
+    value = rows[0][0]
+    try:
+        return check_shards("shards", int(value))
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError too
+        raise PersistenceError(tier, f"hs_meta records shards={value!r}, which is not a shard count") from exc
+
+
+async def _missing_columns(conn: aiosqlite.Connection) -> list[tuple[str, str]]:
+    """The ``_ADDED_COLUMNS`` this file lacks (all of them in a file of the release before ownership)."""
+    have: dict[str, set[str]] = {}
+    for table, _ in _ADDED_COLUMNS:
+        if table not in have:
+            rows = await conn.execute_fetchall("SELECT name FROM pragma_table_info(?)", (table,))
+            have[table] = {row[0] for row in rows}
+    return [(table, column) for table, column in _ADDED_COLUMNS if column not in have[table]]
+
+
+def _stored_shard(raw: object, shards: int) -> int:
+    """``shard_of`` a stored run id read as bytes (``CAST(run_id AS BLOB)``), for the migration.
+
+    Bytes, so that a text value that is not UTF-8 (a row hotstate did not
+    write) cannot fail the migration: it gets the CRC of its bytes. A NULL id gets 0.
+    """
+    if not isinstance(raw, bytes):
+        return 0
+    try:
+        return shard_of(raw.decode(), shards)
+    except UnicodeDecodeError:
+        return zlib.crc32(raw) % shards
+
+
+async def _migrate(conn: aiosqlite.Connection, missing: Sequence[tuple[str, str]], shards: int) -> None:
+    """Add the ``missing`` columns, and compute the shard of every stored row, in the open transaction.
+
+    One Python call per row (~1 us): a million runs take a few seconds, once.
+    """
+    for table, column in missing:
+        # Our own names, from _ADDED_COLUMNS.
+        await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    await conn.create_function("hs_shard_of", 1, functools.partial(_stored_shard, shards=shards), deterministic=True)
+    for table in ("runs", "snapshot_versions"):
+        if (table, "shard") in missing:
+            await conn.execute(f"UPDATE {table} SET shard = hs_shard_of(CAST(run_id AS BLOB))")  # noqa: S608
+
+
+def _listed(shards: Iterable[int]) -> str:
+    """Shard numbers as SQL integer literals: ``operator.index`` lets nothing else through, and no parameter limit applies."""
+    return ", ".join(str(operator.index(s)) for s in shards)
+
+
+async def _judge_fences(conn: aiosqlite.Connection, fence: Fence, shards: Collection[int]) -> dict[int, int]:
+    """Apply ``fence_verdict`` to each of ``shards`` in the open transaction, raising the older fences.
+
+    Returns:
+        shard -> the stored fence's epoch, for each shard fenced: its fence
+        is newer, or the same epoch of another owner, or ``fence.epochs``
+        does not name it (its stored epoch then, 0 when it has no fence).
+    """
+    sql = f"SELECT shard, epoch, owner FROM hs_shard_fence WHERE shard IN ({_listed(shards)})"  # noqa: S608
+    stored: dict[int, tuple[int, str]] = {row[0]: (row[1], row[2]) for row in await conn.execute_fetchall(sql)}
+    lost: dict[int, int] = {}
+    raised: list[tuple[int, int, str]] = []
+    for shard in shards:
+        held = stored.get(shard)
+        epoch = fence.epochs.get(shard)
+        if epoch is None:
+            lost[shard] = 0 if held is None else held[0]
+            continue
+        verdict = (
+            fence_verdict(None, None, epoch, fence.owner) if held is None else fence_verdict(*held, epoch, fence.owner)
+        )
+        if verdict == "raise":
+            raised.append((shard, epoch, fence.owner))
+        elif verdict == "fenced" and held is not None:
+            lost[shard] = held[0]
+    if raised:
+        await conn.executemany(_RAISE_FENCE, raised)
+    return lost
+
+
+@final
+class _Fencing:
+    """One fenced save's view of the fences, kept across its transactions (and its second attempt)."""
+
+    __slots__ = ("fence", "lost", "shard_of", "shards")
+
+    def __init__(self, fence: Fence, shards: int) -> None:
+        self.fence = fence
+        self.shards = shards
+        self.lost: dict[int, int] = {}  # shard -> stored epoch: nothing more of it is written
+        self.shard_of: dict[str, int] = {}
+
+    def shard(self, run_id: str) -> int:
+        found = self.shard_of.get(run_id)
+        if found is None:
+            found = self.shard_of[run_id] = shard_of(run_id, self.shards)
+        return found
+
+    async def check(self, conn: aiosqlite.Connection, run_ids: Iterable[str]) -> None:
+        """Judge the fences of these runs' shards in the open transaction.
+
+        Every transaction of a long save checks again: a claim may commit
+        between two of them. A shard found fenced stays so for the save.
+        """
+        wanted = {self.shard(r) for r in run_ids}
+        wanted.difference_update(self.lost)
+        if wanted:
+            self.lost.update(await _judge_fences(conn, self.fence, wanted))
+
+    def keeps(self, run_id: str) -> bool:
+        return self.shard(run_id) not in self.lost
+
+    def transitions(self, part: Sequence[Transition], text: str) -> tuple[Sequence[Transition], str]:
+        """``part`` without the fenced shards' transitions, with its JSON (encoded again only when some went)."""
+        if not self.lost:
+            return part, text
+        kept = [t for t in part if self.keeps(t.run_id)]
+        if len(kept) == len(part):
+            return part, text
+        return kept, _transitions_json(kept) if kept else ""
 
 
 @final
@@ -460,9 +697,18 @@ class SQLiteStore(StoreBase):
             in WAL mode is durable against process crashes, not power loss.
         busy_timeout: seconds a connection waits on a lock before failing.
         tier: the tier's name.
+        shards: the shard count (``shard_of``). None: the count the file
+            records, or ``DEFAULT_SHARDS`` for a new file. The first ``open``
+            records it in ``hs_meta``; another count than the recorded one is
+            refused at ``open``.
+
+    Attributes:
+        shards: the shard count of the file (the recorded one, once open).
 
     Raises:
-        ConfigError: ``synchronous`` or ``busy_timeout`` is invalid.
+        ConfigError: ``synchronous``, ``busy_timeout`` or ``shards`` is
+            invalid; at ``open``, ``shards`` differs from the count the file
+            records.
     """
 
     def __init__(
@@ -472,7 +718,10 @@ class SQLiteStore(StoreBase):
         synchronous: str = "NORMAL",
         busy_timeout: float = 5.0,
         tier: str = "sqlite",
+        shards: int | None = None,
     ) -> None:
+        self._shards_option = None if shards is None else check_shards("shards", shards)
+        self.shards = DEFAULT_SHARDS if shards is None else shards
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS:
             raise ConfigError("synchronous", synchronous, f"must be one of {sorted(_SYNCHRONOUS)}")
@@ -509,7 +758,12 @@ class SQLiteStore(StoreBase):
         except sqlite3.DatabaseError as exc:
             raise PersistenceError(self.tier, f"{action}: {type(exc).__name__}: {exc}") from exc
 
-    async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
+    async def _connect(self, *, read_only: bool, shards: int | None = None) -> aiosqlite.Connection:
+        """A connection; the writer's also prepares the file (schema, shard count, migration).
+
+        Raises:
+            ConfigError: ``shards`` differs from the count the file records.
+        """
         if read_only:
             pending = aiosqlite.connect(self._read_uri, uri=True, isolation_level=None)
         else:
@@ -538,17 +792,63 @@ class SQLiteStore(StoreBase):
                 await conn.execute("PRAGMA journal_mode = WAL")
                 await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 await conn.executescript(_SCHEMA)
+                self.shards = await self._prepare(conn, shards)
         except BaseException:
             await conn.close()
             raise
         return conn
+
+    async def _prepare(self, conn: aiosqlite.Connection, wanted: int | None) -> int:
+        """Record or check the shard count, and migrate a file of the release before ownership.
+
+        Reads only, when the file is current (a file that cannot be written
+        still opens); else one ``BEGIN IMMEDIATE`` transaction, which checks
+        again (another process may have done it meanwhile).
+
+        Returns:
+            The file's shard count.
+
+        Raises:
+            ConfigError: ``wanted`` differs from the count the file records.
+        """
+        recorded = await _recorded_shards(conn, self.tier)
+        if recorded is None or await _missing_columns(conn):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                recorded = await _recorded_shards(conn, self.tier)
+                if recorded is None:
+                    recorded = DEFAULT_SHARDS if wanted is None else wanted
+                    await conn.execute(_RECORD_SHARDS, (str(recorded),))
+                self._check_shards(recorded, wanted)  # before rows are given shards under it
+                missing = await _missing_columns(conn)
+                if missing:
+                    await _migrate(conn, missing, recorded)
+                    await conn.execute(_SHARD_INDEX)
+                await conn.commit()
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.rollback()
+                raise
+        self._check_shards(recorded, wanted)
+        await conn.execute(_SHARD_INDEX)  # a new file's (a no-op once it exists)
+        return recorded
+
+    def _check_shards(self, recorded: int, wanted: int | None) -> None:
+        if wanted is not None and wanted != recorded:
+            raise ConfigError(
+                "shards",
+                wanted,
+                f"the database {self.path!r} records {recorded} shards; open it with shards={recorded} "
+                "(or None), or move its runs to a new database",
+            )
 
     @override
     async def open(self) -> None:
         if self._opened:
             return
         async with self._errors(f"open {self.path!r}"):
-            self._writer = await self._connect(read_only=False)
+            self._writer = await self._connect(read_only=False, shards=self._shards_option)
             try:
                 if self.path != ":memory:":
                     self._reader = await self._connect(read_only=True)
@@ -607,7 +907,7 @@ class SQLiteStore(StoreBase):
         if self._identity is None or self._file_identity() == self._identity:
             return
         try:
-            writer = await self._connect(read_only=False)
+            writer = await self._connect(read_only=False, shards=self.shards)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(
                 self.tier,
@@ -670,7 +970,9 @@ class SQLiteStore(StoreBase):
                 raise
 
     @override
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], *, fence: Fence | None = None
+    ) -> SaveResult:
         """Write the batch, and advance this writer's mark, in one transaction; a failed one is rolled back.
 
         Before each write transaction the store checks that its path still
@@ -688,10 +990,16 @@ class SQLiteStore(StoreBase):
         64 bits, a NaN in a NOT NULL column) is rolled back, and written again
         without the runs ``unwritable`` names (``SaveResult.rejected``): the
         check costs nothing until a batch fails.
+
+        With ``fence``, every transaction of the save (a long history takes
+        several) reads the fences of the shards it writes, under its
+        ``BEGIN IMMEDIATE``, and raises the older ones: a claim committed
+        between two of them fences the rest of the save.
         """
         added = [0]  # transitions stored by the calls that went through, counted across a second attempt
+        fencing = None if fence is None else _Fencing(fence, self.shards)
         try:
-            return await self._save(snapshots, transitions, {}, added)
+            return await self._save(snapshots, transitions, {}, added, fencing)
         except (ValueError, OverflowError, PersistenceError) as exc:  # UnicodeEncodeError is a ValueError
             if isinstance(exc, StoreUnavailableError):
                 raise
@@ -699,7 +1007,7 @@ class SQLiteStore(StoreBase):
             if not rejected:
                 raise
         snapshots, transitions = without(rejected, snapshots, transitions)
-        return await self._save(snapshots, transitions, rejected, added)
+        return await self._save(snapshots, transitions, rejected, added, fencing)
 
     async def _save(
         self,
@@ -707,20 +1015,31 @@ class SQLiteStore(StoreBase):
         transitions: Sequence[Transition],
         rejected: dict[str, str],
         added: list[int],
+        fencing: _Fencing | None,
     ) -> SaveResult:
         parts = transition_parts(transitions, _transitions_json, TRANSACTION_TRANSITIONS)
         for part, text in parts[:-1]:  # a long history: the first transitions in transactions of their own
             async with self._transaction("save") as conn:
-                added[0] += await _insert_transitions(conn, part, text)
+                if fencing is not None:
+                    await fencing.check(conn, {t.run_id for t in part})
+                    part, text = fencing.transitions(part, text)
+                if part:
+                    added[0] += await _insert_transitions(conn, part, text)
         part, text = parts[-1]
         written = 0
         conflicts: dict[str, int] = {}
         mark = self._mark
+        shards = self.shards
         async with self._transaction("save") as conn:
             floor, seq = mark.next()  # under the write lock: the floor of the save before it counts
             reset = await _advance_mark(conn, mark.writer, floor, seq)
+            if fencing is not None:
+                await fencing.check(conn, [*(s.header.run_id for s in snapshots), *(t.run_id for t in part)])
+                if fencing.lost:
+                    snapshots = [s for s in snapshots if fencing.keeps(s.header.run_id)]
+                part, text = fencing.transitions(part, text)
             if snapshots:
-                cur = await conn.executemany(_UPSERT, [_snapshot_row(s) for s in snapshots])
+                cur = await conn.executemany(_UPSERT, [_snapshot_row(s, shards) for s in snapshots])
                 written = cur.rowcount
                 if written < len(snapshots):  # one more query, only when something was skipped
                     conflicts = await _conflicts(conn, snapshots)
@@ -733,7 +1052,17 @@ class SQLiteStore(StoreBase):
             reset=reset,
             conflicts=conflicts,
             rejected=rejected,
+            fenced={} if fencing is None else dict(fencing.lost),
         )
+
+    @override
+    async def seal(self, fence: Fence) -> dict[int, int]:
+        """Raise the fences in one transaction (the SQLite lease authority's claim already does, in this file)."""
+        if not fence.epochs:
+            self._w()
+            return {}
+        async with self._transaction("seal") as conn:
+            return await _judge_fences(conn, fence, list(fence.epochs))
 
     async def _fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         async with self._errors("read"):
@@ -795,9 +1124,10 @@ class SQLiteStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        shards: Collection[int] | None = None,
     ) -> list[RunHeader]:
         check_limit(limit)
-        rows = await self._page(_HEADER_WIDTH, status, workflow, after, limit)
+        rows = await self._page(_HEADER_WIDTH, status, workflow, after, limit, shards)
         return [_header(row, self.tier) for row in rows]
 
     @override
@@ -809,6 +1139,7 @@ class SQLiteStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
         bad_rows: list[BadRow] | None = None,
+        shards: Collection[int] | None = None,
     ) -> list[StoredSnapshot]:
         """Read a page; when rows were reported in ``bad_rows``, read on until the page is full or the runs end."""
         check_limit(limit)
@@ -816,7 +1147,7 @@ class SQLiteStore(StoreBase):
         cursor: object = after
         while True:
             wanted = limit - len(found)
-            rows = await self._page(_RUN_WIDTH, status, workflow, cursor, wanted)
+            rows = await self._page(_RUN_WIDTH, status, workflow, cursor, wanted, shards)
             found.extend(stored for row in rows if (stored := self._checked(row, bad_rows)) is not None)
             if len(rows) < wanted or len(found) == limit:
                 return found
@@ -829,9 +1160,14 @@ class SQLiteStore(StoreBase):
         workflow: str | None,
         after: object,
         limit: int,
+        shards: Collection[int] | None,
     ) -> list[Any]:
         where: list[str] = []
         params: list[object] = []
+        if shards is not None:  # the stored column, never recomputed
+            wanted = sorted(set(shards))
+            column = "shard" if len(wanted) * _FEW_SHARDS <= self.shards else "+shard"
+            where.append(f"{column} IN ({_listed(wanted)})")
         statuses = status_filter(status)
         if statuses is not None:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
@@ -862,10 +1198,7 @@ class SQLiteStore(StoreBase):
             return
         rows = [_dead_letter_row(r) for r in records]
         async with self._transaction("save_dead_letters") as conn:
-            await conn.executemany(
-                "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            await conn.executemany(_SAVE_DEAD_LETTER, rows)
 
     @override
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
@@ -900,7 +1233,7 @@ class SQLiteStore(StoreBase):
                         error=r[3],
                         attempts=r[4],
                         compensation_errors=r[5],
-                        snapshot=_stored((r[0], r[1], *r[6:]), self.tier),
+                        snapshot=_stored((r[0], r[1], *r[6:12], 0, *r[12:]), self.tier),
                     )
                 )
             except CodecError as exc:
@@ -923,17 +1256,15 @@ class SQLiteStore(StoreBase):
     async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
         if not snapshots:
             return
+        shards = self.shards
         async with self._transaction("save_versions") as conn:
-            await conn.executemany(
-                "INSERT OR IGNORE INTO snapshot_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_snapshot_row(s) for s in snapshots],
-            )
+            await conn.executemany(_KEEP_VERSION, [_snapshot_row(s, shards) for s in snapshots])
 
     @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
         rows = await self._fetchall(
             "SELECT run_id, workflow, workflow_version, version, step, status, updated_at, "
-            "attempt, error, body FROM snapshot_versions WHERE run_id = ? AND version <= ? "
+            "attempt, epoch, error, body FROM snapshot_versions WHERE run_id = ? AND version <= ? "
             "ORDER BY version DESC LIMIT 1",
             [run_id, version],
         )

@@ -26,7 +26,7 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
     from types import TracebackType
 
     from hotstate.actors._snapshot import Transition
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         StoredDeadLetter,
         StoredSnapshot,
     )
+    from hotstate.persistence._shards import Fence
 
 __all__ = ["FINISHED_STATUSES", "Store"]
 
@@ -99,12 +100,29 @@ class Store(Protocol):
       read-only and the call writes, or the backend refused the request (a key
       of another type, a file that is not an SQLite database).
 
+    Ownership (DESIGN.md "Several processes"). Runs map to ``shards`` shards
+    (``shard_of``); the count is recorded in the store at its first ``open``,
+    and a store object given another count refuses to open. Each shard has a
+    *fence* in the store: the newest ``(epoch, owner)`` that sealed it or
+    wrote to it. A fenced ``save`` (``fence=``) writes nothing of a shard
+    whose fence is newer than the writer's epoch, or holds the same epoch for
+    another owner (``fence_verdict``), and reports it in ``SaveResult.fenced``;
+    it raises an older fence to its own in the same transaction or script.
+    ``seal`` raises fences without writing: a new owner seals a shard in every
+    store before it reads the shard's copies, so nothing an older owner writes
+    afterwards lands. Stored copies are ordered by ``(header.epoch,
+    header.version)``: a copy replaces the stored one only when that pair is
+    greater (a newer owner's copy wins over an older owner's whatever the
+    versions; a version of the same owner only over lower ones).
+
     Attributes:
         tier: the tier's name (``"memory"``, ``"sqlite"``, ``"valkey"`` or a
             user-given one), used in errors and statistics.
+        shards: the shard count the store holds runs under (known once open).
     """
 
     tier: str
+    shards: int
 
     async def open(self) -> None:
         """Connect and prepare the schema. Idempotent.
@@ -129,12 +147,14 @@ class Store(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], *, fence: Fence | None = None
+    ) -> SaveResult:
         """Write a batch of snapshots and transitions atomically.
 
         Other readers see all of the batch or none of it. A snapshot is written
-        only when the store holds no snapshot of its run or an older version;
-        otherwise it is stale and skipped. A transition whose
+        only when the store holds no snapshot of its run or an older
+        ``(epoch, version)``; otherwise it is stale and skipped. A transition whose
         ``(run_id, version)`` is already stored, or repeated in the batch, is
         ignored.
 
@@ -164,10 +184,20 @@ class Store(Protocol):
         ahead: that would cost every long flush). The snapshots of a batch
         are always written together, in one call.
 
+        With ``fence``, the fence of each shard the batch writes is checked
+        and written in the same transaction or script as the rows: a shard
+        whose stored fence is newer than ``fence.epochs[shard]`` (or equal,
+        held by another owner), or a shard ``fence.epochs`` does not name,
+        has none of its runs' snapshots or transitions written and is named
+        in ``SaveResult.fenced``; an older or missing fence is raised to the
+        batch's. Without ``fence`` (a single process, memory-only use, a
+        tool) no fence is read or written.
+
         Args:
             snapshots: snapshots in any order; a run may appear more than once
-                (its highest version wins).
+                (its highest ``(epoch, version)`` wins).
             transitions: the transitions to append, in any order.
+            fence: the writer's member id and its epoch per shard.
 
         Returns:
             The counts: each snapshot is either ``written`` or ``stale``
@@ -201,6 +231,26 @@ class Store(Protocol):
             PersistenceError: the backend refused the batch for a reason
                 that is not one run's (e.g. a key every run writes holds
                 another type); nothing was written.
+        """
+        ...
+
+    async def seal(self, fence: Fence) -> dict[int, int]:
+        """Raise each named shard's fence to ``(fence.epochs[shard], fence.owner)`` where it is older.
+
+        A new owner calls it before reading a shard's copies: once it returns,
+        no save under an older epoch writes anything of that shard here.
+        Atomic per shard, idempotent (sealing again at the same epoch by the
+        same owner changes nothing).
+
+        Returns:
+            shard -> the stored fence's epoch, for each shard whose fence is
+            newer than asked, or the same epoch held by another owner: that
+            shard was not sealed, another owner holds it. Empty when every
+            shard was sealed.
+
+        Raises:
+            StoreUnavailableError: the write failed (it may or may not have
+                happened; sealing again is safe).
         """
         ...
 
@@ -248,6 +298,7 @@ class Store(Protocol):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        shards: Collection[int] | None = None,
     ) -> list[RunHeader]:
         """Page through run headers ordered by run id, never reading a body.
 
@@ -256,6 +307,7 @@ class Store(Protocol):
             workflow: keep only runs of this workflow.
             after: the cursor: only run ids strictly greater than this one.
             limit: the page size.
+            shards: keep only runs of these shards (``shard_of``).
 
         Returns:
             Up to ``limit`` headers ordered by run id. Pass the last one's
@@ -277,6 +329,7 @@ class Store(Protocol):
         after: str | None = None,
         limit: int = 1000,
         bad_rows: list[BadRow] | None = None,
+        shards: Collection[int] | None = None,
     ) -> list[StoredSnapshot]:
         """Page through whole stored snapshots (header, error, body) by run id.
 
@@ -296,6 +349,8 @@ class Store(Protocol):
             bad_rows: when given, a malformed stored row is skipped and
                 reported by appending a ``BadRow`` here, instead of raising
                 ``CodecError``.
+            shards: keep only runs of these shards (``shard_of``): how a new
+                owner reads the shards it claimed.
 
         Returns:
             Up to ``limit`` snapshots ordered by run id, bodies as stored.
@@ -554,7 +609,7 @@ def render_id(value: object) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-_HEADER_TYPES: Final[tuple[type | tuple[type, ...], ...]] = (str, str, int, int, int, str, (int, float), int)
+_HEADER_TYPES: Final[tuple[type | tuple[type, ...], ...]] = (str, str, int, int, int, str, (int, float), int, int)
 
 
 def stored_problem(stored: StoredSnapshot, *, header_only: bool = False) -> str | None:
@@ -574,6 +629,7 @@ def stored_problem(stored: StoredSnapshot, *, header_only: bool = False) -> str 
         and type(h.workflow_version) is int
         and type(h.step) is int
         and type(h.attempt) is int
+        and type(h.epoch) is int
         and type(h.run_id) is str
         and type(h.workflow) is str
         and type(h.status) is str
@@ -690,6 +746,7 @@ def snapshot_problem(stored: StoredSnapshot) -> str | None:
         or _int_problem("workflow_version", h.workflow_version)
         or _int_problem("step", h.step)
         or _int_problem("attempt", h.attempt)
+        or _int_problem("epoch", h.epoch)
         or _float_problem("updated_at", h.updated_at)
     )
 

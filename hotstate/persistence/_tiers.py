@@ -14,14 +14,21 @@ import warnings
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
 from hotstate._clock import within
-from hotstate._errors import CodecError, ConfigError, CorruptSnapshotError, PersistenceError, StoreUnavailableError
+from hotstate._errors import (
+    CodecError,
+    ConfigError,
+    CorruptSnapshotError,
+    HotstateError,
+    PersistenceError,
+    StoreUnavailableError,
+)
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister, PersisterStatistics
 from hotstate.persistence._policy import Tier
 from hotstate.persistence._records import decode_snapshot, verifies
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
     import anyio
 
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from hotstate.persistence._codec import Codec
     from hotstate.persistence._listener import TierListener
     from hotstate.persistence._records import BadRow, RunHeader, StoredSnapshot
+    from hotstate.persistence._shards import Fence
     from hotstate.persistence._store import Store
 
 __all__ = ["Tiers"]
@@ -40,6 +48,10 @@ log = logging.getLogger("hotstate.persistence")
 _PAGE = 10_000  # headers per scan page when comparing tiers
 _REPAIR_BATCH = 500  # copies per save when repairing a tier that is behind
 _T = TypeVar("_T")
+
+
+def _no_fence() -> Fence | None:
+    return None
 
 
 @final
@@ -79,6 +91,41 @@ class Tiers:
         self._through = [p for p in self._persisters if p.policy.write_through]
         self.mark = self._fan_out_mark()
         self._state = "new"
+        self._fence: Callable[[], Fence | None] = _no_fence
+
+    def own(
+        self, fence: Callable[[], Fence | None], shard_of: Callable[[str], int], epoch_of: Callable[[str], int]
+    ) -> None:
+        """Write under ownership from now on: every save carries ``fence()``, every copy its shard's epoch."""
+        self._fence = fence
+        self.encoder.epoch_of = epoch_of
+        for p in self._persisters:
+            p.fence = fence
+            p.shard_of = shard_of
+
+    async def seal(self, fence: Fence) -> dict[str, dict[int, int] | str]:
+        """Seal ``fence``'s shards in every tier; per tier, the shards it could not seal, or the error.
+
+        A tier that fails is reported, not raised: the shards are still safe
+        there (its fence is raised by the new owner's first write to it, and
+        copies are ordered by ``(epoch, version)``).
+        """
+        out: dict[str, dict[int, int] | str] = {}
+        for p in self._persisters:
+            try:
+                lost = await p.store.seal(fence)
+            except PersistenceError as exc:
+                log.warning("hotstate: cannot seal shards %s in tier %r yet: %s", sorted(fence.epochs), p.name, exc)
+                out[p.name] = str(exc)
+                continue
+            if lost:
+                out[p.name] = dict(lost)
+        return out
+
+    def drop(self, doomed: Callable[[str], bool], exc: Callable[[str], HotstateError]) -> None:
+        """Drop everything pending of the runs ``doomed`` selects, in every tier (their shard left this process)."""
+        for p in self._persisters:
+            p.drop(doomed, exc)
 
     def _fan_out_mark(self) -> Callable[[Snapshot, Transition], None] | None:
         """The one O(1) call per transition: None when memory-only, the only tier's own ``mark`` when one."""
@@ -441,11 +488,14 @@ class Tiers:
 
     # ------------------------------------------------------------ lineage repair
 
-    async def versions(self, bad_rows: dict[str, list[BadRow]]) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    async def versions(
+        self, bad_rows: dict[str, list[BadRow]], shards: Collection[int] | None = None
+    ) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
         """Every tier's stored version of every run, finished or not, from one paged header scan each.
 
         Args:
             bad_rows: filled with each tier's malformed rows (left out of its versions).
+            shards: only runs of these shards (None: every run).
 
         Returns:
             ``{tier: {run_id: version}}`` for the tiers that could be read, and
@@ -459,7 +509,11 @@ class Tiers:
             try:
                 try:
                     while True:
-                        page = await p.store.scan(after=after, limit=_PAGE)
+                        page = await (
+                            p.store.scan(after=after, limit=_PAGE)
+                            if shards is None
+                            else p.store.scan(after=after, limit=_PAGE, shards=shards)
+                        )
                         for header in page:
                             versions[header.run_id] = header.version
                         if len(page) < _PAGE:
@@ -468,7 +522,7 @@ class Tiers:
                 except CodecError:
                     # A malformed header: read whole rows instead, which skips and
                     # reports it (rare, and slower: bodies come too).
-                    versions = await self._versions_past_bad_rows(p, bad_rows.setdefault(p.name, []))
+                    versions = await self._versions_past_bad_rows(p, bad_rows.setdefault(p.name, []), shards)
             except PersistenceError as exc:
                 errors[p.name] = str(exc)
                 log.error("hotstate: cannot scan tier %r to compare copies: %s", p.name, exc)
@@ -477,11 +531,17 @@ class Tiers:
         return held, errors
 
     @staticmethod
-    async def _versions_past_bad_rows(p: Persister, bad: list[BadRow]) -> dict[str, int]:
+    async def _versions_past_bad_rows(
+        p: Persister, bad: list[BadRow], shards: Collection[int] | None
+    ) -> dict[str, int]:
         versions: dict[str, int] = {}
         after: str | None = None
         while True:
-            page = await p.store.scan_snapshots(after=after, limit=_PAGE, bad_rows=bad)
+            page = await (
+                p.store.scan_snapshots(after=after, limit=_PAGE, bad_rows=bad)
+                if shards is None
+                else p.store.scan_snapshots(after=after, limit=_PAGE, bad_rows=bad, shards=shards)
+            )
             for stored in page:
                 versions[stored.header.run_id] = stored.header.version
             if len(page) < _PAGE:
@@ -514,13 +574,21 @@ class Tiers:
         written = 0
         for i in range(0, len(copies), _REPAIR_BATCH):
             batch = copies[i : i + _REPAIR_BATCH]
-            result = await p.store.save([s for s, _ in batch], [t for _, history in batch for t in history])
+            fence = self._fence()
+            snapshots = [s for s, _ in batch]
+            history = [t for _, history in batch for t in history]
+            if fence is None:
+                result = await p.store.save(snapshots, history)
+            else:
+                result = await p.store.save(snapshots, history, fence=fence)
             if result.reset:  # this save found the loss: the runtime writes what it holds again
                 p.store_was_reset()
             written += result.written
             for stored, _ in batch:
                 rid = stored.header.run_id
-                if rid not in result.conflicts and rid not in result.rejected:  # refused: not there (#11)
+                if (
+                    rid not in result.conflicts and rid not in result.rejected and not result.fenced
+                ):  # refused: not there
                     p.note_stored(rid, stored.header.version)
         return written
 

@@ -7,6 +7,7 @@ from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import Subscription
 from hotstate.runtime._handle import RunHandle
 from hotstate.runtime._loop import run
+from hotstate.runtime._ownership import Location, Ownership, ShardMap
 from hotstate.runtime._recovery import CorruptCopy, RecoveredRun, RecoveryReport
 from hotstate.runtime._registry import ListedRun
 from hotstate.runtime._runtime import Runtime
@@ -17,12 +18,15 @@ __all__ = [
     "CorruptCopy",
     "DeadLetter",
     "ListedRun",
+    "Location",
+    "Ownership",
     "RecoveredRun",
     "RecoveryReport",
     "RestartIntensity",
     "RunHandle",
     "Runtime",
     "RuntimeStatistics",
+    "ShardMap",
     "Subscription",
     "SupervisorStatistics",
     "run",

@@ -44,7 +44,7 @@ from hotstate.runtime._recovery import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
 
     from hotstate.actors import DeadLetter, Workflow
     from hotstate.persistence import BadRow, Codec, StoredSnapshot
@@ -149,8 +149,12 @@ class Adoption:
         self._release_timeout = release_timeout
         self._quarantine: list[tuple[Snapshot, int, int]] = []  # (snapshot, highest, crashes) held back
 
-    async def recover(self) -> RecoveryReport:
+    async def recover(self, shards: Collection[int] | None = None) -> RecoveryReport:
         """Resume every unfinished run found in the tiers; hold their dead letters again.
+
+        Args:
+            shards: only runs of these shards (the ones this process just
+                claimed and sealed); None: every run (ownership off).
 
         Returns:
             What was found and done.
@@ -165,7 +169,7 @@ class Adoption:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            report = await self._recover(t0)
+            report = await self._recover(t0, shards)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -179,7 +183,7 @@ class Adoption:
         )
         return report
 
-    async def reconcile(self) -> Repair:
+    async def reconcile(self, shards: Collection[int] | None = None) -> Repair:
         """Bring every tier that is behind up to the newest verified copy of every run, finished ones included.
 
         A run finished in a fast tier while a slow tier still holds an older,
@@ -190,7 +194,7 @@ class Adoption:
         if len(self._tiers) < 2:
             return Repair({}, [], {})  # one tier is its own newest copy
         malformed: dict[str, list[BadRow]] = {}
-        held, errors = await self._tiers.versions(malformed)
+        held, errors = await self._tiers.versions(malformed, shards)
         corrupt = [
             CorruptCopy(run_id=row.run_id, tier=tier, version=0, reason=f"malformed row: {row.reason}")
             for tier, rows in malformed.items()
@@ -250,11 +254,13 @@ class Adoption:
             log.info("hotstate: tiers behind brought up to the newest verified copies: %s", repaired)
         return Repair(repaired, corrupt, errors)
 
-    async def _recover(self, t0: float) -> RecoveryReport:
-        repair = await self.reconcile()
+    async def _recover(self, t0: float, shards: Collection[int] | None) -> RecoveryReport:
+        repair = await self.reconcile(shards)
         stores = self._tiers.stores
-        snapshots, report = await find_runs(stores, self._codec, self._workflows, concurrency=self._concurrency)
-        letters, bad_letters, letter_errors = await find_dead_letters(stores, self._codec)
+        snapshots, report = await find_runs(
+            stores, self._codec, self._workflows, concurrency=self._concurrency, shards=shards
+        )
+        letters, bad_letters, letter_errors = await find_dead_letters(stores, self._codec, shards)
         failed: list[str] = []
         crash_looped: list[str] = []
         ready: list[RunActor] = []  # resumed, scheduled once their crash counts are durable

@@ -66,6 +66,8 @@ class Lifecycle:
         self._flush_timeout = flush_timeout
         self._stack: AsyncExitStack | None = None
         self.state: State = "new"
+        self.closing: Callable[[], None] | None = None  # told first when shutdown starts
+        self.after_flush: Callable[[], Awaitable[None]] | None = None  # run, shielded, after the final flush
 
     async def start(self, recover: Callable[[], Awaitable[None]] | None = None) -> None:
         """Start every part, then run ``recover`` (the runtime is open while it runs).
@@ -134,12 +136,17 @@ class Lifecycle:
         if self.state != "open":
             return
         self.state = "closing"
+        if self.closing is not None:
+            self.closing()
         left = await self._scheduler.drain(self._shutdown_timeout)
         if left:
             log.warning(
                 "hotstate: %d step(s) still running after %.3g s; cancelling them", left, self._shutdown_timeout
             )
         await self._final_flush()
+        if self.after_flush is not None:
+            with anyio.CancelScope(shield=True):
+                await self.after_flush()
         self._bus.close_all()
         self._scheduler.wake_waiters()  # wait_finished callers raise RuntimeClosedError
 

@@ -21,9 +21,10 @@ from hotstate._errors import CodecError, CorruptSnapshotError, PersistenceError
 from hotstate.actors import TERMINAL_STATUSES, DeadLetter, Snapshot, Status
 from hotstate.actors._snapshot import new_tuple as _new
 from hotstate.persistence._records import decode_dead_letter, decode_snapshot, verifies
+from hotstate.persistence._shards import DEFAULT_SHARDS, shard_of
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Collection, Mapping, Sequence
 
     from hotstate.actors import Workflow
     from hotstate.persistence import BadRow, Codec, Store, StoredSnapshot
@@ -98,8 +99,12 @@ class Choice(NamedTuple):
     error: PersistenceError | None
 
 
-def _newest_first(copy: tuple[str, StoredSnapshot]) -> int:
-    return -copy[1].header.version
+def _newest_first(copy: tuple[str, StoredSnapshot]) -> tuple[int, int]:
+    # Copies are ordered by (epoch, version): a newer owner's copy wins over an
+    # older owner's whatever their versions (a zombie's tail in a tier that
+    # could not be sealed at a takeover has higher versions, an older epoch).
+    header = copy[1].header
+    return -header.epoch, -header.version
 
 
 MAX_CLAIM: Final = 2**62
@@ -152,7 +157,7 @@ def _newest_verified_workflow(copies: Sequence[tuple[str, StoredSnapshot]], code
 def choose_copy(run_id: str, copies: Sequence[tuple[str, StoredSnapshot]], codec: Codec) -> Choice:
     """The one copy-choice rule: the newest copy that verifies wins.
 
-    A version tie goes to the earlier (faster) tier; a copy that does not verify
+    Newest is the highest ``(epoch, version)``. A tie goes to the earlier (faster) tier; a copy that does not verify
     is reported and the next newest is tried; it is never unpickled.
 
     Args:
@@ -239,17 +244,30 @@ class RecoveryReport:
         return out
 
 
-async def _unfinished_copies(store: Store, bad_rows: list[BadRow]) -> dict[str, StoredSnapshot]:
-    """Every unfinished run's stored snapshot in ``store``, in one paged pass; malformed rows go to ``bad_rows``."""
+async def _unfinished_copies(
+    store: Store, bad_rows: list[BadRow], shards: Collection[int] | None
+) -> dict[str, StoredSnapshot]:
+    """Every unfinished run's stored snapshot in ``store`` (of ``shards``), in one paged pass; malformed rows go to ``bad_rows``."""
     found: dict[str, StoredSnapshot] = {}
     after: str | None = None
     while True:
-        page = await store.scan_snapshots(status=_UNFINISHED, after=after, limit=_PAGE, bad_rows=bad_rows)
+        if shards is None:
+            page = await store.scan_snapshots(status=_UNFINISHED, after=after, limit=_PAGE, bad_rows=bad_rows)
+        else:
+            page = await store.scan_snapshots(
+                status=_UNFINISHED, after=after, limit=_PAGE, bad_rows=bad_rows, shards=shards
+            )
         for stored in page:
             found[stored.header.run_id] = stored
         if len(page) < _PAGE:
-            return found
+            break
         after = page[-1].header.run_id
+    if shards is not None:
+        # A stored shard column or index is only where to look: which shard a run is in is
+        # its id's (``shard_of``). An edited column must not hand a run to a second owner.
+        count = getattr(store, "shards", DEFAULT_SHARDS)
+        found = {rid: stored for rid, stored in found.items() if shard_of(rid, count) in shards}
+    return found
 
 
 async def _load_all(
@@ -274,6 +292,7 @@ async def find_runs(
     registered: Mapping[str, Workflow],
     *,
     concurrency: int = 4,
+    shards: Collection[int] | None = None,
 ) -> tuple[list[tuple[Snapshot, int]], RecoveryReport]:
     """Find the best verified snapshot of every unfinished run across ``stores``.
 
@@ -282,6 +301,7 @@ async def find_runs(
         codec: the codec (with the key) that verifies and decodes payloads.
         registered: the registered workflows by name.
         concurrency: chunks loaded at once per tier.
+        shards: only runs of these shards (None: every run).
 
     Returns:
         The snapshots to resume (registered workflows only, unfinished in their
@@ -295,7 +315,7 @@ async def find_runs(
     bad: dict[str, list[BadRow]] = {store.tier: [] for store in stores}
     for store in stores:
         try:
-            per_tier.append(await _unfinished_copies(store, bad[store.tier]))
+            per_tier.append(await _unfinished_copies(store, bad[store.tier], shards))
         except PersistenceError as exc:
             tier_errors[store.tier] = str(exc)
             per_tier.append({})
@@ -371,9 +391,9 @@ async def find_runs(
 
 
 async def find_dead_letters(
-    stores: Sequence[Store], codec: Codec
+    stores: Sequence[Store], codec: Codec, shards: Collection[int] | None = None
 ) -> tuple[dict[str, DeadLetter], list[CorruptCopy], dict[str, str]]:
-    """Every run's newest verified dead letter across ``stores``.
+    """Every run's newest verified dead letter across ``stores`` (of ``shards``, when given).
 
     A run's dead letter may sit in one tier only (a crash between tiers'
     flushes); the copy with the highest snapshot version that verifies wins.
@@ -400,6 +420,9 @@ async def find_dead_letters(
             corrupt.append(
                 CorruptCopy(run_id=row.run_id, tier=f"{store.tier} (dead letter)", version=0, reason=row.reason)
             )
+        if shards is not None:
+            count = getattr(store, "shards", DEFAULT_SHARDS)
+            records = [r for r in records if type(r.run_id) is str and shard_of(r.run_id, count) in shards]
         for record in records:
             version = record.snapshot.header.version
             # Nothing of a record is used before it verifies: a planted one may hold anything.

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
@@ -30,6 +33,7 @@ from hotstate._clock import Clock, SystemClock
 from hotstate._errors import (
     ConfigError,
     CorruptSnapshotError,
+    DurabilityTimeoutError,
     HotstateInternalError,
     RunCancelledError,
     RunFailedError,
@@ -52,14 +56,19 @@ from hotstate.actors import (
     Transition,
     Workflow,
 )
-from hotstate.persistence import Codec, MsgpackCodec, PersisterStatistics, Tier
+from hotstate.persistence import Codec, MemoryStore, MsgpackCodec, PersisterStatistics, SQLiteStore, Tier
+from hotstate.persistence._authority import Authority, MemoryAuthority, process_gone
+from hotstate.persistence._shards import generated_prefix
+from hotstate.persistence._sqlite_authority import SQLiteAuthority, read_shard_map
 from hotstate.runtime._adoption import Adoption, same_definition
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
 from hotstate.runtime._handle import _HANDLE_TOKEN, RunHandle
 from hotstate.runtime._lifecycle import Lifecycle, State
+from hotstate.runtime._ownership import Location, Ownership, ShardManager
 from hotstate.runtime._recovery import choose_copy
 from hotstate.runtime._registry import ListedRun, RunRegistry
+from hotstate.runtime._routing import Router
 from hotstate.runtime._scheduler import Scheduler
 from hotstate.runtime._statistics import RuntimeStatistics
 from hotstate.runtime._supervisor import Supervisor
@@ -74,6 +83,8 @@ if TYPE_CHECKING:
 
 
 __all__ = ["Runtime"]
+
+log = logging.getLogger("hotstate.runtime")
 
 _T = TypeVar("_T")
 
@@ -106,6 +117,33 @@ def _why_unwanted(actor: RunActor, signal: str) -> str:
     if not left:
         return f"no step left (at or after step {s.step}) waits for signal {signal!r}"
     return f"no step left waits for another signal {signal!r}: each of the {left} that do already has one queued"
+
+
+_MEMORY_AUTHORITIES: weakref.WeakKeyDictionary[MemoryStore, MemoryAuthority] = weakref.WeakKeyDictionary()
+
+
+def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority | None:
+    """The authority a runtime with these tiers uses by default, or None (nothing durable to share).
+
+    The first durable SQLite tier's file (processes on one host); else a
+    ``MemoryStore``'s own authority (runtimes sharing it in one process).
+    """
+    durable = [t.store for t in tiers if not t.policy.cache]
+    for store in durable:
+        if isinstance(store, SQLiteStore):
+            return SQLiteAuthority(store.path, shards=shards)
+    for store in durable:
+        if isinstance(store, MemoryStore):
+            held = _MEMORY_AUTHORITIES.get(store)
+            if held is None:
+                held = _MEMORY_AUTHORITIES[store] = MemoryAuthority(shards)
+            return held
+    for store in durable:
+        make = getattr(store, "default_authority", None)
+        if make is not None:
+            authority: Authority = make()
+            return authority
+    return None
 
 
 _MAX_LISTED = 10_000  # list_stored's largest page: each tier reads one page of this many headers
@@ -154,6 +192,15 @@ class Runtime:
             every quarter of this (at least every second, at most every
             minute), costs the runs it evicts, and nothing per step. Default:
             finished runs stay in memory until ``purge_finished``.
+        ownership: how this runtime shares its stores with other processes
+            (DESIGN.md "Several processes"). By default (None), a runtime with
+            a durable tier owns shards of runs under leases and fences: it
+            runs only runs of shards it owns, forwards calls for other shards
+            to their owner, and hands its shards off at shutdown, so several
+            processes (``uvicorn --workers 2``, a rolling deploy) never run a
+            step twice. Alone, it owns every shard. ``Ownership(...)`` tunes it
+            (lease ttl, shard count, authority); False turns it off: then this
+            process must be the only one using its stores.
         max_pending_signals: the most signals one run holds unconsumed;
             ``send`` past it raises ``SignalQueueFullError`` and queues nothing.
             (``send`` already takes only signals a step left will consume, so
@@ -190,6 +237,7 @@ class Runtime:
         crash_limit: int = 3,
         retain_finished: float | None = None,
         max_pending_signals: int = 1_000,
+        ownership: Ownership | bool | None = None,
     ) -> None:
         number("Runtime.shutdown_timeout", shutdown_timeout)
         number("Runtime.flush_timeout", flush_timeout, strict=True)
@@ -260,6 +308,8 @@ class Runtime:
         )
         self._ids = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
+        self._owner: ShardManager | None = None
+        self._router: Router | None = None
         self._lifecycle = Lifecycle(
             self._tiers,
             self._timers,
@@ -268,14 +318,95 @@ class Runtime:
             shutdown_timeout=float(shutdown_timeout),
             flush_timeout=float(flush_timeout),
         )
+        self._set_up_ownership(ownership, tiers)
+
+    def _set_up_ownership(self, ownership: Ownership | bool | None, tiers: Sequence[Tier]) -> None:
+        if ownership is False or (ownership is None and not tiers):
+            return
+        if ownership is True or ownership is None:
+            config = Ownership()
+        elif isinstance(ownership, Ownership):
+            config = ownership
+        else:
+            raise ConfigError("Runtime.ownership", ownership, "must be an Ownership, True, False or None")
+        if not tiers:
+            raise ConfigError("Runtime.ownership", ownership, "a memory-only runtime shares nothing to own")
+        authority = config.authority or _default_authority(tiers, config.shards)
+        if authority is None:
+            if ownership is not None:
+                raise ConfigError(
+                    "Ownership.authority", None, "no tier can be the authority: pass one (e.g. SQLiteAuthority(path))"
+                )
+            log.info("hotstate: no tier can hold leases; this runtime must be the only one on its stores")
+            return
+        router = Router(self, self._registry, self._scheduler, self._tiers, self._adoption, self._codec)
+        owner = ShardManager(config, authority, router)
+        router.owner = owner
+        self._router, self._owner = router, owner
+        self._lifecycle.closing = owner.closing
+        self._lifecycle.after_flush = owner.stop
 
     # ------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Runtime:
-        await self._lifecycle.start(self._recover_runs if self._recover else None)
+        owner = self._owner
+        if owner is None:
+            self._refuse_owned_stores()
+            await self._lifecycle.start(self._recover_runs if self._recover else None)
+        else:
+            await self._lifecycle.start(self._start_owning)
         if self._retain is not None:
             self._retention_tick()
         return self
+
+    def _refuse_owned_stores(self) -> None:
+        """``ownership=False`` on stores other processes hold shards of: refuse, before anything runs.
+
+        Such a runtime would resume and run their runs beside them, and its
+        unfenced writes pass every store's fence.
+        """
+        for store in self._tiers.stores:
+            if not isinstance(store, SQLiteStore) or not Path(store.path).is_file():
+                continue
+            found = read_shard_map(store.path)
+            if found is None:
+                continue
+            leases, members, now = found
+            by_id = {m.member_id: m for m in members}
+            held = [
+                lease
+                for lease in leases
+                if lease.owner is not None
+                and lease.expires_at > now
+                and not ((m := by_id.get(lease.owner)) is not None and process_gone(m))
+            ]
+            if held:
+                raise ConfigError(
+                    "Runtime.ownership",
+                    False,
+                    f"{len(held)} shard(s) of {store.path!r} are held by other processes;"
+                    " a runtime without ownership would run their runs too (use ownership on, the default)",
+                )
+
+    async def _start_owning(self) -> None:
+        """Join, claim, seal and load this process's shards, then keep them (renewals, placement, inbox)."""
+        owner = self._owner
+        assert owner is not None  # noqa: S101 - only called with ownership on
+        try:
+            claimed = await owner.start(self._tiers.stores)
+            self._tiers.own(owner.fence, owner.shard_of, owner.epoch_of)
+            self._scheduler.on_fenced = owner.fenced
+            await owner.take(claimed, resume=self._recover)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await owner.abandon()
+            raise
+        if self.recovery_report is None and self._recover:
+            self.recovery_report = await self._adoption.recover(shards=())  # nothing claimed: an empty report
+        scheduler = self._scheduler
+        scheduler.start_background(owner.run_renewals, "hotstate-lease-renewals")
+        scheduler.start_background(owner.run, "hotstate-shard-placement")
+        scheduler.start_background(owner.run_inbox, "hotstate-inbox")
 
     async def _recover_runs(self) -> None:
         self.recovery_report = report = await self._adoption.recover()
@@ -401,19 +532,38 @@ class Runtime:
         scheduler = self._scheduler
         if scheduler.hold:
             await scheduler.wait_gate()  # backpressure: a tier is over its memory bound
+        owner = self._owner
         if run_id is None:
-            run_id = f"{self._id_prefix}{next(self._ids)}"
+            if owner is None:
+                run_id = f"{self._id_prefix}{next(self._ids)}"
+            else:
+                shard = owner.spawn_shard()
+                if shard is None:  # this process owns no shard (yet): the run starts at an owner
+                    n = next(self._ids)
+                    run_id = f"{generated_prefix(n % owner.shards)}{self._id_prefix}{n}"
+                    self._registered(workflow, name, run_id)
+                    return await self._forward_spawn(name, payload, run_id)
+                run_id = f"{generated_prefix(shard)}{self._id_prefix}{next(self._ids)}"
             wf = self._registered(workflow, name, run_id)
+        elif owner is not None and self._elsewhere("spawn.run_id", run_id):
+            self._registered(workflow, name, run_id)
+            return await self._forward_spawn(name, payload, run_id)
         else:
             held = self._lookup(run_id) is not None
             if not held:
                 run_id = valid_run_id("spawn.run_id", run_id)
             wf = self._registered(workflow, name, run_id)
-            if (
-                held
-                or (len(self._tiers) and await self._adoption.adopt(run_id, expect=wf))
-                or run_id in self._registry.actors  # spawned by a concurrent call while the tiers answered
-            ):
+            adopted = not held and len(self._tiers) and await self._adoption.adopt(run_id, expect=wf)
+            if owner is not None and not held and self._elsewhere("spawn.run_id", run_id):
+                # The shard left this process while the tiers answered: what the lookup
+                # brought in must not stay, and the run starts at its new owner.
+                router = self._router
+                assert router is not None  # noqa: S101 - set with the owner
+                shard = owner.shard_of(run_id)
+                if shard not in owner.owned:
+                    router.evict_shards({shard: 0}, "lost while spawn looked its run up")
+                return await self._forward_spawn(name, payload, run_id)
+            if held or adopted or run_id in self._registry.actors:  # or spawned by a concurrent call meanwhile
                 self._same_definition(run_id, wf)
                 if self._ack:
                     await self._acknowledge(run_id, 1)
@@ -422,6 +572,29 @@ class Runtime:
         if self._ack:
             await self._acknowledge(run_id, 1)
         return RunHandle._new(self, run_id, True)
+
+    async def _forward_spawn(self, name: str, payload: Any, run_id: str) -> RunHandle:
+        """``spawn`` of a run whose shard another process owns: through the shard's inbox."""
+        router = self._router
+        assert router is not None  # noqa: S101 - only with ownership on
+        answer = await router.forward("spawn", run_id, {"workflow": name, "payload": payload})
+        if answer is None:
+            raise DurabilityTimeoutError(
+                "inbox",
+                f"run {run_id!r} is in its shard's inbox, and its owner did not answer within forward_timeout;"
+                " it will start there (spawning the same run_id again is safe)",
+                run_id=run_id,
+            )
+        return RunHandle._new(self, run_id, bool(answer.get("created")))
+
+    async def _spawn_here(self, name: str, payload: Any, run_id: str) -> RunHandle:
+        """``spawn(name, payload, run_id=...)`` for a shard this process owns (an applied inbox entry)."""
+        return await self.spawn(name, payload, run_id=run_id)
+
+    def _elsewhere(self, field: str, run_id: str) -> bool:
+        """With ownership on: is ``run_id``'s shard held by another process (or being handed off)?"""
+        owner = self._owner
+        return owner is not None and not owner.holds(valid_run_id(field, run_id))
 
     def _registered(self, workflow: Workflow | str, name: str, run_id: str) -> Workflow:
         wf = self._workflows.get(name)
@@ -895,6 +1068,35 @@ class Runtime:
             tiers=tuple(self._tiers.statistics()),
             throttle_waits=scheduler.throttle_waits,
             published=self._bus.published,
+            ownership=None if self._owner is None else self._owner.statistics(),
+        )
+
+    async def locate(self, run_id: str) -> Location:
+        """Where is this run, across processes? Its shard, the shard's owner, and its newest copy.
+
+        The owner and epoch come from this process's shard map (refreshed at
+        every lease renewal); the snapshot from memory when this process
+        holds the run, else from the stores (``load``), labelled by ``here``.
+
+        Raises:
+            ConfigError: ``run_id`` is not a valid run id.
+            RunNotFoundError: no such run in memory or in any tier.
+        """
+        run_id = valid_run_id("locate.run_id", run_id)
+        owner = self._owner
+        actor = self._lookup(run_id)
+        snap = actor.snapshot if actor is not None else await self.load(run_id)
+        if owner is None:
+            return Location(run_id=run_id, shard=None, owner=None, epoch=0, expires_at=None, here=True, snapshot=snap)
+        shard, holder, epoch, expires = owner.owner_of(run_id)
+        return Location(
+            run_id=run_id,
+            shard=shard,
+            owner=holder,
+            epoch=epoch,
+            expires_at=None if expires != expires else expires,
+            here=actor is not None,
+            snapshot=snap,
         )
 
     # ------------------------------------------------------- run interaction
@@ -917,13 +1119,27 @@ class Runtime:
                 final snapshot was not durable there within ``ack_timeout``.
             ConfigError: ``run_id`` is not a valid run id.
         """
-        actor = self._actor("wait_finished.run_id", run_id)
+        actor = self._lookup(run_id)
+        router = self._router
+        if actor is None:
+            if router is not None and self._lifecycle.state == "open":
+                owner = self._owner
+                assert owner is not None  # noqa: S101 - set with the router
+                if not owner.holds(valid_run_id("wait_finished.run_id", run_id)):
+                    return await router.follow(run_id)  # held by another process: read its stored copy
+            actor = self._actor("wait_finished.run_id", run_id)
         await self._settled(actor)
+        if actor.evicted and router is not None and self._lifecycle.state == "open":
+            return await router.follow(run_id)  # its shard moved to another process meanwhile
         snap = actor.snapshot
         if snap.status not in TERMINAL_STATUSES:
             raise RuntimeClosedError(f"run {run_id!r} did not finish before the runtime closed")
         if self._ack:
             await self._acknowledge(run_id, snap.version)
+        return self._final(run_id, snap, actor.last_exc)
+
+    def _final(self, run_id: str, snap: Snapshot, cause: BaseException | None) -> Any:
+        """``wait_finished``'s answer for a finished snapshot: its payload, or the error it ended with."""
         if snap.status is Status.done:
             return snap.payload
         if snap.status is Status.cancelled:
@@ -931,7 +1147,7 @@ class Runtime:
         error = snap.error
         if error is None:  # pragma: no cover - failed runs always carry an error
             raise HotstateInternalError(f"run {run_id!r} failed without an error record")
-        raise RunFailedError(run_id, error) from actor.last_exc
+        raise RunFailedError(run_id, error) from cause
 
     async def send(self, run_id: str, signal: str, data: Any = None, *, dedupe_key: str | None = None) -> None:
         """Send a named signal (with data) to a run.
@@ -971,6 +1187,19 @@ class Runtime:
                 snapshot holding the signal was not durable within ``ack_timeout``.
         """
         self._check_open()
+        if dedupe_key is not None:
+            dedupe_key = valid_dedupe_key("send.dedupe_key", dedupe_key)
+        if self._owner is not None and self._elsewhere("send.run_id", run_id):
+            signal = valid_name("send.signal", signal)
+            router = self._router
+            assert router is not None  # noqa: S101 - set with the owner
+            key = dedupe_key if dedupe_key is not None else router.dedupe_key()
+            await router.forward("signal", run_id, {"signal": signal, "data": data, "key": key})
+            return
+        await self._send_here(run_id, signal, data, dedupe_key=dedupe_key)
+
+    async def _send_here(self, run_id: str, signal: str, data: Any = None, *, dedupe_key: str | None = None) -> None:
+        """``send`` to a run of a shard this process owns (or with ownership off)."""
         if dedupe_key is not None:
             dedupe_key = valid_dedupe_key("send.dedupe_key", dedupe_key)
         try:
@@ -1022,6 +1251,15 @@ class Runtime:
                 returns once the run has ended and that is durable).
         """
         self._check_open()
+        if self._owner is not None and self._elsewhere("cancel.run_id", run_id):
+            router = self._router
+            assert router is not None  # noqa: S101 - set with the owner
+            await router.forward("cancel", run_id, {})
+            return
+        await self._cancel_here(run_id)
+
+    async def _cancel_here(self, run_id: str) -> None:
+        """``cancel`` a run of a shard this process owns (or with ownership off)."""
         actor = self._actor("cancel.run_id", run_id)
         status = actor.snapshot.status
         if status in TERMINAL_STATUSES:
@@ -1056,6 +1294,15 @@ class Runtime:
                 retried snapshot was not durable within ``ack_timeout``.
         """
         self._check_open()
+        if self._owner is not None and self._elsewhere("retry_dead_letter.run_id", run_id):
+            router = self._router
+            assert router is not None  # noqa: S101 - set with the owner
+            await router.forward("retry", run_id, {"from_step": from_step})
+            return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
+        return await self._retry_here(run_id, from_step)
+
+    async def _retry_here(self, run_id: str, from_step: int | str | None) -> RunHandle:
+        """``retry_dead_letter`` of a run of a shard this process owns (or with ownership off)."""
         actor = self._actor("retry_dead_letter.run_id", run_id)
         letter = self._supervisor.dead_letters.get(run_id)
         if letter is None:
@@ -1084,7 +1331,7 @@ class Runtime:
 
     async def _settled(self, actor: RunActor) -> None:
         """Wait until ``actor``'s run has ended (or the runtime closes)."""
-        while actor.snapshot.status not in TERMINAL_STATUSES and self._lifecycle.state == "open":
+        while actor.snapshot.status not in TERMINAL_STATUSES and self._lifecycle.state == "open" and not actor.evicted:
             if actor.waiters is None:
                 actor.waiters = anyio.Event()
             await actor.waiters.wait()

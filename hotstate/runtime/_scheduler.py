@@ -42,7 +42,7 @@ from hotstate.persistence._tiers import Tiers
 from hotstate.runtime._timers import TimerHandle
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
     from hotstate._clock import Clock
     from hotstate._errors import CodecError, StaleVersionError
@@ -138,6 +138,10 @@ class Scheduler:
         self._throttled: list[RunActor] = []
         self._gate: anyio.Event | None = None  # spawn waits on it under backpressure
         self.throttle_waits = 0
+        # Ownership: told when a tier's fence refused shards (the ShardManager sets it).
+        self.on_fenced: Callable[[str, Mapping[int, int], Mapping[int, int]], None] | None = None
+        self._suspend: Callable[[RunActor], bool] | None = None  # runs of shards being handed off
+        self._suspended: list[RunActor] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -197,6 +201,9 @@ class Scheduler:
 
     def must_wait(self, actor: RunActor, version: int) -> bool:
         """Park ``actor`` until it may advance past ``version`` (ActorHost)."""
+        if self._suspend is not None and self._suspend(actor):
+            self._suspended.append(actor)  # its shard is being handed off: it stops here
+            return True
         if self._pressured:
             self.throttle_waits += 1
             self._throttled.append(actor)
@@ -319,7 +326,7 @@ class Scheduler:
             self.hold = True
             return
         self._pressured.discard(tier)
-        self.hold = self.tiers.write_through or bool(self._pressured)
+        self.hold = self.tiers.write_through or bool(self._pressured) or self._suspend is not None
         if not self._pressured:
             throttled, self._throttled = self._throttled, []
             for actor in throttled:
@@ -356,6 +363,81 @@ class Scheduler:
             ((a.snapshot, a.history.transitions(a.snapshot.run_id)) for a in self._registry),
             self._supervisor.dead_letters.values(),
         )
+
+    def fenced(self, tier: str, shards: Mapping[int, int], sent: Mapping[int, int]) -> None:
+        """``tier``'s fence refused ``shards`` of a save made at ``sent`` epochs (TierListener)."""
+        if self.on_fenced is not None:
+            self.on_fenced(tier, shards, sent)
+
+    def suspend(self, which: Callable[[RunActor], bool]) -> None:
+        """Stop the runs ``which`` selects at their next step (a hand-off drains their shard); ``resume_suspended`` ends it.
+
+        It uses the write-through gate (``hold``): while no hand-off runs it costs nothing per step.
+        """
+        self._suspend = which
+        self.hold = True
+        ready = self._ready
+        if ready:
+            keep = [a for a in ready if not which(a)]
+            self._suspended.extend(a for a in ready if which(a))
+            for a in self._suspended:
+                a.queued = False
+                a.parked = True
+            ready.clear()
+            ready.extend(keep)
+
+    def resume_suspended(self) -> None:
+        """End ``suspend``: the runs it stopped go on (evicted ones stay out)."""
+        self._suspend = None
+        self.hold = self.tiers.write_through or bool(self._pressured)
+        stopped, self._suspended = self._suspended, []
+        for actor in stopped:
+            if not actor.evicted:
+                self.schedule(actor)
+
+    def evict(self, actors: Collection[RunActor]) -> int:
+        """Take ``actors`` out of this process: their shard left it (design/ownership.md §4.7).
+
+        They leave the ready queue and every index, are never scheduled again
+        (``queued`` stays set, so ``schedule`` returns at once, and ``parked``
+        keeps ``_serve`` from queueing them after a turn), and a step in flight
+        is interrupted (an evicted actor commits nothing more; a compensation
+        in flight finishes, its rows refused by the fence). ``wait_finished``
+        callers wake and follow the run through the stores.
+
+        Returns:
+            How many of them still had a step or compensation running.
+        """
+        ids = {a.snapshot.run_id for a in actors}
+        if not ids:
+            return 0
+        ready = self._ready
+        if ready:
+            keep = [a for a in ready if a.snapshot.run_id not in ids]
+            ready.clear()
+            ready.extend(keep)
+        if self._throttled:
+            self._throttled = [a for a in self._throttled if a.snapshot.run_id not in ids]
+        running = 0
+        registry = self._registry
+        dead = self._supervisor.dead_letters
+        for actor in actors:
+            rid = actor.snapshot.run_id
+            actor.evicted = True
+            actor.queued = True
+            actor.parked = True
+            if actor.running:
+                running += 1
+                if actor.snapshot.status is not Status.compensating:
+                    self.interrupt(actor, "evict")
+            registry.remove(rid)
+            dead.pop(rid, None)
+            self._supervisor.forget(rid)
+            self._turn_errors.pop(rid, None)
+            if actor.waiters is not None:
+                actor.waiters.set()
+                actor.waiters = None
+        return running
 
     async def wait_gate(self) -> None:
         """Wait while any tier is over its memory bound (spawn's backpressure)."""

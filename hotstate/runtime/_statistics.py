@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from hotstate.persistence import PersisterStatistics
+    from hotstate.runtime._ownership import ShardMap
     from hotstate.runtime._supervisor import SupervisorStatistics
 
 __all__ = ["RuntimeStatistics"]
@@ -32,6 +33,7 @@ class RuntimeStatistics:
         tiers: each persistence tier's figures.
         throttle_waits: times a run was parked by backpressure.
         published: transitions delivered to the event bus (0 while nobody subscribes).
+        ownership: the shard map as this process sees it (None: ownership is off).
     """
 
     runs: int
@@ -47,3 +49,4 @@ class RuntimeStatistics:
     tiers: tuple[PersisterStatistics, ...] = ()
     throttle_waits: int = 0
     published: int = 0
+    ownership: ShardMap | None = None

@@ -30,6 +30,7 @@ from hotstate.persistence import (
     Store,
     StoredSnapshot,
     ValkeyStore,
+    shard_of,
 )
 from hotstate.persistence._records import encode_snapshot
 
@@ -79,12 +80,17 @@ def valkey_client(store: Store) -> valkey.Valkey:
 
 def valkey_hset(store: Store, run_id: str, field: str, value: bytes | str) -> None:
     with valkey_client(store) as raw:
-        raw.hset(f"{valkey_prefix(store)}:run:{run_id}", field, value)
+        raw.hset(valkey_store(store).run_key(run_id), field, value)
 
 
 def valkey_prefix(store: Store) -> str:
     assert isinstance(store, ValkeyStore)
     return store.prefix
+
+
+def valkey_store(store: Store) -> ValkeyStore:
+    assert isinstance(store, ValkeyStore)
+    return store
 
 
 @dataclass(frozen=True)
@@ -161,22 +167,24 @@ def valkey_field(name: str, field: str, value: bytes | str, reason: str) -> Plan
 
 def valkey_wrong_type(store: Store, run_id: str) -> None:
     with valkey_client(store) as raw:
-        key = f"{valkey_prefix(store)}:run:{run_id}"
+        key = valkey_store(store).run_key(run_id)
         raw.delete(key)
         raw.rpush(key, "a list, not a hash")
 
 
 def valkey_missing_body(store: Store, run_id: str) -> None:
     with valkey_client(store) as raw:
-        raw.hdel(f"{valkey_prefix(store)}:run:{run_id}", "body")
+        raw.hdel(valkey_store(store).run_key(run_id), "body")
 
 
 def valkey_foreign_member(store: Store, run_id: str) -> None:
     """An index member that is not UTF-8, just after ``run_id`` (the run itself stays good)."""
     with valkey_client(store) as raw:
         member = not_utf8(run_id)
-        for index in ("runs", "status:running"):
-            raw.zadd(f"{valkey_prefix(store)}:{index}", {member: 0})
+        vs = valkey_store(store)
+        shard = shard_of(run_id, vs.shards)  # the index of the run's shard (layout 2)
+        for index in (("runs",), ("status", "running")):
+            raw.zadd(vs.shard_key(shard, *index), {member: 0})
 
 
 PLANTS = [
@@ -336,7 +344,7 @@ async def test_valkey_paging_reads_past_index_members_that_are_not_utf8_and_runs
         for run_id in ("p03", "p04", "p05", "p11"):
             valkey_foreign_member(store, run_id)
         with valkey_client(store) as raw:  # in the index, but the hash is gone: not stored
-            raw.delete(*(f"{valkey_prefix}:run:{r}" for r in ("p06", "p07", "p08")))
+            raw.delete(*(store.run_key(r) for r in ("p06", "p07", "p08")))
 
         bad: list[BadRow] = []
         seen: list[str] = []

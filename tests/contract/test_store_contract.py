@@ -21,6 +21,7 @@ from hotstate import (
     TransitionKind,
 )
 from hotstate.persistence import (
+    DEFAULT_SHARDS,
     Codec,
     JsonCodec,
     PickleCodec,
@@ -30,6 +31,7 @@ from hotstate.persistence import (
     StoredDeadLetter,
     StoredSnapshot,
     ValkeyStore,
+    shard_of,
 )
 from hotstate.persistence._records import (
     decode_snapshot,
@@ -570,10 +572,11 @@ def test_sqlite_rejects_unknown_synchronous_mode(tmp_path: Path) -> None:
 
 async def test_valkey_batch_with_a_wrong_type_key_rejects_that_run_alone(valkey_url: str, valkey_prefix: str) -> None:
     with valkey.Valkey.from_url(valkey_url) as raw:
-        raw.set(f"{valkey_prefix}:hist:poison", "not a hash")
+        raw.set(f"{valkey_prefix}:{{{shard_of('poison', DEFAULT_SHARDS)}}}:hist:poison", "not a hash")
     async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
         result = await store.save([stored("a", 1), stored("b", 1)], [trans("a", 1), trans("poison", 1)])
-        assert result.rejected == {"poison": f"key {valkey_prefix}:hist:poison is a string, not a hash"}
+        key = store.run_key("poison", "hist")
+        assert result.rejected == {"poison": f"key {key} is a string, not a hash"}
         assert (result.written, result.transitions) == (2, 1)
         assert set(await store.load_many(["a", "b"])) == {"a", "b"}
         assert [t.version for t in await store.history("a")] == [1]

@@ -32,6 +32,7 @@ from hotstate.persistence import (
     StoredDeadLetter,
     StoredSnapshot,
     ValkeyStore,
+    shard_of,
 )
 from hotstate.persistence._store import CALL_BYTES, CALL_TRANSITIONS, TRANSACTION_TRANSITIONS
 
@@ -148,7 +149,7 @@ async def plant_version(store: Store, run_id: str, version: int) -> None:
     elif isinstance(store, ValkeyStore):
         await store.save([stored(run_id, 1)], [])
         with valkey.Valkey.from_url(store.url) as raw:
-            raw.hset(f"{store.prefix}:run:{run_id}", "version", str(version))
+            raw.hset(store.run_key(run_id), "version", str(version))
     else:
         assert isinstance(store, MemoryStore)
         await store.save([stored(run_id, version)], [])
@@ -249,7 +250,7 @@ async def test_valkey_a_run_key_of_another_type_rejects_that_run_and_leaves_the_
 ) -> None:
     async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
         await store.save([stored("bad", 1), stored("ok", 1)], [trans("bad", 1), trans("ok", 1)])
-        full = f"{valkey_prefix}:{key}"
+        full = store.run_key("bad", key.split(":")[0])
         with valkey.Valkey.from_url(valkey_url) as raw:
             raw.delete(full)
             plant(raw, full)  # type: ignore[operator]
@@ -260,7 +261,9 @@ async def test_valkey_a_run_key_of_another_type_rejects_that_run_and_leaves_the_
         await assert_written(store, "ok", 2, [1, 2])
         with valkey.Valkey.from_url(valkey_url) as raw:
             assert raw.dump(full) == before  # nothing was written into it
-            assert raw.zscore(f"{valkey_prefix}:status:running", "bad") is not None  # its index is as it was
+            assert (
+                raw.zscore(store.shard_key(shard_of("bad", store.shards), "status", "running"), "bad") is not None
+            )  # its index is as it was
 
 
 def raw_type(url: str, key: str) -> str:
@@ -275,8 +278,11 @@ async def test_valkey_an_index_key_of_another_type_rejects_only_the_runs_that_wr
     async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
         await store.save([stored("stays", status="waiting"), stored("leaves", status="waiting")], [])
         with valkey.Valkey.from_url(valkey_url) as raw:
-            raw.delete(f"{valkey_prefix}:status:waiting")
-            raw.set(f"{valkey_prefix}:status:waiting", "not a sorted set")
+            # Layout 2 keeps one index per shard: plant the bad key in the shard of every run below.
+            for rid in ("w", "leaves", "stays"):
+                key = store.shard_key(shard_of(rid, store.shards), "status", "waiting")
+                raw.delete(key)
+                raw.set(key, "not a sorted set")
         result = await store.save(
             [
                 stored("w", status="waiting"),  # new in that status: its ZADD would fail

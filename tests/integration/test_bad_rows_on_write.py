@@ -41,11 +41,11 @@ from hotstate import (
     Workflow,
 )
 from hotstate.actors import _actor, _snapshot
-from hotstate.persistence import FlushPolicy, SQLiteStore, ValkeyStore
+from hotstate.persistence import DEFAULT_SHARDS, FlushPolicy, SQLiteStore, ValkeyStore, shard_of
 from hotstate.persistence._tiers import Tiers
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
 GUARD = 20  # seconds; a hang guard only
@@ -107,6 +107,9 @@ class Recorder:
 
     def reset(self, tier: str) -> None:
         pass
+
+    def fenced(self, tier: str, shards: Mapping[int, int], sent: Mapping[int, int]) -> None:
+        """Nothing here is fenced."""
 
 
 def step(run_id: str, version: int) -> tuple[Snapshot, Transition]:
@@ -251,7 +254,9 @@ async def test_a_planted_version_at_the_top_of_the_range_is_replaced_and_blocks_
             await rt.spawn(SIGNAL, {"n": 0}, run_id=rid)
         await wait_until(lambda: all(rt.get(rid).status is Status.waiting for rid in [*good, "bad"]))
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE runs SET version = ? WHERE run_id = 'bad'", ((1 << 63) - 1,))
+        # The epoch as well: copies are ordered by (epoch, version), so only a forged copy
+        # that also claims a newer owner's epoch keeps the next owner's writes out.
+        conn.execute("UPDATE runs SET version = ?, epoch = ? WHERE run_id = 'bad'", ((1 << 63) - 1, (1 << 63) - 1))
     conn.close()
     _vk, _sq, tiers = tiers_for(valkey_url, valkey_prefix, db)
     async with Runtime([SIGNAL], tiers=tiers, recover=True) as rt:
@@ -318,7 +323,7 @@ async def test_a_valkey_key_of_the_wrong_type_fails_its_run_alone_and_the_other_
     may finish first: then it stays done, and waiting for it in Valkey raises the refusal."""
     db = tmp_path / "runs.db"
     good = ids("sig")
-    planted = f"{valkey_prefix}:{key}:bad"
+    planted = f"{valkey_prefix}:{{{shard_of('bad', DEFAULT_SHARDS)}}}:{key}:bad"  # layout 2: the run's shard tag
     vk = ValkeyStore(valkey_url, prefix=valkey_prefix, socket_timeout=2.0)
     tiers = [
         Tier(vk, FlushPolicy.through() if through else FlushPolicy(interval=0.01)),

@@ -26,9 +26,20 @@ import pytest
 import valkey
 
 from hotstate import Status, Transition, TransitionKind
-from hotstate.persistence import RunHeader, SQLiteStore, Store, StoredSnapshot, ValkeyStore
+from hotstate.persistence import DEFAULT_SHARDS, RunHeader, SQLiteStore, Store, StoredSnapshot, ValkeyStore, shard_of
 from hotstate.persistence._records import transition_from_json
 from hotstate.persistence._store import CALL_TRANSITIONS, TRANSACTION_TRANSITIONS
+
+
+def vkey(prefix: str, run_id: str, kind: str = "run") -> str:
+    """A run's Valkey key of ``kind`` (layout 2: each run's keys carry its shard's hash tag)."""
+    return f"{prefix}:{{{shard_of(run_id, DEFAULT_SHARDS)}}}:{kind}:{run_id}"
+
+
+def skey(prefix: str, run_id: str, *parts: str) -> str:
+    """A key of ``run_id``'s shard: its dead letters, its status and workflow indexes."""
+    return ":".join((prefix, f"{{{shard_of(run_id, DEFAULT_SHARDS)}}}", *parts))
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,7 +104,7 @@ async def test_a_200k_transition_history_never_holds_other_valkey_clients_off_fo
         async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
             probe = await save_under_probe(store, pinger.ping)
             assert probe.longest < BOUND, f"a PING waited {probe.longest * 1000:.0f} ms"
-        key = f"{valkey_prefix}:hist:long"
+        key = vkey(valkey_prefix, "long", "hist")
         assert pinger.hlen(key) == N
         first, last = pinger.hmget(key, ["1", str(N)])
         assert first is not None

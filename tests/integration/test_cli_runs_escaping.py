@@ -26,8 +26,19 @@ import valkey
 
 from hotstate import ErrorInfo, Snapshot, Status, Transition, TransitionKind
 from hotstate._cli._safe import printable
-from hotstate.persistence import JsonCodec, SQLiteStore, StoredDeadLetter, ValkeyStore
+from hotstate.persistence import DEFAULT_SHARDS, JsonCodec, SQLiteStore, StoredDeadLetter, ValkeyStore, shard_of
 from hotstate.persistence._records import encode_snapshot, error_to_json, errors_to_json
+
+
+def vkey(prefix: str, run_id: str, kind: str = "run") -> str:
+    """A run's Valkey key of ``kind`` (layout 2: each run's keys carry its shard's hash tag)."""
+    return f"{prefix}:{{{shard_of(run_id, DEFAULT_SHARDS)}}}:{kind}:{run_id}"
+
+
+def skey(prefix: str, run_id: str, *parts: str) -> str:
+    """A key of ``run_id``'s shard: its dead letters, its status and workflow indexes."""
+    return ":".join((prefix, f"{{{shard_of(run_id, DEFAULT_SHARDS)}}}", *parts))
+
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -238,9 +249,9 @@ def test_a_raw_status_and_transition_kind_in_sqlite_are_escaped(db: Path) -> Non
 
 def test_raw_valkey_fields_are_escaped(valkey_url: str, vk: list[str], valkey_prefix: str) -> None:
     with valkey.Valkey.from_url(valkey_url) as client:
-        client.hset(f"{valkey_prefix}:run:plain-1", "status", "done" + NASTY)
-        client.hset(f"{valkey_prefix}:run:plain-1", "workflow", "wf" + NASTY)
-        client.hset(f"{valkey_prefix}:hist:plain-1", "2", "not json" + NASTY)
+        client.hset(vkey(valkey_prefix, "plain-1"), "status", "done" + NASTY)
+        client.hset(vkey(valkey_prefix, "plain-1"), "workflow", "wf" + NASTY)
+        client.hset(vkey(valkey_prefix, "plain-1", "hist"), "2", "not json" + NASTY)
     status, out, err = runs(*vk, "list")
     assert status in (0, 1)
     if status == 0:

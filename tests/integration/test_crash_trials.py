@@ -143,7 +143,7 @@ async def test_control_without_reconciling_the_tiers_finished_orders_come_back_a
     # As before #10: recovery and purge_finished compare no tiers, so SQLite keeps its
     # stale parked copies of orders that finished in Valkey, and they come back
     # (11 of the 11 finished orders of seed 3 at 6c55973).
-    async def no_repair(self: Adoption) -> Repair:
+    async def no_repair(self: Adoption, shards: object = None) -> Repair:
         return Repair({}, [], {})
 
     monkeypatch.setattr(Adoption, "reconcile", no_repair)

@@ -40,6 +40,7 @@ from hotstate import (
     Workflow,
 )
 from hotstate.persistence import (
+    DEFAULT_SHARDS,
     SECRET_KEY_ENV,
     FlushPolicy,
     MsgpackCodec,
@@ -48,8 +49,20 @@ from hotstate.persistence import (
     StoredDeadLetter,
     StoredSnapshot,
     ValkeyStore,
+    shard_of,
 )
 from hotstate.persistence._records import snapshot_context
+
+
+def vkey(prefix: str, run_id: str, kind: str = "run") -> str:
+    """A run's Valkey key of ``kind`` (layout 2: each run's keys carry its shard's hash tag)."""
+    return f"{prefix}:{{{shard_of(run_id, DEFAULT_SHARDS)}}}:{kind}:{run_id}"
+
+
+def skey(prefix: str, run_id: str, *parts: str) -> str:
+    """A key of ``run_id``'s shard: its dead letters, its status and workflow indexes."""
+    return ":".join((prefix, f"{{{shard_of(run_id, DEFAULT_SHARDS)}}}", *parts))
+
 
 KEY = "envelope-attack-key"
 GUARD = 10.0
@@ -142,7 +155,7 @@ async def plant(tier: str, url: str, prefix: str, db: Path, run_id: str, fields:
         return
     raw = avalkey.Valkey.from_url(url)
     try:
-        await raw.hset(f"{prefix}:run:{run_id}", mapping=fields)
+        await raw.hset(vkey(prefix, run_id), mapping=fields)
     finally:
         await raw.aclose()
 
@@ -375,11 +388,11 @@ async def test_runs_retry_never_takes_the_step_from_a_forged_dead_letter(
     await failed_run(valkey_url, valkey_prefix, db)
     raw = avalkey.Valkey.from_url(valkey_url)
     try:
-        meta = json.loads(await raw.hget(f"{valkey_prefix}:dead", "dan"))
+        meta = json.loads(await raw.hget(skey(valkey_prefix, "dan", "dead"), "dan"))
         error = json.loads(meta["error"])
         error["step"] = 0  # resume at `charge`: charge the customer again
         meta["error"], meta["at"] = json.dumps(error), meta["at"] + 10**6  # and be the newest letter
-        await raw.hset(f"{valkey_prefix}:dead", "dan", json.dumps(meta))
+        await raw.hset(skey(valkey_prefix, "dan", "dead"), "dan", json.dumps(meta))
     finally:
         await raw.aclose()
     stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
@@ -406,9 +419,9 @@ async def test_runs_retry_refuses_when_only_forged_letters_remain(
     conn.close()
     raw = avalkey.Valkey.from_url(valkey_url)
     try:
-        meta = json.loads(await raw.hget(f"{valkey_prefix}:dead", "dan"))
+        meta = json.loads(await raw.hget(skey(valkey_prefix, "dan", "dead"), "dan"))
         meta["error"] = meta["error"].replace('"step":1', '"step":-1')
-        await raw.hset(f"{valkey_prefix}:dead", "dan", json.dumps(meta))
+        await raw.hset(skey(valkey_prefix, "dan", "dead"), "dan", json.dumps(meta))
     finally:
         await raw.aclose()
     stores = ["--sqlite", str(db), "--valkey-url", valkey_url, "--prefix", valkey_prefix]
@@ -495,8 +508,8 @@ async def test_a_planted_dead_letter_of_the_wrong_shape_never_stops_recovery(
     meta |= {"compensation_errors": "[]", "header": header, "snapshot_error": None}
     raw = avalkey.Valkey.from_url(valkey_url)
     try:
-        await raw.hset(f"{valkey_prefix}:dead", "x", json.dumps(meta))
-        await raw.hset(f"{valkey_prefix}:dead:body", "x", b"junk")
+        await raw.hset(skey(valkey_prefix, "x", "dead"), "x", json.dumps(meta))
+        await raw.hset(skey(valkey_prefix, "x", "dead", "body"), "x", b"junk")
     finally:
         await raw.aclose()
     rt, report = await recover(valkey_url, valkey_prefix, db)
@@ -544,8 +557,8 @@ async def test_one_malformed_dead_letter_never_hides_the_others(
     if tier == "valkey":
         raw = avalkey.Valkey.from_url(valkey_url)
         try:
-            await raw.hset(f"{valkey_prefix}:dead", "zz", "[1, 2]")
-            await raw.hset(f"{valkey_prefix}:dead:body", "zz", b"junk")
+            await raw.hset(skey(valkey_prefix, "zz", "dead"), "zz", "[1, 2]")
+            await raw.hset(skey(valkey_prefix, "zz", "dead", "body"), "zz", b"junk")
         finally:
             await raw.aclose()
     else:
@@ -645,7 +658,8 @@ async def test_a_forged_newer_version_on_a_live_run_never_fails_it(
     db = tmp_path / "runs.db"
     await setup(valkey_url, valkey_prefix, db)
     async with Runtime([ORDER, REFUND], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
-        await plant(tier, valkey_url, valkey_prefix, db, "bob", {"version": 1000})
+        # The epoch too: copies are ordered by (epoch, version), and a newer owner's epoch is what wins.
+        await plant(tier, valkey_url, valkey_prefix, db, "bob", {"version": 1000, "epoch": 1000})
         await rt.send("bob", "go")
         with anyio.fail_after(GUARD):
             assert (await rt.wait_finished("bob"))["shipped"] is True
@@ -672,12 +686,12 @@ async def test_a_genuine_newer_copy_from_another_writer_is_obeyed_never_deleted(
     await setup(valkey_url, valkey_prefix, db)
     async with Runtime([ORDER, REFUND], tiers=tiers(valkey_url, valkey_prefix, db), recover=True) as rt:
         bob = await read(tier, valkey_url, valkey_prefix, db, "bob")
-        theirs = bob.header._replace(version=1000)
+        theirs = bob.header._replace(version=1000, epoch=1000)  # a newer owner's copy (its epoch is higher)
         body = MsgpackCodec().encode(
             {"payload": {"customer": "bob", "amount": 20, "by": "the other writer"}, "signals": []},
             context=snapshot_context(theirs, bob.error),
         )
-        await plant(tier, valkey_url, valkey_prefix, db, "bob", {"version": 1000, "body": body})
+        await plant(tier, valkey_url, valkey_prefix, db, "bob", {"version": 1000, "epoch": 1000, "body": body})
         await rt.send("bob", "go")
         with anyio.fail_after(GUARD):
             # Under write-behind the step may finish before the flush meets the conflict

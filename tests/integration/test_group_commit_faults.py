@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from hotstate.actors import Transition
-    from hotstate.persistence import SaveResult, StoredSnapshot
+    from hotstate.persistence import Fence, SaveResult, StoredSnapshot
 
 GUARD = 10  # seconds; a hang guard only
 ACK = 2.0  # ack_timeout, on the ManualClock
@@ -176,11 +176,13 @@ class HungStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], *, fence: Fence | None = None
+    ) -> SaveResult:
         if not self.release.is_set():
             self.blocked += 1
             await self.release.wait()
-        return await self.inner.save(snapshots, transitions)
+        return await self.inner.save(snapshots, transitions, fence=fence)
 
 
 async def test_a_save_that_never_returns_times_out_every_waiter_and_nothing_hangs(tmp_path: Path) -> None:
@@ -249,8 +251,10 @@ class LostAckStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
-        result = await self.inner.save(snapshots, transitions)
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], *, fence: Fence | None = None
+    ) -> SaveResult:
+        result = await self.inner.save(snapshots, transitions, fence=fence)
         if self.failures:
             self.failures -= 1
             self.committed_then_failed.append(len(snapshots))

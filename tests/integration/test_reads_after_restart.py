@@ -39,7 +39,18 @@ from hotstate import (
     Tier,
     Workflow,
 )
-from hotstate.persistence import EmbeddedValkey, PickleCodec, SQLiteStore, ValkeyStore
+from hotstate.persistence import DEFAULT_SHARDS, EmbeddedValkey, PickleCodec, SQLiteStore, ValkeyStore, shard_of
+
+
+def vkey(prefix: str, run_id: str, kind: str = "run") -> str:
+    """A run's Valkey key of ``kind`` (layout 2: each run's keys carry its shard's hash tag)."""
+    return f"{prefix}:{{{shard_of(run_id, DEFAULT_SHARDS)}}}:{kind}:{run_id}"
+
+
+def skey(prefix: str, run_id: str, *parts: str) -> str:
+    """A key of ``run_id``'s shard: its dead letters, its status and workflow indexes."""
+    return ":".join((prefix, f"{{{shard_of(run_id, DEFAULT_SHARDS)}}}", *parts))
+
 
 if TYPE_CHECKING:
     from hotstate.runtime._registry import ListedRun
@@ -211,7 +222,7 @@ async def test_a_corrupt_newest_copy_in_valkey_falls_back_to_sqlite_and_is_never
     frame[10] ^= 0x01  # inside the digest
     raw = avalkey.Valkey.from_url(valkey_url)
     try:
-        await raw.hset(f"{valkey_prefix}:run:x", mapping={"body": bytes(frame), "version": good.version + 50})
+        await raw.hset(vkey(valkey_prefix, "x"), mapping={"body": bytes(frame), "version": good.version + 50})
     finally:
         await raw.aclose()
     async with Runtime([ORDER], tiers=tiers(valkey_url, valkey_prefix, db)) as rt:

@@ -25,13 +25,26 @@ import valkey.asyncio as avalkey
 
 from hotstate import Runtime, Status, Step, StepContext, Tier, Workflow
 from hotstate.persistence import (
+    DEFAULT_SHARDS,
     SECRET_KEY_ENV,
     FlushPolicy,
     PickleCodec,
     SQLiteStore,
     ValkeyStore,
+    shard_of,
 )
 from hotstate.persistence._records import decode_snapshot
+
+
+def vkey(prefix: str, run_id: str, kind: str = "run") -> str:
+    """A run's Valkey key of ``kind`` (layout 2: each run's keys carry its shard's hash tag)."""
+    return f"{prefix}:{{{shard_of(run_id, DEFAULT_SHARDS)}}}:{kind}:{run_id}"
+
+
+def skey(prefix: str, run_id: str, *parts: str) -> str:
+    """A key of ``run_id``'s shard: its dead letters, its status and workflow indexes."""
+    return ":".join((prefix, f"{{{shard_of(run_id, DEFAULT_SHARDS)}}}", *parts))
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -151,7 +164,7 @@ async def plant(tier: str, url: str, prefix: str, db: Path, fields: dict[str, An
         return
     raw = avalkey.Valkey.from_url(url)
     try:
-        await raw.hset(f"{prefix}:run:r1", mapping=fields)
+        await raw.hset(vkey(prefix, "r1"), mapping=fields)
     finally:
         await raw.aclose()
 

@@ -31,8 +31,19 @@ from hotstate import (
     TransitionKind,
     Workflow,
 )
-from hotstate.persistence import EmbeddedValkey, FlushPolicy, SQLiteStore, ValkeyStore
+from hotstate.persistence import DEFAULT_SHARDS, EmbeddedValkey, FlushPolicy, SQLiteStore, ValkeyStore, shard_of
 from hotstate.persistence._records import decode_snapshot
+
+
+def vkey(prefix: str, run_id: str, kind: str = "run") -> str:
+    """A run's Valkey key of ``kind`` (layout 2: each run's keys carry its shard's hash tag)."""
+    return f"{prefix}:{{{shard_of(run_id, DEFAULT_SHARDS)}}}:{kind}:{run_id}"
+
+
+def skey(prefix: str, run_id: str, *parts: str) -> str:
+    """A key of ``run_id``'s shard: its dead letters, its status and workflow indexes."""
+    return ":".join((prefix, f"{{{shard_of(run_id, DEFAULT_SHARDS)}}}", *parts))
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -233,7 +244,7 @@ async def plant_corrupt_valkey_copy(url: str, prefix: str, run_id: str, version:
     """Flip the last byte of the run's body in Valkey and claim ``version``, with a raw client."""
     raw = avalkey.Valkey.from_url(url)
     try:
-        key = f"{prefix}:run:{run_id}"
+        key = vkey(prefix, run_id)
         body = bytearray(await raw.hget(key, "body"))
         body[-1] ^= 0xFF
         await raw.hset(key, mapping={"body": bytes(body), "version": str(version)})
@@ -480,10 +491,10 @@ async def test_flush_waits_for_a_flush_already_in_flight(
     entered, release = anyio.Event(), anyio.Event()
     save = sq.save
 
-    async def held_save(snapshots: Any, transitions: Any) -> Any:
+    async def held_save(snapshots: Any, transitions: Any, **kw: Any) -> Any:
         entered.set()
         await release.wait()
-        return await save(snapshots, transitions)
+        return await save(snapshots, transitions, **kw)
 
     monkeypatch.setattr(sq, "save", held_save)
     async with Runtime([LINEAR], tiers=tiers) as rt:

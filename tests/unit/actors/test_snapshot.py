@@ -191,4 +191,5 @@ def test_field_orders_that_positional_construction_relies_on_are_pinned():
         "status",
         "updated_at",
         "attempt",
+        "epoch",
     )

@@ -47,9 +47,9 @@ from hotstate.persistence._tiers import Tiers
 from hotstate.testing import ManualClock, checkpoint_until
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 
-    from hotstate.persistence import BadRow, RunHeader, StoredDeadLetter
+    from hotstate.persistence import BadRow, Fence, RunHeader, StoredDeadLetter
 
 CODEC = PickleCodec(b"k" * 32)
 
@@ -109,6 +109,7 @@ class Recorder:
         self.codec_errors: list[tuple[str, CodecError]] = []
         self.conflicts: list[tuple[str, StaleVersionError]] = []
         self.resets: list[str] = []
+        self.fenced_shards: list[dict[int, int]] = []
 
     def durable(self, item: Any) -> None:
         self.durables.append(item)
@@ -125,6 +126,9 @@ class Recorder:
     def reset(self, tier: str) -> None:
         self.resets.append(tier)
 
+    def fenced(self, tier: str, shards: Mapping[int, int], sent: Mapping[int, int]) -> None:
+        self.fenced_shards.append(dict(shards))
+
 
 class ScriptedStore(StoreBase):
     """A MemoryStore behind a script: failing saves, a reported reset, a hook inside ``save``.
@@ -140,6 +144,7 @@ class ScriptedStore(StoreBase):
     def __init__(self, tier: str = "scripted") -> None:
         self.tier = tier
         self.inner = MemoryStore(tier=tier)
+        self.shards = self.inner.shards
         self.calls: list[str] = []
         self.fail_saves = 0
         self.fail_at_save: int | None = None
@@ -156,7 +161,9 @@ class ScriptedStore(StoreBase):
         await self.inner.aclose()
         self._opened = False
 
-    async def save(self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> SaveResult:
+    async def save(
+        self, snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition], *, fence: Fence | None = None
+    ) -> SaveResult:
         self.save_calls += 1
         self.calls.append("save")
         if self.during_save is not None:
@@ -186,6 +193,9 @@ class ScriptedStore(StoreBase):
             )
         return result
 
+    async def seal(self, fence: Fence) -> dict[int, int]:
+        return await self.inner.seal(fence)
+
     async def load(self, run_id: str) -> StoredSnapshot | None:
         return await self.inner.load(run_id)
 
@@ -204,8 +214,9 @@ class ScriptedStore(StoreBase):
         workflow: str | None = None,
         after: str | None = None,
         limit: int = 1000,
+        shards: Collection[int] | None = None,
     ) -> list[RunHeader]:
-        return await self.inner.scan(status=status, workflow=workflow, after=after, limit=limit)
+        return await self.inner.scan(status=status, workflow=workflow, after=after, limit=limit, shards=shards)
 
     async def scan_snapshots(
         self,
@@ -215,9 +226,10 @@ class ScriptedStore(StoreBase):
         after: str | None = None,
         limit: int = 1000,
         bad_rows: list[BadRow] | None = None,
+        shards: Collection[int] | None = None,
     ) -> list[StoredSnapshot]:
         return await self.inner.scan_snapshots(
-            status=status, workflow=workflow, after=after, limit=limit, bad_rows=bad_rows
+            status=status, workflow=workflow, after=after, limit=limit, bad_rows=bad_rows, shards=shards
         )
 
     async def history(self, run_id: str) -> list[Transition]:

@@ -8,7 +8,7 @@ detail holds a lone surrogate, and a snapshot whose version is past 64 bits
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -20,6 +20,9 @@ from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._persister import Persister
 from hotstate.persistence._tiers import Tiers
 from hotstate.testing import ManualClock
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 CODEC = PickleCodec(b"k" * 32)
 BIG = 1 << 63
@@ -54,6 +57,9 @@ class Recorder:
 
     def reset(self, tier: str) -> None:
         raise AssertionError("no reset expected")
+
+    def fenced(self, tier: str, shards: Mapping[int, int], sent: Mapping[int, int]) -> None:
+        """Nothing here is fenced."""
 
 
 def persister(store: MemoryStore, listener: Recorder, policy: FlushPolicy | None = None) -> Persister:

@@ -1,0 +1,790 @@
+"""A worker process of the ownership scenarios, and the parent's handle on it (DESIGN.md "Several processes").
+
+``python -m hotstate._bench._owner_worker CONFIG`` (CONFIG: a ``WorkerConfig``
+as JSON) runs a ``Runtime`` with tiers [Valkey, SQLite] (SQLite alone when no
+Valkey URL is given), shard ownership with short timing and ``recover=True``.
+Its first line on stdout is a JSON object: the loopback port of its control
+server, its pid (as the parent sees it, also inside its own pid namespace),
+its member id. Then the control server takes one JSON command per line
+(``{"op": "spawn", ...}``) and answers each with ``{"ok": result}`` or
+``{"error": type name, "message": text}``. SIGTERM is a graceful shutdown:
+the control server closes, the ``async with`` is left (drain, flush, release
+every shard), and the process exits 0.
+
+Workflows (steps sleep a little, so a few workers stay light on 2 cores):
+
+- ``plain``: ``steps`` steps that sleep ``step_sleep``;
+- ``signalled``: one such step, then ``waits`` times a step waiting for the
+  signal ``sig`` and a sleeping step; the final payload lists the ids of the
+  signals received (``payload["signals"]``);
+- ``held``: one sleeping step, then a step waiting for ``never`` (it only
+  ends cancelled);
+- ``w1``: the W1 workflow of ``w1_steps`` steps (``_w1.py``), no ledger (throughput).
+
+Every step of the first three appends one JSON line to the process's ledger
+(opened ``O_APPEND``, one ``write`` per line below ``PIPE_BUF``, so lines of
+concurrent writers never mix): ``key`` (the idempotency key), ``run``,
+``step``, ``version`` (the snapshot version it started from), ``shard``,
+``epoch`` (the shard's epoch here, 0 when not owned: a zombie), ``pid``,
+``member``, ``t`` (wall time). It also appends ``[step, pid, t, epoch]`` to
+``payload["trail"]``, so every stored copy names who executed each step of its
+lineage.
+
+The parent's side: ``WorkerProcess`` (start, call, signal, wait one worker),
+``Cluster`` (workers on one SQLite file and Valkey prefix, the faults sent to
+them, their shard map) and ``LeaseWatch`` (the lease table read every 50 ms:
+where each lease that lapsed ended). The scenarios and their judge are in
+``_ownership.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import faulthandler
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from hotstate import FlushPolicy, HotstateError, Ownership, Runtime, Step, StepContext, Tier, Workflow, run
+from hotstate._bench import _w1 as w1
+from hotstate.persistence import SQLiteStore, ValkeyStore, shard_of
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from hotstate.persistence import Store
+
+__all__ = [
+    "Cluster",
+    "Fault",
+    "LeaseWatch",
+    "WorkerCallError",
+    "WorkerConfig",
+    "WorkerGoneError",
+    "WorkerProcess",
+    "outer_pid",
+    "poll",
+]
+
+_LINE_LIMIT: Final = 1 << 22  # the longest command or answer line (bytes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """Everything a worker needs (its one argument, as JSON)."""
+
+    sqlite: str  # the SQLite file: durable tier and lease authority
+    valkey_url: str | None = None  # None: SQLite is the only tier
+    prefix: str = "hs-own"  # the Valkey key prefix
+    ledger: str = ""  # this process's ledger file ('' : none)
+    name: str = ""  # the member's label
+    shards: int = 16
+    ttl: float = 2.0
+    renew_every: float = 0.4
+    claim_every: float = 0.2
+    inbox_every: float = 0.02
+    forward_timeout: float = 10.0
+    handoff_timeout: float = 5.0
+    moves_per_round: int | None = None
+    ownership: bool = True  # False: Runtime(ownership=False), one process alone
+    valkey_interval: float = 0.01
+    sqlite_interval: float = 0.05
+    keep_every: int | None = None  # SQLite and Valkey keep a copy every this many versions
+    ack_tiers: tuple[str, ...] = ("sqlite",)  # what an acknowledgement waits for
+    step_sleep: float = 0.01
+    steps: int = 3  # sleeping steps of ``plain``
+    waits: int = 2  # signal waits of ``signalled``
+    w1_steps: int = 10  # steps of ``w1``
+    recover: bool = True
+    use_uvloop: bool = True
+
+    def to_json(self) -> str:
+        """The config as the worker's argument."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        """Parse ``to_json``'s text."""
+        fields = json.loads(text)
+        fields["ack_tiers"] = tuple(fields.get("ack_tiers", ()))
+        return cls(**fields)
+
+    def stores(self) -> list[Store]:
+        """New stores on this config's tiers, fastest first (to build tiers, or to read them)."""
+        out: list[Store] = []
+        if self.valkey_url:
+            out.append(ValkeyStore(self.valkey_url, prefix=self.prefix, shards=self.shards))
+        out.append(SQLiteStore(self.sqlite, shards=self.shards))
+        return out
+
+
+def outer_pid() -> int:
+    """This process's pid as the parent sees it: in a pid namespace of its own ``getpid()`` is 1.
+
+    ``/proc`` is the parent namespace's mount unless remounted, and its
+    ``self`` link names the pid in that namespace.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.readlink("/proc/self"))
+    return os.getpid()
+
+
+# ------------------------------------------------------------------ the worker
+
+
+class _Worker:
+    """The runtime, its workflows and the control server of one worker process."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.pid = outer_pid()
+        self.member = ""
+        self._rt: Runtime | None = None
+        self._ledger = os.open(cfg.ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if cfg.ledger else -1
+
+    @property
+    def rt(self) -> Runtime:
+        if self._rt is None:
+            raise RuntimeError("the runtime is not open")
+        return self._rt
+
+    def workflows(self) -> list[Workflow]:
+        cfg = self.cfg
+        plain = Workflow("plain", [Step(fn=self._work, name=f"work{i}") for i in range(cfg.steps)])
+        signalled = [Step(fn=self._work, name="start")]
+        for i in range(cfg.waits):
+            signalled += [Step(fn=self._signal, name=f"wait{i}", wait_for="sig"), Step(fn=self._work, name=f"after{i}")]
+        held = [Step(fn=self._work, name="start"), Step(fn=self._signal, name="hold", wait_for="never")]
+        return [plain, Workflow("signalled", signalled), Workflow("held", held), w1.workflow(cfg.w1_steps)]
+
+    # ------------------------------------------------------------- the steps
+
+    async def _work(self, payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        await anyio.sleep(self.cfg.step_sleep)
+        return self._record(payload, ctx)
+
+    async def _signal(self, payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        data = ctx.signal if isinstance(ctx.signal, dict) else {}
+        out = self._record(payload, ctx)
+        return {**out, "signals": [*payload.get("signals", []), data.get("id")]}
+
+    def _record(self, payload: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        """Append this execution to the ledger and to the payload's trail."""
+        t = time.time()
+        shard = shard_of(ctx.run_id, self.cfg.shards)
+        owned = self.rt.statistics().ownership
+        epoch = owned.owned.get(shard, 0) if owned is not None else 0
+        if self._ledger >= 0:
+            line = {
+                "key": ctx.idempotency_key,
+                "run": ctx.run_id,
+                "step": ctx.step,
+                "version": ctx.version,
+                "attempt": ctx.attempt,
+                "shard": shard,
+                "epoch": epoch,
+                "pid": self.pid,
+                "member": self.member,
+                "t": t,
+            }
+            os.write(self._ledger, (json.dumps(line) + "\n").encode())  # one write < PIPE_BUF: atomic append
+        return {**payload, "trail": [*payload.get("trail", []), [ctx.step, self.pid, t, epoch]]}
+
+    # ------------------------------------------------------ the control server
+
+    async def serve(self, stream: anyio.abc.SocketStream) -> None:
+        """Answer one connection's commands, one JSON line each, in order."""
+        buffered = BufferedByteReceiveStream(stream)
+        async with stream:
+            while True:
+                try:
+                    line = await buffered.receive_until(b"\n", _LINE_LIMIT)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+                    return
+                answer = await self._answer(line)
+                try:
+                    await stream.send(answer + b"\n")
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+
+    async def _answer(self, line: bytes) -> bytes:
+        try:
+            command = json.loads(line)
+            result = await self._dispatch(command)
+            return json.dumps({"ok": result}).encode()
+        except Exception as exc:  # noqa: BLE001 - every error is the answer, typed by name
+            return json.dumps({"error": type(exc).__name__, "message": str(exc)}).encode()
+
+    async def _dispatch(self, c: dict[str, Any]) -> Any:
+        rt = self.rt
+        op = c["op"]
+        if op == "spawn":
+            handle = await rt.spawn(c.get("workflow", "plain"), c.get("payload", {}), run_id=c.get("run_id"))
+            return {"run_id": handle.run_id, "created": handle.created}
+        if op == "spawn_many":
+            return await self._spawn_many(c.get("workflow", "held"), int(c["count"]))
+        if op == "send":
+            await rt.send(c["run_id"], c.get("signal", "sig"), c.get("data"), dedupe_key=c.get("dedupe_key"))
+            return None
+        if op == "cancel":
+            await rt.cancel(c["run_id"])
+            return None
+        if op == "wait_finished":
+            with anyio.fail_after(float(c.get("timeout", 30.0))):
+                return await rt.wait_finished(c["run_id"])
+        if op == "locate":
+            loc = await rt.locate(c["run_id"])
+            return {
+                "shard": loc.shard,
+                "owner": loc.owner,
+                "epoch": loc.epoch,
+                "here": loc.here,
+                "version": loc.snapshot.version,
+                "status": loc.snapshot.status.value,
+            }
+        if op == "stats":
+            return self._stats()
+        if op == "flush":
+            await rt.flush()
+            return None
+        if op == "burst":
+            return await self._burst(int(c["runs"]))
+        if op == "ping":
+            return {"pid": self.pid, "member": self.member}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _stats(self) -> dict[str, Any]:
+        s = self.rt.statistics()
+        out: dict[str, Any] = {
+            "runs": s.runs,
+            "by_status": dict(s.by_status),
+            "transitions": s.transitions,
+            "internal_errors": s.internal_errors,
+            "member": self.member,
+            "pid": self.pid,
+        }
+        m = s.ownership
+        if m is not None:
+            out.update(
+                owned={str(k): v for k, v in m.owned.items()},
+                draining=sorted(m.draining),
+                leases={str(k): list(v) for k, v in m.leases.items()},
+                members={k: list(v) for k, v in m.members.items()},
+                lease_valid_for=m.lease_valid_for,
+                claims=m.claims,
+                losses=m.losses,
+                handoffs=m.handoffs,
+                forwarded=m.forwarded,
+                applied=m.applied,
+            )
+        return out
+
+    async def _spawn_many(self, workflow: str, count: int) -> list[str]:
+        """Spawn ``count`` runs here at once (they share the acknowledging tier's group commits); their ids."""
+        ids: list[str] = []
+
+        async def one() -> None:
+            ids.append((await self.rt.spawn(workflow, {})).run_id)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+        return ids
+
+    async def _burst(self, runs: int) -> dict[str, float]:
+        """Spawn ``runs`` runs of ``w1`` here and wait for each: steps done, runs lost, wall-clock start and end.
+
+        A run is lost when its shard left this process before the run was
+        durable anywhere (a lease that lapsed under load drops unflushed rows).
+        """
+        rt = self.rt
+        started = time.time()
+        t0 = time.perf_counter()
+        handles = [await rt.spawn("w1", {"n": 0, "id": f"b{i}", "blob": w1.BLOB}) for i in range(runs)]
+        lost = 0
+        for h in handles:
+            try:
+                await h.wait_finished()
+            except HotstateError:
+                lost += 1
+        seconds = time.perf_counter() - t0
+        done = float((runs - lost) * self.cfg.w1_steps)
+        return {"steps": done, "lost": float(lost), "seconds": seconds, "started": started, "ended": time.time()}
+
+
+def _runtime(cfg: WorkerConfig, worker: _Worker) -> Runtime:
+    policies = {"valkey": FlushPolicy(interval=cfg.valkey_interval, keep_every=cfg.keep_every)}
+    policies["sqlite"] = FlushPolicy(interval=cfg.sqlite_interval, keep_every=cfg.keep_every)
+    tiers = [Tier(store, policies[store.tier]) for store in cfg.stores()]
+    ownership: Ownership | bool = False
+    if cfg.ownership:
+        ownership = Ownership(
+            shards=cfg.shards,
+            ttl=cfg.ttl,
+            renew_every=cfg.renew_every,
+            claim_every=cfg.claim_every,
+            inbox_every=cfg.inbox_every,
+            forward_timeout=cfg.forward_timeout,
+            handoff_timeout=cfg.handoff_timeout,
+            moves_per_round=cfg.moves_per_round,
+            name=cfg.name,
+        )
+    ack = [t for t in cfg.ack_tiers if t in policies and (t != "valkey" or cfg.valkey_url)]
+    return Runtime(worker.workflows(), tiers=tiers, recover=cfg.recover, ownership=ownership, ack_tiers=ack)
+
+
+async def _main(cfg: WorkerConfig) -> None:
+    worker = _Worker(cfg)
+    async with _runtime(cfg, worker) as rt:
+        worker._rt = rt
+        stats = rt.statistics().ownership
+        worker.member = stats.member if stats is not None else ""
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610 - anyio's typed attributes, not Django
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with listener, anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, worker.serve)
+                hello = {"port": port, "pid": worker.pid, "member": worker.member, "t": time.time()}
+                print(json.dumps(hello), flush=True)
+                async for _ in signals:
+                    break
+                tg.cancel_scope.cancel()  # no more commands; then leaving the runtime hands every shard off
+    logging.getLogger("hotstate.bench").info("worker %d: shut down gracefully", worker.pid)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a worker: ``python -m hotstate._bench._owner_worker CONFIG``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    cfg = WorkerConfig.from_json(args[0])
+    faulthandler.enable()  # a crash in C code (the loop, sqlite) leaves its stack in the log
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(name)s: %(message)s")
+    logging.getLogger("hotstate.ownership").setLevel(logging.INFO)
+    logging.getLogger("hotstate.bench").setLevel(logging.INFO)
+    run(_main, cfg, use_uvloop=cfg.use_uvloop)
+    return 0
+
+
+# ------------------------------------------------------------ the parent's side
+
+
+async def poll(check: Callable[[], Awaitable[bool]], *, timeout: float, every: float = 0.05) -> None:  # noqa: ASYNC109 - a hang guard
+    """Poll ``check`` every ``every`` seconds until it is true.
+
+    For state held in other processes (a worker's shard map, a row of the
+    SQLite file): there is no event to wait on.
+
+    Raises:
+        TimeoutError: not true within ``timeout`` seconds.
+    """
+    with anyio.fail_after(timeout):
+        while not await check():  # noqa: ASYNC110 - the state is in other processes: no event to wait on
+            await anyio.sleep(every)
+
+
+class WorkerGoneError(ConnectionError):
+    """The worker did not answer: it is not running (or closed the connection mid-call)."""
+
+
+class WorkerCallError(Exception):
+    """The worker answered a command with an error.
+
+    Attributes:
+        type: the name of the exception type the worker raised.
+        message: its text.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type = type_name
+        self.message = message
+
+
+class WorkerProcess:
+    """The parent's handle on one worker: start it, send it commands, signal it.
+
+    Args:
+        config: the worker's configuration.
+        log: the file its stderr goes to.
+        namespace: run it in a pid namespace of its own (``unshare --pid``): to
+            the other workers it is then a process on another host, whose lease
+            is only ever waited out, never broken at its death.
+    """
+
+    def __init__(self, config: WorkerConfig, log: Path, *, namespace: bool = False) -> None:
+        self.config = config
+        self.log = log
+        self.namespace = namespace
+        self.port = 0
+        self.pid = 0  # the worker's own pid (not unshare's)
+        self.member = ""
+        self.started_at = 0.0  # wall time it said hello
+        self._process: anyio.abc.Process | None = None
+        self._log_file: IO[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess {self.config.name} pid={self.pid} member={self.member[:8]}>"
+
+    def command(self) -> list[str]:
+        """The command line that starts the worker."""
+        cmd = [sys.executable, "-m", "hotstate._bench._owner_worker", self.config.to_json()]
+        return ["unshare", "--pid", "--fork", "--kill-child", *cmd] if self.namespace else cmd
+
+    async def start(self, timeout: float = 60.0) -> WorkerProcess:  # noqa: ASYNC109 - a hang guard
+        """Start the worker and wait for its hello line (its runtime is open then).
+
+        Raises:
+            WorkerGoneError: it exited, or said nothing within ``timeout``.
+        """
+        self._log_file = self.log.open("ab")
+        self._process = await anyio.open_process(
+            self.command(), stdin=None, stdout=-1, stderr=self._log_file, start_new_session=True
+        )
+        stdout = self._process.stdout
+        if stdout is None:  # pragma: no cover - stdout is a pipe
+            raise WorkerGoneError("no stdout")
+        try:
+            with anyio.fail_after(timeout):
+                line = await BufferedByteReceiveStream(stdout).receive_until(b"\n", 65536)
+        except (anyio.EndOfStream, anyio.IncompleteRead, TimeoutError) as exc:
+            await self.kill()
+            raise WorkerGoneError(f"worker {self.config.name} did not start: {self.log_tail()}") from exc
+        hello = json.loads(line)
+        self.port, self.pid, self.member, self.started_at = hello["port"], hello["pid"], hello["member"], hello["t"]
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the worker's stderr."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def call(self, op: str, *, timeout: float = 60.0, **args: Any) -> Any:  # noqa: ASYNC109 - a hang guard
+        """Send one command and return its result.
+
+        Raises:
+            WorkerCallError: the worker answered with an error (its type name and message).
+            WorkerGoneError: no answer (not running, or it went away mid-call).
+            TimeoutError: no answer within ``timeout``.
+        """
+        request = json.dumps({"op": op, **args}).encode() + b"\n"
+        with anyio.fail_after(timeout):
+            try:
+                stream = await anyio.connect_tcp("127.0.0.1", self.port)
+            except OSError as exc:
+                raise WorkerGoneError(f"{self.config.name}: {exc}") from exc
+            async with stream:
+                try:
+                    await stream.send(request)
+                    line = await BufferedByteReceiveStream(stream).receive_until(b"\n", _LINE_LIMIT)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
+                    raise WorkerGoneError(f"{self.config.name} went away during {op}") from exc
+        answer = json.loads(line)
+        if "error" in answer:
+            raise WorkerCallError(answer["error"], answer.get("message", ""))
+        return answer["ok"]
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the worker itself (not to ``unshare``)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    @property
+    def running(self) -> bool:
+        """Whether the process has not been reaped yet."""
+        return self._process is not None and self._process.returncode is None
+
+    async def wait(self, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109 - a hang guard
+        """Wait for the worker to exit; its return code (negative: the signal), None if it did not exit in time."""
+        process = self._process
+        if process is None:
+            return None
+        with anyio.move_on_after(timeout):
+            code = await process.wait()
+            await process.aclose()
+            self._close_log()
+            if self.namespace and code == 128 + signal.SIGKILL:
+                return -signal.SIGKILL  # unshare passes its child's death on as an exit status
+            if self.namespace and code > 128:
+                return -(code - 128)
+            return code
+        return None
+
+    async def terminate(self, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109 - a hang guard
+        """SIGTERM (graceful shutdown), then wait for the exit; its return code."""
+        self.signal(signal.SIGTERM)
+        return await self.wait(timeout)
+
+    async def kill(self) -> None:
+        """SIGCONT then SIGKILL the worker (and ``unshare``), and reap it: for cleanup."""
+        process = self._process
+        if process is None:
+            return
+        if self.pid:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGKILL)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await process.wait()
+        await process.aclose()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+# ------------------------------------------------------------ several workers on one store
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A signal the harness sent to a worker.
+
+    Attributes:
+        kind: ``"kill"`` (SIGKILL), ``"stop"`` (SIGSTOP, until ``until``) or ``"term"`` (SIGTERM).
+        name: the worker's name.
+        pid: its pid.
+        member: its member id.
+        at: wall time the signal was sent.
+        until: wall time of the SIGCONT (``"stop"`` only).
+        local: the worker shared this host's pid namespace (its lease may be broken at its death).
+    """
+
+    kind: str
+    name: str
+    pid: int
+    member: str
+    at: float
+    until: float | None = None
+    local: bool = True
+
+
+class LeaseWatch:
+    """Reads ``hs_shard_lease`` every ``every`` seconds on a thread: the last expiry seen of each lease.
+
+    ``expiries[(shard, owner, acquired_at)]`` is the latest ``expires_at`` a
+    read saw, in the authority's clock: where a lease that lapsed ended (a
+    renewal landing between the last read and the lapse is missed: the check
+    is then weaker, never wrong).
+    """
+
+    def __init__(self, db: Path, every: float = 0.05) -> None:
+        self.db = db
+        self.every = every
+        self.expiries: dict[tuple[int, str, float], float] = {}
+        self.reads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease-watch", daemon=True)
+
+    def start(self) -> None:
+        """Start reading."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading (one last read first)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self.read()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.read()
+
+    def read(self) -> None:
+        """One read of the lease table."""
+        if not self.db.exists():
+            return
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=1)) as db:
+                rows = db.execute(
+                    "SELECT shard, owner, acquired_at, expires_at FROM hs_shard_lease WHERE owner IS NOT NULL"
+                ).fetchall()
+        except sqlite3.Error:
+            return
+        self.reads += 1
+        for shard, owner, acquired, expires in rows:
+            key = (shard, owner, acquired)
+            if expires > self.expiries.get(key, -1.0):
+                self.expiries[key] = expires
+
+
+class Cluster:
+    """Worker processes on one SQLite file (and one Valkey prefix), the faults sent to them, their shard map.
+
+    Args:
+        scratch: a folder for the database, the ledgers and the workers' logs.
+        valkey_url: the Valkey server (None: SQLite is the only tier).
+        prefix: the Valkey key prefix.
+        overrides: ``WorkerConfig`` fields every worker gets.
+    """
+
+    def __init__(self, scratch: Path, *, valkey_url: str | None, prefix: str, **overrides: Any) -> None:
+        self.scratch = scratch
+        self.db = scratch / "runs.db"
+        self.base = WorkerConfig(sqlite=str(self.db), valkey_url=valkey_url, prefix=prefix, **overrides)
+        self.workers: list[WorkerProcess] = []
+        self.faults: list[Fault] = []
+        self.owners: dict[int, str | None] = {}
+        self.watch = LeaseWatch(self.db)
+        self._out: set[str] = set()  # paused, leaving or dead: sent nothing
+
+    async def __aenter__(self) -> Cluster:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.watch.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            for w in self.workers:
+                await w.kill()
+        self.watch.stop()
+
+    @property
+    def ledgers(self) -> list[Path]:
+        """Every worker's ledger."""
+        return [Path(w.config.ledger) for w in self.workers]
+
+    async def start(self, name: str, *, namespace: bool = False, **overrides: Any) -> WorkerProcess:
+        """Start a worker named ``name`` (its ledger and log are named after it)."""
+        cfg = replace(self.base, name=name, ledger=str(self.scratch / f"ledger-{name}.jsonl"), **overrides)
+        w = WorkerProcess(cfg, self.scratch / f"{name}.log", namespace=namespace)
+        self.workers.append(w)
+        await w.start()
+        return w
+
+    async def start_many(self, names: Sequence[str], **overrides: Any) -> list[WorkerProcess]:
+        """Start workers at the same moment (as ``uvicorn --workers N`` does)."""
+        out: dict[str, WorkerProcess] = {}
+
+        async def one(name: str) -> None:
+            out[name] = await self.start(name, **overrides)
+
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(one, name)
+        return [out[n] for n in names]
+
+    def live(self) -> list[WorkerProcess]:
+        """Workers that run and may be sent calls (not paused, not leaving)."""
+        return [w for w in self.workers if w.running and w.config.name not in self._out]
+
+    def by_name(self, name: str) -> WorkerProcess:
+        """The worker named ``name``."""
+        return next(w for w in self.workers if w.config.name == name)
+
+    async def kill(self, w: WorkerProcess) -> Fault:
+        """SIGKILL ``w`` and reap it."""
+        self._out.add(w.config.name)
+        fault = Fault("kill", w.config.name, w.pid, w.member, time.time(), local=not w.namespace)
+        w.signal(signal.SIGKILL)
+        self.faults.append(fault)
+        await w.wait()
+        return fault
+
+    def pause(self, w: WorkerProcess) -> float:
+        """SIGSTOP ``w``; the time sent."""
+        self._out.add(w.config.name)
+        at = time.time()
+        w.signal(signal.SIGSTOP)
+        return at
+
+    def resume(self, w: WorkerProcess, stopped_at: float) -> Fault:
+        """SIGCONT ``w`` (stopped at ``stopped_at``); it may be sent calls again."""
+        w.signal(signal.SIGCONT)
+        fault = Fault("stop", w.config.name, w.pid, w.member, stopped_at, time.time(), local=not w.namespace)
+        self.faults.append(fault)
+        self._out.discard(w.config.name)
+        return fault
+
+    async def terminate(self, w: WorkerProcess, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109 - a hang guard
+        """SIGTERM ``w`` (graceful: it hands its shards off) and wait; its exit code."""
+        self._out.add(w.config.name)
+        self.faults.append(Fault("term", w.config.name, w.pid, w.member, time.time(), local=not w.namespace))
+        return await w.terminate(timeout)
+
+    async def terminate_all(self) -> dict[str, int | None]:
+        """Gracefully stop every running worker, at once; their exit codes."""
+        codes: dict[str, int | None] = {}
+
+        async def one(w: WorkerProcess) -> None:
+            codes[w.config.name] = await self.terminate(w)
+
+        async with anyio.create_task_group() as tg:
+            for w in self.workers:
+                if w.running:
+                    tg.start_soon(one, w)
+        return codes
+
+    async def stats(self, w: WorkerProcess) -> dict[str, Any] | None:
+        """``w``'s statistics, or None when it does not answer."""
+        try:
+            out: dict[str, Any] = await w.call("stats", timeout=5)
+        except (WorkerGoneError, WorkerCallError, TimeoutError):
+            return None
+        return out
+
+    async def refresh_owners(self) -> None:
+        """Read the shard map from a live worker."""
+        for w in self.live():
+            s = await self.stats(w)
+            if s is not None and "leases" in s:
+                self.owners = {int(k): v[0] for k, v in s["leases"].items()}
+                for k in s["owned"]:
+                    self.owners[int(k)] = s["member"]
+                return
+
+    async def owned(self) -> dict[str, set[int]]:
+        """Per live worker's name, the shards it owns (and is not handing off) now."""
+        out: dict[str, set[int]] = {}
+        for w in self.live():
+            s = await self.stats(w)
+            if s is not None:
+                out[w.config.name] = {int(k) for k in s.get("owned", {})} - set(s.get("draining", ()))
+        return out
+
+    async def wait_balanced(self, timeout: float = 20.0, *, each: int = 1) -> None:  # noqa: ASYNC109 - a hang guard
+        """Poll until every shard is owned by exactly one live worker and each live worker owns ``each`` or more."""
+
+        async def balanced() -> bool:
+            owned = await self.owned()
+            counts = Counter(s for held in owned.values() for s in held)
+            return (
+                bool(owned)
+                and len(counts) == self.base.shards
+                and max(counts.values()) == 1
+                and min(len(v) for v in owned.values()) >= each
+            )
+
+        await poll(balanced, timeout=timeout)
+
+    async def wait_owns(self, w: WorkerProcess, n: int = 1, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+        """Poll until ``w`` owns at least ``n`` shards."""
+
+        async def owns() -> bool:
+            s = await self.stats(w)
+            return s is not None and len(s.get("owned", {})) >= n
+
+        await poll(owns, timeout=timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""``ValkeyAuthority`` against a real Valkey server: the authority contract, and what only Valkey does.
+
+The first tests are tests/contract/test_authority.py's, run on a Valkey
+authority (time injected with ``clock=``, "gone" with ``gone=``: nothing
+sleeps). Then: a claim seals the ``ValkeyStore`` on the same prefix, leases
+use the server's clock when none is injected, the shard count is the store's,
+and the documented limit: a restart without an append-only file forgets an
+epoch bump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import pytest
+import valkey
+
+from hotstate import ConfigError, StoreUnavailableError
+from hotstate.persistence import MemberInfo, RunHeader, StoredSnapshot, ValkeyStore
+from hotstate.persistence._authority import new_member
+from hotstate.persistence._shards import Fence, generated_prefix
+from hotstate.persistence._valkey_authority import ValkeyAuthority
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from hotstate.persistence import EmbeddedValkey
+
+SHARDS = 8
+TTL = 10.0
+
+
+class Clock:
+    """Authority time a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Gone:
+    """Which members' processes a test declares gone."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def __call__(self, member: MemberInfo) -> bool:
+        return member.member_id in self.ids
+
+
+Env = tuple[ValkeyAuthority, Clock, Gone]
+
+
+@pytest.fixture
+async def env(valkey_url: str, valkey_prefix: str) -> AsyncIterator[Env]:
+    clock, gone = Clock(), Gone()
+    authority = ValkeyAuthority(valkey_url, prefix=valkey_prefix, shards=SHARDS, clock=clock, gone=gone)
+    await authority.open()
+    try:
+        yield authority, clock, gone
+    finally:
+        await authority.aclose()
+
+
+async def joined(authority: ValkeyAuthority, name: str) -> str:
+    member = new_member(name)
+    await authority.join(member)
+    return member.member_id
+
+
+# --- the contract (tests/contract/test_authority.py) -------------------------------------------
+
+
+async def test_a_claim_takes_free_shards_and_bumps_their_epoch(env: Env) -> None:
+    authority, _, _ = env
+    a = await joined(authority, "a")
+    assert await authority.claim(a, [0, 1, 2], TTL) == {0: 1, 1: 1, 2: 1}
+    assert await authority.claim(a, [0, 3], TTL) == {3: 1}  # a live lease of its own is never bumped
+    leases = {lease.shard: lease for lease in await authority.leases()}
+    assert (leases[0].owner, leases[0].epoch) == (a, 1)
+    assert leases[5].owner is None
+
+
+async def test_a_live_lease_is_not_claimable_an_expired_one_is_and_its_epoch_goes_up(env: Env) -> None:
+    authority, clock, _ = env
+    a, b = await joined(authority, "a"), await joined(authority, "b")
+    await authority.claim(a, [0, 1], TTL)
+    assert await authority.claim(b, [0, 1], TTL) == {}
+    clock.t += TTL - 0.001
+    assert await authority.claim(b, [0], TTL) == {}
+    clock.t += 0.002
+    assert await authority.claim(b, [0], TTL) == {0: 2}
+    renewal = await authority.renew(a, TTL)
+    assert renewal.held == frozenset()  # expired: a renewal does not bring a lapsed lease back
+    assert await authority.claim(b, [1], TTL) == {1: 2}
+
+
+async def test_renewal_extends_every_lease_of_the_member_and_lists_live_members(env: Env) -> None:
+    authority, clock, _ = env
+    a, b = await joined(authority, "a"), await joined(authority, "b")
+    await authority.claim(a, [0, 1, 2], TTL)
+    clock.t += TTL * 0.9
+    renewal = await authority.renew(a, TTL)
+    assert renewal.held == frozenset({0, 1, 2})
+    assert renewal.now == clock.t
+    assert {lease.expires_at for lease in renewal.leases if lease.owner == a} == {clock.t + TTL}
+    clock.t += TTL * 0.9
+    assert await authority.claim(b, [0, 1, 2], TTL) == {}  # renewed: still held
+    renewal = await authority.renew(b, TTL)
+    assert {m.member_id for m in renewal.members} == {a, b}
+    clock.t += TTL * 1.5
+    renewal = await authority.renew(b, TTL)
+    assert {m.member_id for m in renewal.members} == {b}  # a stopped renewing
+
+
+async def test_a_lease_of_a_provably_gone_process_is_broken_at_once(env: Env) -> None:
+    authority, _, gone = env
+    a, b = await joined(authority, "a"), await joined(authority, "b")
+    await authority.claim(a, [0, 1], TTL)
+    gone.ids.add(a)
+    assert await authority.claim(b, [0, 1], TTL) == {0: 2, 1: 2}
+
+
+async def test_a_release_makes_shards_claimable_at_once(env: Env) -> None:
+    authority, _, _ = env
+    a, b = await joined(authority, "a"), await joined(authority, "b")
+    await authority.claim(a, [0, 1], TTL)
+    await authority.release(b, [0])  # not b's: nothing happens
+    assert await authority.claim(b, [0], TTL) == {}
+    await authority.release(a, [0])
+    assert await authority.claim(b, [0], TTL) == {0: 2}
+    await authority.leave(a)
+    assert await authority.claim(b, [1], TTL) == {1: 2}
+    assert {m.member_id for m in await authority.members()} == {b}
+
+
+async def test_epochs_only_ever_go_up_across_many_claims(env: Env) -> None:
+    authority, _, _ = env
+    members = [await joined(authority, str(i)) for i in range(3)]
+    seen: list[int] = []
+    for i in range(12):
+        m = members[i % 3]
+        taken = await authority.claim(m, [4], TTL)
+        seen.append(taken[4])
+        await authority.release(m, [4])
+    assert seen == list(range(1, 13))
+    log = await authority.ownership_log(4)
+    assert [(e, o, event) for _, e, o, event, _ in log[:2]] == [(1, members[0], "acquire"), (1, members[0], "release")]
+    assert len(log) == 24
+
+
+async def test_the_inbox_numbers_entries_per_shard_and_keeps_verdicts(env: Env) -> None:
+    authority, clock, _ = env
+    a = await joined(authority, "a")
+    held = await authority.claim(a, [3, 4], TTL)
+    seqs = [await authority.post(3, f"r{i}", "signal", b"x%d" % i) for i in range(3)]
+    assert seqs == [1, 2, 3]
+    assert await authority.post(4, "other", "cancel", b"") == 1
+    pending = await authority.pending([3], 10)
+    assert [(e.seq, e.run_id, e.body) for e in pending] == [(1, "r0", b"x0"), (2, "r1", b"x1"), (3, "r2", b"x2")]
+    assert await authority.settle(a, held, [(3, 1, '{"ok": {}}'), (3, 2, '{"error": "X"}')]) == 2
+    assert await authority.settle(a, held, [(3, 1, '{"ok": "again"}')]) == 0  # a verdict is recorded once
+    assert await authority.verdict(3, 1) == '{"ok": {}}'
+    assert await authority.verdict(3, 3) is None
+    assert [e.seq for e in await authority.pending([3, 4], 10)] == [3, 1]
+    clock.t += 1000
+    assert await authority.prune(500) == 2
+    assert await authority.verdict(3, 1) is None
+    assert await authority.post(3, "r9", "signal", b"") == 4  # numbers never go back after a prune
+
+
+async def test_only_the_holder_of_a_shard_at_its_epoch_settles_its_entries(env: Env) -> None:
+    """A process that lost the shard (a paused owner waking up) must not mark the new owner's entries applied."""
+    authority, clock, _ = env
+    a, b = await joined(authority, "a"), await joined(authority, "b")
+    old = await authority.claim(a, [2], TTL)
+    seq = await authority.post(2, "r", "signal", b"")
+    clock.t += TTL + 1
+    new = await authority.claim(b, [2], TTL)
+    assert await authority.settle(a, old, [(2, seq, '{"ok": {}}')]) == 0
+    assert await authority.verdict(2, seq) is None
+    assert [e.seq for e in await authority.pending([2], 10)] == [seq]
+    assert await authority.settle(b, new, [(2, seq, '{"ok": {}}')]) == 1
+
+
+# --- Valkey only ----------------------------------------------------------------------------------
+
+
+def stored(run_id: str, version: int, epoch: int) -> StoredSnapshot:
+    header = RunHeader(run_id, "orders", 1, version, version - 1, "running", 1_700_000_000.0, 1, epoch)
+    return StoredSnapshot(header, None, b"body")
+
+
+async def test_a_claim_seals_the_store_on_the_same_prefix(valkey_url: str, valkey_prefix: str) -> None:
+    run = f"{generated_prefix(5)}r"
+    async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
+        authority = ValkeyAuthority(valkey_url, prefix=valkey_prefix)
+        await authority.open()
+        try:
+            assert authority.shards == store.shards
+            a, b = await joined(authority, "a"), await joined(authority, "b")
+            first = await authority.claim(a, [5], TTL)
+            assert (await store.save([stored(run, 1, first[5])], [], fence=Fence(a, first))).written == 1
+            await authority.release(a, [5])
+            second = await authority.claim(b, [5], TTL)
+            assert second == {5: 2}
+            # No seal call: the claim itself raised the fence, so a's late write lands nowhere.
+            late = await store.save([stored(run, 9, first[5])], [], fence=Fence(a, first))
+            assert (late.fenced, late.written) == ({5: 2}, 0)
+            assert await store.seal(Fence(b, second)) == {}  # the new owner's seal changes nothing
+            with valkey.Valkey.from_url(valkey_url) as raw:
+                assert raw.hgetall(store.shard_key(5, "fence")) == {b"epoch": b"2", b"owner": b.encode()}
+        finally:
+            await authority.aclose()
+
+
+async def test_leases_are_timed_by_the_servers_clock_when_no_clock_is_given(
+    valkey_url: str, valkey_prefix: str
+) -> None:
+    authority = ValkeyAuthority(valkey_url, prefix=valkey_prefix, shards=SHARDS)
+    await authority.open()
+    try:
+        with valkey.Valkey.from_url(valkey_url) as raw:
+            before = float("{}.{:06d}".format(*raw.time()))
+            a = await joined(authority, "a")
+            await authority.claim(a, [1], TTL)
+            renewal = await authority.renew(a, TTL)
+            after = float("{}.{:06d}".format(*raw.time()))
+        lease = renewal.leases[1]
+        assert before <= lease.acquired_at <= renewal.now <= after
+        assert lease.expires_at == renewal.now + TTL
+        assert {m.member_id: before <= m.joined_at <= m.last_seen <= after for m in renewal.members} == {a: True}
+    finally:
+        await authority.aclose()
+
+
+async def test_the_shard_count_is_the_stores_and_another_is_refused(valkey_url: str, valkey_prefix: str) -> None:
+    first = ValkeyAuthority(valkey_url, prefix=valkey_prefix, shards=SHARDS)
+    await first.open()
+    await first.aclose()
+    again = ValkeyAuthority(valkey_url, prefix=valkey_prefix)
+    await again.open()
+    assert again.shards == SHARDS
+    await again.aclose()
+    async with ValkeyStore(valkey_url, prefix=valkey_prefix) as store:
+        assert store.shards == SHARDS  # recorded by the authority: the store places runs the same way
+    other = ValkeyAuthority(valkey_url, prefix=valkey_prefix, shards=SHARDS * 2)
+    with pytest.raises(ConfigError, match=rf"shards={SHARDS * 2}.* {SHARDS} shards"):
+        await other.open()
+    with pytest.raises(ConfigError, match="shards"):
+        ValkeyAuthority(valkey_url, shards=0)
+    with pytest.raises(ConfigError, match=r"claim\.shards"):
+        await again.claim("m", [SHARDS], TTL)  # checked before any call: open or not
+
+
+async def retried(call: Callable[[], Awaitable[dict[int, int]]]) -> dict[int, int]:
+    """``call()``, again once after the connection a server restart broke."""
+    for _ in range(3):
+        with contextlib.suppress(StoreUnavailableError):
+            return await call()
+    raise AssertionError("the server did not come back")
+
+
+@pytest.mark.parametrize("aof", [False, True], ids=["no-append-only-file", "append-only-file"])
+async def test_an_epoch_bump_survives_a_restart_only_with_an_append_only_file(
+    request: pytest.FixtureRequest, aof: bool
+) -> None:
+    """The documented limit: the epoch lives only as long as the server's copy of it."""
+    server: EmbeddedValkey = request.getfixturevalue("private_valkey" if aof else "ephemeral_valkey")
+    authority = ValkeyAuthority(server.url, prefix="hs", shards=SHARDS, socket_timeout=2.0, gone=Gone())
+    await authority.open()
+    try:
+        a, b = await joined(authority, "a"), await joined(authority, "b")
+        assert await authority.claim(a, [3], TTL) == {3: 1}
+        server.restart()
+        taken = await retried(lambda: authority.claim(b, [3], TTL))
+        # Without the file, b gets epoch 1 again while a still believes it holds epoch 1: two owners of
+        # one epoch, told apart only by the fences' owner check. With it, a's lease is still live.
+        assert taken == ({} if aof else {3: 1})
+    finally:
+        await authority.aclose()
