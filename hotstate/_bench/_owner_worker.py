@@ -671,15 +671,25 @@ class Cluster:
         await w.start()
         return w
 
-    async def start_many(self, names: Sequence[str], **overrides: Any) -> list[WorkerProcess]:
-        """Start workers at the same moment (as ``uvicorn --workers N`` does)."""
+    async def start_many(self, names: Sequence[str], *, fresh: bool = False, **overrides: Any) -> list[WorkerProcess]:
+        """Start workers at the same moment (as ``uvicorn --workers N`` does).
+
+        On a database file that does not exist yet, the first one starts alone
+        unless ``fresh``: two processes creating one SQLite file at once race
+        (``PRAGMA journal_mode = WAL`` fails with "database is locked" in one
+        of them; see the test of that), and the scenarios are about ownership.
+        """
         out: dict[str, WorkerProcess] = {}
+        rest = list(names)
+        if not fresh and not self.db.exists() and rest:
+            first = rest.pop(0)
+            out[first] = await self.start(first, **overrides)
 
         async def one(name: str) -> None:
             out[name] = await self.start(name, **overrides)
 
         async with anyio.create_task_group() as tg:
-            for name in names:
+            for name in rest:
                 tg.start_soon(one, name)
         return [out[n] for n in names]
 
@@ -775,6 +785,29 @@ class Cluster:
             )
 
         await poll(balanced, timeout=timeout)
+
+    async def wait_settled(self, quiet: float, timeout: float = 60.0) -> None:  # noqa: ASYNC109 - a hang guard
+        """Poll until every shard is owned once by a live worker and no claim or hand-off happened for ``quiet`` s.
+
+        Placement moves ``moves_per_round`` shards per round, so a worker can
+        own shards long before the map has settled; a measurement taken
+        meanwhile would time hand-offs (drains, loads), not steps.
+        """
+        last: tuple[int, ...] = ()
+        since = time.monotonic()
+
+        async def settled() -> bool:
+            nonlocal last, since
+            stats = [await self.stats(w) for w in self.live()]
+            moves = tuple(s["claims"] + s["handoffs"] + s["losses"] if s else -1 for s in stats)
+            now = time.monotonic()
+            if moves != last:
+                last, since = moves, now
+                return False
+            owned = Counter(int(k) for s in stats if s for k in s["owned"])
+            return len(owned) == self.base.shards and max(owned.values()) == 1 and now - since >= quiet
+
+        await poll(settled, timeout=timeout, every=0.2)
 
     async def wait_owns(self, w: WorkerProcess, n: int = 1, timeout: float = 20.0) -> None:  # noqa: ASYNC109
         """Poll until ``w`` owns at least ``n`` shards."""

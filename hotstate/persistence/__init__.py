@@ -22,6 +22,7 @@ from hotstate.persistence._sqlite import SQLiteStore
 from hotstate.persistence._sqlite_authority import SQLiteAuthority
 from hotstate.persistence._store import FINISHED_STATUSES, Store
 from hotstate.persistence._valkey import ValkeyStore
+from hotstate.persistence._valkey_authority import ValkeyAuthority
 from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "StoredDeadLetter",
     "StoredSnapshot",
     "Tier",
+    "ValkeyAuthority",
     "ValkeyServerError",
     "ValkeyStore",
     "shard_of",

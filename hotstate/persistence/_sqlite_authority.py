@@ -199,10 +199,15 @@ class SQLiteAuthority:
             )
 
     async def aclose(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection (idempotent), once no call (an abandoned one included) is using it."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            await anyio.to_thread.run_sync(conn.close)
+
+            def close() -> None:
+                with self._lock:  # a call abandoned on cancel may still run on this connection
+                    conn.close()
+
+            await anyio.to_thread.run_sync(close)
 
     async def join(self, member: MemberInfo) -> None:
         """Record ``member`` as live."""

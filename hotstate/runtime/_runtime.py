@@ -56,7 +56,16 @@ from hotstate.actors import (
     Transition,
     Workflow,
 )
-from hotstate.persistence import Codec, MemoryStore, MsgpackCodec, PersisterStatistics, SQLiteStore, Tier
+from hotstate.persistence import (
+    Codec,
+    MemoryStore,
+    MsgpackCodec,
+    PersisterStatistics,
+    SQLiteStore,
+    Tier,
+    ValkeyAuthority,
+    ValkeyStore,
+)
 from hotstate.persistence._authority import Authority, MemoryAuthority, process_gone
 from hotstate.persistence._shards import generated_prefix
 from hotstate.persistence._sqlite_authority import SQLiteAuthority, read_shard_map
@@ -126,7 +135,8 @@ def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority |
     """The authority a runtime with these tiers uses by default, or None (nothing durable to share).
 
     The first durable SQLite tier's file (processes on one host); else a
-    ``MemoryStore``'s own authority (runtimes sharing it in one process).
+    ``MemoryStore``'s own authority (runtimes sharing it in one process);
+    else the first Valkey tier's server (one server, not across a failover).
     """
     durable = [t.store for t in tiers if not t.policy.cache]
     for store in durable:
@@ -138,6 +148,10 @@ def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority |
             if held is None:
                 held = _MEMORY_AUTHORITIES[store] = MemoryAuthority(shards)
             return held
+    for store in durable:
+        if isinstance(store, ValkeyStore):  # one Valkey server (not safe across a failover: see ValkeyAuthority)
+            given = None if store._owns_client else store._client  # a store built on a client: the same server
+            return ValkeyAuthority(store.url, prefix=store.prefix, shards=shards, client=given)
     for store in durable:
         make = getattr(store, "default_authority", None)
         if make is not None:

@@ -14,6 +14,7 @@ import pytest
 from hotstate import ConfigError
 from hotstate.persistence import Authority, MemberInfo, MemoryAuthority, SQLiteAuthority, SQLiteStore
 from hotstate.persistence._authority import new_member
+from hotstate.persistence._valkey_authority import ValkeyAuthority
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -46,11 +47,16 @@ class Gone:
 def make(kind: str, tmp_path: Path, clock: Clock, gone: Gone, shards: int | None = SHARDS) -> Any:
     if kind == "memory":
         return MemoryAuthority(shards, clock=clock, gone=gone)
+    if kind.startswith("valkey "):  # "valkey <url> <prefix>"
+        _, url, prefix = kind.split(" ")
+        return ValkeyAuthority(url, prefix=prefix, shards=shards, clock=clock, gone=gone)
     return SQLiteAuthority(tmp_path / "authority.db", shards=shards, clock=clock, gone=gone)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "valkey"])
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "valkey":
+        return f"valkey {request.getfixturevalue('valkey_url')} {request.getfixturevalue('valkey_prefix')}"
     return str(request.param)
 
 

@@ -146,6 +146,19 @@ async def test_two_workers_started_together_split_the_shards_and_resume_each_par
     assert report.duplicates == 0, report.summary()
 
 
+@pytest.mark.xfail(
+    strict=False,  # a race: one pair in 2-3 fails here, so 6 pairs fail nearly always, not always
+    reason="BUG (SQLite store): two processes opening a new SQLite file at once race in SQLiteStore._connect: "
+    "`PRAGMA journal_mode = WAL` raises 'database is locked' in one of them, which then fails to start",
+)
+async def test_two_workers_started_together_on_a_new_store_both_start(tmp_path, valkey_url, valkey_prefix):
+    for pair in range(6):  # `uvicorn --workers 2` on a first deploy: no database file yet
+        async with Cluster(tmp_path / f"pair-{pair}", valkey_url=valkey_url, prefix=f"{valkey_prefix}-{pair}") as c:
+            await c.start_many(["a", "b"], fresh=True)
+            await c.wait_balanced()
+            assert set((await c.terminate_all()).values()) == {0}
+
+
 # ------------------------------------------------------------------ regressions: bugs these scenarios found
 
 

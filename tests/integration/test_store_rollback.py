@@ -180,9 +180,11 @@ async def test_two_runtimes_sharing_a_valkey_prefix_each_notice_an_empty_restart
     server = EmbeddedValkey(persistence=False).start()
     try:
         shared = ValkeyRollback(server)
+        # Two writers on one prefix, each with its own runs: the writers' marks are under test, not
+        # ownership (which would send every run to one of them), so ownership is off.
         async with (
-            Runtime([SIGNAL], tiers=[Tier(shared.store(), POLICY)]) as one,
-            Runtime([SIGNAL], tiers=[Tier(shared.store(), POLICY)]) as two,
+            Runtime([SIGNAL], tiers=[Tier(shared.store(), POLICY)], ownership=False) as one,
+            Runtime([SIGNAL], tiers=[Tier(shared.store(), POLICY)], ownership=False) as two,
         ):
             ids = {rt: [(await rt.spawn(SIGNAL, {"n": i}, run_id=f"{name}{i:02d}")).run_id for i in range(10)]
                    for rt, name in ((one, "one"), (two, "two"))}  # fmt: skip
