@@ -20,7 +20,7 @@ from hotstate.persistence._records import (
 from hotstate.persistence._shards import DEFAULT_SHARDS, Fence, shard_of
 from hotstate.persistence._sqlite import SQLiteStore
 from hotstate.persistence._sqlite_authority import SQLiteAuthority
-from hotstate.persistence._store import FINISHED_STATUSES, Store
+from hotstate.persistence._store import FINISHED_STATUSES, DeadLetterRefusals, Store
 from hotstate.persistence._valkey import ValkeyStore
 from hotstate.persistence._valkey_authority import ValkeyAuthority
 from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
@@ -32,6 +32,7 @@ __all__ = [
     "Authority",
     "BadRow",
     "Codec",
+    "DeadLetterRefusals",
     "EmbeddedValkey",
     "Fence",
     "FlushPolicy",

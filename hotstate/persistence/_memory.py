@@ -337,10 +337,20 @@ class MemoryStore(StoreBase):
         return [per_run[v] for v in sorted(per_run)]
 
     @override
-    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> dict[int, int]:
         self._check_open()
+        # No await below: the fence check and the write are one step for other tasks.
+        if fence is None:
+            for record in records:
+                self._dead[record.run_id] = record
+            return {}
+        shards = self.shards
+        of = {r.run_id: shard_of(r.run_id, shards) for r in records}
+        lost = self._judge(fence, set(of.values()))
         for record in records:
-            self._dead[record.run_id] = record
+            if of[record.run_id] not in lost:
+                self._dead[record.run_id] = record
+        return lost
 
     @override
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
@@ -362,14 +372,24 @@ class MemoryStore(StoreBase):
         return self._dead.pop(run_id, None) is not None
 
     @override
-    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+    async def save_versions(
+        self, snapshots: Sequence[StoredSnapshot], *, fence: Fence | None = None
+    ) -> dict[int, int] | None:
         self._check_open()
+        lost: dict[int, int] | None = None
+        if fence is not None:  # no await below: the fence check and the write are one step
+            shards = self.shards
+            of = {s.header.run_id: shard_of(s.header.run_id, shards) for s in snapshots}
+            lost = self._judge(fence, set(of.values()))
+            if lost:
+                snapshots = [s for s in snapshots if of[s.header.run_id] not in lost]
         for stored in snapshots:
             kept = self._versions.setdefault(stored.header.run_id, {})
             held = kept.get(stored.header.version)
             # The first copy of a version stays, unless a newer owner's comes (SQLiteStore's rule).
             if held is None or stored.header.epoch > held.header.epoch:
                 kept[stored.header.version] = _own(stored)
+        return lost
 
     @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:

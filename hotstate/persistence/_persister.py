@@ -40,6 +40,7 @@ from hotstate.persistence._records import (
     encode_snapshot,
     verifies,
 )
+from hotstate.persistence._store import DeadLetterRefusals
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -95,9 +96,10 @@ class PersisterStatistics:
         resets: times the store reported it had lost its data (e.g. Valkey restarted
             empty); each time the runtime wrote what it holds in memory again.
         last_error: the last flush error's message, or None.
-        fenced_rows: runs (and dead letters) whose rows the store's fence
-            refused: their shard had passed to another process. Dropped, never
-            retried or counted durable (DESIGN.md "Several processes").
+        fenced_rows: runs (and dead letters, and runs' kept copies) whose
+            rows the store's fence refused: their shard had passed to another
+            process. Dropped, never retried or counted durable (DESIGN.md
+            "Several processes").
     """
 
     tier: str
@@ -599,12 +601,14 @@ class Persister:
             # Dead letters go before the run rows: after a crash between the two,
             # recovery finds a letter newer than the run's row and records the
             # run as failed (never a failed run without its letter).
-            if dead and fence is not None:
-                dead = await self._owned_dead_letters(dead, fence)
             if dead:  # one transaction for all of them: a flush may carry many
-                refused = await self.store.save_dead_letters([self._encode_dead_letter(letter) for letter in dead])
+                records = [self._encode_dead_letter(letter) for letter in dead]
+                if fence is None:
+                    refused = await self.store.save_dead_letters(records)
+                else:  # the store judges each letter's shard in the write itself
+                    refused = await self.store.save_dead_letters(records, fence=fence)
                 if refused:
-                    self._refused_dead_letters(refused)
+                    self._refused_dead_letters(refused, fence)
             dead_saved = True
             for chunk, chunk_transitions in chunks:
                 stored, unwritten = self._encode(chunk)
@@ -627,7 +631,7 @@ class Persister:
                         # must not lose it (the store reports a reset only once).
                         self._store_was_reset()
                 if self.policy.keep_every is not None and stored:
-                    await self._keep_versions(stored)
+                    await self._keep_versions(stored, fence)
                 done += 1
                 self._acknowledge(chunk, unwritten, conflicts, rejected)
                 if self._suspects:
@@ -709,16 +713,31 @@ class Persister:
         instruments.saved(self.name, None)
         return result
 
-    async def _keep_versions(self, stored: list[StoredSnapshot]) -> None:
-        """Keep a point-in-time copy when a run's version enters a new ``keep_every`` span."""
+    async def _keep_versions(self, stored: list[StoredSnapshot], fence: Fence | None = None) -> None:
+        """Keep a point-in-time copy when a run's version enters a new ``keep_every`` span.
+
+        With ``fence``, the store judges each copy's shard in the write: the
+        copies of a shard it fenced off are dropped and reported, as
+        ``_fenced_off`` does with rows.
+        """
         every = self.policy.keep_every
         assert every is not None  # noqa: S101 - checked by the caller
         kept = self._kept
         keep = [s for s in stored if s.header.version // every > kept.get(s.header.run_id, -1)]
-        if keep:
+        if not keep:
+            return
+        if fence is None:
             await self.store.save_versions(keep)
-            for s in keep:
-                kept[s.header.run_id] = s.header.version // every
+        else:
+            fenced = await self.store.save_versions(keep, fence=fence)
+            if fenced:
+                shard_of = self.shard_of
+                assert shard_of is not None  # noqa: S101 - a fenced save needs the shard map
+                lost = {s.header.run_id for s in keep if shard_of(s.header.run_id) in fenced}
+                self._fenced(fenced, fence, len(lost), "kept copies")
+                keep = [s for s in keep if s.header.run_id not in lost]
+        for s in keep:
+            kept[s.header.run_id] = s.header.version // every
 
     def store_was_reset(self, why: str = "it lost writes (restarted empty or from an older copy)") -> None:
         """A save reported that the store lost writes: forget what it acknowledged; the runtime writes every run again."""
@@ -875,11 +894,27 @@ class Persister:
         self.waiting.pop(rid, None)
         self._listener.codec_error(rid, exc)
 
-    def _refused_dead_letters(self, refused: Mapping[str, str]) -> None:
-        """The store could not write these dead letters: counted and logged; the other records were written."""
+    def _refused_dead_letters(self, refused: Mapping[str, str], fence: Fence | None) -> None:
+        """The store left these dead letters out; the other records were written.
+
+        A letter the fence refused (its reason starts with "fenced") is
+        dropped like a fenced row (``_fenced_off``): its shard passed to
+        another process. Any other is counted and logged.
+        """
+        shard_of = self.shard_of if fence is not None else None
+        stored = refused.fenced if isinstance(refused, DeadLetterRefusals) else {}  # shard -> the store's epoch
+        fenced: dict[int, int] = {}
+        dropped = 0
         for rid, why in refused.items():
+            if shard_of is not None and why.startswith("fenced"):
+                shard = shard_of(rid)
+                fenced[shard] = stored.get(shard, 0)
+                dropped += 1
+                continue
             self._rejected_rows += 1
             log.error("hotstate: tier %r cannot write the dead letter of run %r: %s", self.name, rid, why)
+        if dropped:
+            self._fenced(fenced, fence, dropped, "dead letters")
 
     def _merge_back(
         self,
@@ -913,28 +948,17 @@ class Persister:
         self._dead = dead + self._dead
         self._dead_deletes = dead_deletes + self._dead_deletes
 
-    async def _owned_dead_letters(self, dead: list[DeadLetter], fence: Fence) -> list[DeadLetter]:
-        """The dead letters whose shard this process still holds in the store (a seal at its own epoch checks).
-
-        A store's dead letters carry no fence of their own: a process fenced
-        off must not leave a letter that would fail the new owner's run at the
-        next recovery. Sealing at the epochs held is idempotent and reports a
-        shard whose fence is newer. A claim between this check and the write
-        below can still let one letter through: recovery then compares its
-        version with the run's newest copy.
-        """
-        shard_of = self.shard_of
-        if shard_of is None:
-            return dead
-        epochs = fence.epochs
-        shards = {shard_of(letter.run_id) for letter in dead}
-        held = {s: epochs[s] for s in shards if s in epochs}
-        lost = await self.store.seal(type(fence)(fence.owner, held)) if held else {}
-        keep = [letter for letter in dead if (s := shard_of(letter.run_id)) in held and s not in lost]
-        if len(keep) < len(dead):
-            self._fenced_rows += len(dead) - len(keep)
-            self._listener.fenced(self.name, {s: lost[s] for s in lost}, {s: held[s] for s in lost})
-        return keep
+    def _fenced(self, fenced: Mapping[int, int], fence: Fence | None, rows: int, what: str) -> None:
+        """The store's fence refused ``rows`` rows of ``fenced`` shards (shard -> stored epoch): count, log, report."""
+        self._fenced_rows += rows
+        log.warning(
+            "hotstate: tier %r refused shards %s to this process (another owns them now); their unflushed %s are dropped",
+            self.name,
+            sorted(fenced),
+            what,
+        )
+        sent = {} if fence is None else {s: e for s, e in fence.epochs.items() if s in fenced}
+        self._listener.fenced(self.name, fenced, sent)
 
     def _fenced_off(
         self,
@@ -949,14 +973,7 @@ class Persister:
         assert shard_of is not None  # noqa: S101 - a fenced save needs the shard map
         lost = {rid for rid in chunk if shard_of(rid) in fenced}
         lost.update(t.run_id for t in transitions if shard_of(t.run_id) in fenced)
-        self._fenced_rows += len(lost)
-        log.warning(
-            "hotstate: tier %r refused shards %s to this process (another owns them now); their unflushed rows are dropped",
-            self.name,
-            sorted(fenced),
-        )
-        sent = {} if fence is None else {s: e for s, e in fence.epochs.items() if s in fenced}
-        self._listener.fenced(self.name, fenced, sent)
+        self._fenced(fenced, fence, len(lost), "rows")
         return (
             {rid: snap for rid, snap in chunk.items() if rid not in lost},
             [x for x in stored if x.header.run_id not in lost],

@@ -5,9 +5,10 @@ thread); a second, read-only connection serves loads and scans so readers never
 queue behind a flush. Each ``save`` is one transaction: an ``executemany``
 UPSERT guarded by ``(epoch, version)``, ``INSERT OR IGNORE`` for transitions,
 and this writer's row in ``writer_marks`` (how a file restored from a backup
-is noticed). A fenced save also reads and raises the rows of its shards in
-``hs_shard_fence`` in that transaction (design/ownership.md §4.5); the
-shard count is recorded in ``hs_meta``.
+is noticed). A fenced save (and a fenced write of dead letters or kept
+copies) also reads and raises the rows of its shards in ``hs_shard_fence``
+in that transaction (design/ownership.md §4.5); the shard count is recorded
+in ``hs_meta``.
 """
 
 from __future__ import annotations
@@ -371,6 +372,26 @@ async def _conflicts(conn: aiosqlite.Connection, snapshots: Sequence[StoredSnaps
         sql = _conflicts_sql("VALUES " + ", ".join(["(?, ?, ?)"] * len(part)))
         found.update(cast("Iterable[tuple[str, int]]", await conn.execute_fetchall(sql, [x for r in part for x in r])))
     return found
+
+
+async def _wal(conn: aiosqlite.Connection, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another process switches the same new file.
+
+    The switch needs the file to itself and answers "database is locked" at
+    once, without the busy handler: two processes opening a new database
+    together (``uvicorn --workers 2``) raced, and one failed to start.
+    """
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @functools.cache
@@ -789,7 +810,7 @@ class SQLiteStore(StoreBase):
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             if not read_only:
-                await conn.execute("PRAGMA journal_mode = WAL")
+                await _wal(conn, self.busy_timeout)
                 await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 await conn.executescript(_SCHEMA)
                 self.shards = await self._prepare(conn, shards)
@@ -1193,12 +1214,23 @@ class SQLiteStore(StoreBase):
         return [transition_from_row(tuple(row), tier=self.tier) for row in rows]
 
     @override
-    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> dict[int, int]:
+        """One transaction; with ``fence``, the records' shards are judged under its ``BEGIN IMMEDIATE``."""
         if not records:
-            return
-        rows = [_dead_letter_row(r) for r in records]
+            return {}
+        if fence is None:
+            rows = [_dead_letter_row(r) for r in records]
+            async with self._transaction("save_dead_letters") as conn:
+                await conn.executemany(_SAVE_DEAD_LETTER, rows)
+            return {}
+        shards = self.shards
+        of = {r.run_id: shard_of(r.run_id, shards) for r in records}
         async with self._transaction("save_dead_letters") as conn:
-            await conn.executemany(_SAVE_DEAD_LETTER, rows)
+            lost = await _judge_fences(conn, fence, set(of.values()))
+            kept = [r for r in records if of[r.run_id] not in lost] if lost else records
+            if kept:
+                await conn.executemany(_SAVE_DEAD_LETTER, [_dead_letter_row(r) for r in kept])
+        return lost
 
     @override
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
@@ -1253,12 +1285,24 @@ class SQLiteStore(StoreBase):
             return cur.rowcount > 0
 
     @override
-    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+    async def save_versions(
+        self, snapshots: Sequence[StoredSnapshot], *, fence: Fence | None = None
+    ) -> dict[int, int] | None:
+        """One transaction; with ``fence``, the copies' shards are judged under its ``BEGIN IMMEDIATE``."""
         if not snapshots:
-            return
+            return None if fence is None else {}
         shards = self.shards
+        if fence is None:
+            async with self._transaction("save_versions") as conn:
+                await conn.executemany(_KEEP_VERSION, [_snapshot_row(s, shards) for s in snapshots])
+            return None
+        of = {s.header.run_id: shard_of(s.header.run_id, shards) for s in snapshots}
         async with self._transaction("save_versions") as conn:
-            await conn.executemany(_KEEP_VERSION, [_snapshot_row(s, shards) for s in snapshots])
+            lost = await _judge_fences(conn, fence, set(of.values()))
+            kept = [s for s in snapshots if of[s.header.run_id] not in lost] if lost else snapshots
+            if kept:
+                await conn.executemany(_KEEP_VERSION, [_snapshot_row(s, shards) for s in kept])
+        return lost
 
     @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:

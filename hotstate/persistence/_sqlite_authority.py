@@ -152,7 +152,15 @@ class SQLiteAuthority:
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(self.path, timeout=self._busy, isolation_level=None, check_same_thread=False)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                deadline = time.monotonic() + self._busy
+                while True:  # another process switching the same new file answers "locked" at once
+                    try:
+                        conn.execute("PRAGMA journal_mode=WAL")
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc) or time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.01)
                 conn.executescript(_SCHEMA)
             except sqlite3.DatabaseError as exc:
                 conn.close()

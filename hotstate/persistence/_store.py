@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, Protocol, Self, final, runtime_checkabl
 from hotstate._errors import CodecError, ConfigError, PersistenceError
 from hotstate.actors._snapshot import TERMINAL_STATUSES
 from hotstate.persistence._records import BadRow
+from hotstate.persistence._shards import shard_of
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     )
     from hotstate.persistence._shards import Fence
 
-__all__ = ["FINISHED_STATUSES", "Store"]
+__all__ = ["FINISHED_STATUSES", "DeadLetterRefusals", "Store"]
 
 FINISHED_STATUSES: Final[frozenset[str]] = frozenset(str(s) for s in TERMINAL_STATUSES)
 """Stored status values ``purge_finished`` may delete: done, failed, cancelled."""
@@ -108,7 +109,9 @@ class Store(Protocol):
     whose fence is newer than the writer's epoch, or holds the same epoch for
     another owner (``fence_verdict``), and reports it in ``SaveResult.fenced``;
     it raises an older fence to its own in the same transaction or script.
-    ``seal`` raises fences without writing: a new owner seals a shard in every
+    ``save_dead_letters`` and ``save_versions`` take the same ``fence`` and
+    judge each record's shard by the same rule, in the transaction or script
+    of their write. ``seal`` raises fences without writing: a new owner seals a shard in every
     store before it reads the shard's copies, so nothing an older owner writes
     afterwards lands. Stored copies are ordered by ``(header.epoch,
     header.version)``: a copy replaces the stored one only when that pair is
@@ -378,33 +381,52 @@ class Store(Protocol):
         """
         ...
 
-    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+    async def save_dead_letter(self, record: StoredDeadLetter, *, fence: Fence | None = None) -> None:
         """Store a dead-letter record, replacing any earlier one for the run.
 
         Args:
             record: the record.
+            fence: as in ``save_dead_letters``.
 
         Raises:
             StoreUnavailableError: the write failed.
             CodecError: the store cannot write this record
                 (``dead_letter_problem``); nothing was written.
+            PersistenceError: the fence refused the record's shard (the
+                message says "fenced"); nothing was written.
         """
         ...
 
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> Mapping[str, str] | None:
+    async def save_dead_letters(
+        self, records: Sequence[StoredDeadLetter], *, fence: Fence | None = None
+    ) -> Mapping[str, str] | None:
         """Store several dead-letter records atomically (one transaction or round trip).
 
         A record the store cannot write (``dead_letter_problem``: text that
         does not encode, a number out of range) is left out, and the others
         are written, as ``save`` does with a run (#11).
 
+        With ``fence``, the fence of each record's shard (``shard_of`` of its
+        run id) is judged as ``save`` judges it, in the same transaction or
+        script as the write: a record of a fenced shard (a newer fence, the
+        same epoch held by another owner, or a shard ``fence.epochs`` does
+        not name) is not written, and an older or missing fence is raised.
+        So an owner fenced off can never leave a letter that would fail the
+        new owner's run. Without ``fence`` no fence is read or written.
+
         Args:
             records: the records. Each replaces the record stored for its run,
                 and the last one for a run in ``records`` wins.
+            fence: the writer's member id and its epoch per shard.
 
         Returns:
             Run id -> why, for each record left out (empty when all were
-            written). A store of your own may return None for "all written".
+            written). A record the fence refused is among them, with a
+            reason that starts with ``"fenced"``. The stores of hotstate
+            return a ``DeadLetterRefusals`` (a ``dict``), whose ``fenced``
+            maps each refused shard to the stored fence's epoch (as
+            ``SaveResult.fenced``). A store of your own may return a plain
+            mapping, or None for "all written".
 
         Raises:
             StoreUnavailableError: the write failed; nothing was written, or
@@ -463,14 +485,26 @@ class Store(Protocol):
         """
         ...
 
-    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
+    async def save_versions(
+        self, snapshots: Sequence[StoredSnapshot], *, fence: Fence | None = None
+    ) -> Mapping[int, int] | None:
         """Keep point-in-time copies of snapshots (time travel).
 
         A copy is kept per ``(run_id, version)``: the first one stored stays,
         so writing one again changes nothing.
 
+        With ``fence``, each copy's shard is judged as ``save`` judges it, in
+        the same transaction or script as the write: no copy of a fenced
+        shard is kept, and an older or missing fence is raised.
+
         Args:
             snapshots: the copies to keep.
+            fence: the writer's member id and its epoch per shard.
+
+        Returns:
+            With ``fence``: shard -> the stored fence's epoch, for each shard
+            whose copies the fence refused (empty when all were kept), as
+            ``SaveResult.fenced``. Without: None (a caller may ignore it).
 
         Raises:
             StoreUnavailableError: the write failed.
@@ -832,6 +866,31 @@ def without(
     )
 
 
+def fenced_reason(shard: int, stored: int, fence: Fence) -> str:
+    """Why a record of ``shard`` was refused by the store's fence at ``stored`` (``save_dead_letters``)."""
+    epoch = fence.epochs.get(shard)
+    if epoch is None:
+        return f"fenced: this writer holds no epoch of shard {shard} (its fence is at epoch {stored})"
+    return f"fenced: shard {shard}'s fence is at epoch {stored}, this writer holds epoch {epoch}"
+
+
+@final
+class DeadLetterRefusals(dict[str, str]):
+    """What ``save_dead_letters`` left out: run id -> why (a plain ``dict`` to a caller that wants no more).
+
+    Attributes:
+        fenced: shard -> the stored fence's epoch, for each shard whose
+            records the fence refused (those runs' reasons start with
+            ``"fenced"``); empty when the fence refused none.
+    """
+
+    __slots__ = ("fenced",)
+
+    def __init__(self, *args: Iterable[tuple[str, str]]) -> None:
+        super().__init__(*args)
+        self.fenced: Mapping[int, int] = {}
+
+
 class StoreBase(Store):
     """Open/closed bookkeeping shared by the stores: context manager and leak warning.
 
@@ -857,24 +916,51 @@ class StoreBase(Store):
         await self.aclose()
 
     @override
-    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
-        rejected = await self.save_dead_letters([record])
+    async def save_dead_letter(self, record: StoredDeadLetter, *, fence: Fence | None = None) -> None:
+        if fence is None:
+            rejected = await self.save_dead_letters([record])
+        else:
+            rejected = await self.save_dead_letters([record], fence=fence)
         if rejected:
             why = rejected[record.run_id]
+            if isinstance(rejected, DeadLetterRefusals) and rejected.fenced:
+                raise PersistenceError(self.tier, f"run {record.run_id!r}: dead letter not written: {why}")
             raise CodecError(self.tier, f"run {record.run_id!r}: dead letter cannot be written: {why}")
 
     @override
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
+    async def save_dead_letters(
+        self, records: Sequence[StoredDeadLetter], *, fence: Fence | None = None
+    ) -> dict[str, str]:
         """Write the records at once; one no store can write is left out (``dead_letter_problem``).
 
         Dead letters are few: each record is checked before the write.
-        """
-        rejected = {r.run_id: why for r in records if (why := dead_letter_problem(r)) is not None}
-        await self._save_dead_letters([r for r in records if r.run_id not in rejected] if rejected else records)
-        return rejected
 
-    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
-        """Write ``records`` (each one a store can write) in one transaction or round trip."""
+        Returns:
+            A ``DeadLetterRefusals``: run id -> why, and the fenced shards.
+        """
+        refusals = DeadLetterRefusals((r.run_id, why) for r in records if (why := dead_letter_problem(r)) is not None)
+        fenced = await self._save_dead_letters(
+            [r for r in records if r.run_id not in refusals] if refusals else records, fence
+        )
+        if fenced:
+            assert fence is not None  # noqa: S101 - only a fenced write is refused
+            refusals.fenced = fenced
+            shards = self.shards
+            for r in records:
+                shard = shard_of(r.run_id, shards)
+                if shard in fenced and r.run_id not in refusals:
+                    refusals[r.run_id] = fenced_reason(shard, fenced[shard], fence)
+        return refusals
+
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> Mapping[int, int]:
+        """Write ``records`` (each one a store can write) in one transaction or round trip.
+
+        With ``fence``, the records of a fenced shard are not written.
+
+        Returns:
+            shard -> the stored fence's epoch, for each shard ``fence``
+            refused (empty without a fence).
+        """
         raise NotImplementedError
 
     def _check_open(self) -> None:

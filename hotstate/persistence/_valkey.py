@@ -461,23 +461,48 @@ redis.call('ZREM', KEYS[2], rid)
 return 1
 """
 
-# One shard's dead letters, atomically. KEYS: B..'dead', B..'dead:body'; ARGV: (run id, JSON, body)...
-_DEAD_LUA: Final = """#!lua
-for i = 1, #ARGV, 3 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+# The fence check that opens a dead-letter or kept-copy script (fence_verdict
+# in _shards.py, as in _SAVE_LUA), before anything is written. KEYS[1] =
+# P:{s}:fence; ARGV[1] = the writer's epoch there ('' = an unfenced write: the
+# fence is neither read nor written), ARGV[2] = the owner. A fenced shard
+# replies {-1, the fence's epoch} and writes nothing; an older or missing
+# fence is raised to the writer's.
+_FENCE_LUA: Final = """
+if ARGV[1] ~= '' then
+  local fkey, e = KEYS[1], tonumber(ARGV[1])
+  local ok, f = pcall(redis.call, 'HMGET', fkey, 'epoch', 'owner')
+  if not ok then return redis.error_reply('key ' .. fkey .. ' is a ' .. redis.call('TYPE', fkey).ok .. ', not a hash') end
+  local held = nil
+  if f[1] and #f[1] <= 20 and string.find(f[1], '^%-?%d+$') then held = tonumber(f[1]) end
+  if f[1] and not held then return redis.error_reply('key ' .. fkey .. ' holds an epoch that is not an integer') end
+  if held and (held > e or (held == e and f[2] ~= ARGV[2])) then return {-1, f[1]} end
+  if not held or held < e then redis.call('HSET', fkey, 'epoch', ARGV[1], 'owner', ARGV[2]) end
 end
-return #ARGV / 3
 """
 
-# One shard's kept copies (ValkeyStore.save_versions). KEYS: each copy's
-# B..'ver:'..run_id; ARGV: per copy, version, epoch, body, header JSON (its
-# 9th item is the epoch; a copy kept before epochs has its error there, which
-# reads as epoch 0). The first copy of a version stays, unless a newer
-# owner's (a higher epoch) comes.
-_VERSIONS_LUA: Final = """#!lua
-for j = 1, #KEYS do
-  local key, i = KEYS[j], 4 * j - 3
+# One shard's dead letters, atomically. KEYS: B..'fence', B..'dead',
+# B..'dead:body'; ARGV: epoch, owner (_FENCE_LUA), then (run id, JSON, body)...
+_DEAD_LUA: Final = (
+    "#!lua"
+    + _FENCE_LUA
+    + """for i = 3, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+end
+return (#ARGV - 2) / 3
+"""
+)
+
+# One shard's kept copies (ValkeyStore.save_versions). KEYS: B..'fence', then
+# each copy's B..'ver:'..run_id; ARGV: epoch, owner (_FENCE_LUA), then per
+# copy, version, epoch, body, header JSON (its 9th item is the epoch; a copy
+# kept before epochs has its error there, which reads as epoch 0). The first
+# copy of a version stays, unless a newer owner's (a higher epoch) comes.
+_VERSIONS_LUA: Final = (
+    "#!lua"
+    + _FENCE_LUA
+    + """for j = 2, #KEYS do
+  local key, i = KEYS[j], 4 * j - 5
   local v = ARGV[i]
   local held = redis.call('HGET', key, v .. ':h')
   local keep = not held
@@ -491,6 +516,7 @@ for j = 1, #KEYS do
 end
 return 0
 """
+)
 
 # Every script starts with "#!lua" (no flags): a Valkey Cluster then refuses
 # a script that touches keys of two slots, as the layout requires, instead of
@@ -1345,21 +1371,21 @@ class ValkeyStore(StoreBase):
         tally.conflicts.update(conflicts)
         plan.done = True
 
-    def _fence_epoch(self, shard: int, reply: Any) -> int:
+    def _fence_epoch(self, shard: int, reply: Any, action: str = "save") -> int:
         """The epoch of ``shard``'s fence from a reply to ``HGET`` (0: no fence).
 
         Raises:
             PersistenceError: the fence key is not a hash, or its epoch is not an integer.
         """
         if isinstance(reply, vex.ResponseError):
-            raise self._refused(f"save: read the fence of shard {shard}", reply) from reply
+            raise self._refused(f"{action}: read the fence of shard {shard}", reply) from reply
         if reply is None:
             return 0
         try:
             return _strict_int(_text(reply))
         except (ValueError, UnicodeDecodeError) as exc:
             raise PersistenceError(
-                self.tier, f"save: {self.shard_key(shard, 'fence')} holds a malformed epoch"
+                self.tier, f"{action}: {self.shard_key(shard, 'fence')} holds a malformed epoch"
             ) from exc
 
     async def _record_layout(self, client: avalkey.Valkey) -> None:
@@ -1575,10 +1601,14 @@ class ValkeyStore(StoreBase):
     # ------------------------------------------------------------- dead letters
 
     @override
-    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> None:
-        """One script per shard (atomic there), pipelined in one round trip."""
+    async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> dict[int, int]:
+        """One script per shard (atomic there, its fence checked first), pipelined in one round trip.
+
+        A shard the fence does not name is fenced without a script (its fence
+        is read in the same round trip), as in ``save``.
+        """
         if not records:
-            return
+            return {}
         client = self._w("save_dead_letters")
         by_shard: dict[int, dict[str, tuple[str, bytes]]] = {}
         for record in records:
@@ -1597,14 +1627,40 @@ class ValkeyStore(StoreBase):
             )
             shard = shard_of(record.run_id, self.shards)
             by_shard.setdefault(shard, {})[record.run_id] = (meta, bytes(s.body))  # the last one for a run wins
-        calls = []
+        calls: list[_Call] = []
+        called: list[int] = []
+        unowned: list[int] = []
+        owner = "" if fence is None else fence.owner
         for shard, found in by_shard.items():
+            epoch = "" if fence is None else fence.epochs.get(shard)
+            if epoch is None:
+                unowned.append(shard)
+                continue
             base = self._bases[shard]
-            args: list[str | bytes] = []
+            args: list[str | bytes] = [str(epoch), owner]
             for run_id, (meta, body) in found.items():
                 args += (run_id, meta, body)
-            calls.append(_Call(_DEAD_LUA, (base + "dead", base + "dead:body"), args))
-        await self._scripted(client, calls, "save_dead_letters")
+            calls.append(_Call(_DEAD_LUA, (base + "fence", base + "dead", base + "dead:body"), args))
+            called.append(shard)
+        return await self._fenced_calls(client, calls, called, unowned, "save_dead_letters")
+
+    async def _fenced_calls(
+        self, client: avalkey.Valkey, calls: list[_Call], called: Sequence[int], unowned: Sequence[int], action: str
+    ) -> dict[int, int]:
+        """Run the scripts of ``called`` shards (each opening with ``_FENCE_LUA``) and read the ``unowned`` fences.
+
+        Returns:
+            shard -> the stored fence's epoch, for each shard fenced (0: an unowned shard with no fence).
+        """
+        calls += [_Call(None, (), ("HGET", self._bases[s] + "fence", "epoch")) for s in unowned]
+        replies = await self._scripted(client, calls, action)
+        lost: dict[int, int] = {}
+        for shard, reply in zip(called, replies, strict=False):
+            if isinstance(reply, list) and reply and reply[0] == -1:
+                lost[shard] = _strict_int(_text(reply[1]))
+        for shard, reply in zip(unowned, replies[len(called) :], strict=True):
+            lost[shard] = self._fence_epoch(shard, reply, action)
+        return lost
 
     @override
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
@@ -1647,20 +1703,37 @@ class ValkeyStore(StoreBase):
         return bool(n)
 
     @override
-    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
-        """One script per shard, pipelined in one round trip: a newer owner's copy of a version replaces the first."""
+    async def save_versions(
+        self, snapshots: Sequence[StoredSnapshot], *, fence: Fence | None = None
+    ) -> dict[int, int] | None:
+        """One script per shard, pipelined in one round trip: a newer owner's copy of a version replaces the first.
+
+        With ``fence``, each script checks its shard's fence first; a shard
+        the fence does not name is fenced without a script, as in ``save``.
+        """
         if not snapshots:
-            return
+            return None if fence is None else {}
         client = self._w("save_versions")
+        owner = "" if fence is None else fence.owner
         by_shard: dict[int, tuple[list[str], list[str | bytes]]] = {}
+        unowned: set[int] = set()
         for s in snapshots:
             h = s.header
             shard = shard_of(h.run_id, self.shards)
-            keys, args = by_shard.setdefault(shard, ([], []))
+            entry = by_shard.get(shard)
+            if entry is None:
+                epoch = "" if fence is None else fence.epochs.get(shard)
+                if epoch is None:
+                    unowned.add(shard)
+                    continue
+                base = self._bases[shard]
+                entry = by_shard[shard] = ([base + "fence"], [str(epoch), owner])
+            keys, args = entry
             keys.append(f"{self._bases[shard]}ver:{h.run_id}")
             args += (str(h.version), str(h.epoch), bytes(s.body), json.dumps([*h, s.error]))
         calls = [_Call(_VERSIONS_LUA, keys, args) for keys, args in by_shard.values()]
-        await self._scripted(client, calls, "save_versions")
+        lost = await self._fenced_calls(client, calls, list(by_shard), sorted(unowned), "save_versions")
+        return None if fence is None else lost
 
     @override
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:

@@ -16,18 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hotstate import ConfigError, Snapshot, Status, Transition, TransitionKind
+from hotstate import ConfigError, PersistenceError, Snapshot, Status, Transition, TransitionKind
 from hotstate.persistence import (
     MemoryStore,
     PickleCodec,
     SQLiteStore,
     Store,
+    StoredDeadLetter,
     StoredSnapshot,
     ValkeyStore,
 )
 from hotstate.persistence._records import decode_snapshot, encode_snapshot
 from hotstate.persistence._shards import DEFAULT_SHARDS, Fence, generated_prefix, shard_of
-from hotstate.persistence._store import CALL_TRANSITIONS, TRANSACTION_TRANSITIONS
+from hotstate.persistence._store import CALL_TRANSITIONS, TRANSACTION_TRANSITIONS, DeadLetterRefusals
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -269,6 +270,105 @@ async def test_a_newer_owners_kept_copy_of_a_version_replaces_the_first_and_keep
     await store.save_versions([stored(run, 4, 5), stored(run, 6, 2, status=Status.done), stored(run, 6, 1)])
     assert await store.load_version(run, 5) == stored(run, 4, 5)  # a newer owner's copy of version 4
     assert await store.load_version(run, 6) == stored(run, 6, 2)  # else the first copy of a version stays
+
+
+# --- dead letters and kept copies under a fence -------------------------------------------------
+
+
+def letter(run_id: str, version: int = 3, error: str = "{}") -> StoredDeadLetter:
+    return StoredDeadLetter(
+        run_id=run_id,
+        workflow="orders",
+        at=1_700_000_001.0,
+        error=error,
+        attempts="[]",
+        compensation_errors="[]",
+        snapshot=stored(run_id, version, status=Status.failed),
+    )
+
+
+async def letters(store: Store) -> list[str]:
+    return [d.run_id for d in await store.dead_letters()]
+
+
+def fenced_shards(refused: object) -> dict[int, int]:
+    """``DeadLetterRefusals.fenced`` of a ``save_dead_letters`` reply (every store here returns one)."""
+    assert isinstance(refused, DeadLetterRefusals)
+    return dict(refused.fenced)
+
+
+async def test_a_fenced_dead_letter_save_writes_nothing_of_its_shard_and_writes_the_other_shards(
+    store: Store,
+) -> None:
+    assert await store.seal(Fence("new", {1: 5})) == {}
+    batch = [letter(rid(1, "a")), letter(rid(1, "b")), letter(rid(2, "c"))]
+    refused = await store.save_dead_letters(batch, fence=Fence("old", {1: 4, 2: 4}))
+    assert refused is not None
+    assert set(refused) == {rid(1, "a"), rid(1, "b")}
+    assert all(why.startswith("fenced") for why in refused.values())
+    assert fenced_shards(refused) == {1: 5}
+    assert await letters(store) == [rid(2, "c")]
+    # The written shard's missing fence was raised to the writer's: an older epoch is refused there now.
+    assert await store.seal(Fence("other", {2: 3})) == {2: 4}
+    # The new owner's letter of the same run is written.
+    assert await store.save_dead_letters([letter(rid(1, "a"), 7)], fence=Fence("new", {1: 5})) == {}
+    assert await letters(store) == [rid(1, "a"), rid(2, "c")]
+
+
+async def test_a_dead_letter_of_a_shard_the_fence_does_not_name_or_of_a_twin_owner_is_fenced(store: Store) -> None:
+    refused = await store.save_dead_letters([letter(rid(3)), letter(rid(4))], fence=Fence("a", {4: 2}))
+    assert refused is not None
+    assert set(refused) == {rid(3)}
+    assert refused[rid(3)].startswith("fenced")
+    assert fenced_shards(refused) == {3: 0}  # no fence there yet, and none raised
+    twin = await store.save_dead_letters([letter(rid(4), 5)], fence=Fence("b", {4: 2}))  # same epoch, another owner
+    assert twin is not None
+    assert (set(twin), fenced_shards(twin)) == ({rid(4)}, {4: 2})
+    assert [d.snapshot.header.version for d in await store.dead_letters()] == [3]  # a's letter stays
+
+
+async def test_a_fenced_and_a_rejected_dead_letter_are_both_reported_and_the_rest_written(store: Store) -> None:
+    assert await store.seal(Fence("new", {1: 2})) == {}
+    batch = [letter(rid(1)), letter(rid(2, "bad"), error="\udcff"), letter(rid(2, "ok"))]
+    refused = await store.save_dead_letters(batch, fence=Fence("old", {1: 1, 2: 1}))
+    assert refused is not None
+    assert set(refused) == {rid(1), rid(2, "bad")}
+    assert refused[rid(1)].startswith("fenced")
+    assert not refused[rid(2, "bad")].startswith("fenced")
+    assert fenced_shards(refused) == {1: 2}
+    assert await letters(store) == [rid(2, "ok")]
+
+
+async def test_save_dead_letter_under_a_fence_raises_when_fenced_and_writes_nothing(store: Store) -> None:
+    assert await store.seal(Fence("new", {1: 2})) == {}
+    with pytest.raises(PersistenceError, match="fenced"):
+        await store.save_dead_letter(letter(rid(1)), fence=Fence("old", {1: 1}))
+    await store.save_dead_letter(letter(rid(1)), fence=Fence("new", {1: 2}))
+    assert await letters(store) == [rid(1)]
+
+
+async def test_dead_letters_and_kept_copies_without_fence_ignore_fences_and_leave_them(store: Store) -> None:
+    assert await store.seal(Fence("x", {1: 9})) == {}
+    assert await store.save_dead_letters([letter(rid(1))]) in ({}, None)
+    assert await store.save_versions([stored(rid(1), 4, 1)]) is None
+    assert await letters(store) == [rid(1)]
+    assert await store.load_version(rid(1), 9) == stored(rid(1), 4, 1)
+    assert await store.seal(Fence("x", {1: 9})) == {}  # still x's at 9
+
+
+async def test_fenced_kept_copies_are_not_kept_for_their_shard_and_reported(store: Store) -> None:
+    assert await store.seal(Fence("new", {1: 5})) == {}
+    copies = [stored(rid(1, "a"), 4, 4), stored(rid(1, "b"), 2, 4), stored(rid(2), 4, 4), stored(rid(3), 4, 4)]
+    assert await store.save_versions(copies, fence=Fence("old", {1: 4, 2: 4})) == {1: 5, 3: 0}
+    assert await store.load_version(rid(1, "a"), 9) is None
+    assert await store.load_version(rid(1, "b"), 9) is None
+    assert await store.load_version(rid(3), 9) is None
+    assert await store.load_version(rid(2), 9) == stored(rid(2), 4, 4)
+    assert await store.seal(Fence("other", {2: 3})) == {2: 4}  # raised to the writer's
+    # The new owner keeps its copies; a fenced write with nothing fenced reports nothing.
+    assert await store.save_versions([stored(rid(1, "a"), 4, 5)], fence=Fence("new", {1: 5})) == {}
+    assert await store.load_version(rid(1, "a"), 9) == stored(rid(1, "a"), 4, 5)
+    assert await store.save_versions([], fence=Fence("new", {1: 5})) in ({}, None)
 
 
 # --- the shard count ------------------------------------------------------------------------

@@ -235,13 +235,15 @@ class ScriptedStore(StoreBase):
     async def history(self, run_id: str) -> list[Transition]:
         return await self.inner.history(run_id)
 
-    async def save_dead_letter(self, record: StoredDeadLetter) -> None:
+    async def save_dead_letter(self, record: StoredDeadLetter, *, fence: Fence | None = None) -> None:
         self.calls.append("save_dead_letter")
-        await self.inner.save_dead_letter(record)
+        await self.inner.save_dead_letter(record, fence=fence)
 
-    async def save_dead_letters(self, records: Sequence[StoredDeadLetter]) -> dict[str, str]:
+    async def save_dead_letters(
+        self, records: Sequence[StoredDeadLetter], *, fence: Fence | None = None
+    ) -> dict[str, str]:
         self.calls.append("save_dead_letters")
-        return await self.inner.save_dead_letters(records)
+        return await self.inner.save_dead_letters(records, fence=fence)
 
     async def dead_letters(self, *, bad_rows: list[BadRow] | None = None) -> list[StoredDeadLetter]:
         return await self.inner.dead_letters()
@@ -250,8 +252,10 @@ class ScriptedStore(StoreBase):
         self.calls.append("delete_dead_letter")
         return await self.inner.delete_dead_letter(run_id)
 
-    async def save_versions(self, snapshots: Sequence[StoredSnapshot]) -> None:
-        await self.inner.save_versions(snapshots)
+    async def save_versions(
+        self, snapshots: Sequence[StoredSnapshot], *, fence: Fence | None = None
+    ) -> dict[int, int] | None:
+        return await self.inner.save_versions(snapshots, fence=fence)
 
     async def load_version(self, run_id: str, version: int) -> StoredSnapshot | None:
         return await self.inner.load_version(run_id, version)
