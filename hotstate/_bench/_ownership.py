@@ -24,9 +24,11 @@ from the workers' ledgers, the ownership log and every store:
    graceful scenarios must show none;
 5. **zombies** (SIGSTOP): nothing the paused process executed after the
    takeover is in any stored copy (final or kept) or history;
-6. **calls**: every acknowledged signal is applied exactly once, every
-   acknowledged cancel ended its run cancelled, every spawn id is one run
-   created by exactly one call;
+6. **calls**: every acknowledged signal is applied exactly once and no
+   signal refused with a typed error was applied; every acknowledged cancel
+   ended its run cancelled; no spawn id is answered ``created=True`` twice
+   (an answer lost because its owner let the shard go before recording it is
+   counted in ``Report.spawn_answers_lost``);
 7. **takeover**: per shard the faulted process held, detection (fault to the
    next claim) within ``claim_every`` when the dead process was on this host
    (its lease is broken at once), else within ``ttl + renew_every +
@@ -34,6 +36,9 @@ from the workers' ledgers, the ownership log and every store:
    others see the member gone at their next renewal, then claim at their next
    placement round), with 0.5 s for scheduling; and load (claim to the last
    run of the shard resumed) within ``LOAD_BUDGET``.
+
+Each scenario also stops its workers with SIGTERM and expects exit status 0
+and no internal error in any worker's runtime (``RuntimeStatistics``).
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ class Traffic:
     runs: dict[str, str] = field(default_factory=dict)  # run id -> workflow, acknowledged spawns
     created: Counter[str] = field(default_factory=Counter)  # run id -> calls answering created=True
     need_signals: dict[str, int] = field(default_factory=dict)  # signals still to acknowledge (reserved in flight)
-    full: set[str] = field(default_factory=set)  # runs that refused a signal: all their waits are served
+    same_ids: list[str] = field(default_factory=list)  # ids spawned by several workers at once
     spawn_unknown: set[str] = field(default_factory=set)  # ids with a spawn call of unknown outcome
     sent: dict[str, str] = field(default_factory=dict)  # signal id -> run id, every attempt
     refused: dict[str, str] = field(default_factory=dict)  # signal id -> the typed error its call raised
@@ -214,8 +219,7 @@ class Traffic:
         if result in ("UnknownSignalError", "RunFinishedError") or (
             result == "RunNotFoundError" and await self.ended(run_id)
         ):
-            self.full.add(run_id)  # an earlier unknown outcome was applied: every wait is served
-            self.need_signals[run_id] = 0
+            self.need_signals[run_id] = 0  # an earlier call of unknown outcome landed: every wait is served
             return
         self.need_signals[run_id] += 1
 
@@ -238,6 +242,7 @@ class Traffic:
         """``n`` workers spawn one new id at the same moment (none of them its owner, where possible)."""
         self._n += 1
         run_id = f"{self.tag}-{self._n}"
+        self.same_ids.append(run_id)
         async with anyio.create_task_group() as tg:
             for _ in range(n):
                 tg.start_soon(self._spawn_id, run_id)
@@ -519,6 +524,7 @@ async def judge(cluster: Cluster, traffic: Traffic, *, scenario: str, started: f
     report.errors = list(traffic.errors)
     report.signals_sent, report.signals_acked = len(traffic.sent), len(traffic.acked)
     report.cancels_acked = len(traffic.cancelled)
+    report.same_id_spawns = len(traffic.same_ids)
     cfg = cluster.base
     log = read_log(cluster.db)
     executions = read_ledgers(cluster.ledgers)
