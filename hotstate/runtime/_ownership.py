@@ -443,13 +443,16 @@ class ShardManager:
                 log.warning("hotstate: member %s cannot renew its leases: %s", self.id[:8], exc)
         if renewal is None:
             if self._clock.now() >= self.valid_until and self.owned:
-                self.lose(list(self.owned), "its lease lapsed: no renewal reached the authority in time")
+                await self._reclaim_or_lose(
+                    [s for s in self.owned if s not in self.draining],
+                    "its lease lapsed: no renewal reached the authority in time",
+                )
             self._next_renew = self._clock.now() + min(self._renew_every, 0.5)
             return
         since = self._owned_since
         gone = [s for s in self.owned if s not in renewal.held and s not in self.draining and since.get(s, t0) < t0]
         if gone:
-            self.lose(gone, "its lease lapsed or another process claimed it")
+            await self._reclaim_or_lose(gone, "its lease lapsed or another process claimed it")
         # Leases this process holds but does not own in memory (lost at a deadline while the
         # renewal was on its way, or a claim whose take failed): give them back, never keep
         # renewing them (nobody else could claim them).
@@ -459,6 +462,49 @@ class ShardManager:
                 await self.authority.release(self.id, stray)
             except (PersistenceError, OSError) as exc:
                 log.warning("hotstate: member %s cannot give back shards %s yet: %s", self.id[:8], _ranges(stray), exc)
+
+    async def _reclaim_or_lose(self, shards: Sequence[int], why: str) -> None:
+        """Take back lapsed leases nobody took meanwhile, keeping the runs in memory; lose the others.
+
+        A claim bumps a shard's epoch by one: a re-claim that gets exactly the
+        held epoch + 1 proves no other process held the shard in between, so
+        memory is still the newest state and the runs go on under the new
+        epoch (after a seal at it). Any other outcome (the authority does not
+        answer, another process holds the lease, or held it and let it go)
+        loses the shard: its runs are evicted and reloaded from the stores
+        when it is claimed again. A renewal late by a moment (a lock held by a
+        flush, a pause) so costs no run state.
+        """
+        old = {s: self.owned[s] for s in shards if s in self.owned}
+        if not old:
+            return
+        got: dict[int, int] = {}
+        t0 = self._clock.now()
+        with anyio.move_on_after(max(self._renew_every, 0.05)):
+            try:
+                got = await self.authority.claim(self.id, list(old), self._ttl)
+            except (PersistenceError, OSError) as exc:
+                log.warning("hotstate: member %s cannot take its lapsed leases back: %s", self.id[:8], exc)
+        kept = {s: e for s, e in got.items() if e == old[s] + 1 and self.owned.get(s) == old[s]}
+        if kept:
+            lost_in_seal = await self._seal(kept)
+            kept = {s: e for s, e in kept.items() if s not in lost_in_seal}
+        for s, epoch in kept.items():
+            self.owned[s] = epoch
+        if kept:
+            self.valid_until = max(self.valid_until, t0 + self._ttl - self._margin)
+            log.warning(
+                "hotstate: member %s took back shards %s after its lease lapsed (%s); nothing moved meanwhile",
+                self.id[:8],
+                _ranges(kept),
+                why,
+            )
+        lost = [s for s in old if s not in kept]
+        if lost:
+            self.lose(lost, why)
+        stale = {s: e for s, e in got.items() if s not in kept}
+        if stale:  # claimed, but another process held it in between: taken afresh (seal, then reload)
+            await self.take(stale, resume=True)
 
     async def run(self) -> None:
         """Place, claim and hand off every ``claim_every`` until stopped (a background task of the runtime)."""

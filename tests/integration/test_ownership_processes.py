@@ -20,8 +20,8 @@ The tests at the end are regressions for bugs these scenarios found in the owner
 a late renewal that orphaned every shard, an inbox task that died on a lost shard, calls
 answered RunNotFoundError while a claimed shard's runs loaded, and an inbox entry for a
 finished run that was never settled; and, in the SQLite store, two processes creating one
-new file at once. The last one (``xfail(strict=True)``) reproduces a deviation from the design
-not fixed yet: a renewal late by less than the margin loses unflushed runs.
+new file at once; and a renewal late by less than the margin, which evicted unflushed runs
+before a lapsed lease nobody took was taken back in place (``ShardManager._reclaim_or_lose``).
 """
 
 from __future__ import annotations
@@ -291,14 +291,6 @@ async def test_two_workers_started_together_on_a_new_store_both_start(tmp_path, 
             assert set((await c.terminate_all()).values()) == {0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=WorkerCallError,
-    reason="BUG (deviation from design/ownership.md section 4.4): at the lease deadline ShardManager evicts the "
-    "shards (lose) and drops their unflushed rows; the design suspends them there and resumes them when a renewal "
-    "lands before the lease ends. A renewal late by less than the margin (the file's write lock held by another "
-    "process) so loses write-behind state that no other process could have taken",
-)
 async def test_a_renewal_late_by_less_than_the_margin_keeps_the_unflushed_runs(make_cluster):
     async with make_cluster(valkey=False, sqlite_interval=30.0, ack_tiers=()) as cluster:
         a = await cluster.start("a")

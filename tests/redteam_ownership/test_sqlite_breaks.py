@@ -202,9 +202,6 @@ async def test_an_edited_shard_column_does_not_give_a_run_a_second_owner(tmp_pat
 # 3. A store restored from an older backup: ownership throws away the newer state memory holds.
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open (#12 note): restoring the authority's file under running processes rolls leases back"
-)
 async def test_a_backup_restored_in_place_does_not_resume_a_finished_run(tmp_path: Path) -> None:
     """DESIGN.md "Stores": a store restored from an older snapshot or backup is noticed, and "the runtime
     then writes what it holds again"; "A finished run is never resumed".
