@@ -244,6 +244,7 @@ class ShardManager:
         self._loading: set[int] = set()  # owned, their runs being loaded
         self._first_seen: dict[str, float] = {}
         self._spawn_shards: list[int] = []
+        self._fence: Fence | None = None
         self._spawn_next = 0
         self._stopping = False  # renewals end
         self._closing = False  # placement and the inbox end (shutdown began)
@@ -263,8 +264,14 @@ class ShardManager:
         return shard_of(run_id, self.shards)
 
     def fence(self) -> Fence:
-        """The fence a save carries now: this member, and the epoch of each shard it owns (a copy)."""
-        return Fence(self.id, dict(self.owned))
+        """The fence a save carries now: this member, and the epoch of each shard it owns (a copy).
+
+        Built once per change of ``owned`` (``_owned_changed``), not per flush.
+        """
+        fence = self._fence
+        if fence is None:
+            fence = self._fence = Fence(self.id, dict(self.owned))
+        return fence
 
     def epoch_of(self, run_id: str) -> int:
         """The epoch ``run_id``'s copies are written under (0: its shard is not owned here)."""
@@ -291,6 +298,7 @@ class ShardManager:
         return shards[i]
 
     def _owned_changed(self) -> None:
+        self._fence = None
         self._spawn_shards = sorted(s for s in self.owned if s not in self.draining)
 
     def owner_of(self, run_id: str) -> tuple[int, str | None, int, float]:
@@ -491,6 +499,7 @@ class ShardManager:
             kept = {s: e for s, e in kept.items() if s not in lost_in_seal}
         for s, epoch in kept.items():
             self.owned[s] = epoch
+        self._owned_changed()
         if kept:
             self.valid_until = max(self.valid_until, t0 + self._ttl - self._margin)
             log.warning(
