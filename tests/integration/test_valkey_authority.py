@@ -1,11 +1,9 @@
-"""``ValkeyAuthority`` against a real Valkey server: the authority contract, and what only Valkey does.
+"""What only ``ValkeyAuthority`` does, against a real Valkey server.
 
-The first tests are tests/contract/test_authority.py's, run on a Valkey
-authority (time injected with ``clock=``, "gone" with ``gone=``: nothing
-sleeps). Then: a claim seals the ``ValkeyStore`` on the same prefix, leases
-use the server's clock when none is injected, the shard count is the store's,
-and the documented limit: a restart without an append-only file forgets an
-epoch bump.
+The authority contract itself runs on Valkey in tests/contract/test_authority.py.
+Here: a claim seals the ``ValkeyStore`` on the same prefix, leases use the
+server's clock when none is injected, the shard count is the store's, and the
+documented limit: a restart without an append-only file forgets an epoch bump.
 """
 
 from __future__ import annotations
@@ -69,121 +67,6 @@ async def joined(authority: ValkeyAuthority, name: str) -> str:
     member = new_member(name)
     await authority.join(member)
     return member.member_id
-
-
-# --- the contract (tests/contract/test_authority.py) -------------------------------------------
-
-
-async def test_a_claim_takes_free_shards_and_bumps_their_epoch(env: Env) -> None:
-    authority, _, _ = env
-    a = await joined(authority, "a")
-    assert await authority.claim(a, [0, 1, 2], TTL) == {0: 1, 1: 1, 2: 1}
-    assert await authority.claim(a, [0, 3], TTL) == {3: 1}  # a live lease of its own is never bumped
-    leases = {lease.shard: lease for lease in await authority.leases()}
-    assert (leases[0].owner, leases[0].epoch) == (a, 1)
-    assert leases[5].owner is None
-
-
-async def test_a_live_lease_is_not_claimable_an_expired_one_is_and_its_epoch_goes_up(env: Env) -> None:
-    authority, clock, _ = env
-    a, b = await joined(authority, "a"), await joined(authority, "b")
-    await authority.claim(a, [0, 1], TTL)
-    assert await authority.claim(b, [0, 1], TTL) == {}
-    clock.t += TTL - 0.001
-    assert await authority.claim(b, [0], TTL) == {}
-    clock.t += 0.002
-    assert await authority.claim(b, [0], TTL) == {0: 2}
-    renewal = await authority.renew(a, TTL)
-    assert renewal.held == frozenset()  # expired: a renewal does not bring a lapsed lease back
-    assert await authority.claim(b, [1], TTL) == {1: 2}
-
-
-async def test_renewal_extends_every_lease_of_the_member_and_lists_live_members(env: Env) -> None:
-    authority, clock, _ = env
-    a, b = await joined(authority, "a"), await joined(authority, "b")
-    await authority.claim(a, [0, 1, 2], TTL)
-    clock.t += TTL * 0.9
-    renewal = await authority.renew(a, TTL)
-    assert renewal.held == frozenset({0, 1, 2})
-    assert renewal.now == clock.t
-    assert {lease.expires_at for lease in renewal.leases if lease.owner == a} == {clock.t + TTL}
-    clock.t += TTL * 0.9
-    assert await authority.claim(b, [0, 1, 2], TTL) == {}  # renewed: still held
-    renewal = await authority.renew(b, TTL)
-    assert {m.member_id for m in renewal.members} == {a, b}
-    clock.t += TTL * 1.5
-    renewal = await authority.renew(b, TTL)
-    assert {m.member_id for m in renewal.members} == {b}  # a stopped renewing
-
-
-async def test_a_lease_of_a_provably_gone_process_is_broken_at_once(env: Env) -> None:
-    authority, _, gone = env
-    a, b = await joined(authority, "a"), await joined(authority, "b")
-    await authority.claim(a, [0, 1], TTL)
-    gone.ids.add(a)
-    assert await authority.claim(b, [0, 1], TTL) == {0: 2, 1: 2}
-
-
-async def test_a_release_makes_shards_claimable_at_once(env: Env) -> None:
-    authority, _, _ = env
-    a, b = await joined(authority, "a"), await joined(authority, "b")
-    await authority.claim(a, [0, 1], TTL)
-    await authority.release(b, [0])  # not b's: nothing happens
-    assert await authority.claim(b, [0], TTL) == {}
-    await authority.release(a, [0])
-    assert await authority.claim(b, [0], TTL) == {0: 2}
-    await authority.leave(a)
-    assert await authority.claim(b, [1], TTL) == {1: 2}
-    assert {m.member_id for m in await authority.members()} == {b}
-
-
-async def test_epochs_only_ever_go_up_across_many_claims(env: Env) -> None:
-    authority, _, _ = env
-    members = [await joined(authority, str(i)) for i in range(3)]
-    seen: list[int] = []
-    for i in range(12):
-        m = members[i % 3]
-        taken = await authority.claim(m, [4], TTL)
-        seen.append(taken[4])
-        await authority.release(m, [4])
-    assert seen == list(range(1, 13))
-    log = await authority.ownership_log(4)
-    assert [(e, o, event) for _, e, o, event, _ in log[:2]] == [(1, members[0], "acquire"), (1, members[0], "release")]
-    assert len(log) == 24
-
-
-async def test_the_inbox_numbers_entries_per_shard_and_keeps_verdicts(env: Env) -> None:
-    authority, clock, _ = env
-    a = await joined(authority, "a")
-    held = await authority.claim(a, [3, 4], TTL)
-    seqs = [await authority.post(3, f"r{i}", "signal", b"x%d" % i) for i in range(3)]
-    assert seqs == [1, 2, 3]
-    assert await authority.post(4, "other", "cancel", b"") == 1
-    pending = await authority.pending([3], 10)
-    assert [(e.seq, e.run_id, e.body) for e in pending] == [(1, "r0", b"x0"), (2, "r1", b"x1"), (3, "r2", b"x2")]
-    assert await authority.settle(a, held, [(3, 1, '{"ok": {}}'), (3, 2, '{"error": "X"}')]) == 2
-    assert await authority.settle(a, held, [(3, 1, '{"ok": "again"}')]) == 0  # a verdict is recorded once
-    assert await authority.verdict(3, 1) == '{"ok": {}}'
-    assert await authority.verdict(3, 3) is None
-    assert [e.seq for e in await authority.pending([3, 4], 10)] == [3, 1]
-    clock.t += 1000
-    assert await authority.prune(500) == 2
-    assert await authority.verdict(3, 1) is None
-    assert await authority.post(3, "r9", "signal", b"") == 4  # numbers never go back after a prune
-
-
-async def test_only_the_holder_of_a_shard_at_its_epoch_settles_its_entries(env: Env) -> None:
-    """A process that lost the shard (a paused owner waking up) must not mark the new owner's entries applied."""
-    authority, clock, _ = env
-    a, b = await joined(authority, "a"), await joined(authority, "b")
-    old = await authority.claim(a, [2], TTL)
-    seq = await authority.post(2, "r", "signal", b"")
-    clock.t += TTL + 1
-    new = await authority.claim(b, [2], TTL)
-    assert await authority.settle(a, old, [(2, seq, '{"ok": {}}')]) == 0
-    assert await authority.verdict(2, seq) is None
-    assert [e.seq for e in await authority.pending([2], 10)] == [seq]
-    assert await authority.settle(b, new, [(2, seq, '{"ok": {}}')]) == 1
 
 
 # --- Valkey only ----------------------------------------------------------------------------------
