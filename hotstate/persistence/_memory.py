@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, final
 
 from hotstate._errors import CodecError, StoreUnavailableError
 from hotstate.persistence._records import SaveResult, StoredSnapshot
-from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards, fence_verdict, shard_of
+from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards, judge_fences, shard_of
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     StoreBase,
@@ -213,23 +213,9 @@ class MemoryStore(StoreBase):
 
         A shard ``fence.epochs`` does not name is fenced (its stored epoch, 0 when it has no fence).
         """
-        lost: dict[int, int] = {}
-        fences = self._fences
-        for shard in shards:
-            held = fences.get(shard)
-            epoch = fence.epochs.get(shard)
-            if epoch is None:
-                lost[shard] = 0 if held is None else held[0]
-                continue
-            verdict = (
-                fence_verdict(None, None, epoch, fence.owner)
-                if held is None
-                else fence_verdict(*held, epoch, fence.owner)
-            )
-            if verdict == "raise":
-                fences[shard] = (epoch, fence.owner)
-            elif verdict == "fenced" and held is not None:
-                lost[shard] = held[0]
+        lost, raised = judge_fences(self._fences, fence, shards)
+        for shard, epoch, owner in raised:
+            self._fences[shard] = (epoch, owner)
         return lost
 
     @override

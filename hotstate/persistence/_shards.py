@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from hotstate._errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 __all__ = [
     "DEFAULT_SHARDS",
@@ -26,6 +26,7 @@ __all__ = [
     "check_shards",
     "fence_verdict",
     "generated_prefix",
+    "judge_fences",
     "shard_of",
 ]
 
@@ -106,3 +107,31 @@ def fence_verdict(stored_epoch: int | None, stored_owner: str | None, epoch: int
     if stored_epoch > epoch or stored_owner != owner:
         return "fenced"
     return "write"
+
+
+def judge_fences(
+    stored: Mapping[int, tuple[int, str]], fence: Fence, shards: Iterable[int]
+) -> tuple[dict[int, int], list[tuple[int, int, str]]]:
+    """``fence_verdict`` for each of ``shards`` against the ``stored`` fences (shard -> (epoch, owner)).
+
+    Returns:
+        The shards fenced (shard -> the stored epoch; a shard ``fence.epochs``
+        does not name is fenced at its stored epoch, 0 when it has none), and
+        the fences to raise to the writer's, as ``(shard, epoch, owner)``. A
+        store applies both in the same transaction or script as its write.
+    """
+    lost: dict[int, int] = {}
+    raised: list[tuple[int, int, str]] = []
+    owner = fence.owner
+    for shard in shards:
+        held = stored.get(shard)
+        epoch = fence.epochs.get(shard)
+        if epoch is None:
+            lost[shard] = 0 if held is None else held[0]
+            continue
+        verdict = fence_verdict(None, None, epoch, owner) if held is None else fence_verdict(*held, epoch, owner)
+        if verdict == "raise":
+            raised.append((shard, epoch, owner))
+        elif verdict == "fenced" and held is not None:
+            lost[shard] = held[0]
+    return lost, raised

@@ -44,7 +44,7 @@ from hotstate.persistence._records import (
     StoredSnapshot,
     transition_from_row,
 )
-from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards, fence_verdict, shard_of
+from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards, judge_fences, shard_of
 from hotstate.persistence._store import (
     FINISHED_STATUSES,
     INT64_MAX,
@@ -643,21 +643,7 @@ async def _judge_fences(conn: aiosqlite.Connection, fence: Fence, shards: Collec
     """
     sql = f"SELECT shard, epoch, owner FROM hs_shard_fence WHERE shard IN ({_listed(shards)})"  # noqa: S608
     stored: dict[int, tuple[int, str]] = {row[0]: (row[1], row[2]) for row in await conn.execute_fetchall(sql)}
-    lost: dict[int, int] = {}
-    raised: list[tuple[int, int, str]] = []
-    for shard in shards:
-        held = stored.get(shard)
-        epoch = fence.epochs.get(shard)
-        if epoch is None:
-            lost[shard] = 0 if held is None else held[0]
-            continue
-        verdict = (
-            fence_verdict(None, None, epoch, fence.owner) if held is None else fence_verdict(*held, epoch, fence.owner)
-        )
-        if verdict == "raise":
-            raised.append((shard, epoch, fence.owner))
-        elif verdict == "fenced" and held is not None:
-            lost[shard] = held[0]
+    lost, raised = judge_fences(stored, fence, shards)
     if raised:
         await conn.executemany(_RAISE_FENCE, raised)
     return lost
