@@ -275,8 +275,10 @@ async def run_trial(
 async def clean(pol: Policy, valkey_url: str, prefix: str, paths: Sequence[Path]) -> None:
     """Delete a trial's files (an SQLite file with its WAL) and its Valkey keys."""
     for path in paths:
-        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            p.unlink(missing_ok=True)
+        # The database, its WAL and shared memory, and the same three of its ownership authority.
+        for base in (path.name, path.name + "-authority"):
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(base + suffix).unlink(missing_ok=True)
     if any(t.kind == "valkey" for t in pol.tiers):
         await drop_prefix(valkey_url, prefix)
 

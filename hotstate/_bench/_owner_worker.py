@@ -62,6 +62,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from hotstate import FlushPolicy, HotstateError, Ownership, Runtime, Step, StepContext, Tier, Workflow, run
 from hotstate._bench import _w1 as w1
 from hotstate.persistence import SQLiteStore, ValkeyStore, shard_of
+from hotstate.persistence._sqlite_authority import authority_path
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -640,11 +641,12 @@ class Cluster:
     def __init__(self, scratch: Path, *, valkey_url: str | None, prefix: str, **overrides: Any) -> None:
         self.scratch = scratch
         self.db = scratch / "runs.db"
+        self.authority = Path(authority_path(self.db))  # the default authority's own file, beside the tier's
         self.base = WorkerConfig(sqlite=str(self.db), valkey_url=valkey_url, prefix=prefix, **overrides)
         self.workers: list[WorkerProcess] = []
         self.faults: list[Fault] = []
         self.owners: dict[int, str | None] = {}
-        self.watch = LeaseWatch(self.db)
+        self.watch = LeaseWatch(self.authority)
         self._out: set[str] = set()  # paused, leaving or dead: sent nothing
 
     async def __aenter__(self) -> Cluster:

@@ -526,11 +526,11 @@ async def judge(cluster: Cluster, traffic: Traffic, *, scenario: str, started: f
     report.cancels_acked = len(traffic.cancelled)
     report.same_id_spawns = len(traffic.same_ids)
     cfg = cluster.base
-    log = read_log(cluster.db)
+    log = read_log(cluster.authority)
     executions = read_ledgers(cluster.ledgers)
     report.executions = len(executions)
     _check_authority(log, executions, report)
-    wall = authority_to_wall(cluster.db)
+    wall = authority_to_wall(cluster.authority)
     expiries = {key: wall(at) for key, at in cluster.watch.expiries.items()}
     _check_leases(log, expiries, cluster.faults, report)
     tiers = [await read_tier(store, kept=cfg.keep_every is not None) for store in cfg.stores()]
@@ -932,7 +932,8 @@ async def _pause_outside_a_write(cluster: Cluster, w: WorkerProcess, tries: int 
     """
     for _ in range(tries):
         at = cluster.pause(w)
-        if await anyio.to_thread.run_sync(_write_lock_free, cluster.db):
+        free = await anyio.to_thread.run_sync(_write_lock_free, cluster.db)
+        if free and await anyio.to_thread.run_sync(_write_lock_free, cluster.authority):
             return at
         w.signal(signal.SIGCONT)
         await anyio.sleep(0.05)
@@ -1087,7 +1088,7 @@ async def takeover_trial(scratch: Path, url: str | None, ttl: float, *, local: b
         await poll(taken, timeout=3 * ttl + 30)
         await c.terminate_all()
         report = Report("takeover")
-        _takeovers(read_log(c.db), read_resumed(c.db), c.faults, c.base, report)
+        _takeovers(read_log(c.authority), read_resumed(c.db), c.faults, c.base, report)
     if url is not None:
         await drop_prefix(url, prefix)
     return report.takeovers

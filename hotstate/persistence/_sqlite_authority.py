@@ -30,7 +30,7 @@ from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping, Sequence
 
-__all__ = ["SQLiteAuthority", "host_clock", "read_shard_map"]
+__all__ = ["SQLiteAuthority", "authority_path", "host_clock", "read_shard_map"]
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS hs_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -56,6 +56,20 @@ CREATE TABLE IF NOT EXISTS hs_ownership_log (
 """
 
 _LOG_KEEP: Final = 100_000  # ownership log rows kept (the oldest go first)
+
+
+def authority_path(database: str | Path) -> str:
+    """The file of the default authority of an SQLite tier's ``database``: ``<database>-authority``.
+
+    Its own file, beside the tier's: a lease renewal never waits behind the
+    tier's flushes for SQLite's one write lock (with several saturated
+    processes on one file, renewals queued behind flushes long enough for
+    leases to lapse), and a process stopped inside a flush's transaction stops
+    every other process's flushes but not their renewals. An in-memory
+    database (``:memory:``) keeps an in-memory authority.
+    """
+    text = str(database)
+    return text if text == ":memory:" else f"{text}-authority"
 
 
 def _boot_id() -> str | None:
@@ -86,8 +100,10 @@ class SQLiteAuthority:
     """Shard leases and epochs in an SQLite file, for processes on one host.
 
     Args:
-        path: the database file; usually the SQLite tier's own file (then a
-            claim seals that tier at once).
+        path: the database file: by default ``authority_path`` of the first
+            SQLite tier's file (its own file, so renewals never queue behind
+            the tier's flushes). The tier's own file works too (a claim then
+            also seals that tier).
         shards: the shard count; None takes the recorded one (or
             ``DEFAULT_SHARDS`` for a new file). Another count than the
             recorded one is a ``ConfigError`` at ``open``.
@@ -456,9 +472,14 @@ class SQLiteAuthority:
 def read_shard_map(path: str | Path) -> tuple[tuple[ShardLease, ...], tuple[MemberInfo, ...], float] | None:
     """The shard map, members and the authority's time now, read only from an SQLite file (None: no authority).
 
-    For tools (``hotstate runs shards``): it opens the file read-only and writes
-    nothing. Lease times are on the clock recorded in the file (``host_clock``).
+    ``path`` is a tier's database (its ``authority_path`` is read when it
+    exists) or an authority's own file. For tools (``hotstate runs shards``):
+    it opens the file read-only and writes nothing. Lease times are on the
+    clock recorded in the file (``host_clock``).
     """
+    beside = Path(authority_path(path))
+    if beside.is_file():  # the default authority of this tier's file
+        path = beside
     uri = Path(path).absolute().as_uri() + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True)

@@ -68,7 +68,7 @@ from hotstate.persistence import (
 )
 from hotstate.persistence._authority import Authority, MemoryAuthority, process_gone
 from hotstate.persistence._shards import generated_prefix
-from hotstate.persistence._sqlite_authority import SQLiteAuthority, read_shard_map
+from hotstate.persistence._sqlite_authority import SQLiteAuthority, authority_path, read_shard_map
 from hotstate.runtime._adoption import Adoption, same_definition
 from hotstate.runtime._backoff import RestartIntensity
 from hotstate.runtime._events import EventBus, Subscription
@@ -134,14 +134,14 @@ _MEMORY_AUTHORITIES: weakref.WeakKeyDictionary[MemoryStore, MemoryAuthority] = w
 def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority | None:
     """The authority a runtime with these tiers uses by default, or None (nothing durable to share).
 
-    The first durable SQLite tier's file (processes on one host); else a
+    A file beside the first durable SQLite tier's (``authority_path``: processes on one host); else a
     ``MemoryStore``'s own authority (runtimes sharing it in one process);
     else the first Valkey tier's server (one server, not across a failover).
     """
     durable = [t.store for t in tiers if not t.policy.cache]
     for store in durable:
         if isinstance(store, SQLiteStore):
-            return SQLiteAuthority(store.path, shards=shards)
+            return SQLiteAuthority(authority_path(store.path), shards=shards)
     for store in durable:
         if isinstance(store, MemoryStore):
             held = _MEMORY_AUTHORITIES.get(store)

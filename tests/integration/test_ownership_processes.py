@@ -183,14 +183,14 @@ async def test_a_renewal_that_lands_after_the_deadline_gives_its_leases_back(mak
     async with make_cluster(valkey=False) as cluster:
         a = await cluster.start("a")
         ttl = cluster.base.ttl
-        first = _leases(cluster.db)[0][2]
+        first = _leases(cluster.authority)[0][2]
 
         async def renewed() -> bool:
-            return _leases(cluster.db)[0][2] != first
+            return _leases(cluster.authority)[0][2] != first
 
         await poll(renewed, timeout=5, every=0.005)  # a renewal landed: T is its time
-        t = authority_to_wall(cluster.db)(_leases(cluster.db)[0][2]) - ttl
-        blocker = sqlite3.connect(cluster.db, isolation_level=None, timeout=10)
+        t = authority_to_wall(cluster.authority)(_leases(cluster.authority)[0][2]) - ttl
+        blocker = sqlite3.connect(cluster.authority, isolation_level=None, timeout=10)
         try:
             blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock (a long flush, a paused writer)
             # Past a's deadline (T + ttl - margin, margin 0.2 s), before its lease ends (T + ttl): the
@@ -222,7 +222,7 @@ async def test_after_losing_every_shard_to_a_lapsed_lease_forwarded_calls_are_ap
             return min(losses) > 0
 
         await poll(waiting, timeout=10)
-        blocker = sqlite3.connect(cluster.db, isolation_level=None, timeout=10)
+        blocker = sqlite3.connect(cluster.authority, isolation_level=None, timeout=10)
         try:
             blocker.execute("BEGIN IMMEDIATE")  # no renewal lands: both drop every shard at their deadline
             async with anyio.create_task_group() as tg:  # a forwarded call in flight across it
@@ -297,14 +297,14 @@ async def test_a_renewal_late_by_less_than_the_margin_keeps_the_unflushed_runs(m
         run_id = (await a.call("spawn", workflow="plain"))["run_id"]
         await a.call("wait_finished", run_id=run_id)  # done in memory; nothing flushed for 30 s
         ttl = cluster.base.ttl
-        first = _leases(cluster.db)[0][2]
+        first = _leases(cluster.authority)[0][2]
 
         async def renewed() -> bool:
-            return _leases(cluster.db)[0][2] != first
+            return _leases(cluster.authority)[0][2] != first
 
         await poll(renewed, timeout=5, every=0.005)  # a renewal landed: T is its time
-        t = authority_to_wall(cluster.db)(_leases(cluster.db)[0][2]) - ttl
-        blocker = sqlite3.connect(cluster.db, isolation_level=None, timeout=10)
+        t = authority_to_wall(cluster.authority)(_leases(cluster.authority)[0][2]) - ttl
+        blocker = sqlite3.connect(cluster.authority, isolation_level=None, timeout=10)
         try:
             blocker.execute("BEGIN IMMEDIATE")
             await anyio.sleep(max(0.0, t + ttl - 0.1 - time.time()))  # past a's deadline, before its lease ends
