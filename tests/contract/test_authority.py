@@ -6,6 +6,7 @@ sleeping; "is this member's process gone" is injected too (``gone=``).
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import pytest
 from hotstate import ConfigError
 from hotstate.persistence import Authority, MemberInfo, MemoryAuthority, SQLiteAuthority, SQLiteStore
 from hotstate.persistence._authority import new_member
+from hotstate.persistence._postgres_authority import PostgresAuthority
 from hotstate.persistence._valkey_authority import ValkeyAuthority
 
 if TYPE_CHECKING:
@@ -50,11 +52,16 @@ def make(kind: str, tmp_path: Path, clock: Clock, gone: Gone, shards: int | None
     if kind.startswith("valkey "):  # "valkey <url> <prefix>"
         _, url, prefix = kind.split(" ")
         return ValkeyAuthority(url, prefix=prefix, shards=shards, clock=clock, gone=gone)
+    if kind.startswith("postgres "):  # "postgres <url>": a schema of this test's own
+        schema = "hs_" + hashlib.blake2b(str(tmp_path).encode(), digest_size=8).hexdigest()
+        return PostgresAuthority(kind.split(" ")[1], schema=schema, shards=shards, clock=clock, gone=gone)
     return SQLiteAuthority(tmp_path / "authority.db", shards=shards, clock=clock, gone=gone)
 
 
-@pytest.fixture(params=["memory", "sqlite", "valkey"])
+@pytest.fixture(params=["memory", "sqlite", "valkey", "postgres"])
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgres":
+        return f"postgres {request.getfixturevalue('postgres_url')}"
     if request.param == "valkey":
         return f"valkey {request.getfixturevalue('valkey_url')} {request.getfixturevalue('valkey_prefix')}"
     return str(request.param)
