@@ -93,6 +93,7 @@ if TYPE_CHECKING:
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._records import BadRow
     from hotstate.persistence._shards import Fence
+    from hotstate.persistence._valkey_authority import ValkeyAuthority
 
 __all__ = ["ValkeyStore", "errors", "read_layout", "refusal"]
 
@@ -1030,6 +1031,18 @@ class ValkeyStore(StoreBase):
         For tools and tests that read or write the store's keys directly.
         """
         return ":".join((self.prefix, f"{{{shard}}}", *parts))
+
+    def default_authority(self, shards: int | None = None) -> ValkeyAuthority:
+        """The lease authority of a runtime whose only durable tier is this store: its server, its prefix.
+
+        One Valkey server; not safe across a failover or a restart without AOF
+        (``ValkeyAuthority``). A store built on a client shares that client.
+        """
+        from hotstate.persistence._valkey_authority import ValkeyAuthority
+
+        return ValkeyAuthority(
+            self.url, prefix=self.prefix, shards=shards, client=None if self._owns_client else self._client
+        )
 
     def run_key(self, run_id: str, kind: str = "run") -> str:
         """The name of ``run_id``'s key of ``kind``: ``run`` (its hash), ``hist`` (history) or ``ver`` (kept copies)."""

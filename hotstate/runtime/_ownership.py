@@ -241,6 +241,7 @@ class ShardManager:
         self._next_renew = 0.0
         self._owned_since: dict[int, float] = {}
         self._taking: set[int] = set()  # claimed, being sealed: not owned yet
+        self._held_before: set[int] = set()  # shards this process has owned at some point
         self._loading: set[int] = set()  # owned, their runs being loaded
         self._first_seen: dict[str, float] = {}
         self._spawn_shards: list[int] = []
@@ -393,12 +394,15 @@ class ShardManager:
             return
         self._taking.update(claimed)
         try:
-            self._host.evict_shards(claimed, "claimed again")  # stray rows of an earlier holding of these shards
+            again = {s: e for s, e in claimed.items() if s in self._held_before}
+            if again:  # stray rows of an earlier holding of these shards (no scan for a first holding)
+                self._host.evict_shards(again, "claimed again")
             lost = await self._seal(claimed)
             if lost:
                 await self.authority.release(self.id, lost)
             kept = {s: e for s, e in claimed.items() if s not in lost}
             self.owned.update(kept)
+            self._held_before.update(kept)
             now = self._clock.now()
             for s in kept:
                 self._owned_since[s] = now

@@ -63,8 +63,6 @@ from hotstate.persistence import (
     PersisterStatistics,
     SQLiteStore,
     Tier,
-    ValkeyAuthority,
-    ValkeyStore,
 )
 from hotstate.persistence._authority import Authority, MemoryAuthority, process_gone
 from hotstate.persistence._shards import generated_prefix
@@ -148,14 +146,10 @@ def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority |
             if held is None:
                 held = _MEMORY_AUTHORITIES[store] = MemoryAuthority(shards)
             return held
-    for store in durable:
-        if isinstance(store, ValkeyStore):  # one Valkey server (not safe across a failover: see ValkeyAuthority)
-            given = None if store._owns_client else store._client  # a store built on a client: the same server
-            return ValkeyAuthority(store.url, prefix=store.prefix, shards=shards, client=given)
-    for store in durable:
+    for store in durable:  # a store that names one (ValkeyStore: its server, not safe across a failover)
         make = getattr(store, "default_authority", None)
         if make is not None:
-            authority: Authority = make()
+            authority: Authority = make(shards)
             return authority
     return None
 

@@ -21,7 +21,7 @@ from hotstate.persistence._shards import Fence, generated_prefix
 from hotstate.persistence._valkey_authority import ValkeyAuthority
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
 
     from hotstate.persistence import EmbeddedValkey
 
@@ -29,38 +29,9 @@ SHARDS = 8
 TTL = 10.0
 
 
-class Clock:
-    """Authority time a test moves by hand."""
-
-    def __init__(self) -> None:
-        self.t = 1_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Gone:
-    """Which members' processes a test declares gone."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-
-    def __call__(self, member: MemberInfo) -> bool:
-        return member.member_id in self.ids
-
-
-Env = tuple[ValkeyAuthority, Clock, Gone]
-
-
-@pytest.fixture
-async def env(valkey_url: str, valkey_prefix: str) -> AsyncIterator[Env]:
-    clock, gone = Clock(), Gone()
-    authority = ValkeyAuthority(valkey_url, prefix=valkey_prefix, shards=SHARDS, clock=clock, gone=gone)
-    await authority.open()
-    try:
-        yield authority, clock, gone
-    finally:
-        await authority.aclose()
+def nobody_gone(member: MemberInfo) -> bool:
+    """No member's process is gone (the test decides nothing by pids)."""
+    return False
 
 
 async def joined(authority: ValkeyAuthority, name: str) -> str:
@@ -153,7 +124,7 @@ async def test_an_epoch_bump_survives_a_restart_only_with_an_append_only_file(
 ) -> None:
     """The documented limit: the epoch lives only as long as the server's copy of it."""
     server: EmbeddedValkey = request.getfixturevalue("private_valkey" if aof else "ephemeral_valkey")
-    authority = ValkeyAuthority(server.url, prefix="hs", shards=SHARDS, socket_timeout=2.0, gone=Gone())
+    authority = ValkeyAuthority(server.url, prefix="hs", shards=SHARDS, socket_timeout=2.0, gone=nobody_gone)
     await authority.open()
     try:
         a, b = await joined(authority, "a"), await joined(authority, "b")
