@@ -10,11 +10,13 @@ the tests fail, never skip.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import asyncpg
 import pytest
 import valkey
 
@@ -59,6 +61,25 @@ def postgres_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def postgres_schema(postgres_url: str) -> Iterator[str]:
+    """A unique schema name; the schema (and every table in it) is dropped after the test.
+
+    Sync on purpose, as ``valkey_prefix``: async fixtures pull it with getfixturevalue.
+    """
+    schema = f"hs_test_{uuid.uuid4().hex[:12]}"
+    yield schema
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from hotstate.persistence._codec import SECRET_KEY_ENV, Codec, JsonCodec, Msgpac
 from hotstate.persistence._memory import MemoryStore
 from hotstate.persistence._persister import PersisterStatistics
 from hotstate.persistence._policy import FlushPolicy, Tier
+from hotstate.persistence._postgres import PostgresStore
+from hotstate.persistence._postgres_authority import PostgresAuthority
 from hotstate.persistence._records import (
     BadRow,
     RunHeader,
@@ -43,6 +45,8 @@ __all__ = [
     "MsgpackCodec",
     "PersisterStatistics",
     "PickleCodec",
+    "PostgresAuthority",
+    "PostgresStore",
     "Renewal",
     "RunHeader",
     "SQLiteAuthority",

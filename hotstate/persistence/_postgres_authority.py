@@ -18,13 +18,13 @@ of that epoch, DESIGN.md "Several processes").
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, Final, final
 
 import asyncpg
 
-from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableError
+from hotstate._errors import ConfigError, PersistenceError
 from hotstate.persistence._authority import InboxEntry, MemberInfo, Renewal, ShardLease, process_gone
+from hotstate.persistence._postgres_common import check_schema, create_schema, postgres_error
 from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards
 
 if TYPE_CHECKING:
@@ -55,8 +55,7 @@ CREATE TABLE IF NOT EXISTS hs_inbox (
 
 # The time of a statement: the injected clock's ($n, a test) or the database's.
 _NOW: Final = "coalesce({}::float8, extract(epoch from clock_timestamp())::float8)"
-_UNAVAILABLE: Final = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_FAILURES: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 @final
@@ -85,11 +84,8 @@ class PostgresAuthority:
         gone: Callable[[MemberInfo], bool] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        given: object = schema  # callers may ignore the type hints
-        if not isinstance(given, str) or not _NAME.fullmatch(given):
-            raise ConfigError("PostgresAuthority.schema", schema, "must be a plain SQL name")
         self.url = url
-        self.schema = schema
+        self.schema = check_schema("PostgresAuthority.schema", schema)
         self._asked = None if shards is None else check_shards("PostgresAuthority.shards", shards)
         self.shards = DEFAULT_SHARDS if self._asked is None else self._asked
         self.name = f"postgres:{schema}"
@@ -115,19 +111,17 @@ class PostgresAuthority:
         try:
             async with self._p().acquire() as conn, conn.transaction():
                 return await fn(conn)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError(self.name, f"{what}: {type(exc).__name__}: {exc}") from exc
-        except asyncpg.PostgresError as exc:
-            raise PersistenceError(self.name, f"{what}: {exc}") from exc
+        except _FAILURES as exc:
+            raise postgres_error(self.name, what, exc) from exc
 
     async def open(self) -> None:
         """Connect, create the schema and tables, record (or check) the shard count. Idempotent."""
         if self._pool is not None:
             return
         try:
-            first = await asyncpg.connect(self.url, timeout=self._timeout)
+            first = await asyncpg.connect(self.url, timeout=self._timeout, server_settings={"search_path": self.schema})
             try:
-                await first.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await create_schema(first, self.schema, _SCHEMA, self._record_shards)
             finally:
                 await first.close()
             self._pool = await asyncpg.create_pool(
@@ -138,14 +132,8 @@ class PostgresAuthority:
                 command_timeout=self._timeout,
                 server_settings={"search_path": self.schema},
             )
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError(self.name, f"cannot connect: {type(exc).__name__}: {exc}") from exc
-        try:
-            await self._tx("create the schema", lambda c: c.execute(_SCHEMA))
-            await self._tx("record the shard count", self._record_shards)
-        except BaseException:
-            await self.aclose()
-            raise
+        except _FAILURES as exc:
+            raise postgres_error(self.name, "open", exc) from exc
 
     async def _record_shards(self, conn: Any) -> None:
         await conn.execute("LOCK TABLE hs_meta IN SHARE ROW EXCLUSIVE MODE")  # two first opens at once

@@ -62,6 +62,25 @@ def postgres_binaries() -> Path:
     )
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: not gone, and not a zombie waiting for its parent to reap it.
+
+    The postmaster's parent is ``pg_ctl``, which exits at once: the postmaster
+    is then a child of PID 1, which in a container may reap late (a second
+    or more), and ``kill(pid, 0)`` succeeds on a zombie.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True  # no /proc: trust kill()
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
+
+
 @final
 class EmbeddedPostgres:
     """A private PostgreSQL server on a free loopback port, in a temporary directory.
@@ -115,36 +134,87 @@ class EmbeddedPostgres:
         """
         if self._pid is not None:
             return self
-        bin_dir = postgres_binaries()
-        self._dir = Path(tempfile.mkdtemp(prefix="hotstate-postgres-"))
-        data = self._dir / "data"
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="hotstate-postgres-"))
+            if os.name == "posix" and os.geteuid() == 0:
+                self._own(self._dir)
+                self._dir.chmod(0o755)
+            try:
+                self._initdb(timeout)
+            except BaseException:
+                self._remove()
+                raise
+        self._launch(timeout)
+        return self
+
+    @staticmethod
+    def _own(path: Path) -> None:
+        """Hand ``path`` to the unprivileged user the server runs as (under root)."""
+        import pwd
+
+        entry = pwd.getpwnam(_UNPRIVILEGED)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _initdb(self, timeout: float) -> None:
+        data = self._data()
         data.mkdir()
         if os.name == "posix" and os.geteuid() == 0:
-            import pwd
-
-            entry = pwd.getpwnam(_UNPRIVILEGED)
-            for path in (self._dir, data):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-            self._dir.chmod(0o755)
+            self._own(data)
         init = self._run(
-            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+            [
+                str(postgres_binaries() / "initdb"),
+                *("-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"),
+            ],
             timeout,
         )
         if init.returncode != 0:
-            self._remove()
             raise PostgresServerError(f"initdb failed: {init.stderr.strip()[-2000:]}")
+
+    def _data(self) -> Path:
+        if self._dir is None:
+            raise PostgresServerError("the server has no directory (stopped for good)")
+        return self._dir / "data"
+
+    def _launch(self, timeout: float) -> None:
+        """Start the postmaster on the existing data directory and wait until it accepts connections."""
+        data = self._data()
+        assert self._dir is not None  # noqa: S101 - _data() checked it
         options = f"-p {self.port} -h {self.host} -k {data} -c fsync={'on' if self.fsync else 'off'}"
         started = self._run(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(self._dir / "log"), "-o", options, "-w", "start"],
+            [
+                str(postgres_binaries() / "pg_ctl"),
+                *("-D", str(data), "-l", str(self._dir / "log"), "-o", options, "-w", "start"),
+            ],
             timeout,
         )
         pid_file = data / "postmaster.pid"
         if started.returncode != 0 or not pid_file.is_file():
-            tail = self._log_tail()
-            self._remove()
-            raise PostgresServerError(f"PostgreSQL did not start: {started.stderr.strip()} {tail}")
+            raise PostgresServerError(f"PostgreSQL did not start: {started.stderr.strip()} {self._log_tail()}")
         self._pid = int(pid_file.read_text().splitlines()[0])
-        return self
+
+    def shutdown(self) -> None:
+        """Stop the server (fast shutdown) and keep its data directory: ``start`` brings it back on the same port."""
+        self._signal(signal.SIGINT, 10.0)
+
+    def restore(self, backup: Path) -> None:
+        """With the server stopped, put ``backup`` (a copy of ``data_dir`` taken while it was stopped) in place."""
+        if self._pid is not None:
+            raise PostgresServerError("restore needs the server stopped")
+        data = self._data()
+        shutil.rmtree(data)
+        shutil.copytree(backup, data, symlinks=True)
+        if os.name == "posix" and os.geteuid() == 0:
+            for root, dirs, files in os.walk(data):
+                for name in (*dirs, *files):
+                    self._own(Path(root) / name)
+            self._own(data)
+
+    def wipe(self, timeout: float = 60.0) -> None:
+        """With the server stopped, replace its data by a new empty cluster (a volume that came back empty)."""
+        if self._pid is not None:
+            raise PostgresServerError("wipe needs the server stopped")
+        shutil.rmtree(self._data())
+        self._initdb(timeout)
 
     def _log_tail(self) -> str:
         if self._dir is None:
@@ -161,11 +231,9 @@ class EmbeddedPostgres:
             os.kill(pid, sig)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -174,6 +242,10 @@ class EmbeddedPostgres:
     def kill(self) -> None:
         """SIGKILL the postmaster (a crash); ``stop`` then deletes the data directory."""
         self._signal(signal.SIGKILL, 5.0)
+
+    def crash(self) -> None:
+        """Stop at once, as a crash does (``pg_ctl stop -m immediate``: no checkpoint; ``start`` recovers from the WAL)."""
+        self._signal(signal.SIGQUIT, 10.0)
 
     def stop(self) -> None:
         """Stop the server (fast shutdown, by its pid) and delete its directory. Idempotent."""

@@ -11,6 +11,7 @@ import pytest
 
 from hotstate.persistence import (
     MemoryStore,
+    PostgresStore,
     SQLiteStore,
     Store,
     ValkeyStore,
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-TIERS = ("memory", "sqlite", "valkey")
+TIERS = ("memory", "sqlite", "valkey", "postgres")
 
 
 async def make_store(request: pytest.FixtureRequest, tier: str, tmp_path: Path) -> Store:
@@ -28,6 +29,8 @@ async def make_store(request: pytest.FixtureRequest, tier: str, tmp_path: Path) 
         return MemoryStore()
     if tier == "sqlite":
         return SQLiteStore(tmp_path / "hotstate.db")
+    if tier == "postgres":
+        return PostgresStore(request.getfixturevalue("postgres_url"), schema=request.getfixturevalue("postgres_schema"))
     url: str = request.getfixturevalue("valkey_url")
     prefix: str = request.getfixturevalue("valkey_prefix")
     return ValkeyStore(url, prefix=prefix, socket_timeout=2.0)

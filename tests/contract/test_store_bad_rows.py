@@ -18,6 +18,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import pytest
 import valkey
 
@@ -26,6 +27,7 @@ from hotstate.persistence import (
     BadRow,
     MemoryStore,
     PickleCodec,
+    PostgresStore,
     SQLiteStore,
     Store,
     StoredSnapshot,
@@ -187,6 +189,27 @@ def valkey_foreign_member(store: Store, run_id: str) -> None:
             raw.zadd(vs.shard_key(shard, *index), {member: 0})
 
 
+async def postgres_exec(store: Store, assignment: str, run_id: str) -> None:
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(store.url)
+    try:
+        await conn.execute(f"UPDATE {store.table('hs_runs')} SET {assignment} WHERE run_id = $1", run_id)  # noqa: S608
+    finally:
+        await conn.close()
+
+
+def postgres(name: str, assignment: str, **kwargs: Any) -> Plant:
+    """PostgreSQL's columns are typed and its text is UTF-8: what can be wrong is text holding U+0001
+    that is not one of the store's escapes (U+0000 is stored escaped)."""
+    return Plant(
+        "postgres",
+        name,
+        lambda store, run_id: postgres_exec(store, assignment, run_id),
+        "holds U+0001 that is not one of the store's escapes",
+        **kwargs,
+    )
+
+
 PLANTS = [
     memory("version-text", "version='2'", version="2"),
     memory("workflow-not-text", "workflow=7", workflow=7),
@@ -216,6 +239,14 @@ PLANTS = [
     valkey_field("run-id-of-another-run", "run_id", "someone-else", "run_id field is 'someone-else'"),
     Plant("valkey", "key-of-another-type", valkey_wrong_type, "not a hash"),
     Plant("valkey", "hash-without-body", valkey_missing_body, "lacks body", header=False),
+    postgres("workflow-bad-escape", "workflow = E'or\\x01ders'"),
+    postgres("error-bad-escape", "error = E'boom \\x01'", header=False),
+    postgres(
+        "run-id-bad-escape",
+        "run_id = run_id || E'\\x01'",
+        reported_as=lambda run_id: run_id + "\x01",
+        loadable=False,
+    ),
 ]
 
 
@@ -228,6 +259,10 @@ async def opened(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         store = MemoryStore()
     elif tier == "sqlite":
         store = SQLiteStore(tmp_path / "bad-rows.db")
+    elif tier == "postgres":
+        store = PostgresStore(
+            request.getfixturevalue("postgres_url"), schema=request.getfixturevalue("postgres_schema")
+        )
     else:
         store = ValkeyStore(request.getfixturevalue("valkey_url"), prefix=request.getfixturevalue("valkey_prefix"))
     async with store:

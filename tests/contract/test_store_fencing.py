@@ -20,6 +20,7 @@ from hotstate import ConfigError, PersistenceError, Snapshot, Status, Transition
 from hotstate.persistence import (
     MemoryStore,
     PickleCodec,
+    PostgresStore,
     SQLiteStore,
     Store,
     StoredDeadLetter,
@@ -380,6 +381,8 @@ def other_store(store: Store, **options: Any) -> Store:
         return SQLiteStore(store.path, **options)
     if isinstance(store, ValkeyStore):
         return ValkeyStore(store.url, prefix=store.prefix, **options)
+    if isinstance(store, PostgresStore):
+        return PostgresStore(store.url, schema=store.schema, **options)
     raise AssertionError(type(store))
 
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
+import asyncpg
 import pytest
 import valkey
 
 from hotstate import CodecError, Status, Transition, TransitionKind
 from hotstate.persistence import (
     MemoryStore,
+    PostgresStore,
     RunHeader,
     SQLiteStore,
     Store,
@@ -139,6 +141,14 @@ async def test_a_stored_version_at_the_top_of_the_range_is_a_conflict_and_the_ne
     assert found.header.version == top
 
 
+async def postgres_sql(store: PostgresStore, sql: str, *args: object) -> None:
+    conn = await asyncpg.connect(store.url)
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
 async def plant_version(store: Store, run_id: str, version: int) -> None:
     """Store ``run_id`` at ``version`` the way something other than hotstate would."""
     if isinstance(store, SQLiteStore):
@@ -150,6 +160,10 @@ async def plant_version(store: Store, run_id: str, version: int) -> None:
         await store.save([stored(run_id, 1)], [])
         with valkey.Valkey.from_url(store.url) as raw:
             raw.hset(store.run_key(run_id), "version", str(version))
+    elif isinstance(store, PostgresStore):
+        await store.save([stored(run_id, 1)], [])
+        sql = f"UPDATE {store.table('hs_runs')} SET version = $1 WHERE run_id = $2"  # noqa: S608 - the test's own SQL
+        await postgres_sql(store, sql, version, run_id)
     else:
         assert isinstance(store, MemoryStore)
         await store.save([stored(run_id, version)], [])

@@ -13,18 +13,25 @@ Each tier goes back the way it does in production, with real files and a real se
   ``SAVE`` an RDB, then SIGKILLed and started again: it loads that RDB, so
   everything written after the ``SAVE`` is gone (a crash under Valkey's default
   RDB persistence, or a restored RDB backup). Losing everything is the same
-  restart with the RDB deleted.
+  restart with the RDB deleted;
+- postgres: a private server's files copied while it is stopped, later put
+  back after a crash (a base backup restored, or a failover to a replica that
+  lacked the newest commits); losing everything is a new empty cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import shutil
 import sqlite3
+import uuid
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
+import asyncpg
 import pytest
 import valkey
 
@@ -33,6 +40,7 @@ from hotstate.persistence import (
     EmbeddedValkey,
     MemoryStore,
     PickleCodec,
+    PostgresStore,
     SaveResult,
     SQLiteStore,
     Store,
@@ -40,6 +48,7 @@ from hotstate.persistence import (
     ValkeyStore,
     _sqlite as sqlite_module,
 )
+from hotstate.persistence._postgres_server import EmbeddedPostgres
 from hotstate.persistence._records import encode_snapshot
 from hotstate.persistence._store import MARK_TTL, advance_mark
 
@@ -224,8 +233,64 @@ def valkey_server() -> Iterator[EmbeddedValkey]:
         server.stop()
 
 
-@pytest.fixture(params=["memory", "sqlite", "sqlite-old", "valkey"])
+class PostgresBackend:
+    """A schema of its own on a private server (the module's), backed up by copying the stopped server's files.
+
+    A roll back is a crash (``-m immediate``) and the copy put back (a base
+    backup restored, or a failover to a replica that had not received the
+    newest commits); losing everything is a new empty cluster on the same port.
+    """
+
+    def __init__(self, server: EmbeddedPostgres, tmp_path: Path) -> None:
+        self.server = server
+        self.schema = f"rollback_{uuid.uuid4().hex[:12]}"
+        self.backup = tmp_path / "pg-backup"
+
+    def new_store(self) -> Store:
+        return PostgresStore(self.server.url, schema=self.schema, timeout=5.0)
+
+    async def checkpoint(self) -> None:
+        self.server.shutdown()
+        assert self.server.data_dir is not None
+        shutil.rmtree(self.backup, ignore_errors=True)
+        shutil.copytree(self.server.data_dir, self.backup, symlinks=True)
+        self.server.start()
+
+    async def roll_back(self) -> None:
+        self.server.crash()
+        self.server.restore(self.backup)
+        self.server.start()
+
+    async def lose_everything(self) -> None:
+        self.server.crash()
+        self.server.wipe()
+        self.server.start()
+
+    def marks(self) -> dict[str, str]:
+        async def read() -> dict[str, str]:
+            conn = await asyncpg.connect(self.server.url)
+            try:
+                rows = await conn.fetch(f'SELECT writer, high, lost FROM "{self.schema}".hs_writer_marks')  # noqa: S608
+            finally:
+                await conn.close()
+            return {r[0]: f"{r[1]}:{r[2]}" for r in rows}
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a sync call inside the test's event loop
+            return pool.submit(asyncio.run, read()).result()
+
+
+@pytest.fixture(scope="module")
+def rollback_postgres() -> Iterator[EmbeddedPostgres]:
+    """A private server this module crashes, restores and wipes (never the shared ``postgres_url``)."""
+    with EmbeddedPostgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "sqlite", "sqlite-old", "valkey", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    if request.param == "postgres":
+        yield PostgresBackend(request.getfixturevalue("rollback_postgres"), tmp_path)
+        return
     if request.param == "memory":
         yield MemoryBackend()
     elif request.param.startswith("sqlite"):

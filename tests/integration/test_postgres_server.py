@@ -15,11 +15,14 @@ from hotstate.persistence._postgres_server import EmbeddedPostgres, postgres_bin
 
 
 def alive(pid: int) -> bool:
+    """Running: a zombie (exited, waiting for PID 1 to reap it) is not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
 async def test_a_private_server_starts_answers_and_stops_by_its_pid() -> None:
@@ -52,6 +55,23 @@ async def test_a_killed_server_is_gone_and_stop_still_cleans_up() -> None:
         server.kill()
         assert not alive(pid)
         assert server.pid is None
+
+
+async def test_a_crashed_server_starts_again_with_its_data_on_its_port() -> None:
+    with EmbeddedPostgres() as server:
+        conn = await asyncpg.connect(server.url)
+        try:
+            await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+        finally:
+            await conn.close()
+        server.crash()  # immediate: no checkpoint, the start replays the WAL
+        assert server.pid is None
+        server.start()
+        conn = await asyncpg.connect(server.url)
+        try:
+            assert await conn.fetchval("SELECT x FROM kept") == 7
+        finally:
+            await conn.close()
 
 
 async def test_the_session_server_or_the_external_one_answers(postgres_url: str) -> None:

@@ -1,0 +1,85 @@
+"""What the PostgreSQL tier and the PostgreSQL lease authority share: names, error kinds, schema creation.
+
+No state: helpers over ``asyncpg`` connections.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import asyncpg
+
+from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["check_schema", "create_schema", "postgres_error"]
+
+_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+# Errors a retry may fix: the connection (lost, refused, reset), the server
+# (shutting down, starting, in recovery, read-only after a failover, out of
+# connections, disk or memory), and transactions the server rolled back
+# (deadlock, serialization) or cancelled (statement timeout).
+_TRANSIENT: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.PostgresSystemError,  # class 58: I/O error, undefined file
+)
+
+# Two processes creating one schema at once: CREATE ... IF NOT EXISTS is not
+# atomic across sessions in PostgreSQL (the catalog's unique index decides).
+_CREATE_RACES: Final = (
+    asyncpg.UniqueViolationError,
+    asyncpg.exceptions.DuplicateTableError,
+    asyncpg.exceptions.DuplicateObjectError,
+    asyncpg.exceptions.DuplicateSchemaError,
+)
+
+
+def check_schema(field: str, schema: object) -> str:
+    """``schema`` as a plain SQL name (it is spliced into statements, quoted), or ``ConfigError``."""
+    if not isinstance(schema, str) or not _NAME.fullmatch(schema):
+        raise ConfigError(field, schema, "must be a plain SQL name (letters, digits, _; at most 63)")
+    return schema
+
+
+def postgres_error(name: str, action: str, exc: BaseException) -> PersistenceError:
+    """The hotstate error for an ``asyncpg`` failure: ``StoreUnavailableError`` when a retry may help."""
+    if isinstance(exc, _TRANSIENT):
+        return StoreUnavailableError(name, f"{action}: {type(exc).__name__}: {exc}")
+    return PersistenceError(name, f"{action}: {type(exc).__name__}: {exc}")
+
+
+async def create_schema(
+    conn: asyncpg.Connection,
+    schema: str,
+    ddl: str,
+    then: Callable[[asyncpg.Connection], Awaitable[object]] | None = None,
+) -> None:
+    """``CREATE SCHEMA IF NOT EXISTS`` and ``ddl`` in one transaction, retried when another process races it.
+
+    ``then(conn)`` (an async callable), when given, runs in the same transaction.
+    """
+    for attempt in range(20):
+        try:
+            async with conn.transaction():
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+                await conn.execute(ddl)
+                if then is not None:
+                    await then(conn)
+            return
+        except _CREATE_RACES:
+            if attempt == 19:
+                raise
+            await anyio.sleep(0.01 * (attempt + 1))
