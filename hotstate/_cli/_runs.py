@@ -1,7 +1,8 @@
 """``hotstate runs``: inspect and re-queue stored runs offline, straight from the stores.
 
 Reads the "Store" box of the map in docs/architecture.md without a runtime: a SQLite file
-(``--sqlite``) and/or a Valkey server (``--valkey-url``, ``--prefix``).
+(``--sqlite``), a PostgreSQL database (``--postgres``, ``--schema``) and/or a Valkey server
+(``--valkey-url``, ``--prefix``).
 
 - ``list`` pages through headers only (``Store.scan`` never decodes a payload);
   with several tiers each run shows its newest header.
@@ -9,7 +10,7 @@ Reads the "Store" box of the map in docs/architecture.md without a runtime: a SQ
   verifies wins; a copy that does not verify is reported, never unpickled.
 - ``history`` merges the transitions of every tier by version.
 - ``dead-letters`` lists the dead-letter records.
-- ``shards`` shows the shard map of processes sharing the SQLite file: each
+- ``shards`` shows the shard map of processes sharing the PostgreSQL schema or the SQLite file: each
   shard's owner (member id, name, pid), epoch and lease expiry; ``show``
   names the process holding the run's shard.
 - ``retry`` does offline what ``Runtime.retry_dead_letter`` does in process: the
@@ -49,6 +50,7 @@ from hotstate._errors import (
 )
 from hotstate.actors import Status
 from hotstate.persistence import (
+    PostgresStore,
     SQLiteStore,
     ValkeyStore,
 )
@@ -92,6 +94,17 @@ def _store_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         metavar="URL",
         default=default,
         help="a Valkey server, e.g. valkey://127.0.0.1:6379/0",
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        default=default,
+        help="a PostgreSQL database, e.g. postgresql://user@host:5432/db",
+    )
+    parser.add_argument(
+        "--schema",
+        default=argparse.SUPPRESS if suppress else "hotstate",
+        help="the PostgresStore schema (default: hotstate)",
     )
     parser.add_argument(
         "--prefix",
@@ -191,6 +204,22 @@ def _stores(args: argparse.Namespace) -> list[Store]:
         # Opening a missing path would create an empty database: check first.
         _check_sqlite(path)
         stores.append(SQLiteStore(path))
+    if args.postgres is not None:
+        try:
+            scheme = urlsplit(args.postgres).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in ("postgresql", "postgres"):
+            raise _UsageError(f"--postgres {args.postgres!r}: expected a postgresql:// URL")
+        stores.append(
+            PostgresStore(
+                args.postgres,
+                schema=args.schema,
+                timeout=_VALKEY_TIMEOUT * 5,
+                read_only=args.action != "retry",  # inspecting never writes a row
+                pool_size=1,
+            )
+        )
     if args.valkey_url is not None:
         try:
             scheme = urlsplit(args.valkey_url).scheme
@@ -212,7 +241,7 @@ def _stores(args: argparse.Namespace) -> list[Store]:
             )
         )
     if not stores:
-        raise _UsageError("runs: give at least one store: --sqlite PATH and/or --valkey-url URL")
+        raise _UsageError("runs: give at least one store: --sqlite PATH, --postgres URL and/or --valkey-url URL")
     return stores
 
 

@@ -23,6 +23,7 @@ from hotstate._errors import (
 from hotstate.actors import Status, Transition, TransitionKind
 from hotstate.persistence import BadRow, MsgpackCodec, RunHeader, StoredSnapshot
 from hotstate.persistence._authority import process_gone
+from hotstate.persistence._postgres_authority import read_postgres_shard_map
 from hotstate.persistence._records import (
     dead_letter_context,
     error_from_json,
@@ -252,7 +253,7 @@ async def run_show(args: argparse.Namespace, stores: Sequence[Store]) -> int:
         "corrupt": {c.tier: c.corrupt for c in copies if c.corrupt},
         "source": None if best is None else best.tier,
     }
-    data.update(_holder(args, stores))
+    data.update(await _holder(args, stores))
     if best is not None and best.stored is not None:
         data.update(_header_dict(best.stored.header))
         data["error"] = None
@@ -521,19 +522,23 @@ def _member_text(member_id: str | None, members: dict[str, Any]) -> str | None:
     return f"{member_id[:12]}{label} pid {m.pid}{gone}"
 
 
-def _shard_map(args: argparse.Namespace) -> tuple[Any, dict[str, Any], float] | None:
-    if args.sqlite is None:
+async def _shard_map(args: argparse.Namespace) -> tuple[Any, dict[str, Any], float] | None:
+    """The shard map of the given stores' authority: PostgreSQL's (``--postgres``), else the SQLite file's."""
+    if getattr(args, "postgres", None) is not None:
+        found = await read_postgres_shard_map(args.postgres, args.schema)
+    elif args.sqlite is not None:
+        found = read_shard_map(args.sqlite)
+    else:
         return None
-    found = read_shard_map(args.sqlite)
     if found is None:
         return None
     leases, members, now = found
     return leases, {m.member_id: m for m in members}, now
 
 
-def _holder(args: argparse.Namespace, stores: Sequence[Store]) -> dict[str, Any]:
-    """Which process holds ``args.run_id``'s shard, from the SQLite file's shard map (empty: no map there)."""
-    found = _shard_map(args)
+async def _holder(args: argparse.Namespace, stores: Sequence[Store]) -> dict[str, Any]:
+    """Which process holds ``args.run_id``'s shard, from the stores' shard map (empty: no map there)."""
+    found = await _shard_map(args)
     if found is None:
         return {}
     leases, members, now = found
@@ -550,10 +555,13 @@ def _holder(args: argparse.Namespace, stores: Sequence[Store]) -> dict[str, Any]
 
 
 async def run_shards(args: argparse.Namespace, stores: Sequence[Store]) -> int:
-    """The shard map: each shard's owner, epoch and lease expiry (from the SQLite file's authority)."""
-    found = _shard_map(args)
+    """The shard map: each shard's owner, epoch and lease expiry (from the PostgreSQL or SQLite authority)."""
+    found = await _shard_map(args)
     if found is None:
-        return fail("runs shards: no shard map here (give --sqlite with the file the runtimes share)")
+        return fail(
+            "runs shards: no shard map here (give --postgres with the database, or --sqlite with the file,"
+            " the runtimes share)"
+        )
     leases, members, now = found
     rows = []
     for lease in leases:

@@ -30,7 +30,7 @@ from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping, Sequence
 
-__all__ = ["PostgresAuthority"]
+__all__ = ["PostgresAuthority", "read_postgres_shard_map"]
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS hs_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -373,3 +373,33 @@ class PostgresAuthority:
 
         out: int = await self._tx("prune the inbox", run)
         return out
+
+
+async def read_postgres_shard_map(
+    url: str, schema: str = "hotstate", *, connect_timeout: float = 10.0
+) -> tuple[tuple[ShardLease, ...], tuple[MemberInfo, ...], float] | None:
+    """The shard map, members and the database's time now, read in one read-only transaction (None: no authority).
+
+    For tools (``hotstate runs --postgres URL shards``): it writes nothing and
+    creates nothing. Lease times are on the database's clock, as the
+    authority's are.
+
+    Raises:
+        StoreUnavailableError: the server cannot be reached.
+        PersistenceError: the server refused the read.
+    """
+    name = f"postgres:{check_schema('schema', schema)}"
+    try:
+        conn = await asyncpg.connect(url, timeout=connect_timeout, server_settings={"search_path": schema})
+        try:
+            if await conn.fetchval("SELECT to_regclass('hs_shard_lease')") is None:
+                return None
+            async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                leases = await PostgresAuthority._read_leases(conn)
+                members = tuple(MemberInfo(*m) for m in await conn.fetch("SELECT * FROM hs_members"))
+                now: float = await conn.fetchval(f"SELECT {_NOW.format('NULL')}")
+        finally:
+            await conn.close()
+    except _FAILURES as exc:
+        raise postgres_error(name, "read the shard map", exc) from exc
+    return leases, members, now

@@ -646,7 +646,8 @@ class ShardManager:
                         self._applying.update((e.shard, e.seq) for e in entries)
                         tg.start_soon(self._apply_shard, shard, entries, epoch)
                 except (PersistenceError, OSError) as exc:
-                    log.warning("hotstate: member %s cannot read its inbox yet: %s", self.id[:8], exc)
+                    if not self._closing:  # else: the authority closed under this read at shutdown
+                        log.warning("hotstate: member %s cannot read its inbox yet: %s", self.id[:8], exc)
             tg.cancel_scope.cancel()
 
     async def _apply_shard(self, shard: int, entries: Sequence[InboxEntry], epoch: int) -> None:

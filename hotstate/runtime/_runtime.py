@@ -61,6 +61,7 @@ from hotstate.persistence import (
     MemoryStore,
     MsgpackCodec,
     PersisterStatistics,
+    PostgresStore,
     SQLiteStore,
     Tier,
 )
@@ -132,11 +133,16 @@ _MEMORY_AUTHORITIES: weakref.WeakKeyDictionary[MemoryStore, MemoryAuthority] = w
 def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority | None:
     """The authority a runtime with these tiers uses by default, or None (nothing durable to share).
 
-    A file beside the first durable SQLite tier's (``authority_path``: processes on one host); else a
-    ``MemoryStore``'s own authority (runtimes sharing it in one process);
-    else the first Valkey tier's server (one server, not across a failover).
+    The first durable PostgreSQL tier's database (``PostgresAuthority``: processes on several
+    machines; it comes first, as the widest a tier is shared); else a file beside the first
+    durable SQLite tier's (``authority_path``: processes on one host); else a ``MemoryStore``'s
+    own authority (runtimes sharing it in one process); else the first Valkey tier's server
+    (one server, not across a failover).
     """
     durable = [t.store for t in tiers if not t.policy.cache]
+    for store in durable:
+        if isinstance(store, PostgresStore):
+            return store.default_authority(shards)
     for store in durable:
         if isinstance(store, SQLiteStore):
             return SQLiteAuthority(authority_path(store.path), shards=shards)
