@@ -232,10 +232,12 @@ WHERE (r.epoch, r.version) > (b.epoch, b.version)
 _READ_FENCES: Final = (
     "SELECT shard, epoch, owner FROM {s}.hs_store_fence WHERE shard = ANY($1::int4[]) ORDER BY shard FOR {lock}"
 )
+# An upsert, not an UPDATE: a fence row deleted by hand is made again, never skipped.
 _RAISE_FENCES: Final = """
-UPDATE {s}.hs_store_fence AS f SET epoch = r.epoch, owner = r.owner
-FROM unnest($1::int4[], $2::int8[], $3::text[]) AS r(shard, epoch, owner)
-WHERE f.shard = r.shard AND f.epoch < r.epoch
+INSERT INTO {s}.hs_store_fence AS f (shard, epoch, owner)
+SELECT * FROM unnest($1::int4[], $2::int8[], $3::text[])
+ON CONFLICT (shard) DO UPDATE SET epoch = excluded.epoch, owner = excluded.owner
+WHERE f.epoch < excluded.epoch
 """
 
 # A kept copy per (run_id, version): the first stays, unless a newer owner's
@@ -293,6 +295,18 @@ ON CONFLICT (run_id) DO UPDATE SET
         "bytea",
         "int4",
     ),
+)
+
+INDEXED_BYTES: Final = 2000
+"""The longest run id, workflow or status (UTF-8 bytes) the PostgreSQL tier takes: an index entry
+holds at most about 2,700 bytes (a third of a page), and these columns are indexed (a run whose
+text is longer is rejected, ``SaveResult.rejected``, when its batch fails)."""
+
+# What PostgreSQL refuses because of one row's values: the batch is written again without those runs.
+_ROW_REFUSED: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.exceptions.ProgramLimitExceededError,
 )
 
 # A table or the schema is missing: the database lost them under an open store.
@@ -392,9 +406,32 @@ def _transition_problem(t: Transition) -> str | None:
     return ", ".join(bad) or None
 
 
+def _too_long(*fields: tuple[str, object]) -> str | None:
+    """Why one of these indexed text fields is longer than a PostgreSQL index entry may be, or None."""
+    for name, value in fields:
+        if isinstance(value, str) and len(value) * 4 > INDEXED_BYTES:
+            size = len(value.encode("utf-8", "replace"))
+            if size > INDEXED_BYTES:
+                return f"{name} is {size} bytes; PostgreSQL indexes at most {INDEXED_BYTES}"
+    return None
+
+
 def _rejects(snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transition]) -> dict[str, str]:
-    """``unwritable``, and the runs with a value of another type than its column (PostgreSQL columns are typed)."""
+    """``unwritable``, and the runs PostgreSQL refuses for their own values.
+
+    Those are a value of another type than its column (PostgreSQL columns are
+    typed), and indexed text too long for an index entry.
+    """
     found = unwritable(snapshots, transitions)
+    for s in snapshots:
+        h = s.header
+        if h.run_id not in found and (
+            why := _too_long(("run_id", h.run_id), ("workflow", h.workflow), ("status", h.status))
+        ):
+            found[h.run_id] = why
+    for t in transitions:
+        if t.run_id not in found and (why := _too_long(("run_id", t.run_id))):
+            found[t.run_id] = why
     for s in snapshots:
         rid = s.header.run_id
         if rid not in found and (why := stored_problem(s)) is not None:
@@ -732,8 +769,7 @@ class PostgresStore(StoreBase):
             return await self._save(snapshots, transitions, {}, added, fence, lost)
         except (PersistenceError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             if isinstance(exc, PersistenceError) and (
-                isinstance(exc, StoreUnavailableError)
-                or not isinstance(exc.__cause__, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
+                isinstance(exc, StoreUnavailableError) or not isinstance(exc.__cause__, _ROW_REFUSED)
             ):
                 raise
             rejected = _rejects(snapshots, transitions)
@@ -853,6 +889,22 @@ class PostgresStore(StoreBase):
             return await self._judge(conn, fence, list(fence.epochs), lock="lock_fences")
 
     @override
+    async def save_dead_letters(
+        self, records: Sequence[StoredDeadLetter], *, fence: Fence | None = None
+    ) -> dict[str, str]:
+        """As ``Store.save_dead_letters``; a record whose run id or workflow is too long to index is left out too."""
+        long = {
+            r.run_id: why
+            for r in records
+            if (why := _too_long(("run_id", r.run_id), ("workflow", r.workflow))) is not None
+        }
+        if not long:
+            return await super().save_dead_letters(records, fence=fence)
+        refusals = await super().save_dead_letters([r for r in records if r.run_id not in long], fence=fence)
+        refusals.update(long)
+        return refusals
+
+    @override
     async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> dict[int, int]:
         """One transaction; with ``fence``, the records' shards are judged under ``FOR SHARE``."""
         if not records:
@@ -930,7 +982,8 @@ class PostgresStore(StoreBase):
             held = firsts.get(key)
             if held is None or s.header.epoch > held.header.epoch:
                 firsts[key] = s
-        unique = list(firsts.values())
+        # A copy of a run too long to index is not kept (``save`` rejects that run too).
+        unique = [x for x in firsts.values() if _too_long(("run_id", x.header.run_id)) is None]
         async with self._transaction("save_versions") as conn:
             lost = await self._fenced(conn, fence, {}, (s.header.run_id for s in unique))
             kept = [s for s in unique if shard_of(s.header.run_id, n) not in lost] if lost else unique

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from hotstate.persistence import (
     MsgpackCodec,
     PostgresAuthority,
     PostgresStore,
+    StoredDeadLetter,
     Tier,
     _postgres as postgres_module,
 )
@@ -195,6 +197,51 @@ async def test_a_seal_waits_for_a_flush_holding_the_fence_and_no_older_write_lan
     assert loaded.header.version == 2
     # The new owner writes over the old owner's copy whatever its version.
     assert (await store.save([snap(rid, 1, epoch=2)], [], fence=Fence("new", {3: 2}))).written == 1
+
+
+async def test_a_fence_row_deleted_by_hand_is_made_again_by_the_seal(store: PostgresStore) -> None:
+    rid = next(f"r{i}" for i in range(100) if shard_of(f"r{i}", SHARDS) == 3)
+    assert (await store.save([snap(rid, 1)], [], fence=Fence("old", {3: 1}))).written == 1
+    conn = await asyncpg.connect(store.url)
+    try:
+        await conn.execute(f"DELETE FROM {store.table('hs_store_fence')}")  # noqa: S608
+    finally:
+        await conn.close()
+    assert await store.seal(Fence("new", {3: 2})) == {}
+    assert (await store.save([snap(rid, 5)], [], fence=Fence("old", {3: 1}))).fenced == {3: 2}
+
+
+async def test_text_too_long_to_index_rejects_its_run_only(store: PostgresStore) -> None:
+    from hotstate import Transition, TransitionKind
+
+    long_id = secrets.token_urlsafe(4000)  # ~5,300 characters that do not compress under the index's limit
+    step = TransitionKind.step
+    result = await store.save(
+        [snap("short", 1), snap(long_id, 1)],
+        [Transition(r, 1, step, 0, Status.running, 1.0, None) for r in ("short", long_id)],
+    )
+    assert result.written == 1
+    assert set(result.rejected) == {long_id}
+    assert "PostgreSQL indexes at most" in result.rejected[long_id]
+    assert await store.load("short") is not None
+    letter_refusals = await store.save_dead_letters(
+        [
+            StoredDeadLetter(
+                run_id=rid,
+                workflow="linear",
+                at=1.0,
+                error="{}",
+                attempts="[]",
+                compensation_errors="[]",
+                snapshot=snap(rid, 1),
+            )
+            for rid in (long_id, "short")
+        ]
+    )
+    assert set(letter_refusals or {}) == {long_id}
+    assert [d.run_id for d in await store.dead_letters()] == ["short"]
+    await store.save_versions([snap(long_id, 1), snap("short", 1)])
+    assert await store.load_version("short", 1) is not None
 
 
 async def test_a_long_batch_checks_the_fence_in_every_transaction(
