@@ -586,7 +586,9 @@ class PostgresStore(StoreBase):
         """
         from hotstate.persistence._postgres_authority import PostgresAuthority
 
-        return PostgresAuthority(self.url, schema=self.schema, shards=shards, timeout=self.timeout)
+        return PostgresAuthority(
+            self.url, schema=self.schema, shards=shards, timeout=self.timeout, statement_cache_size=self._cache
+        )
 
     # --- connections -------------------------------------------------------------
 

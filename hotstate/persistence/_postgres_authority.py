@@ -72,6 +72,8 @@ class PostgresAuthority:
             ``clock_timestamp()``); tests inject one.
         gone: how a member is judged gone at a claim (default ``process_gone``).
         timeout: seconds a statement may take.
+        statement_cache_size: asyncpg's prepared statement cache per
+            connection (0 behind PgBouncer in transaction mode).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class PostgresAuthority:
         clock: Callable[[], float] | None = None,
         gone: Callable[[MemberInfo], bool] | None = None,
         timeout: float = 10.0,
+        statement_cache_size: int = 100,
     ) -> None:
         self.url = url
         self.schema = check_schema("PostgresAuthority.schema", schema)
@@ -92,6 +95,8 @@ class PostgresAuthority:
         self._clock = clock
         self._gone = gone if gone is not None else process_gone
         self._timeout = timeout
+        self._cache = statement_cache_size
+        self._search_path = f'SET LOCAL search_path TO "{self.schema}"'
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:
@@ -110,6 +115,8 @@ class PostgresAuthority:
         """Run ``fn(conn)`` in one transaction; a lost server is ``StoreUnavailableError``."""
         try:
             async with self._p().acquire() as conn, conn.transaction():
+                # Per transaction: a pooler in transaction mode does not keep a session's settings.
+                await conn.execute(self._search_path)
                 return await fn(conn)
         except _FAILURES as exc:
             raise postgres_error(self.name, what, exc) from exc
@@ -119,7 +126,7 @@ class PostgresAuthority:
         if self._pool is not None:
             return
         try:
-            first = await asyncpg.connect(self.url, timeout=self._timeout, server_settings={"search_path": self.schema})
+            first = await asyncpg.connect(self.url, timeout=self._timeout, statement_cache_size=self._cache)
             try:
                 await create_schema(first, self.schema, _SCHEMA, self._record_shards)
             finally:
@@ -130,7 +137,7 @@ class PostgresAuthority:
                 max_size=4,
                 timeout=self._timeout,
                 command_timeout=self._timeout,
-                server_settings={"search_path": self.schema},
+                statement_cache_size=self._cache,
             )
         except _FAILURES as exc:
             raise postgres_error(self.name, "open", exc) from exc
@@ -390,11 +397,12 @@ async def read_postgres_shard_map(
     """
     name = f"postgres:{check_schema('schema', schema)}"
     try:
-        conn = await asyncpg.connect(url, timeout=connect_timeout, server_settings={"search_path": schema})
+        conn = await asyncpg.connect(url, timeout=connect_timeout)
         try:
-            if await conn.fetchval("SELECT to_regclass('hs_shard_lease')") is None:
+            if await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".hs_shard_lease') is None:
                 return None
             async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                await conn.execute(f'SET LOCAL search_path TO "{schema}"')
                 leases = await PostgresAuthority._read_leases(conn)
                 members = tuple(MemberInfo(*m) for m in await conn.fetch("SELECT * FROM hs_members"))
                 now: float = await conn.fetchval(f"SELECT {_NOW.format('NULL')}")

@@ -75,6 +75,9 @@ async def create_schema(
         try:
             async with conn.transaction():
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+                await conn.execute(
+                    f'SET LOCAL search_path TO "{schema}"'
+                )  # for unqualified names, even behind a pooler
                 await conn.execute(ddl)
                 if then is not None:
                     await then(conn)
