@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import valkey
 
-from hotstate.persistence import EmbeddedValkey
+from hotstate.persistence import EmbeddedValkey, EmbeddedValkeyCluster
 from hotstate.persistence._postgres_server import EmbeddedPostgres
 
 if TYPE_CHECKING:
@@ -94,3 +94,36 @@ def valkey_prefix(valkey_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster() -> Iterator[str]:
+    """The URL of a Valkey Cluster of 3 primaries (no replicas): ``HOTSTATE_VALKEY_CLUSTER_URL`` when set, else a
+    private ``EmbeddedValkeyCluster`` for the session (never a skip). Any node's URL reaches the whole cluster.
+    """
+    url = os.environ.get("HOTSTATE_VALKEY_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    cluster = EmbeddedValkeyCluster(primaries=3).start()  # raises (test error) if no cluster can be had
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def valkey_cluster_prefix(valkey_cluster: str) -> Iterator[str]:
+    """A unique key prefix on ``valkey_cluster``; its keys are deleted after the test, on every primary.
+
+    Sync, as ``valkey_prefix``.
+    """
+    prefix = f"hs-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    with valkey.Valkey.from_url(valkey_cluster) as client:
+        nodes = client.execute_command("CLUSTER NODES")  # "host:port" -> {"flags": "master,...", ...}
+    primaries = [addr.rsplit(":", 1) for addr, node in nodes.items() if "master" in node["flags"]]
+    for host, port in primaries:
+        with valkey.Valkey(host=host, port=port) as client:
+            for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
+                client.delete(key)  # one key a command: keys of several slots cannot go in one DEL

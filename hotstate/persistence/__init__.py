@@ -25,7 +25,7 @@ from hotstate.persistence._sqlite_authority import SQLiteAuthority
 from hotstate.persistence._store import FINISHED_STATUSES, DeadLetterRefusals, Store
 from hotstate.persistence._valkey import ValkeyStore
 from hotstate.persistence._valkey_authority import ValkeyAuthority
-from hotstate.persistence._valkey_server import EmbeddedValkey, ValkeyServerError
+from hotstate.persistence._valkey_server import EmbeddedValkey, EmbeddedValkeyCluster, ValkeyServerError
 
 __all__ = [
     "DEFAULT_SHARDS",
@@ -36,6 +36,7 @@ __all__ = [
     "Codec",
     "DeadLetterRefusals",
     "EmbeddedValkey",
+    "EmbeddedValkeyCluster",
     "Fence",
     "FlushPolicy",
     "JsonCodec",

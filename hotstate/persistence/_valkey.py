@@ -5,7 +5,8 @@ shard, ``shard_of``). Every key of a run lives under its shard's hash tag
 ``{s}``, so all keys of a shard hash to one Valkey Cluster slot:
 
 - ``P:meta``: hash ``{shards, layout}``, written at the first ``open`` (the
-  only key of no shard besides the writers' marks);
+  only key of no shard besides a standalone server's writer marks; on a
+  Cluster it lives in the slot of its own name, like any other key);
 - ``P:{s}:fence``: hash ``{epoch, owner}``, the shard's fence (``Store.seal``);
 - ``P:{s}:run:<run_id>``: hash of the header fields (``epoch`` among them),
   ``error`` and ``body``;
@@ -20,7 +21,8 @@ shard, ``shard_of``). Every key of a run lives under its shard's hash tag
   ``{version}:h`` -> header JSON;
 - ``P:mark:<writer>``: each open store's mark, ``"{high}:{lost}"``, written at
   ``open``, advanced by every ``save``, deleted by ``aclose``, and expiring
-  ``MARK_TTL`` after the last save (see ``ValkeyStore.save``).
+  ``MARK_TTL`` after the last save (see ``ValkeyStore.save``); on a Cluster
+  ``P:{s}:mark:<writer>`` instead, one per shard, in the shard's slot.
 
 A prefix that holds keys of layout 1 (``P:runs``, ``P:run:<id>``... and no
 ``P:meta``) is refused at ``open``: hotstate is pre-1.0 and does not migrate.
@@ -30,8 +32,39 @@ A prefix that holds keys of layout 1 (``P:runs``, ``P:run:<id>``... and no
 round trip with the writer's mark last. A script holds the parts of several
 shards on a standalone server (``SCRIPT_ROWS``) and of one shard on a Cluster
 node, where every script starts with ``#!lua`` so that the server refuses
-one that would touch two slots. (The client is a standalone one: running on
-a multi-node Cluster needs ``ValkeyCluster`` routing, not done here.)
+one that would touch two slots.
+
+On a Valkey Cluster (``INFO cluster`` says ``cluster_enabled:1`` at ``open``)
+the store talks through ``valkey.asyncio.cluster.ValkeyCluster``, built from
+``url`` (any node's) or given as ``client``: its pipeline sends each node its
+scripts in one round trip, all nodes at once, follows ``MOVED``/``ASK`` and
+reads the slot map again after a failover. Every call routes by its keys,
+and every key of a script is in one slot, so saves, seals, reads, scans
+(which merge index sets held by several nodes), dead letters, kept copies
+and purges all work across nodes. What a Cluster changes:
+
+- A writer's mark is one key per shard, ``P:{s}:mark:<writer>``, checked and
+  advanced inside the shard's own save script, atomically with its rows: a
+  failover to a replica that lacks acknowledged rows of shard ``s`` lacks the
+  mark that came with them, and the writer's next save of ``s`` (or any
+  probe, which checks every shard) reports ``SaveResult.reset``. Not noticed:
+  a loss in a shard the writer never writes or probes again, and the loss of
+  writes a mark does not follow (a seal, a dead letter, a kept copy, a purge)
+  unless a later save of the same shard by the same writer was lost too.
+- A failover loses what the replica had not received (replication is
+  asynchronous): rows, and seals. A shard whose seal was lost has its older
+  fence back, so the old owner's fenced saves are taken again until the new
+  owner writes the shard (its higher epoch then wins by ``(epoch, version)``).
+  tests/integration/test_valkey_cluster_failover.py shows both.
+- While a primary is down, and until its replica serves its slots, calls
+  raise ``StoreUnavailableError`` (a node unreachable, ``CLUSTERDOWN``,
+  ``TRYAGAIN``, redirections run out); the first call after a failover may
+  raise it once more, as the client learns the new slot map.
+- ``ValkeyAuthority`` refuses a Cluster: use ``PostgresAuthority`` or
+  ``SQLiteAuthority`` (``_valkey_authority.py`` says why).
+- ``P:meta`` and dead-letter deletes are scripts on one key's slot (a Cluster
+  client has no ``MULTI``); the key names are those of a standalone server,
+  so a prefix moved between the two keeps its layout.
 """
 
 from __future__ import annotations
@@ -42,12 +75,14 @@ import json
 import math
 import re
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, cast, final
 
 import anyio
 import msgspec
 import valkey.asyncio as avalkey
 from valkey import exceptions as vex
+from valkey.asyncio.cluster import ValkeyCluster
 from valkey.utils import LIBVALKEY_AVAILABLE
 
 from hotstate._errors import (
@@ -89,15 +124,19 @@ else:
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+    from typing import TypeAlias
 
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._records import BadRow
     from hotstate.persistence._shards import Fence
     from hotstate.persistence._valkey_authority import ValkeyAuthority
 
-__all__ = ["ValkeyStore", "errors", "read_layout", "refusal"]
+__all__ = ["Client", "ValkeyStore", "cluster_enabled", "errors", "read_layout", "refusal"]
 
 _T = TypeVar("_T")
+
+Client: TypeAlias = "avalkey.Valkey | ValkeyCluster"
+"""A client of one server, or of a Valkey Cluster (routing each key to its node)."""
 
 LAYOUT: Final = 2
 """The key layout this module reads and writes (recorded in ``P:meta``)."""
@@ -163,12 +202,31 @@ _LAYOUT_1_KEYS: Final = ("runs", "epoch", "dead", "dead:body")
 # each run whose highest (epoch, version) in the batch is below the one now
 # stored (SaveResult.conflicts). A fenced shard's reply is {-1, the fence's
 # epoch}, a shard whose fence key is unusable an error.
+# On a Cluster (one shard a script) the shard's writer mark P:{s}:mark:<writer>
+# comes after the fence key in KEYS, and the shard's entry in ARGV[3] has two
+# more items, the floor and the seq (_MARK_LUA's rule): the mark is checked
+# and advanced first, whatever the fence, and one more reply item says
+# whether the shard lost writes (1) or not (0).
 _SAVE_LUA: Final = """#!lua
 local p, owner = ARGV[1], ARGV[2]
 local shards = cjson.decode(ARGV[3])
 local all_heads = cjson.decode(ARGV[4])
 local all_trans = cjson.decode(ARGV[5])
 local fmt = string.format
+local reset = nil
+if #KEYS > #shards then
+  local mkey, floor, seq = KEYS[#KEYS], shards[1][3], shards[1][4]
+  local high, lost = 0, 0
+  local ok, held = pcall(redis.call, 'GET', mkey)
+  if ok and held then
+    local h, l = string.match(held, '^(%d+):(%d+)$')
+    if h then high, lost = tonumber(h), tonumber(l) end
+  end
+  if high < floor then lost = seq end
+  redis.call('SET', mkey, fmt('%d:%d', math.max(high, seq), lost), 'EX', @MARK_TTL@)
+  reset = 0
+  if lost > floor then reset = 1 end
+end
 -- A stored integer as Python's str() writes it, else nil: a row hotstate did
 -- not write, which every read reports as malformed. Longer than 20
 -- characters is not one either: Python's int() reads no more.
@@ -389,8 +447,9 @@ for g = 1, #shards do
   replies[g] = shard(g, body)
   body = body + #all_heads[g]
 end
+if reset then replies[#shards + 1] = reset end
 return replies
-"""
+""".replace("@MARK_TTL@", str(int(MARK_TTL)))
 
 # This writer's mark (advance_mark in _store.py). KEYS[1] = P:mark:<writer>;
 # ARGV: floor, seq. Lower than the floor, or gone, means the server lost
@@ -519,11 +578,37 @@ return 0
 """
 )
 
+# P:meta at a first open: KEYS[1] = P:meta; ARGV: shards, layout. Of two
+# stores opening an empty prefix at once, the first one's count is recorded
+# (HSETNX). Returns HGETALL P:meta. A script, not MULTI: a Cluster client has
+# no transactions, and the key has no shard (its slot is the prefix's).
+_META_LUA: Final = """#!lua
+redis.call('HSETNX', KEYS[1], 'shards', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'layout', ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# One shard's dead letter, removed. KEYS: B..'dead', B..'dead:body'; ARGV: run id.
+_DELETE_DEAD_LUA: Final = """#!lua
+local n = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return n
+"""
+
 # Every script starts with "#!lua" (no flags): a Valkey Cluster then refuses
 # a script that touches keys of two slots, as the layout requires, instead of
 # running it in the compatibility mode that lets undeclared keys of any slot
 # through (tests/integration/test_valkey_layout.py runs the store on one).
-_SCRIPTS: Final = (_SAVE_LUA, _MARK_LUA, _SEAL_LUA, _PURGE_LUA, _DELETE_COPY_LUA, _DEAD_LUA, _VERSIONS_LUA)
+_SCRIPTS: Final = (
+    _SAVE_LUA,
+    _MARK_LUA,
+    _SEAL_LUA,
+    _PURGE_LUA,
+    _DELETE_COPY_LUA,
+    _DEAD_LUA,
+    _VERSIONS_LUA,
+    _DELETE_DEAD_LUA,
+)
 
 
 _TRANSIENT_REPLIES: Final = (
@@ -533,7 +618,18 @@ _TRANSIENT_REPLIES: Final = (
     "LOADING",
     "BUSY",
     "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
 )
+
+# A Cluster's replies while it fails over or moves a slot: a retry after the
+# client refreshed its slot map may succeed (design/ownership.md §4.9).
+# valkey-py strips the code of MOVED, ASK, TRYAGAIN and CLUSTERDOWN, so they are told by class.
+_TRANSIENT_CLUSTER: Final = (vex.ClusterDownError, vex.TryAgainError, vex.AskError)  # MOVED is an AskError
+
+# Of valkey-py's ValkeyClusterException messages, those that a retry may fix
+# (no node reachable, slots not covered yet, nodes that disagree mid-failover).
+_TRANSIENT_CLUSTER_TEXT: Final = ("cannot be connected", "not covered", "could not agree")
 
 
 def _text(value: bytes | str) -> str:
@@ -797,6 +893,30 @@ class _ShardSave:
         return self.parts[0] if self.parts else ((), "[]")
 
 
+class _ShardMarks:
+    """A writer's marks on a Cluster, one per shard (``P:{s}:mark:<writer>``): each one's floor, and when it was written.
+
+    ``WriterMark.floor``'s rule, shard by shard: a shard's mark lives in the
+    shard's slot and is advanced by the shard's own save script, so it shares
+    the fate of the shard's rows through a failover or a slot migration.
+    """
+
+    __slots__ = ("at", "floors")
+
+    def __init__(self, shards: int) -> None:
+        self.floors = [0] * shards
+        self.at = [0.0] * shards  # time.monotonic() of the last write that returned
+
+    def stored(self, shard: int, seq: int, now: float) -> None:
+        if seq > self.floors[shard]:
+            self.floors[shard] = seq
+        self.at[shard] = now
+
+    def due(self, now: float) -> list[int]:
+        """The shards whose mark was last written ``MARK_TTL / 2`` ago or more."""
+        return [s for s, at in enumerate(self.at) if now - at >= MARK_TTL / 2]
+
+
 class _Tally:
     """What the calls of one save have done so far (``SaveResult``'s fields)."""
 
@@ -881,7 +1001,12 @@ def _first_read(count: int, sets: int) -> int:
 
 def refusal(tier: str, action: str, exc: vex.ResponseError) -> PersistenceError:
     """The error for a reply the server refused: ``StoreUnavailableError`` when a retry may help."""
-    if str(exc).startswith(_TRANSIENT_REPLIES) or isinstance(exc, vex.ReadOnlyError | vex.OutOfMemoryError):
+    text = str(exc)
+    if (
+        text.startswith(_TRANSIENT_REPLIES)
+        or isinstance(exc, vex.ReadOnlyError | vex.OutOfMemoryError | _TRANSIENT_CLUSTER)
+        or "during rehashing of the slot" in text  # a script's undeclared key mid-migration (§4.9)
+    ):
         return StoreUnavailableError(tier, f"{action}: {exc}")
     return PersistenceError(tier, f"{action}: {exc}")
 
@@ -891,19 +1016,25 @@ async def errors(tier: str, action: str) -> AsyncIterator[None]:
     """Turn the client's errors into hotstate's: unreachable, timed out or busy -> ``StoreUnavailableError``.
 
     Raises:
-        StoreUnavailableError: the server is unreachable, or refused for a reason a retry may fix.
+        StoreUnavailableError: the server is unreachable, or refused for a reason a retry may fix
+            (among them a Valkey Cluster failing over or moving a slot).
         PersistenceError: it refused for another reason.
     """
     try:
         yield
-    except (vex.ConnectionError, vex.TimeoutError, OSError) as exc:
+    except (vex.ConnectionError, vex.TimeoutError, vex.ClusterError, OSError) as exc:
+        # ClusterError: a Cluster client's redirections ran out (TTL exhausted) mid-failover.
         raise StoreUnavailableError(tier, f"{action}: {exc}") from exc
     except vex.ResponseError as exc:
         raise refusal(tier, action, exc) from exc
+    except vex.ValkeyClusterException as exc:  # raised by the Cluster client itself, not by a server
+        if isinstance(exc, vex.SlotNotCoveredError) or any(t in str(exc) for t in _TRANSIENT_CLUSTER_TEXT):
+            raise StoreUnavailableError(tier, f"{action}: {exc}") from exc
+        raise PersistenceError(tier, f"{action}: {exc}") from exc
 
 
 async def read_layout(
-    client: avalkey.Valkey, prefix: str, *, shards: int | None, record: bool, tier: str, field: str
+    client: Client, prefix: str, *, shards: int | None, record: bool, tier: str, field: str
 ) -> tuple[int, bool]:
     """The shard count ``P:meta`` records, and whether the server is a Cluster node (one slot a script).
 
@@ -916,15 +1047,17 @@ async def read_layout(
         valkey.exceptions.ValkeyError: the server failed (the caller maps it, ``errors``).
     """
     meta_key = f"{prefix}:meta"
+    cluster = isinstance(client, ValkeyCluster)
     async with client.pipeline(transaction=False) as pipe:
-        pipe.info("cluster")
+        if not cluster:  # a Cluster client refuses INFO in a pipeline (it has no key to route by)
+            pipe.info("cluster")
         pipe.hgetall(meta_key)
         for name in _LAYOUT_1_KEYS:
             pipe.exists(f"{prefix}:{name}")
-        info, meta, *old = await pipe.execute(raise_on_error=False)
-    for reply in (meta, *old):
-        if isinstance(reply, vex.ResponseError):
-            raise reply
+        replies = await pipe.execute(raise_on_error=False)
+    await _raise_lost(client, replies)
+    info, meta, *old = [{"cluster_enabled": 1}, *replies] if cluster else replies
+    _raise_first((meta, *old))
     # INFO refused (renamed, or an ACL): one slot per script, right on any server.
     slot_per_script = isinstance(info, vex.ResponseError) or bool(info.get("cluster_enabled"))
     if not meta:
@@ -939,12 +1072,7 @@ async def read_layout(
         wanted = DEFAULT_SHARDS if shards is None else shards
         if not record:
             return wanted, slot_per_script
-        # HSETNX: of two stores opening an empty prefix at once, the first one's count is recorded.
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(meta_key, "shards", str(wanted))
-            pipe.hsetnx(meta_key, "layout", str(LAYOUT))
-            pipe.hgetall(meta_key)
-            *_, meta = await pipe.execute()
+        meta = await _record_meta(client, meta_key, wanted)
     layout, recorded_text = meta.get(b"layout"), meta.get(b"shards")
     if layout != str(LAYOUT).encode():
         raise PersistenceError(
@@ -963,6 +1091,56 @@ async def read_layout(
     return recorded, slot_per_script
 
 
+async def _raise_lost(client: Client, replies: Sequence[Any]) -> None:
+    """Raise a lost connection among a Cluster pipeline's replies, after making the client read the slot map again.
+
+    valkey-py's Cluster pipeline returns a connection lost while reading
+    replies as a reply, and, unlike its single commands, does not refresh
+    its slot map then: without the reset here, every call after a failover
+    would go to the dead primary once more before the client noticed.
+
+    Raises:
+        valkey.exceptions.ValkeyError: the lost connection (the caller maps it, ``errors``).
+    """
+    for reply in replies:
+        if isinstance(reply, Exception) and not isinstance(reply, vex.ResponseError):
+            if isinstance(client, ValkeyCluster) and isinstance(reply, vex.ConnectionError | vex.TimeoutError):
+                await client._reset_for_reinitialize()  # private in valkey-py 6.2: what its single commands call
+            raise reply
+
+
+def _raise_first(replies: Sequence[Any]) -> None:
+    """Raise the first error among a pipeline's replies (a Cluster pipeline returns a lost connection as one).
+
+    Raises:
+        Exception: that error (the caller maps it, ``errors``).
+    """
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+async def _record_meta(client: Client, meta_key: str, shards: int) -> dict[bytes, bytes]:
+    """Record ``P:meta`` unless it is there (``_META_LUA``); what it holds then."""
+    flat = await cast("Awaitable[list[bytes]]", client.eval(_META_LUA, 1, meta_key, str(shards), str(LAYOUT)))
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def cluster_enabled(client: Client) -> bool:
+    """Whether the server is a Valkey Cluster node (``INFO cluster``); a refused ``INFO`` reads as no.
+
+    Raises:
+        valkey.exceptions.ValkeyError: the server failed (the caller maps it, ``errors``).
+    """
+    if isinstance(client, ValkeyCluster):
+        return True
+    try:
+        info = await client.info("cluster")
+    except vex.ResponseError:  # renamed or forbidden by an ACL
+        return False
+    return bool(info.get("cluster_enabled"))
+
+
 @final
 class ValkeyStore(StoreBase):
     """A Store in a Valkey (or Redis-compatible) server.
@@ -972,18 +1150,22 @@ class ValkeyStore(StoreBase):
     ``ValkeyStore.fast_parser``).
 
     Keys are grouped by shard (one hash tag each), so the layout suits a
-    Valkey Cluster; the client here is a standalone one. A save is atomic
-    per shard, not as a whole: another client may see one shard's part of a
-    batch before another's (they may go in different scripts).
+    Valkey Cluster: on a Cluster node the store reaches every node through a
+    ``ValkeyCluster`` client (module docstring: marks per shard, what a
+    failover can lose). A save is atomic per shard, not as a whole: another
+    client may see one shard's part of a batch before another's (they may go
+    in different scripts, on different nodes).
 
     Args:
         url: the server, e.g. ``valkey://127.0.0.1:6379/0`` (``valkeys://`` for
-            TLS, ``unix://`` for a socket).
+            TLS, ``unix://`` for a socket); for a Valkey Cluster, any node's.
         prefix: the key prefix; several stores can share a server with
             different prefixes.
         tier: the tier's name.
-        client: an existing client to use instead of ``url``. It must not
-            decode responses; the store does not close it.
+        client: an existing client to use instead of ``url``: a
+            ``valkey.asyncio.Valkey``, or a ``valkey.asyncio.cluster.ValkeyCluster``
+            for a Cluster of several primaries. It must not decode responses;
+            the store does not close it.
         socket_timeout: seconds to wait on connect and on each reply.
         read_only: never write (for inspection tools): ``open`` writes no
             mark and no ``P:meta``, and every write raises ``PersistenceError``.
@@ -1003,7 +1185,7 @@ class ValkeyStore(StoreBase):
         *,
         prefix: str = "hs",
         tier: str = "valkey",
-        client: avalkey.Valkey | None = None,
+        client: Client | None = None,
         socket_timeout: float = 5.0,
         read_only: bool = False,
         shards: int | None = None,
@@ -1021,6 +1203,9 @@ class ValkeyStore(StoreBase):
         self._bases: list[str] = []  # "P:{s}:" per shard, set at open
         # One slot a script (a Cluster node), set at open; tests set it to run that path on a standalone server.
         self._slot_per_script = True
+        # A Valkey Cluster client (set at open): a mark per shard (_ShardMarks), scripts loaded on every primary.
+        self._cluster = isinstance(client, ValkeyCluster)
+        self._marks = _ShardMarks(0)
 
     def __repr__(self) -> str:
         return f"ValkeyStore({self.url!r}, prefix={self.prefix!r}, tier={self.tier!r})"
@@ -1037,9 +1222,18 @@ class ValkeyStore(StoreBase):
 
         One Valkey server; not safe across a failover or a restart without AOF
         (``ValkeyAuthority``). A store built on a client shares that client.
-        """
-        from hotstate.persistence._valkey_authority import ValkeyAuthority
+        On a Valkey Cluster there is none: ``ValkeyAuthority`` refuses to open
+        there (known already for a ``ValkeyCluster`` client or an open store).
 
+        Raises:
+            ConfigError: the store is on a Valkey Cluster; pass
+                ``Ownership(authority=PostgresAuthority(...))`` (several hosts)
+                or ``SQLiteAuthority`` (one host).
+        """
+        from hotstate.persistence._valkey_authority import ValkeyAuthority, cluster_refusal
+
+        if self._cluster or isinstance(self._client, ValkeyCluster):
+            raise cluster_refusal("Ownership.authority", self.url)
         return ValkeyAuthority(
             self.url, prefix=self.prefix, shards=shards, client=None if self._owns_client else self._client
         )
@@ -1060,13 +1254,13 @@ class ValkeyStore(StoreBase):
     def _refused(self, action: str, exc: vex.ResponseError) -> PersistenceError:
         return refusal(self.tier, action, exc)
 
-    def _w(self, action: str) -> avalkey.Valkey:
+    def _w(self, action: str) -> Client:
         """The client, for a write."""
         if self.read_only:
             raise PersistenceError(self.tier, f"{action}: this store was opened read-only")
         return self._c()
 
-    def _c(self) -> avalkey.Valkey:
+    def _c(self) -> Client:
         self._check_open()
         if self._client is None:  # pragma: no cover - open() sets it
             raise HotstateInternalError("ValkeyStore is open without a client")
@@ -1074,48 +1268,102 @@ class ValkeyStore(StoreBase):
 
     @override
     async def open(self) -> None:
-        """Connect, then read (or record) ``P:meta``; then write this writer's mark.
+        """Connect (to a Cluster's every node on one), then read (or record) ``P:meta``; then write this writer's mark.
+
+        A server that is a Valkey Cluster node (``INFO cluster``) is reached
+        through a ``ValkeyCluster`` client built from ``url`` instead.
 
         Raises:
             StoreUnavailableError: the server cannot be reached.
-            ConfigError: the prefix records another shard count than ``shards``.
+            ConfigError: the prefix records another shard count than ``shards``,
+                or ``client`` is a client of one node of a Cluster whose slots
+                several primaries serve (pass a ``ValkeyCluster``).
             PersistenceError: the prefix holds keys of layout 1 (and no
                 ``P:meta``), or a ``P:meta`` this release cannot read.
         """
         if self._opened:
             return
-        if self._client is None:
-            self._client = avalkey.Valkey.from_url(
-                self.url,
-                socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                decode_responses=False,
-            )
-        client = self._client
         try:
             async with self._errors(f"connect to {self.url}"):
-                await client.ping()
+                client = await self._connect()
             async with self._errors("read the key layout"):
                 self.shards = await self._layout(client)
             self._bases = [f"{self.prefix}:{{{s}}}:" for s in range(self.shards)]
             if not self.read_only:
-                # The mark from open on, not from the first save: versions read
-                # before that save (recovery) are claimed too. The scripts are
-                # loaded in the same round trip, so the first save finds them.
-                self._mark = mark = WriterMark()
-                _, seq = mark.next()
-                async with self._errors("write this writer's mark"), client.pipeline(transaction=False) as pipe:
-                    for script in _SCRIPTS:
-                        pipe.script_load(script)
-                    pipe.set(self._key("mark", mark.writer), f"{seq}:0", ex=int(MARK_TTL))
-                    await pipe.execute()
-                mark.stored(seq)
+                await self._write_first_marks(client)
         except BaseException:
             await self._drop_client()
             raise
         self._opened = True
 
-    async def _layout(self, client: avalkey.Valkey) -> int:
+    async def _connect(self) -> Client:
+        """The client, connected: a ``ValkeyCluster`` on a Cluster node when the store builds its own.
+
+        Raises:
+            ConfigError: the caller's client reaches one node of a Cluster of several primaries.
+            valkey.exceptions.ValkeyError: the server failed (the caller maps it).
+        """
+        options: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+            "decode_responses": False,
+        }
+        if self._client is None:
+            self._client = avalkey.Valkey.from_url(self.url, **options)
+        client = self._client
+        await client.ping()
+        if isinstance(client, ValkeyCluster) or not await cluster_enabled(client):
+            self._cluster = isinstance(client, ValkeyCluster)
+            return client
+        if not self._owns_client:
+            info: dict[str, str] = await client.execute_command("CLUSTER INFO")
+            size = info.get("cluster_size", "1")
+            if size != "1":
+                raise ConfigError(
+                    "ValkeyStore.client",
+                    client,
+                    f"its server is one node of a Valkey Cluster of {size} primaries: "
+                    "pass a valkey.asyncio.cluster.ValkeyCluster client, or url= alone",
+                )
+            return client  # a Cluster of one node: every key is on it
+        await client.aclose()
+        # Every node's URL reaches the whole Cluster: the client reads the slot map from it.
+        self._client = cluster = ValkeyCluster.from_url(self.url, **options)
+        self._cluster = True
+        await cluster.initialize()
+        return cluster
+
+    async def _write_first_marks(self, client: Client) -> None:
+        """Load the scripts and write this writer's mark: one key, or on a Cluster one in every shard.
+
+        The mark from open on, not from the first save: versions read before
+        that save (recovery) are claimed too. On one server the scripts are
+        loaded in the same round trip, so the first save finds them.
+        """
+        self._mark = mark = WriterMark()
+        _, seq = mark.next()
+        value = f"{seq}:0"
+        if self._cluster:
+            await self._load_scripts(client)
+            self._marks = marks = _ShardMarks(self.shards)
+            async with self._errors("write this writer's marks"), client.pipeline(transaction=False) as pipe:
+                for base in self._bases:
+                    pipe.set(f"{base}mark:{mark.writer}", value, ex=int(MARK_TTL))
+                replies = await pipe.execute(raise_on_error=False)
+                await _raise_lost(client, replies)
+                _raise_first(replies)
+            now = time.monotonic()
+            for shard in range(self.shards):
+                marks.stored(shard, seq, now)
+            return
+        async with self._errors("write this writer's mark"), client.pipeline(transaction=False) as pipe:
+            for script in _SCRIPTS:
+                pipe.script_load(script)
+            pipe.set(self._key("mark", mark.writer), value, ex=int(MARK_TTL))
+            await pipe.execute()
+        mark.stored(seq)
+
+    async def _layout(self, client: Client) -> int:
         shards, self._slot_per_script = await read_layout(
             client,
             self.prefix,
@@ -1133,36 +1381,75 @@ class ValkeyStore(StoreBase):
 
     @override
     async def aclose(self) -> None:
-        """Delete this writer's mark (a second at most; else it expires), then close the client."""
+        """Delete this writer's mark or marks (a second at most; else they expire), then close the client."""
         was_open, self._opened = self._opened, False
         try:
             if was_open and not self.read_only and self._client is not None:
-                with anyio.move_on_after(min(1.0, self.socket_timeout)), contextlib.suppress(vex.ValkeyError, OSError):
-                    await self._client.delete(self._key("mark", self._mark.writer))
+                with (
+                    anyio.move_on_after(min(1.0, self.socket_timeout)),
+                    contextlib.suppress(vex.ValkeyError, vex.ValkeyClusterException, OSError),
+                ):
+                    await self._delete_marks(self._client)
         finally:
             await self._drop_client()
 
+    async def _delete_marks(self, client: Client) -> None:
+        writer = self._mark.writer
+        if not self._cluster:
+            await client.delete(self._key("mark", writer))
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            for base in self._bases:
+                pipe.delete(f"{base}mark:{writer}")
+            await pipe.execute(raise_on_error=False)
+
     # ------------------------------------------------------------------ scripts
 
-    async def _send(self, client: avalkey.Valkey, calls: Sequence[_Call], action: str) -> list[Any]:
-        """Run ``calls`` pipelined in one round trip; a reply the server refused is returned in its place."""
+    async def _send(self, client: Client, calls: Sequence[_Call], action: str) -> list[Any]:
+        """Run ``calls`` pipelined in one round trip; a reply the server refused is returned in its place.
+
+        On a Cluster the client sends each node its calls in one round trip
+        (all nodes at once), in order, and follows ``MOVED`` and ``ASK``
+        itself; a node it could not reach fails the whole call.
+
+        Raises:
+            StoreUnavailableError: the server, or a node of the Cluster, is unreachable.
+        """
         async with self._errors(action), client.pipeline(transaction=False) as pipe:
             for call in calls:
                 if call.script is None:
                     pipe.execute_command(*call.args)
                 else:
-                    pipe.evalsha(_SHA[call.script], len(call.keys), *call.keys, *cast("Sequence[str]", call.args))
+                    # As a raw command: valkey-py's Cluster pipeline blocks its evalsha()
+                    # method, but routes a raw EVALSHA by its keys (one slot a script here).
+                    pipe.execute_command("EVALSHA", _SHA[call.script], len(call.keys), *call.keys, *call.args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+            await _raise_lost(client, replies)
         return replies
 
-    async def _load_scripts(self, client: avalkey.Valkey) -> None:
-        """Load every script (a server restarted, or its script cache flushed, has none)."""
-        async with self._errors("load scripts"), client.pipeline(transaction=False) as pipe:
-            for script in _SCRIPTS:
-                pipe.script_load(script)
-            await pipe.execute()
+    async def _load_scripts(self, client: Client) -> None:
+        """Load every script (a server restarted, or its script cache flushed, has none); on a Cluster on every primary.
 
-    async def _scripted(self, client: avalkey.Valkey, calls: Sequence[_Call], action: str) -> list[Any]:
+        A replica promoted by a failover has no scripts (the cache is not
+        replicated): the first call there replies ``NOSCRIPT`` and comes here.
+        """
+        async with self._errors("load scripts"):
+            if isinstance(client, ValkeyCluster):
+                cluster = client
+
+                async def load(script: str) -> None:
+                    await cluster.script_load(script)
+
+                async with anyio.create_task_group() as tg:
+                    for script in _SCRIPTS:
+                        tg.start_soon(load, script)
+                return
+            async with client.pipeline(transaction=False) as pipe:
+                for script in _SCRIPTS:
+                    pipe.script_load(script)
+                await pipe.execute()
+
+    async def _scripted(self, client: Client, calls: Sequence[_Call], action: str) -> list[Any]:
         """``_send``, then once more for the calls the server had no script for; a refusal raises.
 
         Raises:
@@ -1202,7 +1489,10 @@ class ValkeyStore(StoreBase):
         restarted empty or from a file older than this writer's last save is
         noticed there, by every writer sharing the prefix; ``P:meta`` is then
         written again. An empty batch is one round trip too: a probe of the
-        mark. (On a Valkey Cluster a mark would cover its own node only.)
+        mark. On a Valkey Cluster each shard has its own mark, advanced inside
+        the shard's script: a node that lost writes (a failover to a lagging
+        replica) is noticed shard by shard, by the next save of each shard
+        (a probe checks them all); see the module docstring.
 
         Each part checks, before it writes anything, every key a run would
         write and the run's numbers; a run with a key of another type (say a
@@ -1227,13 +1517,16 @@ class ValkeyStore(StoreBase):
             plan = _ShardSave(shard, self._bases[shard], "" if epoch is None else str(epoch), snaps)
             plan.split(trans, tally.rejected)
             plans.append(plan)
-        await self._rounds(client, plans, unowned, owner, tally)
+        if self._cluster:
+            await self._cluster_rounds(client, plans, unowned, owner, tally)
+        else:
+            await self._rounds(client, plans, unowned, owner, tally)
         if tally.reset:
             await self._record_layout(client)
         return tally.result()
 
     async def _rounds(
-        self, client: avalkey.Valkey, plans: list[_ShardSave], unowned: list[int], owner: str, tally: _Tally
+        self, client: Client, plans: list[_ShardSave], unowned: list[int], owner: str, tally: _Tally
     ) -> None:
         """Send the shards' calls round by round (one round trip each) until all are written, the mark last.
 
@@ -1281,7 +1574,70 @@ class ValkeyStore(StoreBase):
                 break
         mark.stored(marked)
 
-    async def _trips(self, client: avalkey.Valkey, calls: Sequence[_Call], rows: Sequence[int]) -> list[Any]:
+    async def _cluster_rounds(
+        self, client: Client, plans: list[_ShardSave], unowned: list[int], owner: str, tally: _Tally
+    ) -> None:
+        """``_rounds`` on a Cluster: each shard's script checks and advances the shard's own mark, atomically with its rows.
+
+        A batch with no shard to write (a probe) checks every shard's mark
+        instead, and a save also refreshes the marks of the shards it does not
+        write whose mark was last written ``MARK_TTL / 2`` ago or more, so
+        that no mark of a live writer expires. Calls go to all nodes at once.
+        """
+        marks, writer = self._marks, self._mark.writer
+        planned = {plan.shard for plan in plans}
+        extra = list(range(self.shards)) if not plans else [s for s in marks.due(time.monotonic()) if s not in planned]
+        reloads = 0
+        while True:
+            active = [plan for plan in plans if not plan.done]
+            if not (active or unowned or extra):
+                return
+            _, seq = self._mark.next()
+            groups = self._groups(active)  # one shard each
+            calls = [self._save_call(group, owner, (writer, marks.floors[group[0][0].shard], seq)) for group in groups]
+            calls += [_Call(None, (), ("HGET", self._bases[s] + "fence", "epoch")) for s in unowned]
+            calls += [
+                _Call(_MARK_LUA, (f"{self._bases[s]}mark:{writer}",), (str(marks.floors[s]), str(seq))) for s in extra
+            ]
+            replies = await self._trips(client, calls, [sum(_rows(plan, last) for plan, last in g) for g in groups])
+            if any(isinstance(r, vex.NoScriptError) for r in replies):
+                reloads += 1
+                if reloads > 2:  # pragma: no cover - the server drops scripts as fast as they are loaded
+                    raise PersistenceError(self.tier, "save: the server keeps losing its scripts")
+                await self._load_scripts(client)
+            now = time.monotonic()
+            for group, reply in zip(groups, replies, strict=False):
+                if isinstance(reply, list):
+                    tally.reset |= bool(reply.pop())  # the shard's mark: it lost writes
+                    marks.stored(group[0][0].shard, seq, now)
+                self._took(group, reply, tally)
+            n = len(groups) + len(unowned)
+            for shard, reply in zip(unowned, replies[len(groups) : n], strict=True):
+                tally.fenced[shard] = self._fence_epoch(shard, reply)
+            unowned = []
+            extra = self._took_marks(extra, replies[n:], seq, tally, now)
+
+    def _took_marks(
+        self, shards: Sequence[int], replies: Sequence[Any], seq: int, tally: _Tally, now: float
+    ) -> list[int]:
+        """Count the replies of ``_MARK_LUA`` on ``shards`` in ``tally``; the shards whose script was missing.
+
+        Raises:
+            StoreUnavailableError: the server refused for a reason a retry may fix.
+            PersistenceError: it refused for another reason.
+        """
+        left = []
+        for shard, reply in zip(shards, replies, strict=True):
+            if isinstance(reply, vex.NoScriptError):
+                left.append(shard)
+            elif isinstance(reply, vex.ResponseError):
+                raise self._refused("save", reply) from reply
+            else:
+                tally.reset |= bool(reply)
+                self._marks.stored(shard, seq, now)
+        return left
+
+    async def _trips(self, client: Client, calls: Sequence[_Call], rows: Sequence[int]) -> list[Any]:
         """``_send`` of ``calls`` in round trips of up to ``TRIP_ROWS`` rows (``rows``: each call's; the rest 0).
 
         Most flushes are one round trip. Each round trip waits for the one
@@ -1318,10 +1674,21 @@ class ValkeyStore(StoreBase):
                 rows, size = n, len(text)
         return groups
 
-    def _save_call(self, group: Sequence[tuple[_ShardSave, bool]], owner: str) -> _Call:
-        """The save script for ``group``'s next parts (see ``_SAVE_LUA`` for its arguments)."""
+    def _save_call(
+        self, group: Sequence[tuple[_ShardSave, bool]], owner: str, mark: tuple[str, int, int] | None = None
+    ) -> _Call:
+        """The save script for ``group``'s next parts (see ``_SAVE_LUA`` for its arguments).
+
+        ``mark`` (a Cluster's, one shard a script): the writer, the shard's
+        floor and this round's seq, for the shard's mark checked in the script.
+        """
         keys = [plan.base + "fence" for plan, _ in group]
-        shards = _JSON.encode([(plan.shard, plan.epoch) for plan, _ in group]).decode()
+        if mark is None:
+            shards = _JSON.encode([(plan.shard, plan.epoch) for plan, _ in group]).decode()
+        else:
+            (plan, _), (writer, floor, seq) = group[0], mark
+            keys.append(f"{plan.base}mark:{writer}")
+            shards = _JSON.encode([(plan.shard, plan.epoch, floor, seq)]).decode()
         heads = ",".join(plan.heads if last else "[]" for plan, last in group)
         texts = ",".join(plan.part()[1] for plan, _ in group)
         args: list[str | bytes] = [self.prefix, owner, shards, f"[{heads}]", f"[{texts}]"]
@@ -1401,12 +1768,10 @@ class ValkeyStore(StoreBase):
                 self.tier, f"{action}: {self.shard_key(shard, 'fence')} holds a malformed epoch"
             ) from exc
 
-    async def _record_layout(self, client: avalkey.Valkey) -> None:
+    async def _record_layout(self, client: Client) -> None:
         """Write ``P:meta`` again after a reset (a server that lost writes may have lost it too)."""
-        async with self._errors("record the key layout"), client.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(self._key("meta"), "shards", str(self.shards))
-            pipe.hsetnx(self._key("meta"), "layout", str(LAYOUT))
-            await pipe.execute()
+        async with self._errors("record the key layout"):
+            await _record_meta(client, self._key("meta"), self.shards)
 
     @override
     async def seal(self, fence: Fence) -> dict[int, int]:
@@ -1440,10 +1805,11 @@ class ValkeyStore(StoreBase):
             for key in keys:
                 pipe.hmget(key, [*fields])
             replies: list[list[bytes | None] | Exception] = await pipe.execute(raise_on_error=False)
+            await _raise_lost(self._c(), replies)
             for reply in replies:
                 # WRONGTYPE is about one key: a malformed row. Anything else
-                # (LOADING, NOAUTH...) is about the server, and fails the read.
-                if isinstance(reply, vex.ResponseError) and not str(reply).startswith("WRONGTYPE"):
+                # (LOADING, NOAUTH, a Cluster node lost...) is about the server, and fails the read.
+                if isinstance(reply, Exception) and not str(reply).startswith("WRONGTYPE"):
                     raise reply
         return replies
 
@@ -1658,7 +2024,7 @@ class ValkeyStore(StoreBase):
         return await self._fenced_calls(client, calls, called, unowned, "save_dead_letters")
 
     async def _fenced_calls(
-        self, client: avalkey.Valkey, calls: list[_Call], called: Sequence[int], unowned: Sequence[int], action: str
+        self, client: Client, calls: list[_Call], called: Sequence[int], unowned: Sequence[int], action: str
     ) -> dict[int, int]:
         """Run the scripts of ``called`` shards (each opening with ``_FENCE_LUA``) and read the ``unowned`` fences.
 
@@ -1699,10 +2065,8 @@ class ValkeyStore(StoreBase):
     async def delete_dead_letter(self, run_id: str) -> bool:
         client = self._w("delete_dead_letter")
         base = self._bases[shard_of(run_id, self.shards)]
-        async with self._errors("delete_dead_letter"), client.pipeline(transaction=True) as pipe:
-            pipe.hdel(base + "dead", run_id)
-            pipe.hdel(base + "dead:body", run_id)
-            removed, _ = await pipe.execute()
+        call = _Call(_DELETE_DEAD_LUA, (base + "dead", base + "dead:body"), (run_id,))
+        (removed,) = await self._scripted(client, [call], "delete_dead_letter")
         return bool(removed)
 
     # ------------------------------------------------------- copies and purging

@@ -19,7 +19,15 @@ offered later for a single primary"). Keys, under the prefix ``P`` the
 Every change is one Lua script (atomic on the server); lease times are the
 server's clock (``TIME`` inside the script), so no two processes compare
 their own clocks. Claims, renewals and the shard map span every shard: this
-authority runs on one server, not on a Valkey Cluster.
+authority runs on one server, not on a Valkey Cluster, and refuses to open on
+a Cluster node (``cluster_refusal``). Making it one would take more than
+routing: a claim and a renewal are atomic across every shard here (one
+script), which on a Cluster becomes one script per slot, each on a primary
+that replicates asynchronously, so a failover can hand a promoted replica an
+older epoch and lease while the old owner still writes. The ``ValkeyStore``
+fence limits the harm, but an authority must not lose a claim it granted:
+that is what ``PostgresAuthority`` (synchronous commit) and ``SQLiteAuthority``
+(one host) are for.
 """
 
 from __future__ import annotations
@@ -32,14 +40,14 @@ import valkey.asyncio as avalkey
 from hotstate._errors import ConfigError, PersistenceError
 from hotstate.persistence._authority import InboxEntry, MemberInfo, Renewal, ShardLease, process_gone
 from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards
-from hotstate.persistence._valkey import errors, read_layout
+from hotstate.persistence._valkey import cluster_enabled, errors, read_layout
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
     from valkey.commands.core import AsyncScript
 
-__all__ = ["ValkeyAuthority"]
+__all__ = ["ValkeyAuthority", "cluster_refusal"]
 
 _LOG_KEEP: Final = 100_000  # ownership log entries kept (the oldest go first), as SQLiteAuthority
 
@@ -249,6 +257,17 @@ def _members(
     return tuple(out)
 
 
+def cluster_refusal(field: str, where: str) -> ConfigError:
+    """The error for a ``ValkeyAuthority`` wanted on a Valkey Cluster (``field`` names the option)."""
+    return ConfigError(
+        field,
+        where,
+        "a Valkey Cluster cannot be the lease authority (asynchronous replication: a failover can lose a claim; "
+        "and a claim spans every shard's slot): use hotstate.persistence.PostgresAuthority (several hosts) "
+        "or SQLiteAuthority (one host), e.g. Runtime(ownership=Ownership(authority=...))",
+    )
+
+
 @final
 class ValkeyAuthority:
     """Shard leases and epochs on one Valkey server, for processes that share only Valkey.
@@ -267,7 +286,8 @@ class ValkeyAuthority:
     the fence's owner check fences the second (design/ownership.md §4.10).
     Use it with a single primary, ``appendonly yes`` and ``appendfsync
     always``, and no failover; else use ``SQLiteAuthority`` (one host) or a
-    PostgreSQL authority. ``post`` is as durable as that configuration.
+    PostgreSQL authority. ``post`` is as durable as that configuration. A
+    Valkey Cluster is refused at ``open`` (module docstring).
 
     Args:
         url: the server, e.g. ``valkey://127.0.0.1:6379/0``.
@@ -333,7 +353,8 @@ class ValkeyAuthority:
 
         Raises:
             StoreUnavailableError: the server cannot be reached.
-            ConfigError: the prefix records another shard count.
+            ConfigError: the prefix records another shard count, or the server
+                is a Valkey Cluster node (``cluster_refusal``).
             PersistenceError: the prefix holds keys of layout 1.
         """
         if self._scripts:
@@ -348,6 +369,8 @@ class ValkeyAuthority:
         client = self._client
         try:
             async with errors(self.name, "open"):
+                if await cluster_enabled(client):
+                    raise cluster_refusal("ValkeyAuthority.url", self.url)
                 self.shards, _ = await read_layout(
                     client, self.prefix, shards=self._asked, record=True, tier=self.name, field="ValkeyAuthority.shards"
                 )

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-TIERS = ("memory", "sqlite", "valkey", "postgres")
+TIERS = ("memory", "sqlite", "valkey", "valkey-cluster", "postgres")
 
 
 async def make_store(request: pytest.FixtureRequest, tier: str, tmp_path: Path) -> Store:
@@ -29,6 +29,12 @@ async def make_store(request: pytest.FixtureRequest, tier: str, tmp_path: Path) 
         return MemoryStore()
     if tier == "sqlite":
         return SQLiteStore(tmp_path / "hotstate.db")
+    if tier == "valkey-cluster":  # three primaries: a store's shards spread over every node
+        return ValkeyStore(
+            request.getfixturevalue("valkey_cluster"),
+            prefix=request.getfixturevalue("valkey_cluster_prefix"),
+            socket_timeout=2.0,
+        )
     if tier == "postgres":
         return PostgresStore(request.getfixturevalue("postgres_url"), schema=request.getfixturevalue("postgres_schema"))
     url: str = request.getfixturevalue("valkey_url")
