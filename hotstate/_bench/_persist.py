@@ -3,7 +3,9 @@
 Every figure is reported beside a ceiling measured in the same process:
 - W1 policies against memory-only hotstate and the bare asyncio loop (``benchmarks.w1``);
 - SQLite against a raw aiosqlite one-transaction ``executemany`` upsert of the same rows;
-- Valkey against a raw ``MSET`` in 1,000-key chunks of the same number of keys and bytes.
+- Valkey against a raw ``MSET`` in 1,000-key chunks of the same number of keys and bytes;
+- PostgreSQL against the best of three raw asyncpg batch writes of the same rows into a table
+  shaped like ``hs_runs`` (``RAW_POSTGRES_METHODS``: ``executemany``, ``unnest`` arrays, ``COPY``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
+import asyncpg
 
 from hotstate import (
     FlushPolicy,
@@ -29,11 +32,14 @@ from hotstate import (
     TransitionKind,
 )
 from hotstate._bench import _w1 as w1
-from hotstate.persistence import SQLiteStore, Store
+from hotstate.persistence import PostgresStore, SQLiteStore, Store
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._listener import IgnoringListener
 from hotstate.persistence._persister import Persister
 from hotstate.persistence._records import encode_snapshot
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 BLOB = w1.BLOB
 
@@ -114,6 +120,171 @@ async def drop_prefix(url: str, prefix: str) -> None:
         await drop_keys(client, f"{prefix}:*")
     finally:
         await client.aclose()
+
+
+# ------------------------------------------------------ PostgreSQL ceilings
+
+# hs_runs' shape (_postgres.py): the header as columns, the body as bytea, the
+# same three secondary indexes (an upsert that changes status updates them all);
+# and hs_transitions'.
+_RAW_TABLES = """
+CREATE TABLE {t} (
+    run_id text COLLATE "C" PRIMARY KEY, workflow text COLLATE "C" NOT NULL, workflow_version bigint NOT NULL,
+    version bigint NOT NULL, step bigint NOT NULL, status text COLLATE "C" NOT NULL, updated_at float8 NOT NULL,
+    attempt bigint NOT NULL, epoch bigint NOT NULL, error text, body bytea NOT NULL, shard integer NOT NULL);
+CREATE INDEX ON {t} (status, run_id);
+CREATE INDEX ON {t} (workflow, run_id);
+CREATE INDEX ON {t} (shard, run_id);
+CREATE TABLE {t}_t (
+    run_id text COLLATE "C" NOT NULL, version bigint NOT NULL, kind text NOT NULL, step bigint NOT NULL,
+    status text NOT NULL, at float8 NOT NULL, detail text, PRIMARY KEY (run_id, version));
+"""
+_RUN_COLUMNS = (
+    "run_id",
+    "workflow",
+    "workflow_version",
+    "version",
+    "step",
+    "status",
+    "updated_at",
+    "attempt",
+    "epoch",
+    "error",
+    "body",
+    "shard",
+)
+_RUN_TYPES = ("text", "text", "int8", "int8", "int8", "text", "float8", "int8", "int8", "text", "bytea", "int4")
+_TRANSITION_COLUMNS = ("run_id", "version", "kind", "step", "status", "at", "detail")
+_TRANSITION_TYPES = ("text", "int8", "text", "int8", "text", "float8", "text")
+
+
+def _raw_statements(table: str) -> dict[str, str]:
+    """Each method's statements for ``table`` (our own names: nothing here comes from outside)."""
+    columns = ", ".join(_RUN_COLUMNS)
+    history = ", ".join(_TRANSITION_COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS[1:-1])
+    # The store's upsert: every column replaced, guarded by (epoch, version).
+    upsert = (
+        f"INSERT INTO {table} AS r ({columns}) {{}} ON CONFLICT (run_id) DO UPDATE SET {updates}"
+        " WHERE (excluded.epoch, excluded.version) > (r.epoch, r.version)"
+    )
+    insert = f"INSERT INTO {table}_t ({history}) {{}} ON CONFLICT DO NOTHING"
+    runs = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RUN_TYPES))
+    transitions = ", ".join(f"${len(_RUN_TYPES) + i + 1}::{t}[]" for i, t in enumerate(_TRANSITION_TYPES))
+    return {
+        "upsert_values": upsert.format(f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_RUN_COLUMNS)))})"),
+        "insert_values": insert.format(f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_TRANSITION_COLUMNS)))})"),
+        "unnest": (
+            f"WITH runs AS ({upsert.format(f'SELECT * FROM unnest({runs})')} RETURNING 1),"  # noqa: S608
+            f" trans AS ({insert.format(f'SELECT * FROM unnest({transitions})')} RETURNING 1)"  # noqa: S608
+            " SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM trans)"
+        ),
+        "upsert_stage": upsert.format(f"SELECT {columns} FROM raw_stage"),  # noqa: S608
+        "insert_stage": insert.format(f"SELECT {history} FROM raw_stage_t"),  # noqa: S608
+    }
+
+
+Rows = list[tuple[Any, ...]]
+
+
+async def _by_executemany(conn: Any, sql: dict[str, str], runs: Rows, transitions: Rows) -> None:
+    async with conn.transaction():
+        await conn.executemany(sql["upsert_values"], runs)
+        await conn.executemany(sql["insert_values"], transitions)
+
+
+async def _by_unnest(conn: Any, sql: dict[str, str], runs: Rows, transitions: Rows) -> None:
+    columns = [list(c) for c in zip(*runs, strict=True)]
+    history = [list(c) for c in zip(*transitions, strict=True)]
+    async with conn.transaction():
+        await conn.fetchrow(sql["unnest"], *columns, *history)
+
+
+async def _by_copy(conn: Any, sql: dict[str, str], runs: Rows, transitions: Rows) -> None:
+    async with conn.transaction():
+        await conn.copy_records_to_table("raw_stage", records=runs, columns=_RUN_COLUMNS)
+        await conn.copy_records_to_table("raw_stage_t", records=transitions, columns=_TRANSITION_COLUMNS)
+        await conn.execute(sql["upsert_stage"])
+        await conn.execute(sql["insert_stage"])
+
+
+RAW_POSTGRES_METHODS: dict[str, Callable[[Any, dict[str, str], Rows, Rows], Awaitable[None]]] = {
+    "executemany": _by_executemany,
+    "unnest()": _by_unnest,
+    "COPY": _by_copy,
+}
+"""The raw asyncpg batch writes, each one transaction upserting a batch's runs and inserting their
+transitions: ``executemany`` of the statements; ``unnest()`` of one array a column, both in one
+statement (what ``PostgresStore.save`` does, with its writer mark and escaping on top); ``COPY``
+(``copy_records_to_table``) into temporary tables, then ``INSERT ... SELECT`` from them."""
+
+
+def _raw_rows(n: int, version: int, body: bytes) -> tuple[Rows, Rows]:
+    now = time.time()
+    runs = [(f"run-{i:07d}", "w1", 1, version, 1, "running", now, 1, 0, None, body, i % 256) for i in range(n)]
+    transitions = [(f"run-{i:07d}", version, "step", 0, "running", now, None) for i in range(n)]
+    return runs, transitions
+
+
+SAVE = "PostgresStore.save"
+"""``postgres_batches``' name for the store's contender."""
+
+
+async def postgres_batches(url: str, rows: int, body_size: int, rounds: int, store: PostgresStore) -> dict[str, float]:
+    """Rows/s of each ``RAW_POSTGRES_METHODS`` and of ``store.save`` (``SAVE``), median of ``rounds``.
+
+    Each writes ``rows`` runs and their transitions a round, the raw methods
+    each into its own table in a private schema (dropped after). Round ``r``
+    writes version ``r + 2`` of the same runs (an insert, then updates, as
+    ``sustained_flush`` does); within a round the four take turns going first,
+    so a checkpoint or the autovacuum falls on each alike. Encoding the
+    store's snapshots is not timed (``sustained_flush`` times the persister,
+    encoding included).
+    """
+    body = os.urandom(body_size)
+    codec = MsgpackCodec()
+    schema = f"hs_bench_raw_{time.monotonic_ns()}"
+    tables = {name: f'"{schema}".m{i}' for i, name in enumerate(RAW_POSTGRES_METHODS)}
+    statements = {name: _raw_statements(table) for name, table in tables.items()}
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        for table in tables.values():
+            await conn.execute(_RAW_TABLES.format(t=table))
+        some = next(iter(tables.values()))
+        await conn.execute(f"CREATE TEMP TABLE raw_stage (LIKE {some}) ON COMMIT DELETE ROWS")
+        await conn.execute(f"CREATE TEMP TABLE raw_stage_t (LIKE {some}_t) ON COMMIT DELETE ROWS")
+        names = [*RAW_POSTGRES_METHODS, SAVE]
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            runs, transitions = _raw_rows(rows, r + 2, body)
+            batch = _snapshots(rows, r + 2)
+            snapshots = [encode_snapshot(snap, codec) for snap, _ in batch]
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                gc.collect()
+                t0 = time.perf_counter()
+                if name == SAVE:
+                    written = (await store.save(snapshots, [t for _, t in batch])).written
+                    if written != rows:
+                        raise RuntimeError(f"PostgresStore.save wrote {written} of {rows} snapshots")
+                else:
+                    await RAW_POSTGRES_METHODS[name](conn, statements[name], runs, transitions)
+                rates[name].append(rows / (time.perf_counter() - t0))
+        return {name: statistics.median(values) for name, values in rates.items()}
+    finally:
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    """Drop a schema a figure wrote (its store's and its lease authority's tables)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 # ------------------------------------------------------- sustained flush rate

@@ -4,7 +4,10 @@ A policy is its tiers in the runtime's order, each a store kind and a
 write-behind interval in seconds, or ``through`` for write-through with group
 commit (SQLite then writes with ``synchronous=FULL``); ``:ack`` after a tier
 names it in ``Runtime(ack_tiers=...)``, so every acknowledgement waits for it
-(``"valkey:0.01,sqlite:1:ack"``). The bench's named
+(``"valkey:0.01,sqlite:1:ack"``). A ``postgres`` tier is a ``PostgresStore``
+in a schema named after the figure's prefix (``postgres_schema``), on the
+server given as ``postgres_url`` (``"valkey:0.01,postgres:1"`` is the
+multi-machine deployment). The bench's named
 policies, the sweep's points, the reliability suite and ``hotstate demo``
 (whose ``--valkey-interval V --sqlite-interval S`` is ``valkey:V,sqlite:S``)
 all parse into ``Policy``.
@@ -12,25 +15,48 @@ all parse into ``Policy``.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hotstate import FlushPolicy, Tier
-from hotstate.persistence import SQLiteStore, ValkeyStore
+from hotstate.persistence import PostgresStore, SQLiteStore, ValkeyStore
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from hotstate.persistence import Store
 
-KINDS = ("valkey", "sqlite")
+KINDS = ("valkey", "sqlite", "postgres")
+
+
+def postgres_schema(prefix: str) -> str:
+    """The PostgreSQL schema of a figure whose Valkey keys start with ``prefix``: one a figure, dropped after it."""
+    name = re.sub(r"[^a-z0-9_]", "_", prefix.lower())
+    return (name if name[:1].isalpha() else f"hs_{name}")[:63]
+
+
+def _interval(value: str, kind: str, spec: str) -> float | None:
+    """A tier's interval: ``through`` (None) or positive, finite seconds."""
+    if value == "through":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"bad interval {value!r} for tier {kind!r} in policy {spec!r}: seconds > 0 or 'through' (e.g. {kind}:0.1)"
+        )
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
 class TierSpec:
     """One tier of a policy."""
 
-    kind: str  # "valkey" or "sqlite"
+    kind: str  # one of KINDS
     interval: float | None  # the write-behind interval in seconds; None is write-through
     ack: bool = False  # named in Runtime(ack_tiers=...): acknowledgements wait for it
 
@@ -55,17 +81,17 @@ class Policy:
             name: how reports name it (default: the spec).
 
         Raises:
-            ValueError: an unknown tier kind, a bad interval or flag.
+            ValueError: an unknown tier kind, a missing or bad interval, or an unknown flag.
         """
         tiers = []
         for part in spec.split(","):
             kind, _, value = part.strip().partition(":")
             value, _, flag = value.partition(":")
             if kind not in KINDS:
-                raise ValueError(f"unknown tier {kind!r} in policy {spec!r}")
+                raise ValueError(f"unknown tier {kind!r} in policy {spec!r} (choose from {', '.join(KINDS)})")
             if flag not in ("", "ack"):
                 raise ValueError(f"unknown flag {flag!r} in policy {spec!r} (only 'ack')")
-            tiers.append(TierSpec(kind, None if value == "through" else float(value), ack=flag == "ack"))
+            tiers.append(TierSpec(kind, _interval(value, kind, spec), ack=flag == "ack"))
         return cls(name=spec if name is None else name, tiers=tuple(tiers))
 
     @property
@@ -101,18 +127,45 @@ class Policy:
         """Index of the tier that bounds the loss window (write-through first, else the fastest)."""
         return min(range(len(self.tiers)), key=lambda j: -1.0 if (i := self.tiers[j].interval) is None else i)
 
-    def stores(self, *, sqlite: str | Path, valkey_url: str, prefix: str, writing: bool = False) -> list[Store]:
-        """One new store per tier (``writing``: write-through SQLite uses ``synchronous=FULL``)."""
-        return [
-            SQLiteStore(sqlite, synchronous="FULL" if writing and t.interval is None else "NORMAL")
-            if t.kind == "sqlite"
-            else ValkeyStore(valkey_url, prefix=prefix)
-            for t in self.tiers
-        ]
+    def stores(
+        self,
+        *,
+        sqlite: str | Path,
+        valkey_url: str,
+        prefix: str,
+        writing: bool = False,
+        postgres_url: str | None = None,
+    ) -> list[Store]:
+        """One new store per tier (``writing``: write-through SQLite uses ``synchronous=FULL``).
 
-    def build_tiers(self, *, sqlite: str | Path, valkey_url: str, prefix: str) -> list[Tier]:
-        """The runtime's tiers for this policy, on new stores."""
-        stores = self.stores(sqlite=sqlite, valkey_url=valkey_url, prefix=prefix, writing=True)
+        A ``postgres`` tier writes in schema ``postgres_schema(prefix)`` on ``postgres_url``.
+
+        Raises:
+            ValueError: a ``postgres`` tier, and no ``postgres_url``.
+        """
+        if postgres_url is None and any(t.kind == "postgres" for t in self.tiers):
+            raise ValueError(f"policy {self.spec!r} has a postgres tier: it needs a PostgreSQL URL (--postgres-url)")
+        stores: list[Store] = []
+        for t in self.tiers:
+            if t.kind == "sqlite":
+                stores.append(SQLiteStore(sqlite, synchronous="FULL" if writing and t.interval is None else "NORMAL"))
+            elif t.kind == "postgres" and postgres_url is not None:
+                stores.append(PostgresStore(postgres_url, schema=postgres_schema(prefix)))
+            else:
+                stores.append(ValkeyStore(valkey_url, prefix=prefix))
+        return stores
+
+    def build_tiers(
+        self, *, sqlite: str | Path, valkey_url: str, prefix: str, postgres_url: str | None = None
+    ) -> list[Tier]:
+        """The runtime's tiers for this policy, on new stores.
+
+        Raises:
+            ValueError: a ``postgres`` tier, and no ``postgres_url``.
+        """
+        stores = self.stores(
+            sqlite=sqlite, valkey_url=valkey_url, prefix=prefix, writing=True, postgres_url=postgres_url
+        )
         return [
             Tier(store, FlushPolicy.through() if t.interval is None else FlushPolicy(interval=t.interval))
             for t, store in zip(self.tiers, stores, strict=True)
@@ -124,6 +177,9 @@ POLICIES: dict[str, Policy] = {
     "sqlite-behind": Policy.parse("sqlite:0.1", "sqlite-behind 100 ms"),
     "write-through sqlite": Policy.parse("sqlite:through", "write-through sqlite FULL, group commit"),
     "write-through valkey": Policy.parse("valkey:through", "write-through valkey"),
+    "postgres-behind": Policy.parse("postgres:0.1", "write-behind postgres 100 ms"),
+    "write-behind postgres": Policy.parse("valkey:0.01,postgres:1", "write-behind valkey 10 ms + postgres 1 s"),
+    "write-through postgres": Policy.parse("postgres:through", "write-through postgres, group commit"),
     "write-behind+ack": Policy.parse(
         "valkey:0.01,sqlite:1:ack", "write-behind valkey 10 ms + sqlite 1 s, ack_tiers=[sqlite]"
     ),
@@ -133,7 +189,7 @@ POLICIES: dict[str, Policy] = {
 def find_policy(name: str) -> Policy:
     """Look a policy up by key (``"write-behind"``, ...), by full name, or build one.
 
-    ``"sqlite-behind 0.25"`` / ``"valkey-behind 0.01"`` give one write-behind tier
+    ``"sqlite-behind 0.25"`` / ``"valkey-behind 0.01"`` / ``"postgres-behind 0.1"`` give one write-behind tier
     at that interval (seconds); a spec such as ``"valkey:0.01,sqlite:1"`` is
     taken as it is.
 

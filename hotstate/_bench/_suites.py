@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from hotstate import run
 from hotstate._bench import _persist as persist, _scale as scale, _w1 as w1
-from hotstate._bench._policy import POLICIES, Policy
+from hotstate._bench._policy import POLICIES, Policy, postgres_schema
 from hotstate._bench._progress import Progress
 from hotstate._bench._results import results_dir
 from hotstate._bench._table import render_table
-from hotstate.persistence import EmbeddedValkey, SQLiteStore, ValkeyStore
+from hotstate.persistence import EmbeddedValkey, PostgresStore, SQLiteStore, ValkeyStore
+from hotstate.persistence._postgres_server import EmbeddedPostgres, PostgresServerError
 from hotstate.runtime._loop import uvloop_available
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class BenchOptions:
     # (per acknowledging policy, lineage, crash loop); None: 200, 3 when quick.
     trials: int | None = None
     valkey_url: str | None = None  # an existing Valkey server (None: a private embedded one)
+    postgres_url: str | None = None  # an existing PostgreSQL server (None: a private embedded one, if it can be had)
     sqlite: str | None = None  # put the SQLite databases in this path's folder (None: a temporary folder)
     quick: bool = False  # the sweep's short list of intervals and fewer SIGKILL trials
     json: str | None = None  # where to write the figures (None: results_dir() / "latest.json")
@@ -66,12 +69,15 @@ class BenchOptions:
 
 @dataclass
 class Bench:
-    """What the suites share: options, the Valkey URL, a scratch folder and the results."""
+    """What the suites share: options, the server URLs, a scratch folder and the results."""
 
     opts: BenchOptions
     url: str | None
     scratch: Path
+    postgres_url: str | None = None
+    no_postgres: str = ""  # why there is no PostgreSQL server (its figures are skipped)
     figures: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     plot_points: list[SweepPoint] = field(default_factory=list)  # plotted once the run is over
 
@@ -109,6 +115,11 @@ class Bench:
         self.figures.append(record)
         return record
 
+    def skip(self, name: str, reason: str) -> None:
+        """Record and print a figure that could not be measured, and why."""
+        print(f"  {name:<48}{'skipped':>14}  ({reason})", flush=True)
+        self.skipped.append({"name": name, "reason": reason})
+
 
 async def _rounds(label: str, rounds: int, fn: Callable[[], Awaitable[float]]) -> float:
     """Median of ``rounds`` calls of ``fn``, with a progress bar."""
@@ -145,8 +156,33 @@ FIGURE_POLICIES: dict[str, Policy | None] = {
     "write-behind sqlite 100 ms": POLICIES["sqlite-behind"],
     "write-through sqlite FULL, group commit": POLICIES["write-through sqlite"],
     "write-through valkey": POLICIES["write-through valkey"],
+    "write-behind postgres 100 ms": POLICIES["postgres-behind"],
+    "write-behind valkey 10 ms + postgres 1 s": POLICIES["write-behind postgres"],
+    "write-through postgres, group commit": POLICIES["write-through postgres"],
 }
 """The policies suite's figure labels and their policies (None: memory-only)."""
+
+
+def _uses_postgres(policy: Policy | None) -> bool:
+    return policy is not None and any(t.kind == "postgres" for t in policy.tiers)
+
+
+async def _policy_run(b: Bench, policy: Policy | None, n: int) -> float:
+    """W1 steps/s under ``policy``, on new stores; the keys and schema it wrote are deleted after."""
+    url = _need_url(b)
+    tag = f"{n}-{time.monotonic_ns()}"
+    prefix = f"bench-{tag}"
+    tiers = (
+        policy.build_tiers(sqlite=b.db(tag), valkey_url=url, prefix=prefix, postgres_url=b.postgres_url)
+        if policy
+        else []
+    )
+    try:
+        return await w1.hotstate_run(n, b.opts.k, tiers=tiers)
+    finally:  # leave the servers as we found them
+        await persist.drop_prefix(url, prefix)
+        if b.postgres_url is not None and _uses_postgres(policy):
+            await persist.drop_schema(b.postgres_url, postgres_schema(prefix))
 
 
 async def suite_policies(b: Bench) -> None:
@@ -154,6 +190,9 @@ async def suite_policies(b: Bench) -> None:
     url = _need_url(b)
     k = b.opts.k
     body = persist.body_size()
+    # Warm-up, untimed: without it the first runtime (memory-only, the ratios' base) paid the
+    # first calls' costs, and read 339,331 steps/s at N=1,000 against write-behind SQLite's 513,917.
+    await w1.hotstate_run(min(b.opts.sizes), k)
     for n in b.opts.sizes:
         rounds = max(1, b.opts.rounds - 2)
         print(f"\nW1 across flush policies: N={n:,} x K={k} (median of {rounds}); steps/s until every run is done")
@@ -165,17 +204,11 @@ async def suite_policies(b: Bench) -> None:
         b.figure(f"raw valkey MSET x1000, {n * k:,} snapshot+transition", raw_vk, "rows/s")
         memory = 0.0
         for name, policy in FIGURE_POLICIES.items():
-
-            async def one(policy: Policy | None = policy, n: int = n) -> float:
-                tag = f"{n}-{time.monotonic_ns()}"
-                tiers = policy.build_tiers(sqlite=b.db(tag), valkey_url=url, prefix=f"bench-{tag}") if policy else []
-                try:
-                    return await w1.hotstate_run(n, k, tiers=tiers)
-                finally:
-                    await persist.drop_prefix(url, f"bench-{tag}")  # leave the server as we found it
-
-            value = await _rounds(name[:26], rounds, one)
             label = f"{name} (N={n:,})"
+            if _uses_postgres(policy) and b.postgres_url is None:
+                b.skip(label, b.no_postgres)
+                continue
+            value = await _rounds(name, rounds, partial(_policy_run, b, policy, n))
             if name == "memory-only":
                 memory = value
                 b.figure(label, value, "steps/s", "bare loop", ceiling)
@@ -191,6 +224,8 @@ async def suite_policies(b: Bench) -> None:
                 )
             elif "through valkey" in name:
                 b.figure(label, value, "steps/s", "raw valkey keys/s", raw_vk)
+            elif _uses_postgres(policy):  # no target is set for PostgreSQL yet: the ratio shows what the tier costs
+                b.figure(label, value, "steps/s", "memory-only", memory)
             else:
                 b.figure(
                     label,
@@ -252,6 +287,48 @@ async def suite_flush(b: Bench) -> None:
         target=">= 0.6x raw",
         met=vk >= 0.6 * raw_vk,
     )
+    await _flush_postgres(b, n, body, rounds)
+
+
+POSTGRES_FLUSH_FIGURES = (
+    *(f"raw asyncpg {method} upsert" for method in persist.RAW_POSTGRES_METHODS),
+    persist.SAVE,
+    "persister -> postgres",
+)
+"""The flush suite's PostgreSQL figures."""
+
+
+async def _flush_postgres(b: Bench, n: int, body: int, rounds: int) -> None:
+    """``PostgresStore.save`` and the persister against the best raw asyncpg batch write of the same rows."""
+    print(
+        f"\nPostgreSQL batch writes: {n:,} runs + {n:,} transitions a transaction, {body} B bodies "
+        f"(median of {rounds}); raw asyncpg into tables shaped like hs_runs and hs_transitions"
+    )
+    pg = b.postgres_url
+    if pg is None:
+        for name in POSTGRES_FLUSH_FIGURES:
+            b.skip(name, b.no_postgres)
+        return
+    schemas = [f"hs_bench_flush_{time.monotonic_ns()}_{i}" for i in range(2)]
+    try:
+        with Progress("raw asyncpg + save", 1) as bar:
+            async with PostgresStore(pg, schema=schemas[0]) as store:
+                rates = await persist.postgres_batches(pg, n, body, rounds, store)
+            bar.advance()
+        with Progress("persister -> postgres", 1) as bar:
+            async with PostgresStore(pg, schema=schemas[1]) as store:
+                flushed = await persist.sustained_flush(store, n, rounds)
+            bar.advance()
+    finally:
+        for schema in schemas:
+            await persist.drop_schema(pg, schema)
+    save = rates.pop(persist.SAVE)
+    best = max(rates, key=rates.__getitem__)
+    ceiling = f"best raw ({best})"
+    for method, rate in rates.items():
+        b.figure(f"raw asyncpg {method} upsert", rate, "rows/s", ceiling, rates[best])
+    b.figure(persist.SAVE, save, "rows/s", ceiling, rates[best])
+    b.figure("persister -> postgres", flushed, "snapshots/s", ceiling, rates[best])
 
 
 async def suite_recovery(b: Bench) -> None:
@@ -472,6 +549,7 @@ SUITE_FUNCTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "ownership": suite_ownership,
 }
 NEEDS_VALKEY = frozenset({"policies", "flush", "sweep", "reliability"})
+NEEDS_POSTGRES = frozenset({"policies", "flush"})
 
 
 def _need_url(b: Bench) -> str:
@@ -487,8 +565,8 @@ async def main_async(b: Bench) -> None:
             await SUITE_FUNCTIONS[name](b)
 
 
-def _summary(figures: list[dict[str, Any]]) -> str:
-    rows = [
+def _summary(figures: list[dict[str, Any]], skipped: list[dict[str, str]]) -> str:
+    rows: list[tuple[object, ...]] = [
         (
             f["name"],
             round(f["value"], 1),
@@ -498,7 +576,24 @@ def _summary(figures: list[dict[str, Any]]) -> str:
         )
         for f in figures
     ]
-    return render_table(["figure", "value", "unit", "ratio to ceiling", "target"], rows)
+    rows.extend((s["name"], None, "", "", "skipped (see below)") for s in skipped)
+    table = render_table(["figure", "value", "unit", "ratio to ceiling", "target"], rows)
+    reasons = dict.fromkeys(s["reason"] for s in skipped)
+    return table + "".join(f"\nskipped: {reason}" for reason in reasons)
+
+
+def _start_postgres() -> tuple[EmbeddedPostgres | None, str]:
+    """A private PostgreSQL (fsync on, as SQLite's write-through syncs), or None and why not."""
+    server = EmbeddedPostgres(fsync=True)
+    try:
+        server.start()
+    except (PostgresServerError, OSError, subprocess.SubprocessError) as exc:
+        server.stop()
+        return None, f"no PostgreSQL server: {exc}"
+    except BaseException:  # Ctrl-C while it starts: leave nothing behind
+        server.stop()
+        raise
+    return server, ""
 
 
 def run_bench(opts: BenchOptions) -> int:
@@ -516,20 +611,31 @@ def run_bench(opts: BenchOptions) -> int:
     else:
         scratch = Path(tempfile.mkdtemp(prefix="hotstate-bench-"))
     server = None
+    pg_server = None
     url = opts.valkey_url
+    pg_url, no_postgres = opts.postgres_url, ""
     started = time.perf_counter()
     try:
+        if pg_url is None and NEEDS_POSTGRES & set(opts.suites):  # first: interrupted later, both stop
+            pg_server, no_postgres = _start_postgres()
+            if pg_server is not None:
+                pg_url = pg_server.url
+                print(f"private PostgreSQL at {pg_url} (pid {pg_server.pid})")
+            else:
+                print(f"{no_postgres}; the PostgreSQL figures are skipped")
         if url is None and NEEDS_VALKEY & set(opts.suites):
             server = EmbeddedValkey().start()
             url = server.url
             print(f"private valkey-server at {url} (pid {server.pid})")
-        bench = Bench(opts, url, scratch)
+        bench = Bench(opts, url, scratch, postgres_url=pg_url, no_postgres=no_postgres)
         run(main_async, bench, use_uvloop=opts.use_uvloop)
     finally:  # also on Ctrl-C: never leave a server behind
         if server is not None:
             server.stop()
+        if pg_server is not None:
+            pg_server.stop()
     elapsed = time.perf_counter() - started
-    print(f"\nSummary ({elapsed:.0f} s)\n" + _summary(bench.figures))
+    print(f"\nSummary ({elapsed:.0f} s)\n" + _summary(bench.figures, bench.skipped))
     path = Path(opts.json) if opts.json else results_dir() / "latest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -539,6 +645,7 @@ def run_bench(opts: BenchOptions) -> int:
         "quick": opts.quick,
         "seconds": elapsed,
         "figures": bench.figures,
+        "skipped": bench.skipped,
         **bench.extra,
     }
     path.write_text(json.dumps(document, indent=2))

