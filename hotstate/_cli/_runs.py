@@ -217,6 +217,7 @@ def _stores(args: argparse.Namespace) -> list[Store]:
                 schema=args.schema,
                 timeout=_VALKEY_TIMEOUT * 5,
                 read_only=args.action != "retry",  # inspecting never writes a row
+                create=False,  # a mistyped schema is an error, never a new empty one
                 pool_size=1,
             )
         )

@@ -51,7 +51,7 @@ from hotstate._errors import (
     PersistenceError,
     StoreUnavailableError,
 )
-from hotstate.persistence._postgres_common import check_schema, create_schema, postgres_error
+from hotstate.persistence._postgres_common import check_schema, create_schema, postgres_error, recorded_shards
 from hotstate.persistence._records import (
     RunHeader,
     SaveResult,
@@ -232,6 +232,9 @@ WHERE (r.epoch, r.version) > (b.epoch, b.version)
 _READ_FENCES: Final = (
     "SELECT shard, epoch, owner FROM {s}.hs_store_fence WHERE shard = ANY($1::int4[]) ORDER BY shard FOR {lock}"
 )
+_MAKE_FENCES: Final = """
+INSERT INTO {s}.hs_store_fence (shard, epoch, owner) SELECT unnest($1::int4[]), 0, '' ON CONFLICT DO NOTHING
+"""
 # An upsert, not an UPDATE: a fence row deleted by hand is made again, never skipped.
 _RAISE_FENCES: Final = """
 INSERT INTO {s}.hs_store_fence AS f (shard, epoch, owner)
@@ -406,13 +409,28 @@ def _transition_problem(t: Transition) -> str | None:
     return ", ".join(bad) or None
 
 
-def _too_long(*fields: tuple[str, object]) -> str | None:
-    """Why one of these indexed text fields is longer than a PostgreSQL index entry may be, or None."""
-    for name, value in fields:
-        if isinstance(value, str) and len(value) * 4 > INDEXED_BYTES:
-            size = len(value.encode("utf-8", "replace"))
-            if size > INDEXED_BYTES:
-                return f"{name} is {size} bytes; PostgreSQL indexes at most {INDEXED_BYTES}"
+def _stored_size(value: object) -> int:
+    """The UTF-8 bytes ``value`` takes in its column (escapes included); 0 for a value that is not text."""
+    if not isinstance(value, str):
+        return 0
+    if value.isascii() and "\x00" not in value and "\x01" not in value:
+        return len(value)
+    return len(_escape(value).encode("utf-8", "replace"))
+
+
+def _too_long(run_id: object, *others: tuple[str, object]) -> str | None:
+    """Why an index entry holding the run id is longer than ``INDEXED_BYTES``, or None.
+
+    The run id is indexed alone and with each of ``others`` (``(workflow,
+    run_id)`` and ``(status, run_id)`` are composite keys).
+    """
+    size = _stored_size(run_id)
+    if size > INDEXED_BYTES:
+        return f"run_id is {size} bytes; PostgreSQL indexes at most {INDEXED_BYTES}"
+    for name, value in others:
+        both = size + _stored_size(value)
+        if both > INDEXED_BYTES:
+            return f"{name} and run_id are {both} bytes together; PostgreSQL indexes at most {INDEXED_BYTES}"
     return None
 
 
@@ -425,12 +443,10 @@ def _rejects(snapshots: Sequence[StoredSnapshot], transitions: Sequence[Transiti
     found = unwritable(snapshots, transitions)
     for s in snapshots:
         h = s.header
-        if h.run_id not in found and (
-            why := _too_long(("run_id", h.run_id), ("workflow", h.workflow), ("status", h.status))
-        ):
+        if h.run_id not in found and (why := _too_long(h.run_id, ("workflow", h.workflow), ("status", h.status))):
             found[h.run_id] = why
     for t in transitions:
-        if t.run_id not in found and (why := _too_long(("run_id", t.run_id))):
+        if t.run_id not in found and (why := _too_long(t.run_id)):
             found[t.run_id] = why
     for s in snapshots:
         rid = s.header.run_id
@@ -519,6 +535,9 @@ class PostgresStore(StoreBase):
         read_only: never write (for inspection tools): ``open`` creates
             nothing and writes no mark, and every write raises ``PersistenceError``.
         statement_cache_size: asyncpg's prepared statement cache per connection.
+        create: make the schema and tables when missing. False (tools
+            that write, such as ``hotstate runs retry``): ``open`` refuses a
+            schema that holds no hotstate tables, so a mistyped name creates nothing.
 
     Raises:
         ConfigError: ``schema``, ``shards``, ``pool_size`` or ``timeout`` is invalid.
@@ -535,8 +554,10 @@ class PostgresStore(StoreBase):
         timeout: float = 10.0,
         read_only: bool = False,
         statement_cache_size: int = 100,
+        create: bool = True,
     ) -> None:
         self.schema = check_schema("PostgresStore.schema", schema)
+        self.create = create
         self._shards_given = None if shards is None else check_shards("PostgresStore.shards", shards)
         self.shards = DEFAULT_SHARDS if shards is None else shards
         if type(pool_size) is not int or pool_size < 1:
@@ -564,6 +585,7 @@ class PostgresStore(StoreBase):
                 ("read_fences", _READ_FENCES.replace("{lock}", "SHARE")),
                 ("lock_fences", _READ_FENCES.replace("{lock}", "UPDATE")),
                 ("raise_fences", _RAISE_FENCES),
+                ("make_fences", _MAKE_FENCES),
                 ("keep_versions", _KEEP_VERSIONS),
                 ("save_dead_letters", _SAVE_DEAD_LETTERS),
                 ("mark", _ADVANCE_MARK),
@@ -613,8 +635,17 @@ class PostgresStore(StoreBase):
         """Make the tables again when a call found them gone (see ``_errors``)."""
         if self._schema_lost:
             async with self._errors("make the tables again"), pool.acquire() as conn:
-                await create_schema(conn, self.schema, _SCHEMA.replace("{s}", self._t), self._record_shards)
+                await create_schema(conn, self.schema, _SCHEMA.replace("{s}", self._t), self._record_again)
             self._schema_lost = False
+
+    async def _record_again(self, conn: Any) -> None:
+        """``_record_shards``, and every writer's mark dropped: a table was lost, so every writer must hear of it.
+
+        Marks kept beside a dropped table would say nothing was lost; without
+        them each writer's next save reports the reset and writes what it holds.
+        """
+        await self._record_shards(conn)
+        await conn.execute(f"DELETE FROM {self._t}.hs_writer_marks")
 
     def _p(self) -> asyncpg.Pool:
         self._check_open()
@@ -643,7 +674,7 @@ class PostgresStore(StoreBase):
         Raises:
             StoreUnavailableError: the server cannot be reached.
             ConfigError: ``shards`` differs from the count the schema records.
-            PersistenceError: read-only, and the schema holds no hotstate tables.
+            PersistenceError: read-only (or ``create=False``), and the schema holds no hotstate tables.
         """
         if self._opened:
             return
@@ -658,9 +689,9 @@ class PostgresStore(StoreBase):
             )
         try:
             async with self._errors("open"), pool.acquire() as conn:
-                if self.read_only:
+                if self.read_only or not self.create:
                     await self._read_shards(conn)
-                else:
+                if not self.read_only:
                     await create_schema(conn, self.schema, _SCHEMA.replace("{s}", self._t), self._record_shards)
                     self._mark = WriterMark()
                     await self._write_first_mark(conn)
@@ -676,7 +707,7 @@ class PostgresStore(StoreBase):
             raise PersistenceError(self.tier, f"schema {self.schema!r} holds no hotstate tables (nothing was stored)")
         recorded = await conn.fetchval(f"SELECT value FROM {self._t}.hs_meta WHERE key = 'shards'")
         if recorded is not None:
-            self._check_shards(int(recorded))
+            self._check_shards(recorded_shards(self.tier, recorded))
 
     async def _record_shards(self, conn: Any) -> None:
         """Record the shard count (or check it), and make each shard's fence row (in ``open``'s transaction)."""
@@ -686,7 +717,7 @@ class PostgresStore(StoreBase):
         if recorded is None:
             await conn.execute(f"INSERT INTO {t}.hs_meta (key, value) VALUES ('shards', $1)", str(self.shards))
         else:
-            self._check_shards(int(recorded))
+            self._check_shards(recorded_shards(self.tier, recorded))
         await conn.execute(
             f"INSERT INTO {t}.hs_store_fence (shard, epoch, owner)"
             " SELECT s, 0, '' FROM generate_series(0, $1::int4 - 1) AS s ON CONFLICT DO NOTHING",
@@ -741,7 +772,11 @@ class PostgresStore(StoreBase):
         self, conn: Any, fence: Fence, shards: Collection[int], *, lock: str = "read_fences"
     ) -> dict[int, int]:
         """``fence_verdict`` for each of ``shards`` under a row lock; raises the older fences. Returns the fenced shards."""
-        rows = await conn.fetch(self._sql[lock], sorted(shards))
+        wanted = sorted(shards)
+        rows = await conn.fetch(self._sql[lock], wanted)
+        if len(rows) < len(wanted):  # a row deleted by hand: make it (waiting for a racing maker), then lock it
+            await conn.execute(self._sql["make_fences"], wanted)
+            rows = await conn.fetch(self._sql[lock], wanted)
         stored = {r[0]: (r[1], r[2]) for r in rows if r[1] > 0}  # epoch 0: the row made at open, no fence yet
         lost, raised = judge_fences(stored, fence, shards)
         if raised:
@@ -895,11 +930,7 @@ class PostgresStore(StoreBase):
         self, records: Sequence[StoredDeadLetter], *, fence: Fence | None = None
     ) -> dict[str, str]:
         """As ``Store.save_dead_letters``; a record whose run id or workflow is too long to index is left out too."""
-        long = {
-            r.run_id: why
-            for r in records
-            if (why := _too_long(("run_id", r.run_id), ("workflow", r.workflow))) is not None
-        }
+        long = {r.run_id: why for r in records if (why := _too_long(r.run_id)) is not None}
         if not long:
             return await super().save_dead_letters(records, fence=fence)
         refusals = await super().save_dead_letters([r for r in records if r.run_id not in long], fence=fence)
@@ -985,7 +1016,7 @@ class PostgresStore(StoreBase):
             if held is None or s.header.epoch > held.header.epoch:
                 firsts[key] = s
         # A copy of a run too long to index is not kept (``save`` rejects that run too).
-        unique = [x for x in firsts.values() if _too_long(("run_id", x.header.run_id)) is None]
+        unique = [x for x in firsts.values() if _too_long(x.header.run_id) is None]
         async with self._transaction("save_versions") as conn:
             lost = await self._fenced(conn, fence, {}, (s.header.run_id for s in unique))
             kept = [s for s in unique if shard_of(s.header.run_id, n) not in lost] if lost else unique

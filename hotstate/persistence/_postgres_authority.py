@@ -22,9 +22,14 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import asyncpg
 
-from hotstate._errors import ConfigError, PersistenceError
+from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableError
 from hotstate.persistence._authority import InboxEntry, MemberInfo, Renewal, ShardLease, process_gone
-from hotstate.persistence._postgres_common import check_schema, create_schema, postgres_error
+from hotstate.persistence._postgres_common import (
+    check_schema,
+    create_schema,
+    postgres_error,
+    recorded_shards,
+)
 from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards
 
 if TYPE_CHECKING:
@@ -55,6 +60,11 @@ CREATE TABLE IF NOT EXISTS hs_inbox (
 
 # The time of a statement: the injected clock's ($n, a test) or the database's.
 _NOW: Final = "coalesce({}::float8, extract(epoch from clock_timestamp())::float8)"
+# The columns a row is read by, in the record's field order: never `SELECT *`, so a column
+# added to a table (a later release's migration, an operator) cannot shift or break a record.
+_MEMBER: Final = ", ".join(MemberInfo._fields)
+_ENTRY: Final = ", ".join(InboxEntry._fields)
+_GONE: Final = (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.InvalidSchemaNameError)
 _FAILURES: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
@@ -97,6 +107,7 @@ class PostgresAuthority:
         self._timeout = timeout
         self._cache = statement_cache_size
         self._search_path = f'SET LOCAL search_path TO "{self.schema}"'
+        self._tables_lost = False
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:
@@ -113,11 +124,26 @@ class PostgresAuthority:
 
     async def _tx(self, what: str, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(conn)`` in one transaction; a lost server is ``StoreUnavailableError``."""
+        pool = self._p()
         try:
-            async with self._p().acquire() as conn, conn.transaction():
+            if self._tables_lost:
+                async with pool.acquire() as conn:
+                    await create_schema(conn, self.schema, _SCHEMA, self._record_shards)
+                self._tables_lost = False
+            async with pool.acquire() as conn, conn.transaction():
                 # Per transaction: a pooler in transaction mode does not keep a session's settings.
                 await conn.execute(self._search_path)
                 return await fn(conn)
+        except _GONE as exc:
+            # The database lost the tables (a server made again empty, a dropped schema): they
+            # are made again at the next call. Every lease and epoch went with them; a store
+            # whose fences survived refuses the seal of each claim below its fence, and the
+            # claimer gives the lease back, so the shard stays unowned (never doubly owned)
+            # until its epoch, one more per claim, passes the store's fence.
+            self._tables_lost = True
+            raise StoreUnavailableError(
+                self.name, f"{what}: the tables are gone ({exc}); made again at the next call"
+            ) from exc
         except _FAILURES as exc:
             raise postgres_error(self.name, what, exc) from exc
 
@@ -126,7 +152,9 @@ class PostgresAuthority:
         if self._pool is not None:
             return
         try:
-            first = await asyncpg.connect(self.url, timeout=self._timeout, statement_cache_size=self._cache)
+            first = await asyncpg.connect(
+                self.url, timeout=self._timeout, command_timeout=self._timeout, statement_cache_size=self._cache
+            )
             try:
                 await create_schema(first, self.schema, _SCHEMA, self._record_shards)
             finally:
@@ -148,7 +176,7 @@ class PostgresAuthority:
         if row is None:
             await conn.execute("INSERT INTO hs_meta (key, value) VALUES ('shards', $1)", str(self.shards))
         else:
-            recorded = int(row["value"])
+            recorded = recorded_shards(self.name, row["value"])
             if self._asked is not None and recorded != self._asked:
                 raise ConfigError(
                     "PostgresAuthority.shards",
@@ -175,7 +203,7 @@ class PostgresAuthority:
 
         async def run(c: Any) -> None:
             await c.execute(
-                f"INSERT INTO hs_members VALUES ($1, $2, $3, $4, $5, {_NOW.format('$6')}, {_NOW.format('$6')})"  # noqa: S608
+                f"INSERT INTO hs_members VALUES ($1, $2, $3, $4, $5, {_NOW.format('$6')}, {_NOW.format('$6')})"
                 " ON CONFLICT (member_id) DO UPDATE SET last_seen = excluded.last_seen",
                 member.member_id, member.host, member.pid, member.started, member.name, now,
             )  # fmt: skip
@@ -202,7 +230,7 @@ class PostgresAuthority:
                 now, ttl, member_id,
             )  # fmt: skip
             await c.execute("UPDATE hs_members SET last_seen = $1 WHERE member_id = $2", now, member_id)
-            members = await c.fetch("SELECT * FROM hs_members WHERE last_seen > $1::float8", now - ttl)
+            members = await c.fetch(f"SELECT {_MEMBER} FROM hs_members WHERE last_seen > $1::float8", now - ttl)
             return Renewal(
                 frozenset(r["shard"] for r in held),
                 await self._read_leases(c),
@@ -234,7 +262,7 @@ class PostgresAuthority:
                 if owner is not None and r["expires_at"] > now:
                     if owner == member_id:
                         continue
-                    m = await c.fetchrow("SELECT * FROM hs_members WHERE member_id = $1", owner)
+                    m = await c.fetchrow(f"SELECT {_MEMBER} FROM hs_members WHERE member_id = $1", owner)
                     if m is None or not self._gone(MemberInfo(*m)):
                         continue
                 epoch = await c.fetchval(
@@ -291,7 +319,7 @@ class PostgresAuthority:
         """Every recorded member."""
 
         async def run(c: Any) -> tuple[MemberInfo, ...]:
-            return tuple(MemberInfo(*m) for m in await c.fetch("SELECT * FROM hs_members"))
+            return tuple(MemberInfo(*m) for m in await c.fetch(f"SELECT {_MEMBER} FROM hs_members"))
 
         out: tuple[MemberInfo, ...] = await self._tx("read the members", run)
         return out
@@ -312,7 +340,7 @@ class PostgresAuthority:
                 shard,
             )
             await c.execute(
-                f"INSERT INTO hs_inbox VALUES ($1, $2, $3, $4, $5, {_NOW.format('$6')}, NULL)",  # noqa: S608 - our own constant
+                f"INSERT INTO hs_inbox VALUES ($1, $2, $3, $4, $5, {_NOW.format('$6')}, NULL)",
                 shard, seq, run_id, kind, bytes(body), given,
             )  # fmt: skip
             return seq
@@ -328,7 +356,7 @@ class PostgresAuthority:
 
         async def run(c: Any) -> list[InboxEntry]:
             rows = await c.fetch(
-                "SELECT * FROM hs_inbox WHERE verdict IS NULL AND shard = ANY($1::int[]) ORDER BY shard, seq LIMIT $2",
+                f"SELECT {_ENTRY} FROM hs_inbox WHERE verdict IS NULL AND shard = ANY($1::int[]) ORDER BY shard, seq LIMIT $2",
                 wanted,
                 limit,
             )
@@ -372,7 +400,7 @@ class PostgresAuthority:
 
         async def run(c: Any) -> int:
             status = await c.execute(
-                f"DELETE FROM hs_inbox WHERE verdict IS NOT NULL AND created_at < {_NOW.format('$1')} - $2::float8",  # noqa: S608 - our own constant
+                f"DELETE FROM hs_inbox WHERE verdict IS NOT NULL AND created_at < {_NOW.format('$1')} - $2::float8",
                 given,
                 age,
             )
@@ -397,14 +425,14 @@ async def read_postgres_shard_map(
     """
     name = f"postgres:{check_schema('schema', schema)}"
     try:
-        conn = await asyncpg.connect(url, timeout=connect_timeout)
+        conn = await asyncpg.connect(url, timeout=connect_timeout, command_timeout=connect_timeout)
         try:
             if await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".hs_shard_lease') is None:
                 return None
             async with conn.transaction(readonly=True, isolation="repeatable_read"):
                 await conn.execute(f'SET LOCAL search_path TO "{schema}"')
                 leases = await PostgresAuthority._read_leases(conn)
-                members = tuple(MemberInfo(*m) for m in await conn.fetch("SELECT * FROM hs_members"))
+                members = tuple(MemberInfo(*m) for m in await conn.fetch(f"SELECT {_MEMBER} FROM hs_members"))
                 now: float = await conn.fetchval(f"SELECT {_NOW.format('NULL')}")
         finally:
             await conn.close()

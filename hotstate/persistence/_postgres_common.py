@@ -12,11 +12,12 @@ import anyio
 import asyncpg
 
 from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableError
+from hotstate.persistence._shards import check_shards
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["check_schema", "create_schema", "postgres_error"]
+__all__ = ["check_schema", "create_schema", "postgres_error", "recorded_shards"]
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -35,6 +36,7 @@ _TRANSIENT: Final = (
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.PostgresSystemError,  # class 58: I/O error, undefined file
+    asyncpg.exceptions.InvalidCachedStatementError,  # a table changed under a prepared statement: asyncpg prepares again
 )
 
 # Two processes creating one schema at once: CREATE ... IF NOT EXISTS is not
@@ -54,6 +56,14 @@ def check_schema(field: str, schema: object) -> str:
     return schema
 
 
+def recorded_shards(name: str, value: object) -> int:
+    """The shard count ``hs_meta`` records, checked: ``PersistenceError`` when it is not one (edited by hand)."""
+    try:
+        return check_shards("shards", int(str(value)))
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError too
+        raise PersistenceError(name, f"hs_meta records shards={value!r}, which is not a shard count") from exc
+
+
 def postgres_error(name: str, action: str, exc: BaseException) -> PersistenceError:
     """The hotstate error for an ``asyncpg`` failure: ``StoreUnavailableError`` when a retry may help."""
     if isinstance(exc, _TRANSIENT):
@@ -69,11 +79,16 @@ async def create_schema(
 ) -> None:
     """``CREATE SCHEMA IF NOT EXISTS`` and ``ddl`` in one transaction, retried when another process races it.
 
-    ``then(conn)`` (an async callable), when given, runs in the same transaction.
+    Openers of one schema take turns: a transaction-scoped advisory lock
+    (released at commit; it guards only this DDL, never ownership) comes
+    first, as two openers running ``CREATE INDEX IF NOT EXISTS`` and then
+    writing the same tables deadlock. ``then(conn)`` (an async callable),
+    when given, runs in the same transaction.
     """
     for attempt in range(20):
         try:
             async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"hotstate schema {schema}")
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
                 await conn.execute(
                     f'SET LOCAL search_path TO "{schema}"'
@@ -82,7 +97,7 @@ async def create_schema(
                 if then is not None:
                     await then(conn)
             return
-        except _CREATE_RACES:
+        except (*_CREATE_RACES, asyncpg.exceptions.TransactionRollbackError):
             if attempt == 19:
                 raise
             await anyio.sleep(0.01 * (attempt + 1))

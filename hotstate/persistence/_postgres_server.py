@@ -81,6 +81,20 @@ def _alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from ``/proc``; empty where there is none)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        stat = f.read()
+                    if int(stat[stat.rfind(b")") + 2 :].split()[1]) == pid:
+                        found.append(int(entry))
+    return found
+
+
 @final
 class EmbeddedPostgres:
     """A private PostgreSQL server on a free loopback port, in a temporary directory.
@@ -179,6 +193,12 @@ class EmbeddedPostgres:
         """Start the postmaster on the existing data directory and wait until it accepts connections."""
         data = self._data()
         assert self._dir is not None  # noqa: S101 - _data() checked it
+        # After kill(), the lock files name a postmaster that is gone or a zombie PID 1 has
+        # not reaped yet; PostgreSQL would take the zombie for a running server and refuse.
+        for stale in (data / "postmaster.pid", *data.glob(".s.PGSQL.*.lock")):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if not _alive(int(stale.read_text().splitlines()[0])):
+                    stale.unlink()
         options = f"-p {self.port} -h {self.host} -k {data} -c fsync={'on' if self.fsync else 'off'}"
         started = self._run(
             [
@@ -240,8 +260,15 @@ class EmbeddedPostgres:
         self._pid = None
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (a crash); ``stop`` then deletes the data directory."""
+        """SIGKILL the postmaster and its backends (a crash of the machine, say); ``start`` recovers from the WAL."""
+        children = _children(self._pid) if self._pid is not None else []
         self._signal(signal.SIGKILL, 5.0)
+        for pid in children:  # left alone, they hold the shared memory a new postmaster needs
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def crash(self) -> None:
         """Stop at once, as a crash does (``pg_ctl stop -m immediate``: no checkpoint; ``start`` recovers from the WAL)."""

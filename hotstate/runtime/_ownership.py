@@ -453,6 +453,8 @@ class ShardManager:
                 renewal = await self._renew()
             except (PersistenceError, OSError) as exc:
                 log.warning("hotstate: member %s cannot renew its leases: %s", self.id[:8], exc)
+            except Exception:  # any authority's bug: a renewal that did not land, never a dead deadline
+                log.exception("hotstate: member %s: renewing failed unexpectedly; not renewed", self.id[:8])
         if renewal is None:
             if self._clock.now() >= self.valid_until and self.owned:
                 await self._reclaim_or_lose(

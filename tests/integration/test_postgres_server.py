@@ -48,13 +48,24 @@ async def test_a_private_server_starts_answers_and_stops_by_its_pid() -> None:
     assert not data.exists()
 
 
-async def test_a_killed_server_is_gone_and_stop_still_cleans_up() -> None:
+async def test_a_killed_server_is_gone_and_starts_again_with_its_committed_data() -> None:
     with EmbeddedPostgres() as server:
         pid = server.pid
         assert pid is not None
-        server.kill()
+        conn = await asyncpg.connect(server.url)
+        try:
+            await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (3)")
+        finally:
+            await conn.close()
+        server.kill()  # SIGKILL: the postmaster and its backends, lock files left behind
         assert not alive(pid)
         assert server.pid is None
+        server.start()
+        conn = await asyncpg.connect(server.url)
+        try:
+            assert await conn.fetchval("SELECT x FROM kept") == 3
+        finally:
+            await conn.close()
 
 
 async def test_a_crashed_server_starts_again_with_its_data_on_its_port() -> None:
