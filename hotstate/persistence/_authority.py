@@ -161,8 +161,19 @@ class Authority(Protocol):
         """Extend every lease ``member_id`` holds to now + ``ttl``; read the map and live members."""
         ...
 
-    async def claim(self, member_id: str, shards: Sequence[int], ttl: float) -> dict[int, int]:
-        """Take each of ``shards`` that is claimable; returns shard -> its new epoch for those taken."""
+    async def claim(
+        self, member_id: str, shards: Sequence[int], ttl: float, *, floors: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Take each of ``shards`` that is claimable; returns shard -> its new epoch for those taken.
+
+        A taken shard's epoch is one more than its last, and more than
+        ``floors[shard]`` when given: the runtime passes the epoch a store's
+        fence holds when that fence refused a seal, which happens when the
+        authority went back in time (restored, made again empty, a failover
+        that lost commits) and hands out epochs the stores have seen. Jumping
+        past it keeps epochs increasing everywhere, in one claim instead of
+        one claim per missing epoch.
+        """
         ...
 
     async def release(self, member_id: str, shards: Collection[int]) -> None:
@@ -385,9 +396,12 @@ class MemoryAuthority:
             ShardLease(s, row.owner, row.epoch, row.expires_at, row.acquired_at) for s, row in enumerate(self._map)
         )
 
-    async def claim(self, member_id: str, shards: Sequence[int], ttl: float) -> dict[int, int]:
-        """Take each claimable shard of ``shards``; bump its epoch."""
+    async def claim(
+        self, member_id: str, shards: Sequence[int], ttl: float, *, floors: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Take each claimable shard of ``shards``; bump its epoch (past ``floors``)."""
         self._check()
+        floors = floors or {}
         now = self._now()
         taken: dict[int, int] = {}
         for s in shards:
@@ -400,7 +414,8 @@ class MemoryAuthority:
                     continue
             if row.owner == member_id and row.expires_at > now:
                 continue  # held already: a claim never bumps a live lease of its own
-            row.owner, row.epoch, row.expires_at, row.acquired_at = member_id, row.epoch + 1, now + ttl, now
+            epoch = max(row.epoch, floors.get(s, 0)) + 1
+            row.owner, row.epoch, row.expires_at, row.acquired_at = member_id, epoch, now + ttl, now
             taken[s] = row.epoch
             self.log.append((s, row.epoch, member_id, "acquire", now))
         return taken

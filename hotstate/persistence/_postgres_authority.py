@@ -241,8 +241,11 @@ class PostgresAuthority:
         out: Renewal = await self._tx("renew", run)
         return out
 
-    async def claim(self, member_id: str, shards: Sequence[int], ttl: float) -> dict[int, int]:
-        """Take each claimable shard of ``shards`` (``FOR UPDATE SKIP LOCKED``); bump its epoch in the same transaction."""
+    async def claim(
+        self, member_id: str, shards: Sequence[int], ttl: float, *, floors: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Take each claimable shard of ``shards`` (``FOR UPDATE SKIP LOCKED``); bump its epoch (past ``floors``) in the same transaction."""
+        floors = floors or {}
         wanted = list(shards)
         for s in wanted:
             if type(s) is not int or not 0 <= s < self.shards:
@@ -266,9 +269,10 @@ class PostgresAuthority:
                     if m is None or not self._gone(MemberInfo(*m)):
                         continue
                 epoch = await c.fetchval(
-                    "INSERT INTO hs_shard_fence (shard, epoch, owner) VALUES ($1, 1, $2) ON CONFLICT (shard)"
-                    " DO UPDATE SET epoch = hs_shard_fence.epoch + 1, owner = excluded.owner RETURNING epoch",
-                    shard, member_id,
+                    "INSERT INTO hs_shard_fence (shard, epoch, owner) VALUES ($1, $3::int8 + 1, $2) ON CONFLICT (shard)"
+                    " DO UPDATE SET epoch = greatest(hs_shard_fence.epoch, $3::int8) + 1, owner = excluded.owner"
+                    " RETURNING epoch",
+                    shard, member_id, int(floors.get(shard, 0)),
                 )  # fmt: skip
                 await c.execute(
                     "UPDATE hs_shard_lease SET owner = $1, acquired_at = $2::float8, expires_at = $2::float8 + $3::float8"

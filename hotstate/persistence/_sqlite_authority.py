@@ -279,8 +279,11 @@ class SQLiteAuthority:
         ).fetchall()
         return tuple(ShardLease(*r) for r in rows)
 
-    async def claim(self, member_id: str, shards: Sequence[int], ttl: float) -> dict[int, int]:
-        """Take each claimable shard of ``shards`` in one transaction; bump its epoch (and fence)."""
+    async def claim(
+        self, member_id: str, shards: Sequence[int], ttl: float, *, floors: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Take each claimable shard of ``shards`` in one transaction; bump its epoch (and fence), past ``floors``."""
+        floors = floors or {}
         for s in shards:
             if type(s) is not int or not 0 <= s < self.shards:
                 raise ConfigError("claim.shards", s, f"must be a shard from 0 to {self.shards - 1}")
@@ -304,10 +307,11 @@ class SQLiteAuthority:
                     holder = holders[owner]
                     if holder is None or not self._gone(holder):
                         continue
+                floor = int(floors.get(shard, 0))
                 conn.execute(
-                    "INSERT INTO hs_shard_fence (shard, epoch, owner) VALUES (?, 1, ?)"
-                    " ON CONFLICT (shard) DO UPDATE SET epoch = epoch + 1, owner = excluded.owner",
-                    (shard, member_id),
+                    "INSERT INTO hs_shard_fence (shard, epoch, owner) VALUES (?, ? + 1, ?)"
+                    " ON CONFLICT (shard) DO UPDATE SET epoch = max(epoch, ?) + 1, owner = excluded.owner",
+                    (shard, floor, member_id, floor),
                 )
                 epoch = conn.execute("SELECT epoch FROM hs_shard_fence WHERE shard = ?", (shard,)).fetchone()[0]
                 conn.execute(

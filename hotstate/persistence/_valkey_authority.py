@@ -79,7 +79,7 @@ local function log(s, e, owner, event)
 end
 """
 
-# ARGV[3] = ttl, ARGV[4] = member, then per shard: s, the holder judged gone ('' = none).
+# ARGV[3] = ttl, ARGV[4] = member, then per shard: s, the holder judged gone ('' = none), its floor.
 # A shard is taken when its lease is free or expired, or held by that holder;
 # never when this member holds it live. Returns shard, epoch, ... of those taken.
 _CLAIM_LUA: Final = (
@@ -87,15 +87,15 @@ _CLAIM_LUA: Final = (
     + """
 local ttl, me = tonumber(ARGV[3]), ARGV[4]
 local taken = {}
-for i = 5, #ARGV, 2 do
-  local s, gone = tonumber(ARGV[i]), ARGV[i + 1]
+for i = 5, #ARGV, 3 do
+  local s, gone, floor = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
   local lease = redis.call('HMGET', tag(s) .. 'lease', 'owner', 'expires_at')
   local live = lease[1] and (tonumber(lease[2]) or 0) > now
   if not live or (lease[1] ~= me and lease[1] == gone) then
     local e, why = epoch_of(tag(s))
     if not e then return redis.error_reply(why) end
     taken[#taken + 1] = s
-    taken[#taken + 1] = e + 1
+    taken[#taken + 1] = math.max(e, floor) + 1
   end
 end
 for i = 1, #taken, 2 do
@@ -414,8 +414,10 @@ class ValkeyAuthority:
         )
         return _time(now), [int(s) for s in held], leases
 
-    async def claim(self, member_id: str, shards: Sequence[int], ttl: float) -> dict[int, int]:
-        """Take each claimable shard of ``shards`` in one script; bump its epoch (the store's fence: a seal).
+    async def claim(
+        self, member_id: str, shards: Sequence[int], ttl: float, *, floors: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Take each claimable shard of ``shards`` in one script; bump its epoch (past ``floors``; the store's fence: a seal).
 
         A lease held live by another member is broken only when that member's
         process is provably gone (``gone``); its record is read first, and the
@@ -430,8 +432,9 @@ class ValkeyAuthority:
         wanted = list(dict.fromkeys(shards))
         gone = await self._gone_holders(member_id, wanted)
         args: list[str] = []
+        floors = floors or {}
         for s in wanted:
-            args += (str(s), gone.get(s, ""))
+            args += (str(s), gone.get(s, ""), str(int(floors.get(s, 0))))
         taken = await self._run(_CLAIM_LUA, "claim", repr(float(ttl)), member_id, *args)
         return {int(s): int(e) for s, e in zip(taken[::2], taken[1::2], strict=True)}
 

@@ -242,6 +242,9 @@ class ShardManager:
         self._owned_since: dict[int, float] = {}
         self._taking: set[int] = set()  # claimed, being sealed: not owned yet
         self._held_before: set[int] = set()  # shards this process has owned at some point
+        self._floors: dict[
+            int, int
+        ] = {}  # shard -> the epoch a store's fence refused a seal at (next claim jumps past it)
         self._loading: set[int] = set()  # owned, their runs being loaded
         self._first_seen: dict[str, float] = {}
         self._spawn_shards: list[int] = []
@@ -382,7 +385,13 @@ class ShardManager:
     async def _claim(self, shards: Sequence[int]) -> dict[int, int]:
         if not shards:
             return {}
-        claimed = await self.authority.claim(self.id, shards, self._ttl)
+        floors = {s: self._floors[s] for s in shards if s in self._floors}
+        if floors:  # only then: an authority of your own without `floors` keeps working
+            claimed = await self.authority.claim(self.id, shards, self._ttl, floors=floors)
+        else:
+            claimed = await self.authority.claim(self.id, shards, self._ttl)
+        for s in claimed:
+            self._floors.pop(s, None)
         if claimed:
             self.claims += len(claimed)
             log.info("hotstate: member %s claimed shards %s", self.id[:8], _ranges(claimed))
@@ -430,6 +439,10 @@ class ShardManager:
             if isinstance(result, dict):
                 log.warning("hotstate: tier %r holds shards %s under a newer owner; not taken", tier, sorted(result))
                 lost.update(result)
+                for shard, epoch in result.items():
+                    # The next claim of the shard jumps past this fence (Authority.claim's floors): when
+                    # the authority went back in time, else one claim a missing epoch would be needed.
+                    self._floors[shard] = max(self._floors.get(shard, 0), int(epoch))
         return lost
 
     # ---------------------------------------------------------------- the loops

@@ -150,6 +150,19 @@ async def test_a_release_makes_shards_claimable_at_once(env: tuple[Authority, Cl
     assert {m.member_id for m in await authority.members()} == {b}
 
 
+async def test_a_claim_with_a_floor_jumps_past_it_and_a_lower_floor_changes_nothing(
+    env: tuple[Authority, Clock, Gone],
+) -> None:
+    authority, _, _ = env
+    a = await joined(authority, "a")
+    # A store's fence at epoch 40 refused a seal (the authority went back in time): one claim passes it.
+    assert await authority.claim(a, [0, 1], TTL, floors={0: 40}) == {0: 41, 1: 1}
+    await authority.release(a, [0, 1])
+    assert await authority.claim(a, [0, 1], TTL, floors={0: 3, 1: 0}) == {0: 42, 1: 2}  # never down
+    leases = {lease.shard: lease for lease in await authority.leases()}
+    assert (leases[0].owner, leases[0].epoch) == (a, 42)
+
+
 async def test_epochs_only_ever_go_up_across_many_claims(env: tuple[Authority, Clock, Gone]) -> None:
     authority, _, _ = env
     members = [await joined(authority, str(i)) for i in range(3)]
