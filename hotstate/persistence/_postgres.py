@@ -40,7 +40,7 @@ import math
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import asyncpg
 
@@ -69,6 +69,7 @@ from hotstate.persistence._store import (
     WriterMark,
     bad_row,
     check_limit,
+    read_on,
     status_filter,
     stored_problem,
     unwritable,
@@ -162,20 +163,15 @@ _SNAPSHOT_ARRAYS: Final = (
 # Copies are ordered by (epoch, version): the WHERE makes a lower or equal pair
 # a no-op, so the rows returned are exactly the rows written. A run's shard
 # never changes (the count is fixed per schema).
+# What an upsert of a copy replaces: every column but the key and the shard.
+_REPLACED: Final = ", ".join(
+    f"{c} = excluded.{c}"
+    for c in ("workflow", "workflow_version", "step", "status", "updated_at", "attempt", "epoch", "error", "body")
+)
 _UPSERT_RUNS: Final = f"""
 INSERT INTO {{s}}.hs_runs AS r ({_RUN_COLUMNS}, shard)
 SELECT * FROM unnest({{a}})
-ON CONFLICT (run_id) DO UPDATE SET
-    workflow = excluded.workflow,
-    workflow_version = excluded.workflow_version,
-    version = excluded.version,
-    step = excluded.step,
-    status = excluded.status,
-    updated_at = excluded.updated_at,
-    attempt = excluded.attempt,
-    epoch = excluded.epoch,
-    error = excluded.error,
-    body = excluded.body
+ON CONFLICT (run_id) DO UPDATE SET version = excluded.version, {_REPLACED}
 WHERE (excluded.epoch, excluded.version) > (r.epoch, r.version)
 RETURNING 1
 """
@@ -249,16 +245,7 @@ _KEEP_VERSIONS: Final = _numbered(
     f"""
 INSERT INTO {{s}}.hs_versions AS v ({_RUN_COLUMNS}, shard)
 SELECT * FROM unnest({{a}})
-ON CONFLICT (run_id, version) DO UPDATE SET
-    workflow = excluded.workflow,
-    workflow_version = excluded.workflow_version,
-    step = excluded.step,
-    status = excluded.status,
-    updated_at = excluded.updated_at,
-    attempt = excluded.attempt,
-    epoch = excluded.epoch,
-    error = excluded.error,
-    body = excluded.body
+ON CONFLICT (run_id, version) DO UPDATE SET {_REPLACED}
 WHERE excluded.epoch > v.epoch
 """,
     1,
@@ -1109,15 +1096,12 @@ class PostgresStore(StoreBase):
     ) -> list[StoredSnapshot]:
         """Read a page; when rows were reported in ``bad_rows``, read on until the page is full or the runs end."""
         check_limit(limit)
-        found: list[StoredSnapshot] = []
-        cursor = None if after is None else _escape_column([after])[0]
-        while True:
-            wanted = limit - len(found)
-            rows = await self._page(_RUN_COLUMNS, status, workflow, cursor, wanted, shards)
-            found.extend(stored for row in rows if (stored := self._checked(row, bad_rows)) is not None)
-            if len(rows) < wanted or len(found) == limit:
-                return found
-            cursor = rows[-1][0]  # as stored
+        return await read_on(
+            lambda cursor, n: self._page(_RUN_COLUMNS, status, workflow, cast("str | None", cursor), n, shards),
+            lambda row: self._checked(row, bad_rows),
+            None if after is None else _escape_column([after])[0],
+            limit,
+        )
 
     async def _page(
         self,

@@ -56,6 +56,7 @@ from hotstate.persistence._store import (
     advance_mark,
     bad_row,
     check_limit,
+    read_on,
     render_id,
     status_filter,
     transition_parts,
@@ -1150,15 +1151,12 @@ class SQLiteStore(StoreBase):
     ) -> list[StoredSnapshot]:
         """Read a page; when rows were reported in ``bad_rows``, read on until the page is full or the runs end."""
         check_limit(limit)
-        found: list[StoredSnapshot] = []
-        cursor: object = after
-        while True:
-            wanted = limit - len(found)
-            rows = await self._page(_RUN_WIDTH, status, workflow, cursor, wanted, shards)
-            found.extend(stored for row in rows if (stored := self._checked(row, bad_rows)) is not None)
-            if len(rows) < wanted or len(found) == limit:
-                return found
-            cursor = rows[-1][0]  # as stored: a malformed id still orders where SQLite keeps it
+        return await read_on(
+            lambda cursor, n: self._page(_RUN_WIDTH, status, workflow, cursor, n, shards),
+            lambda row: self._checked(row, bad_rows),
+            after,
+            limit,
+        )
 
     async def _page(
         self,

@@ -14,7 +14,7 @@ import math
 import sys
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Final, Protocol, Self, final, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self, final, runtime_checkable
 
 from hotstate._errors import CodecError, ConfigError, PersistenceError
 from hotstate.actors._snapshot import TERMINAL_STATUSES
@@ -27,7 +27,7 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
     from types import TracebackType
 
     from hotstate.actors._snapshot import Transition
@@ -619,6 +619,31 @@ def status_filter(status: str | Iterable[str] | None) -> frozenset[str] | None:
     if isinstance(status, str):
         return frozenset((str(status),))
     return frozenset(str(s) for s in status)
+
+
+async def read_on(
+    page: Callable[[object, int], Awaitable[Sequence[Sequence[Any]]]],
+    checked: Callable[[Sequence[Any]], StoredSnapshot | None],
+    after: object,
+    limit: int,
+) -> list[StoredSnapshot]:
+    """``scan_snapshots``'s paging over rows some of which are malformed (SQLite and PostgreSQL).
+
+    ``page(cursor, n)`` reads up to ``n`` rows after the stored run id
+    ``cursor`` (a row's first column), in run id order; ``checked(row)`` is
+    its snapshot, or None when it was malformed and reported. Reads on past
+    reported rows until ``limit`` snapshots are found or the rows end, so a
+    page shorter than ``limit`` is still the last one.
+    """
+    found: list[StoredSnapshot] = []
+    cursor = after
+    while True:
+        wanted = limit - len(found)
+        rows = await page(cursor, wanted)
+        found.extend(stored for row in rows if (stored := checked(row)) is not None)
+        if len(rows) < wanted or len(found) == limit:
+            return found
+        cursor = rows[-1][0]  # as stored: a malformed id still orders where the store keeps it
 
 
 def check_limit(limit: int) -> None:
