@@ -2,7 +2,9 @@
 
 ``python -m hotstate._bench._owner_worker CONFIG`` (CONFIG: a ``WorkerConfig``
 as JSON) runs a ``Runtime`` with tiers [Valkey, SQLite] (SQLite alone when no
-Valkey URL is given), shard ownership with short timing and ``recover=True``.
+Valkey URL is given), or [Valkey, PostgreSQL] with the PostgreSQL authority
+(``postgres_url``: processes as on several machines), shard ownership with
+short timing and ``recover=True``.
 Its first line on stdout is a JSON object: the loopback port of its control
 server, its pid (as the parent sees it, also inside its own pid namespace),
 its member id. Then the control server takes one JSON command per line
@@ -31,14 +33,16 @@ concurrent writers never mix): ``key`` (the idempotency key), ``run``,
 lineage.
 
 The parent's side: ``WorkerProcess`` (start, call, signal, wait one worker),
-``Cluster`` (workers on one SQLite file and Valkey prefix, the faults sent to
-them, their shard map) and ``LeaseWatch`` (the lease table read every 50 ms:
-where each lease that lapsed ended). The scenarios and their judge are in
-``_ownership.py``.
+``Cluster`` (workers on one SQLite file or PostgreSQL schema and one Valkey
+prefix, each optionally behind ``TcpProxy``s the parent cuts, the faults sent
+to them, their shard map) and ``LeaseWatch`` (the lease table read every
+50 ms: where each lease that lapsed ended). The scenarios and their judge are
+in ``_ownership.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import faulthandler
@@ -53,19 +57,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias
 
 import anyio
 import anyio.abc
+import asyncpg
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from hotstate import FlushPolicy, HotstateError, Ownership, Runtime, Step, StepContext, Tier, Workflow, run
 from hotstate._bench import _w1 as w1
-from hotstate.persistence import SQLiteStore, ValkeyStore, shard_of
+from hotstate._bench._proxy import CutMode, TcpProxy, target_of, through
+from hotstate.persistence import PostgresStore, SQLiteStore, ValkeyStore, shard_of
 from hotstate.persistence._sqlite_authority import authority_path
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Sequence
 
     from hotstate.persistence import Store
 
@@ -88,9 +94,14 @@ _LINE_LIMIT: Final = 1 << 22  # the longest command or answer line (bytes)
 class WorkerConfig:
     """Everything a worker needs (its one argument, as JSON)."""
 
-    sqlite: str  # the SQLite file: durable tier and lease authority
-    valkey_url: str | None = None  # None: SQLite is the only tier
+    sqlite: str = ""  # the SQLite file: durable tier and lease authority (unless ``postgres_url``)
+    valkey_url: str | None = None  # None: the durable tier is the only one
     prefix: str = "hs-own"  # the Valkey key prefix
+    postgres_url: str | None = None  # PostgreSQL instead of SQLite: durable tier and lease authority
+    schema: str = "hotstate"  # the PostgreSQL schema
+    postgres_interval: float = 0.05
+    postgres_timeout: float = 10.0  # PostgresStore's and PostgresAuthority's statement and connect timeout
+    valkey_timeout: float = 5.0  # ValkeyStore's socket timeout
     ledger: str = ""  # this process's ledger file ('' : none)
     name: str = ""  # the member's label
     shards: int = 16
@@ -128,9 +139,21 @@ class WorkerConfig:
         """New stores on this config's tiers, fastest first (to build tiers, or to read them)."""
         out: list[Store] = []
         if self.valkey_url:
-            out.append(ValkeyStore(self.valkey_url, prefix=self.prefix, shards=self.shards))
-        out.append(SQLiteStore(self.sqlite, shards=self.shards))
+            out.append(
+                ValkeyStore(self.valkey_url, prefix=self.prefix, shards=self.shards, socket_timeout=self.valkey_timeout)
+            )
+        if self.postgres_url:
+            out.append(
+                PostgresStore(self.postgres_url, schema=self.schema, shards=self.shards, timeout=self.postgres_timeout)
+            )
+        else:
+            out.append(SQLiteStore(self.sqlite, shards=self.shards))
         return out
+
+    @property
+    def durable(self) -> str:
+        """The durable tier's name: ``postgres`` or ``sqlite``."""
+        return "postgres" if self.postgres_url else "sqlite"
 
 
 def outer_pid() -> int:
@@ -277,6 +300,17 @@ class _Worker:
             "internal_errors": s.internal_errors,
             "member": self.member,
             "pid": self.pid,
+            "tiers": {
+                t.tier: {
+                    "flushes": t.flushes,
+                    "failures": t.failures,
+                    "resets": t.resets,
+                    "fenced_rows": t.fenced_rows,
+                    "pending_snapshots": t.pending_snapshots,
+                    "lag": t.lag,
+                }
+                for t in s.tiers
+            },
         }
         m = s.ownership
         if m is not None:
@@ -330,10 +364,15 @@ class _Worker:
 def _runtime(cfg: WorkerConfig, worker: _Worker) -> Runtime:
     policies = {"valkey": FlushPolicy(interval=cfg.valkey_interval, keep_every=cfg.keep_every)}
     policies["sqlite"] = FlushPolicy(interval=cfg.sqlite_interval, keep_every=cfg.keep_every)
-    tiers = [Tier(store, policies[store.tier]) for store in cfg.stores()]
+    policies["postgres"] = FlushPolicy(interval=cfg.postgres_interval, keep_every=cfg.keep_every)
+    stores = cfg.stores()
+    tiers = [Tier(store, policies[store.tier]) for store in stores]
     ownership: Ownership | bool = False
     if cfg.ownership:
+        durable = stores[-1]
         ownership = Ownership(
+            # Named, not left to the default: the PostgreSQL tier's database and schema (design §4.3).
+            authority=durable.default_authority(cfg.shards) if isinstance(durable, PostgresStore) else None,
             shards=cfg.shards,
             ttl=cfg.ttl,
             renew_every=cfg.renew_every,
@@ -344,7 +383,7 @@ def _runtime(cfg: WorkerConfig, worker: _Worker) -> Runtime:
             moves_per_round=cfg.moves_per_round,
             name=cfg.name,
         )
-    ack = [t for t in cfg.ack_tiers if t in policies and (t != "valkey" or cfg.valkey_url)]
+    ack = [t for t in cfg.ack_tiers if any(store.tier == t for store in stores)]
     return Runtime(worker.workflows(), tiers=tiers, recover=cfg.recover, ownership=ownership, ack_tiers=ack)
 
 
@@ -560,7 +599,9 @@ class Fault:
     """A signal the harness sent to a worker.
 
     Attributes:
-        kind: ``"kill"`` (SIGKILL), ``"stop"`` (SIGSTOP, until ``until``) or ``"term"`` (SIGTERM).
+        kind: ``"kill"`` (SIGKILL), ``"stop"`` (SIGSTOP, until ``until``), ``"term"`` (SIGTERM), ``"cut"``
+            (cut from the durable store and lease authority, until ``until``), ``"cut-valkey"`` (from
+            Valkey only) or ``"outage"`` (the durable store and lease authority down, until ``until``).
         name: the worker's name.
         pid: its pid.
         member: its member id.
@@ -578,6 +619,67 @@ class Fault:
     local: bool = True
 
 
+_HELD_LEASES: Final = "SELECT shard, owner, acquired_at, expires_at FROM hs_shard_lease WHERE owner IS NOT NULL"
+
+LeaseRows: TypeAlias = "Callable[[], list[tuple[int, str, float, float]] | None]"
+"""One read of the held leases (shard, owner, acquired_at, expires_at), or None when the authority did not answer."""
+
+
+class PostgresLeases:
+    """Reads a PostgreSQL authority's held leases, from one thread at a time (a loop and a connection of its own).
+
+    Args:
+        url: the server (directly, never through a worker's proxy).
+        schema: the authority's schema.
+    """
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.url = url
+        self.schema = schema
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection | None = None
+
+    def __call__(self) -> list[tuple[int, str, float, float]] | None:
+        try:
+            return self._loop.run_until_complete(self._read())
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            self._drop()
+            return None
+
+    async def _read(self) -> list[tuple[int, str, float, float]]:
+        if self._conn is None:
+            self._conn = await asyncpg.connect(self.url, timeout=1, server_settings={"search_path": self.schema})
+        rows = await self._conn.fetch(_HELD_LEASES, timeout=1)
+        return [(r["shard"], r["owner"], r["acquired_at"], r["expires_at"]) for r in rows]
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    def close(self) -> None:
+        """Close the connection and the loop."""
+        self._drop()
+        for _ in range(3):  # a terminated connection's transport closes in a callback of the next iterations
+            self._loop.run_until_complete(asyncio.sleep(0))
+        self._loop.close()
+
+
+async def open_transactions(url: str, ports: Collection[int]) -> int:
+    """How many server sessions of the clients on ``ports`` (this host's side) have a transaction open."""
+    if not ports:
+        return 0
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        n: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY($1::int[]) AND xact_start IS NOT NULL",
+            sorted(ports),
+        )
+    finally:
+        await conn.close()
+    return n
+
+
 class LeaseWatch:
     """Reads ``hs_shard_lease`` every ``every`` seconds on a thread: the last expiry seen of each lease.
 
@@ -587,11 +689,12 @@ class LeaseWatch:
     is then weaker, never wrong).
     """
 
-    def __init__(self, db: Path, every: float = 0.05) -> None:
+    def __init__(self, db: Path | None = None, every: float = 0.05, *, rows: LeaseRows | None = None) -> None:
         self.db = db
         self.every = every
         self.expiries: dict[tuple[int, str, float], float] = {}
         self.reads = 0
+        self._rows: LeaseRows = rows if rows is not None else self._sqlite_rows
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-watch", daemon=True)
 
@@ -600,26 +703,35 @@ class LeaseWatch:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop reading (one last read first)."""
+        """Stop reading (one last read first, on the watch's thread: a reader may not share the caller's loop)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-        self.read()
+        if self._thread.ident is not None:
+            self._thread.join(10)
+        else:
+            self._loop()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             self.read()
+        self.read()
+        close = getattr(self._rows, "close", None)
+        if close is not None:
+            close()
+
+    def _sqlite_rows(self) -> list[tuple[int, str, float, float]] | None:
+        if self.db is None or not self.db.exists():
+            return None
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=1)) as db:
+                rows: list[tuple[int, str, float, float]] = db.execute(_HELD_LEASES).fetchall()
+        except sqlite3.Error:
+            return None
+        return rows
 
     def read(self) -> None:
         """One read of the lease table."""
-        if not self.db.exists():
-            return
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=1)) as db:
-                rows = db.execute(
-                    "SELECT shard, owner, acquired_at, expires_at FROM hs_shard_lease WHERE owner IS NOT NULL"
-                ).fetchall()
-        except sqlite3.Error:
+        rows = self._rows()
+        if rows is None:
             return
         self.reads += 1
         for shard, owner, acquired, expires in rows:
@@ -629,24 +741,56 @@ class LeaseWatch:
 
 
 class Cluster:
-    """Worker processes on one SQLite file (and one Valkey prefix), the faults sent to them, their shard map.
+    """Worker processes on one durable store (and one Valkey prefix), the faults sent to them, their shard map.
+
+    The durable store is a SQLite file on this host (its lease authority a
+    file beside it), or with ``postgres_url`` a PostgreSQL schema (tier and
+    authority: "machines" that share nothing but the network). With
+    ``proxied``, each worker reaches each server through a ``TcpProxy`` of its
+    own (``proxies[name]["postgres" | "valkey"]``), which ``cut`` and ``heal``
+    break and mend.
 
     Args:
         scratch: a folder for the database, the ledgers and the workers' logs.
-        valkey_url: the Valkey server (None: SQLite is the only tier).
+        valkey_url: the Valkey server (None: the durable store is the only tier).
         prefix: the Valkey key prefix.
+        postgres_url: the PostgreSQL server (None: SQLite).
+        schema: the PostgreSQL schema.
+        proxied: put a proxy between each worker and each server.
         overrides: ``WorkerConfig`` fields every worker gets.
     """
 
-    def __init__(self, scratch: Path, *, valkey_url: str | None, prefix: str, **overrides: Any) -> None:
+    def __init__(
+        self,
+        scratch: Path,
+        *,
+        valkey_url: str | None,
+        prefix: str,
+        postgres_url: str | None = None,
+        schema: str = "hotstate",
+        proxied: bool = False,
+        **overrides: Any,
+    ) -> None:
         self.scratch = scratch
         self.db = scratch / "runs.db"
         self.authority = Path(authority_path(self.db))  # the default authority's own file, beside the tier's
-        self.base = WorkerConfig(sqlite=str(self.db), valkey_url=valkey_url, prefix=prefix, **overrides)
+        if postgres_url is not None:
+            overrides.setdefault("ack_tiers", ("postgres",))
+        self.base = WorkerConfig(
+            sqlite=str(self.db),
+            valkey_url=valkey_url,
+            prefix=prefix,
+            postgres_url=postgres_url,
+            schema=schema,
+            **overrides,
+        )
         self.workers: list[WorkerProcess] = []
         self.faults: list[Fault] = []
         self.owners: dict[int, str | None] = {}
-        self.watch = LeaseWatch(self.authority)
+        self.proxied = proxied
+        self.proxies: dict[str, dict[str, TcpProxy]] = {}
+        rows = PostgresLeases(postgres_url, schema) if postgres_url is not None else None
+        self.watch = LeaseWatch(self.authority, rows=rows)
         self._out: set[str] = set()  # paused, leaving or dead: sent nothing
 
     async def __aenter__(self) -> Cluster:
@@ -658,7 +802,74 @@ class Cluster:
         with anyio.CancelScope(shield=True):
             for w in self.workers:
                 await w.kill()
+        for proxies in self.proxies.values():
+            for proxy in proxies.values():
+                proxy.close()
         self.watch.stop()
+
+    def _proxied(self, name: str) -> dict[str, Any]:
+        """The server URLs of worker ``name``: through new proxies of its own."""
+        servers = {"valkey": ("valkey_url", self.base.valkey_url), "postgres": ("postgres_url", self.base.postgres_url)}
+        out: dict[str, Any] = {}
+        mine = self.proxies.setdefault(name, {})
+        for server, (field, url) in servers.items():
+            if url:
+                mine[server] = proxy = TcpProxy(*target_of(url), name=f"{name}-{server}").start()
+                out[field] = through(proxy, url)
+        return out
+
+    def cut(
+        self, w: WorkerProcess, servers: Sequence[str] = ("postgres", "valkey"), mode: CutMode = "blackhole"
+    ) -> float:
+        """Cut ``w`` from ``servers`` (its proxies to them); the time of the cut. ``heal`` ends it."""
+        at = time.time()
+        for server in servers:
+            self.proxies[w.config.name][server].cut(mode)
+        return at
+
+    async def cut_outside_a_transaction(
+        self, w: WorkerProcess, servers: Sequence[str], mode: CutMode = "blackhole", tries: int = 40
+    ) -> float:
+        """Cut ``w`` from ``servers`` at a moment it has no PostgreSQL transaction open; the time of the cut.
+
+        A client partitioned inside a transaction leaves it open on the
+        server, with its row locks (a flush's ``FOR SHARE`` on fence rows, a
+        renewal's lease rows), until the server notices the connection is
+        dead: the new owner's seal waits behind it (see the test of that in
+        tests/integration/test_partitions.py). The scenarios are about the
+        lease and the fences, so a cut that caught one is healed at once
+        (within milliseconds, well inside the lease) and tried again.
+
+        Raises:
+            RuntimeError: every try caught a transaction open.
+        """
+        url = self.base.postgres_url
+        for _ in range(tries):
+            at = self.cut(w, servers, mode)
+            proxy = self.proxies[w.config.name].get("postgres")
+            if url is None or proxy is None or "postgres" not in servers:
+                return at
+            await anyio.sleep(0.01)  # a statement the cut caught in flight reaches the server or not, now
+            if not await open_transactions(url, proxy.upstream_ports()):
+                return at
+            for server in servers:
+                self.proxies[w.config.name][server].heal()
+            await anyio.sleep(0.03)
+        raise RuntimeError(f"{w.config.name} had a PostgreSQL transaction open at each of {tries} cuts")
+
+    def heal(self, w: WorkerProcess, cut_at: float, servers: Sequence[str] = ("postgres", "valkey")) -> Fault:
+        """Mend ``w``'s links to ``servers`` (cut at ``cut_at``).
+
+        The fault is a ``cut`` when the durable store (the lease authority) was
+        among them, else a ``cut-valkey``: a worker that can renew keeps its
+        shards, and the judge excuses nothing it ran twice.
+        """
+        for server in servers:
+            self.proxies[w.config.name][server].heal()
+        kind = "cut" if self.base.durable in servers else "cut-valkey"
+        fault = Fault(kind, w.config.name, w.pid, w.member, cut_at, time.time(), local=not w.namespace)
+        self.faults.append(fault)
+        return fault
 
     @property
     def ledgers(self) -> list[Path]:
@@ -667,6 +878,8 @@ class Cluster:
 
     async def start(self, name: str, *, namespace: bool = False, **overrides: Any) -> WorkerProcess:
         """Start a worker named ``name`` (its ledger and log are named after it)."""
+        if self.proxied:
+            overrides = {**self._proxied(name), **overrides}
         cfg = replace(self.base, name=name, ledger=str(self.scratch / f"ledger-{name}.jsonl"), **overrides)
         w = WorkerProcess(cfg, self.scratch / f"{name}.log", namespace=namespace)
         self.workers.append(w)
@@ -726,6 +939,16 @@ class Cluster:
         self.faults.append(fault)
         self._out.discard(w.config.name)
         return fault
+
+    def outage(self, at: float, until: float) -> list[Fault]:
+        """Record that the durable store (the lease authority) was down from ``at`` to ``until``: a fault of every running worker."""
+        faults = [
+            Fault("outage", w.config.name, w.pid, w.member, at, until, local=not w.namespace)
+            for w in self.workers
+            if w.running
+        ]
+        self.faults.extend(faults)
+        return faults
 
     async def terminate(self, w: WorkerProcess, timeout: float = 30.0) -> int | None:  # noqa: ASYNC109 - a hang guard
         """SIGTERM ``w`` (graceful: it hands its shards off) and wait; its exit code."""

@@ -51,7 +51,13 @@ from hotstate._errors import (
     PersistenceError,
     StoreUnavailableError,
 )
-from hotstate.persistence._postgres_common import check_schema, create_schema, postgres_error, recorded_shards
+from hotstate.persistence._postgres_common import (
+    check_schema,
+    create_schema,
+    postgres_error,
+    recorded_shards,
+    session_settings,
+)
 from hotstate.persistence._records import (
     RunHeader,
     SaveResult,
@@ -82,7 +88,7 @@ else:
     from typing_extensions import override
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+    from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 
     from hotstate.actors._snapshot import Transition
     from hotstate.persistence._postgres_authority import PostgresAuthority
@@ -522,6 +528,10 @@ class PostgresStore(StoreBase):
         read_only: never write (for inspection tools): ``open`` creates
             nothing and writes no mark, and every write raises ``PersistenceError``.
         statement_cache_size: asyncpg's prepared statement cache per connection.
+        server_settings: the settings each session starts with (None: the
+            server ends a session idle inside a transaction for ``timeout / 2``,
+            so a process partitioned mid-flush never holds the shard's fence
+            rows for long; ``{}`` behind PgBouncer, see ``session_settings``).
         create: make the schema and tables when missing. False (tools
             that write, such as ``hotstate runs retry``): ``open`` refuses a
             schema that holds no hotstate tables, so a mistyped name creates nothing.
@@ -542,6 +552,7 @@ class PostgresStore(StoreBase):
         read_only: bool = False,
         statement_cache_size: int = 100,
         create: bool = True,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.schema = check_schema("PostgresStore.schema", schema)
         self.create = create
@@ -558,6 +569,7 @@ class PostgresStore(StoreBase):
         self.pool_size = pool_size
         self.timeout = float(timeout)
         self._cache = statement_cache_size
+        self._settings = session_settings(self.timeout, server_settings)
         self._pool: asyncpg.Pool | None = None
         self._mark = WriterMark()
         self._write_lock = asyncio.Lock()
@@ -596,7 +608,12 @@ class PostgresStore(StoreBase):
         from hotstate.persistence._postgres_authority import PostgresAuthority
 
         return PostgresAuthority(
-            self.url, schema=self.schema, shards=shards, timeout=self.timeout, statement_cache_size=self._cache
+            self.url,
+            schema=self.schema,
+            shards=shards,
+            timeout=self.timeout,
+            statement_cache_size=self._cache,
+            server_settings=self._settings,
         )
 
     # --- connections -------------------------------------------------------------
@@ -673,6 +690,7 @@ class PostgresStore(StoreBase):
                 timeout=self.timeout,
                 command_timeout=self.timeout,
                 statement_cache_size=self._cache,
+                server_settings=self._settings,
             )
         try:
             async with self._errors("open"), pool.acquire() as conn:

@@ -29,6 +29,7 @@ from hotstate.persistence._postgres_common import (
     create_schema,
     postgres_error,
     recorded_shards,
+    session_settings,
 )
 from hotstate.persistence._shards import DEFAULT_SHARDS, check_shards
 
@@ -84,6 +85,10 @@ class PostgresAuthority:
         timeout: seconds a statement may take.
         statement_cache_size: asyncpg's prepared statement cache per
             connection (0 behind PgBouncer in transaction mode).
+        server_settings: the settings each session starts with (None: the
+            server ends a session idle inside a transaction for ``timeout / 2``,
+            so a claimer partitioned mid-claim never holds lease rows for long;
+            ``{}`` behind PgBouncer).
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class PostgresAuthority:
         gone: Callable[[MemberInfo], bool] | None = None,
         timeout: float = 10.0,
         statement_cache_size: int = 100,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url
         self.schema = check_schema("PostgresAuthority.schema", schema)
@@ -106,6 +112,7 @@ class PostgresAuthority:
         self._gone = gone if gone is not None else process_gone
         self._timeout = timeout
         self._cache = statement_cache_size
+        self._settings = session_settings(timeout, server_settings)
         self._search_path = f'SET LOCAL search_path TO "{self.schema}"'
         self._tables_lost = False
         self._pool: asyncpg.Pool | None = None
@@ -166,6 +173,7 @@ class PostgresAuthority:
                 timeout=self._timeout,
                 command_timeout=self._timeout,
                 statement_cache_size=self._cache,
+                server_settings=self._settings,
             )
         except _FAILURES as exc:
             raise postgres_error(self.name, "open", exc) from exc

@@ -15,9 +15,9 @@ from hotstate._errors import ConfigError, PersistenceError, StoreUnavailableErro
 from hotstate.persistence._shards import check_shards
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
 
-__all__ = ["check_schema", "create_schema", "postgres_error", "recorded_shards"]
+__all__ = ["check_schema", "create_schema", "postgres_error", "recorded_shards", "session_settings"]
 
 _NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -54,6 +54,26 @@ def check_schema(field: str, schema: object) -> str:
     if not isinstance(schema, str) or not _NAME.fullmatch(schema):
         raise ConfigError(field, schema, "must be a plain SQL name (letters, digits, _; at most 63)")
     return schema
+
+
+def session_settings(timeout: float, given: Mapping[str, str] | None) -> dict[str, str]:
+    """The settings every session of a pool starts with (asyncpg's ``server_settings``).
+
+    By default the server ends a session that stays idle inside a
+    transaction for ``timeout / 2``: a process cut off by a partition in the
+    middle of a transaction leaves it open on the server, with its row locks
+    (a flush's ``FOR SHARE`` on the fence rows, a claim's ``FOR UPDATE`` on
+    lease rows), until TCP notices, hours by default, and the next owner's
+    seal and every write of those shards would wait behind it. No
+    transaction of hotstate's is idle between its statements for long.
+    Startup settings, not ``SET``: the pool's ``RESET ALL`` at each release
+    keeps them. ``given`` replaces them: PgBouncer refuses startup settings
+    it does not know, so pass ``{}`` there and set it for the role instead
+    (``ALTER ROLE app SET idle_in_transaction_session_timeout = '5s'``).
+    """
+    if given is not None:
+        return dict(given)
+    return {"idle_in_transaction_session_timeout": str(max(int(timeout * 500), 100))}
 
 
 def recorded_shards(name: str, value: object) -> int:

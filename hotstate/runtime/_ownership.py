@@ -212,6 +212,14 @@ class OwnerHost(Protocol):
         """A hand-off is over: runs it stopped that are still here go on."""
         ...
 
+    def pause_shards(self, shards: Collection[int]) -> None:
+        """Stop ``shards``' runs at their next step (their leases lapsed; the manager claims them back)."""
+        ...
+
+    def end_pause(self) -> None:
+        """The claim back is over: paused runs still here go on (the lost shards' were evicted)."""
+        ...
+
 
 def _weight(shard: int, member: str) -> int:
     return zlib.crc32(f"{shard}/{member}".encode())
@@ -501,35 +509,43 @@ class ShardManager:
         loses the shard: its runs are evicted and reloaded from the stores
         when it is claimed again. A renewal late by a moment (a lock held by a
         flush, a pause) so costs no run state.
+
+        The shards' runs stop at their next step while the claim is on its
+        way (``OwnerHost.pause_shards``; steps already running finish): past
+        the deadline no step of them starts here, whoever holds them next.
         """
         old = {s: self.owned[s] for s in shards if s in self.owned}
         if not old:
             return
         got: dict[int, int] = {}
         t0 = self._clock.now()
-        with anyio.move_on_after(max(self._renew_every, 0.05)):
-            try:
-                got = await self.authority.claim(self.id, list(old), self._ttl)
-            except (PersistenceError, OSError) as exc:
-                log.warning("hotstate: member %s cannot take its lapsed leases back: %s", self.id[:8], exc)
-        kept = {s: e for s, e in got.items() if e == old[s] + 1 and self.owned.get(s) == old[s]}
-        if kept:
-            lost_in_seal = await self._seal(kept)
-            kept = {s: e for s, e in kept.items() if s not in lost_in_seal}
-        for s, epoch in kept.items():
-            self.owned[s] = epoch
-        self._owned_changed()
-        if kept:
-            self.valid_until = max(self.valid_until, t0 + self._ttl - self._margin)
-            log.warning(
-                "hotstate: member %s took back shards %s after its lease lapsed (%s); nothing moved meanwhile",
-                self.id[:8],
-                _ranges(kept),
-                why,
-            )
-        lost = [s for s in old if s not in kept]
-        if lost:
-            self.lose(lost, why)
+        self._host.pause_shards(old)
+        try:
+            with anyio.move_on_after(max(self._renew_every, 0.05)):
+                try:
+                    got = await self.authority.claim(self.id, list(old), self._ttl)
+                except (PersistenceError, OSError) as exc:
+                    log.warning("hotstate: member %s cannot take its lapsed leases back: %s", self.id[:8], exc)
+            kept = {s: e for s, e in got.items() if e == old[s] + 1 and self.owned.get(s) == old[s]}
+            if kept:
+                lost_in_seal = await self._seal(kept)
+                kept = {s: e for s, e in kept.items() if s not in lost_in_seal}
+            for s, epoch in kept.items():  # before the runs go on: their next flush carries the new epoch
+                self.owned[s] = epoch
+            self._owned_changed()
+            if kept:
+                self.valid_until = max(self.valid_until, t0 + self._ttl - self._margin)
+                log.warning(
+                    "hotstate: member %s took back shards %s after its lease lapsed (%s); nothing moved meanwhile",
+                    self.id[:8],
+                    _ranges(kept),
+                    why,
+                )
+            lost = [s for s in old if s not in kept]
+            if lost:
+                self.lose(lost, why)  # evicted while paused: none of their steps starts again here
+        finally:
+            self._host.end_pause()
         stale = {s: e for s, e in got.items() if s not in kept}
         if stale:  # claimed, but another process held it in between: taken afresh (seal, then reload)
             await self.take(stale, resume=True)

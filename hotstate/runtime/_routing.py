@@ -240,6 +240,16 @@ class Router:
         """A hand-off is over: runs it stopped that are still here go on."""
         self._scheduler.resume_suspended()
 
+    def pause_shards(self, shards: Collection[int]) -> None:
+        """Stop ``shards``' runs at their next step while their lapsed leases are claimed back."""
+        owner = self._manager()
+        wanted = set(shards)
+        self._scheduler.suspend(lambda a: owner.shard_of(a.snapshot.run_id) in wanted, key="lapsed")
+
+    def end_pause(self) -> None:
+        """The claim back is over: paused runs still here go on."""
+        self._scheduler.resume_suspended(key="lapsed")
+
     # ----------------------------------------------------------- the inbox
 
     async def forward(self, kind: str, run_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -258,7 +268,14 @@ class Router:
         deadline = clock.now() + owner.config.forward_timeout
         wait, longest = _VERDICT_POLL
         while True:
-            verdict = await owner.authority.verdict(shard, seq)
+            # The entry is committed: the call is acknowledged, whatever happens to this read.
+            # A read that fails (the authority restarting, a partition) is tried again until
+            # the deadline, never raised: the owner applies the entry either way.
+            try:
+                verdict = await owner.authority.verdict(shard, seq)
+            except (PersistenceError, OSError) as exc:
+                log.info("hotstate: reading the verdict of inbox entry %d/%d failed, trying again: %s", shard, seq, exc)
+                verdict = None
             if verdict is not None:
                 return raise_verdict(run_id, verdict)
             left = deadline - clock.now()

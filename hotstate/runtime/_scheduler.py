@@ -140,7 +140,8 @@ class Scheduler:
         self.throttle_waits = 0
         # Ownership: told when a tier's fence refused shards (the ShardManager sets it).
         self.on_fenced: Callable[[str, Mapping[int, int], Mapping[int, int]], None] | None = None
-        self._suspend: Callable[[RunActor], bool] | None = None  # runs of shards being handed off
+        self._suspend: Callable[[RunActor], bool] | None = None  # runs of shards handed off or whose lease lapsed
+        self._suspends: dict[str, Callable[[RunActor], bool]] = {}  # each active suspend() by its key
         self._suspended: list[RunActor] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -369,31 +370,50 @@ class Scheduler:
         if self.on_fenced is not None:
             self.on_fenced(tier, shards, sent)
 
-    def suspend(self, which: Callable[[RunActor], bool]) -> None:
-        """Stop the runs ``which`` selects at their next step (a hand-off drains their shard); ``resume_suspended`` ends it.
+    def suspend(self, which: Callable[[RunActor], bool], key: str = "handoff") -> None:
+        """Stop the runs ``which`` selects at their next step; ``resume_suspended(key)`` ends it.
 
-        It uses the write-through gate (``hold``): while no hand-off runs it costs nothing per step.
+        A hand-off drains its shards this way (``key`` "handoff"), and an
+        owner whose lease lapsed stops its shards while it claims them back
+        ("lapsed"); the two may overlap. It uses the write-through gate
+        (``hold``): while nothing is suspended it costs nothing per step.
         """
-        self._suspend = which
+        self._suspends[key] = which
+        self._suspend = selected = self._selector() or which
         self.hold = True
         ready = self._ready
         if ready:
-            keep = [a for a in ready if not which(a)]
-            self._suspended.extend(a for a in ready if which(a))
-            for a in self._suspended:
+            keep = [a for a in ready if not selected(a)]
+            stopped = [a for a in ready if selected(a)]
+            for a in stopped:
                 a.queued = False
                 a.parked = True
+            self._suspended.extend(stopped)
             ready.clear()
             ready.extend(keep)
 
-    def resume_suspended(self) -> None:
-        """End ``suspend``: the runs it stopped go on (evicted ones stay out)."""
-        self._suspend = None
-        self.hold = self.tiers.write_through or bool(self._pressured)
+    def resume_suspended(self, key: str = "handoff") -> None:
+        """End ``suspend(key)``: the runs it stopped go on (evicted ones stay out, others still suspended stay)."""
+        self._suspends.pop(key, None)
+        self._suspend = which = self._selector()
+        self.hold = self.tiers.write_through or bool(self._pressured) or which is not None
         stopped, self._suspended = self._suspended, []
         for actor in stopped:
-            if not actor.evicted:
+            if actor.evicted:
+                continue
+            if which is not None and which(actor):
+                self._suspended.append(actor)
+            else:
                 self.schedule(actor)
+
+    def _selector(self) -> Callable[[RunActor], bool] | None:
+        """The runs any active ``suspend`` selects (None: none is active)."""
+        selectors = list(self._suspends.values())
+        if not selectors:
+            return None
+        if len(selectors) == 1:
+            return selectors[0]
+        return lambda actor: any(which(actor) for which in selectors)
 
     def evict(self, actors: Collection[RunActor]) -> int:
         """Take ``actors`` out of this process: their shard left it (design/ownership.md §4.7).
