@@ -105,6 +105,7 @@ async def test_sigkill_of_an_owner_on_another_host_is_taken_over_once_its_lease_
     assert max(t.detection + (t.load or 0.0) for t in kills) <= cfg.ttl + cfg.claim_every + 1.5, report.takeovers
 
 
+@pytest.mark.scenario
 async def test_rolling_deploy_three_times_under_traffic_runs_nothing_twice(make_cluster):
     async with make_cluster() as cluster:
         report = await scenario_rolling(cluster, cycles=3)
@@ -120,6 +121,7 @@ async def test_rolling_deploy_on_sqlite_alone_runs_nothing_twice(make_cluster):
     assert report.duplicates == 0, report.summary()
 
 
+@pytest.mark.scenario
 async def test_sigstop_past_the_lease_moves_its_shards_and_nothing_it_did_after_is_stored(make_cluster):
     async with make_cluster(keep_every=1) as cluster:  # every flushed copy is kept, and checked for zombie steps
         report = await scenario_sigstop(cluster)

@@ -88,6 +88,7 @@ def assert_clean(report: Report) -> None:
     assert report.cancels_acked > 0, report.summary()
 
 
+@pytest.mark.scenario
 async def test_an_owner_partitioned_from_postgres_and_valkey_stops_at_its_deadline_and_rejoins(make_cluster):
     async with make_cluster() as cluster:
         report = await scenario_partition(cluster, mode="blackhole")
@@ -95,6 +96,7 @@ async def test_an_owner_partitioned_from_postgres_and_valkey_stops_at_its_deadli
     assert_clean(report)
 
 
+@pytest.mark.scenario
 async def test_owners_cut_from_postgres_only_and_from_valkey_only_at_once(make_cluster):
     async with make_cluster() as cluster:
         report = await scenario_asymmetric(cluster, mode="blackhole")
@@ -102,6 +104,7 @@ async def test_owners_cut_from_postgres_only_and_from_valkey_only_at_once(make_c
     assert_clean(report)
 
 
+@pytest.mark.scenario
 async def test_postgres_restarted_under_load_every_run_finishes(make_cluster, tmp_path):
     server = EmbeddedPostgres().start()
     try:
@@ -244,6 +247,7 @@ async def test_an_owner_cut_from_postgres_stops_running_its_shards_at_its_deadli
     assert report.violations == [], f"{report.late_executions} late executions, up to {report.max_overshoot:.3f} s"
 
 
+@pytest.mark.scenario
 async def test_a_valkey_cluster_primary_killed_under_load_loses_nothing_acknowledged(make_cluster):
     with EmbeddedValkeyCluster(primaries=3, replicas=1, node_timeout=1.0) as valkey:
         async with make_cluster(valkey_url=valkey.url, proxied=False) as cluster:
