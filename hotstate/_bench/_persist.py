@@ -124,7 +124,7 @@ async def drop_prefix(url: str, prefix: str) -> None:
 
 # ------------------------------------------------------ PostgreSQL ceilings
 
-# hs_runs' shape (_postgres.py): the header as columns, the body as bytea, the
+# hs_runs' shape (_postgres_rows.py): the header as columns, the body as bytea, the
 # same three secondary indexes (an upsert that changes status updates them all);
 # and hs_transitions'.
 _RAW_TABLES = """

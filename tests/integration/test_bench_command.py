@@ -14,7 +14,7 @@ import sys
 import asyncpg
 import pytest
 
-from hotstate._bench._suites import POSTGRES_FLUSH_FIGURES
+from hotstate._bench._pgflush import POSTGRES_FLUSH_FIGURES
 from hotstate._cli import main
 from hotstate.persistence import _postgres_server
 from hotstate.persistence._postgres_server import PostgresServerError

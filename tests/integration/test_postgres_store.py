@@ -31,7 +31,7 @@ from hotstate.persistence import (
     PostgresStore,
     StoredDeadLetter,
     Tier,
-    _postgres as postgres_module,
+    _postgres_rows as postgres_rows,
 )
 from hotstate.persistence._postgres_authority import read_postgres_shard_map
 from hotstate.persistence._postgres_server import EmbeddedPostgres
@@ -249,7 +249,7 @@ async def test_a_long_batch_checks_the_fence_in_every_transaction(
 ) -> None:
     from hotstate import Transition, TransitionKind
 
-    monkeypatch.setattr(postgres_module, "TRANSACTION_TRANSITIONS", 10)
+    monkeypatch.setattr(postgres_rows, "TRANSACTION_TRANSITIONS", 10)  # read by _parts
     rid = next(f"r{i}" for i in range(100) if shard_of(f"r{i}", SHARDS) == 5)
     fence = Fence("old", {5: 1})
     calls = 0
