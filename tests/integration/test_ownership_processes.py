@@ -4,7 +4,7 @@ design/ownership.md §5 on one host, with real processes (``hotstate._bench._own
 a real SQLite file (durable tier and lease authority) and a real valkey-server. A driver
 sends spawns, signals and cancels mostly through workers that do not own the run's shard,
 while workers are SIGKILLed, SIGSTOPped past their lease, or redeployed with SIGTERM.
-``judge`` (``hotstate._bench._ownership``) then checks every invariant after each scenario:
+``judge`` (``hotstate._bench._judge``) then checks every invariant after each scenario:
 epochs only increase per shard, no two leases of a shard overlap, every run finished as
 designed in every tier with a history of real executions, each acknowledged call applied
 exactly once, duplicate executions only for steps in flight at a crash (none after a
@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
-from hotstate._bench._owner_worker import Cluster, WorkerCallError, WorkerProcess, poll
-from hotstate._bench._ownership import (
-    Report,
-    authority_to_wall,
+from hotstate._bench._cluster import Cluster, WorkerCallError, WorkerProcess, poll
+from hotstate._bench._readers import authority_to_wall
+from hotstate._bench._scenarios import (
     scenario_forwarding,
     scenario_rolling,
     scenario_sigkill,
@@ -50,6 +49,8 @@ from hotstate.persistence import shard_of
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from hotstate._bench._judge import Report
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,7 +4,7 @@ design/ownership.md §5.4 (S3, S4, S7, S8) with real processes: each worker reac
 PostgreSQL (the durable tier and the lease authority, ``PostgresAuthority``) and Valkey
 through TCP proxies of its own (``hotstate._bench._proxy.TcpProxy``), which the test cuts
 (``blackhole``: sockets stay open, nothing moves, as in a real partition) and heals.
-``judge`` (``hotstate._bench._ownership``) checks every invariant after each scenario,
+``judge`` (``hotstate._bench._judge``) checks every invariant after each scenario,
 reading the ownership log and the lease map from PostgreSQL.
 
 Timing: ttl 2 s, renewals every 0.4 s, claims every 0.2 s, 16 shards, steps sleeping 10 ms,
@@ -34,18 +34,16 @@ import asyncpg
 import pytest
 
 from hotstate import StoreUnavailableError
-from hotstate._bench._owner_worker import Cluster, WorkerCallError, poll
-from hotstate._bench._ownership import (
-    Report,
-    _check_self_fence,
-    ownership_log,
-    read_ledgers,
+from hotstate._bench._cluster import Cluster, WorkerCallError, poll
+from hotstate._bench._judge import Report, _check_self_fence
+from hotstate._bench._proxy import TcpProxy, target_of, through
+from hotstate._bench._readers import ownership_log, read_ledgers
+from hotstate._bench._scenarios import (
     scenario_asymmetric,
     scenario_partition,
     scenario_postgres_restart,
     scenario_valkey_failover,
 )
-from hotstate._bench._proxy import TcpProxy, target_of, through
 from hotstate.persistence import EmbeddedValkeyCluster, Fence, PostgresStore, RunHeader, StoredSnapshot, shard_of
 from hotstate.persistence._postgres_server import EmbeddedPostgres
 
