@@ -66,6 +66,7 @@ from hotstate.persistence import (
     Tier,
 )
 from hotstate.persistence._authority import Authority, MemoryAuthority, process_gone
+from hotstate.persistence._postgres_authority import read_postgres_shard_map
 from hotstate.persistence._shards import generated_prefix
 from hotstate.persistence._sqlite_authority import SQLiteAuthority, authority_path, read_shard_map
 from hotstate.runtime._adoption import Adoption, same_definition
@@ -128,6 +129,13 @@ def _why_unwanted(actor: RunActor, signal: str) -> str:
 
 
 _MEMORY_AUTHORITIES: weakref.WeakKeyDictionary[MemoryStore, MemoryAuthority] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_shard_map(store: SQLiteStore) -> tuple[Any, Any, float] | None:
+    """The shard map beside an SQLite tier's file (None: no file yet, or no authority there); a quick local read."""
+    if not Path(store.path).is_file():
+        return None
+    return read_shard_map(store.path)
 
 
 def _default_authority(tiers: Sequence[Tier], shards: int | None) -> Authority | None:
@@ -365,7 +373,7 @@ class Runtime:
     async def __aenter__(self) -> Runtime:
         owner = self._owner
         if owner is None:
-            self._refuse_owned_stores()
+            await self._refuse_owned_stores()
             await self._lifecycle.start(self._recover_runs if self._recover else None)
         else:
             await self._lifecycle.start(self._start_owning)
@@ -373,16 +381,23 @@ class Runtime:
             self._retention_tick()
         return self
 
-    def _refuse_owned_stores(self) -> None:
+    async def _refuse_owned_stores(self) -> None:
         """``ownership=False`` on stores other processes hold shards of: refuse, before anything runs.
 
         Such a runtime would resume and run their runs beside them, and its
-        unfenced writes pass every store's fence.
+        unfenced writes pass every store's fence. Checked where the default
+        authority of a tier keeps its leases: beside an SQLite file, and in a
+        PostgreSQL tier's schema.
         """
         for store in self._tiers.stores:
-            if not isinstance(store, SQLiteStore) or not Path(store.path).is_file():
+            if isinstance(store, PostgresStore):
+                found = await read_postgres_shard_map(store.url, store.schema, connect_timeout=store.timeout)
+                where = f"schema {store.schema!r}"
+            elif isinstance(store, SQLiteStore):
+                found = _sqlite_shard_map(store)
+                where = repr(store.path)
+            else:
                 continue
-            found = read_shard_map(store.path)
             if found is None:
                 continue
             leases, members, now = found
@@ -398,7 +413,7 @@ class Runtime:
                 raise ConfigError(
                     "Runtime.ownership",
                     False,
-                    f"{len(held)} shard(s) of {store.path!r} are held by other processes;"
+                    f"{len(held)} shard(s) of {where} are held by other processes;"
                     " a runtime without ownership would run their runs too (use ownership on, the default)",
                 )
 

@@ -154,6 +154,22 @@ async def test_two_runtimes_on_one_schema_split_the_shards_and_each_reads_the_ot
                 assert (await two.load(h.run_id)).status == Status.done
 
 
+async def test_a_runtime_without_ownership_refuses_a_schema_whose_shards_another_process_holds(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    from hotstate import ConfigError
+
+    def tiers() -> list[Tier]:
+        return [Tier(PostgresStore(postgres_url, schema=postgres_schema, shards=SHARDS), FlushPolicy(interval=0.01))]
+
+    async with Runtime(WORKFLOWS, tiers=tiers()):
+        rogue = Runtime(WORKFLOWS, tiers=tiers(), ownership=False, recover=True)
+        with pytest.raises(ConfigError, match=rf"{SHARDS} shard\(s\) of schema '{postgres_schema}' are held"):
+            await rogue.__aenter__()
+    async with Runtime(WORKFLOWS, tiers=tiers(), ownership=False):  # alone once the owner left: allowed
+        pass
+
+
 # --- the seal and a flush in flight ------------------------------------------------------
 
 

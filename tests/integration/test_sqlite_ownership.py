@@ -328,3 +328,24 @@ async def test_sqlite_the_fence_and_meta_ddl_are_the_tables_the_store_creates(tm
         want = {t: list(fresh.execute(f"PRAGMA table_info({t})")) for t in ("hs_meta", "hs_shard_fence")}
     with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as db:
         assert {t: list(db.execute(f"PRAGMA table_info({t})")) for t in want} == want
+
+
+async def _same(payload: int, ctx: object) -> int:
+    return payload
+
+
+async def test_a_runtime_without_ownership_refuses_a_file_whose_shards_another_process_holds(tmp_path: Path) -> None:
+    from hotstate import FlushPolicy, Runtime, Step, Tier, Workflow
+
+    wf = Workflow("same", [Step(fn=_same, name="a")])
+    db = tmp_path / "runs.db"
+
+    def tiers() -> list[Tier]:
+        return [Tier(SQLiteStore(db), FlushPolicy(interval=0.01))]
+
+    async with Runtime([wf], tiers=tiers()):
+        rogue = Runtime([wf], tiers=tiers(), ownership=False, recover=True)
+        with pytest.raises(ConfigError, match=r"128 shard\(s\) of .*runs\.db' are held by other processes"):
+            await rogue.__aenter__()
+    async with Runtime([wf], tiers=tiers(), ownership=False):  # alone once the owner left: allowed
+        pass
