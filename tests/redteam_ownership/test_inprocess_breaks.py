@@ -909,7 +909,8 @@ async def test_a_wall_clock_step_never_gives_a_shard_two_owners_at_once(monkeypa
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open (#12 note): ownership=False trusts the caller to be alone; only an SQLite file with live leases is refused",
+    reason="open (#12 note): ownership=False trusts the caller to be alone; only an SQLite file or a PostgreSQL"
+    " schema with live leases is refused",
 )
 async def test_a_runtime_without_ownership_does_not_run_runs_of_shards_owned_elsewhere() -> None:
     """``Runtime(ownership=False, recover=True)`` started on a store whose shards are fenced and owned.
