@@ -34,7 +34,7 @@ from hotstate._errors import (
     RunError,
     StoreUnavailableError,
 )
-from hotstate.actors import Status
+from hotstate.actors import Status, TransitionKind
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
@@ -340,9 +340,38 @@ class Router:
             handle = await rt._spawn_here(fields["workflow"], fields.get("payload"), run_id)
             return {"created": handle.created}
         if kind == "retry":
-            await rt._retry_here(run_id, fields.get("from_step"))
+            # A retry is not idempotent (the run may fail again and be dead-lettered again), so
+            # its transition names the entry, and a replay finds it there: applied once.
+            marker = f"inbox entry {entry.shard}/{entry.seq}"
+            if not await self._retried(run_id, marker):
+                await rt._retry_here(run_id, fields.get("from_step"), detail=marker)
             return {}
         raise CorruptSnapshotError("inbox", run_id, None, f"unknown inbox entry kind {kind!r}")
+
+    async def _retried(self, run_id: str, marker: str) -> bool:
+        """Whether a retry transition of ``run_id`` names ``marker``: in memory, else in a tier's history.
+
+        The entry is settled only once its effect is durable in every tier,
+        so a replay after a crash finds the transition in any tier.
+        """
+        actor = self._registry.get(run_id)
+        if actor is not None and any(
+            t.kind is TransitionKind.dead_letter_retried and t.detail == marker
+            for t in actor.history.transitions(run_id)
+        ):
+            return True
+        unread: PersistenceError | None = None
+        for tier in self._tiers.names:
+            try:
+                stored = await self._tiers.history_from(tier, run_id)
+            except PersistenceError as exc:
+                unread = exc
+                continue
+            if any(t.kind is TransitionKind.dead_letter_retried and t.detail == marker for t in stored):
+                return True
+        if unread is not None:  # not proven new: the entry is read again later (``apply``'s None)
+            raise StoreUnavailableError(unread.tier, f"cannot tell whether {marker} was applied: {unread}")
+        return False
 
     async def _durable(self, entry: InboxEntry) -> None:
         """Return once the run's current version is durable in every tier (raises if its shard left meanwhile)."""

@@ -1330,8 +1330,11 @@ class Runtime:
             return RunHandle(self, run_id, _token=_HANDLE_TOKEN)
         return await self._retry_here(run_id, from_step)
 
-    async def _retry_here(self, run_id: str, from_step: int | str | None) -> RunHandle:
-        """``retry_dead_letter`` of a run of a shard this process owns (or with ownership off)."""
+    async def _retry_here(self, run_id: str, from_step: int | str | None, *, detail: str | None = None) -> RunHandle:
+        """``retry_dead_letter`` of a run of a shard this process owns (or with ownership off).
+
+        ``detail``: the retry transition's detail (a forwarded retry's inbox entry).
+        """
         actor = self._actor("retry_dead_letter.run_id", run_id)
         letter = self._supervisor.dead_letters.get(run_id)
         if letter is None:
@@ -1348,7 +1351,7 @@ class Runtime:
             raise ConfigError("retry_dead_letter.from_step", from_step, f"must be a step of {actor.workflow!r}")
         del self._supervisor.dead_letters[run_id]
         self._tiers.mark_dead_letter_deleted(run_id)
-        self._scheduler.restart(actor, cursor)
+        self._scheduler.restart(actor, cursor, detail)
         if self._ack:
             await self._acknowledge(run_id, actor.snapshot.version)
         return RunHandle(self, run_id, _token=_HANDLE_TOKEN)

@@ -493,8 +493,12 @@ class Scheduler:
         if not self._worker_active and self._open:
             self._start_worker()
 
-    def restart(self, actor: RunActor, cursor: int) -> None:
-        """Run a dead-lettered run again from step ``cursor`` with a fresh budget (``retry_dead_letter``)."""
+    def restart(self, actor: RunActor, cursor: int, detail: str | None = None) -> None:
+        """Run a dead-lettered run again from step ``cursor`` with a fresh budget (``retry_dead_letter``).
+
+        ``detail`` goes in the ``dead_letter_retried`` transition (a forwarded
+        retry names its inbox entry there, so a replay of it is a no-op).
+        """
         actor.clear_failures()
         s = actor.snapshot
         now = self.wall()
@@ -504,7 +508,7 @@ class Scheduler:
         self.commit(
             actor,
             new,
-            Transition(s.run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, None),
+            Transition(s.run_id, new.version, TransitionKind.dead_letter_retried, cursor, Status.running, now, detail),
         )
         self.schedule(actor)
 

@@ -1136,9 +1136,6 @@ BROKEN = Workflow(
 )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open (#12 note): a forwarded retry_dead_letter is not idempotent when its verdict is lost"
-)
 async def test_a_forwarded_retry_whose_settle_failed_is_not_applied_twice() -> None:
     """A forwarded ``retry_dead_letter`` is applied; the run runs again and fails again (dead letter again);
     the owner's ``settle`` of the entry does not land (the authority hiccups once, or the owner crashes
@@ -1149,7 +1146,8 @@ async def test_a_forwarded_retry_whose_settle_failed_is_not_applied_twice() -> N
     has ended"), but a retry is not idempotent: the run is dead-lettered
     again, so ``_retry_here`` retries it a second time and its step runs once
     more -- one acknowledged call, two retries. Expected: a forwarded retry
-    is applied exactly once.
+    is applied exactly once. Fixed (#13): the retry transition names its inbox
+    entry, and a replay finds it (in memory, else in a tier's history).
     """
     FLAKY_RUNS.clear()
     clock, store = ManualClock(), SharedStore(shards=SHARDS)
