@@ -36,7 +36,8 @@ from hotstate.persistence import PostgresStore, SQLiteStore, Store
 from hotstate.persistence._encoder import SnapshotEncoder
 from hotstate.persistence._listener import IgnoringListener
 from hotstate.persistence._persister import Persister
-from hotstate.persistence._records import encode_snapshot
+from hotstate.persistence._postgres_rows import RUN_TYPES, TRANSITION_TYPES
+from hotstate.persistence._records import RunHeader, encode_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -139,23 +140,8 @@ CREATE TABLE {t}_t (
     run_id text COLLATE "C" NOT NULL, version bigint NOT NULL, kind text NOT NULL, step bigint NOT NULL,
     status text NOT NULL, at float8 NOT NULL, detail text, PRIMARY KEY (run_id, version));
 """
-_RUN_COLUMNS = (
-    "run_id",
-    "workflow",
-    "workflow_version",
-    "version",
-    "step",
-    "status",
-    "updated_at",
-    "attempt",
-    "epoch",
-    "error",
-    "body",
-    "shard",
-)
-_RUN_TYPES = ("text", "text", "int8", "int8", "int8", "text", "float8", "int8", "int8", "text", "bytea", "int4")
-_TRANSITION_COLUMNS = ("run_id", "version", "kind", "step", "status", "at", "detail")
-_TRANSITION_TYPES = ("text", "int8", "text", "int8", "text", "float8", "text")
+_RUN_COLUMNS = (*RunHeader._fields, "error", "body", "shard")  # the store's column order (_postgres_rows.py)
+_TRANSITION_COLUMNS = Transition._fields
 
 
 def _raw_statements(table: str) -> dict[str, str]:
@@ -169,8 +155,8 @@ def _raw_statements(table: str) -> dict[str, str]:
         " WHERE (excluded.epoch, excluded.version) > (r.epoch, r.version)"
     )
     insert = f"INSERT INTO {table}_t ({history}) {{}} ON CONFLICT DO NOTHING"
-    runs = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RUN_TYPES))
-    transitions = ", ".join(f"${len(_RUN_TYPES) + i + 1}::{t}[]" for i, t in enumerate(_TRANSITION_TYPES))
+    runs = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(RUN_TYPES))
+    transitions = ", ".join(f"${len(RUN_TYPES) + i + 1}::{t}[]" for i, t in enumerate(TRANSITION_TYPES))
     return {
         "upsert_values": upsert.format(f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_RUN_COLUMNS)))})"),
         "insert_values": insert.format(f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_TRANSITION_COLUMNS)))})"),

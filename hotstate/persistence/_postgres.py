@@ -103,6 +103,7 @@ from hotstate.persistence._store import (
     WriterMark,
     bad_row,
     check_limit,
+    dead_letter_problem,
     read_on,
     status_filter,
     without,
@@ -552,16 +553,9 @@ class PostgresStore(StoreBase):
             return await self._judge(conn, fence, list(fence.epochs), lock="lock_fences")
 
     @override
-    async def save_dead_letters(
-        self, records: Sequence[StoredDeadLetter], *, fence: Fence | None = None
-    ) -> dict[str, str]:
-        """As ``Store.save_dead_letters``; a record whose run id or workflow is too long to index is left out too."""
-        long = {r.run_id: why for r in records if (why := _too_long(r.run_id)) is not None}
-        if not long:
-            return await super().save_dead_letters(records, fence=fence)
-        refusals = await super().save_dead_letters([r for r in records if r.run_id not in long], fence=fence)
-        refusals.update(long)
-        return refusals
+    def _dead_letter_problem(self, record: StoredDeadLetter) -> str | None:
+        """``dead_letter_problem``, and a run id too long to index."""
+        return dead_letter_problem(record) or _too_long(record.run_id)
 
     @override
     async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> dict[int, int]:

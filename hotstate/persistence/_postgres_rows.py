@@ -17,14 +17,20 @@ import asyncpg
 from hotstate._errors import CodecError, HotstateInternalError
 from hotstate.persistence._records import RunHeader, StoredSnapshot
 from hotstate.persistence._shards import shard_of
-from hotstate.persistence._store import CALL_BYTES, TRANSACTION_TRANSITIONS, stored_problem, unwritable
+from hotstate.persistence._store import (
+    CALL_BYTES,
+    REPLACED_COLUMNS,
+    TRANSACTION_TRANSITIONS,
+    stored_problem,
+    unwritable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from hotstate.actors._snapshot import Transition
 
-__all__ = ["INDEXED_BYTES"]
+__all__ = ["INDEXED_BYTES", "RUN_TYPES", "TRANSITION_TYPES"]
 
 # The columns hs_runs and hs_versions share: RunHeader's fields, the
 # snapshot's error and body, then the shard.
@@ -98,15 +104,10 @@ _SNAPSHOT_ARRAYS: Final = (
 # Copies are ordered by (epoch, version): the WHERE makes a lower or equal pair
 # a no-op, so the rows returned are exactly the rows written. A run's shard
 # never changes (the count is fixed per schema).
-# What an upsert of a copy replaces: every column but the key and the shard.
-_REPLACED: Final = ", ".join(
-    f"{c} = excluded.{c}"
-    for c in ("workflow", "workflow_version", "step", "status", "updated_at", "attempt", "epoch", "error", "body")
-)
 _UPSERT_RUNS: Final = f"""
 INSERT INTO {{s}}.hs_runs AS r ({_RUN_COLUMNS}, shard)
 SELECT * FROM unnest({{a}})
-ON CONFLICT (run_id) DO UPDATE SET version = excluded.version, {_REPLACED}
+ON CONFLICT (run_id) DO UPDATE SET version = excluded.version, {REPLACED_COLUMNS}
 WHERE (excluded.epoch, excluded.version) > (r.epoch, r.version)
 RETURNING 1
 """
@@ -134,8 +135,10 @@ def _numbered(template: str, first: int, types: Sequence[str]) -> str:
     return template.replace("{a}", ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types)))
 
 
-_RUN_TYPES: Final = ("text", "text", "int8", "int8", "int8", "text", "float8", "int8", "int8", "text", "bytea", "int4")
-_TRANSITION_TYPES: Final = ("text", "int8", "text", "int8", "text", "float8", "text")
+# The PostgreSQL types of the snapshot columns (RunHeader's fields, error, body, shard) and of a
+# transition's fields, in order: the arrays a flush sends (the bench's raw ceilings use them too).
+RUN_TYPES: Final = ("text", "text", "int8", "int8", "int8", "text", "float8", "int8", "int8", "text", "bytea", "int4")
+TRANSITION_TYPES: Final = ("text", "int8", "text", "int8", "text", "float8", "text")
 
 # One statement a save: the mark ($1-$4), the snapshots ($5-$16), the
 # transitions ($17-$23). Data-modifying CTEs all run to completion.
@@ -143,13 +146,13 @@ _SAVE: Final = (
     "WITH mark AS ("
     + _ADVANCE_MARK
     + "), runs AS ("
-    + _numbered(_UPSERT_RUNS, 5, _RUN_TYPES)
+    + _numbered(_UPSERT_RUNS, 5, RUN_TYPES)
     + "), trans AS ("
-    + _numbered(_INSERT_TRANSITIONS, 17, _TRANSITION_TYPES)
+    + _numbered(_INSERT_TRANSITIONS, 17, TRANSITION_TYPES)
     + ") SELECT (SELECT lost FROM mark), (SELECT count(*) FROM runs), (SELECT count(*) FROM trans)"
 )
 _SAVE_TRANSITIONS: Final = (
-    "WITH trans AS (" + _numbered(_INSERT_TRANSITIONS, 1, _TRANSITION_TYPES) + ") SELECT count(*) FROM trans"
+    "WITH trans AS (" + _numbered(_INSERT_TRANSITIONS, 1, TRANSITION_TYPES) + ") SELECT count(*) FROM trans"
 )
 
 # The runs of a saved batch whose (epoch, version) is below the stored one
@@ -180,11 +183,11 @@ _KEEP_VERSIONS: Final = _numbered(
     f"""
 INSERT INTO {{s}}.hs_versions AS v ({_RUN_COLUMNS}, shard)
 SELECT * FROM unnest({{a}})
-ON CONFLICT (run_id, version) DO UPDATE SET {_REPLACED}
+ON CONFLICT (run_id, version) DO UPDATE SET {REPLACED_COLUMNS}
 WHERE excluded.epoch > v.epoch
 """,
     1,
-    _RUN_TYPES,
+    RUN_TYPES,
 )
 
 _DEAD_LETTER_COLUMNS: Final = (
@@ -275,9 +278,9 @@ def _unescape_opt(text: str | None) -> str | None:
 
 
 def _snapshot_columns(snapshots: Sequence[StoredSnapshot], shards: int) -> list[list[Any]]:
-    """The snapshots as 12 column arrays (``_RUN_TYPES``), text escaped where it must be."""
+    """The snapshots as 12 column arrays (``RUN_TYPES``), text escaped where it must be."""
     if not snapshots:
-        return [[] for _ in _RUN_TYPES]
+        return [[] for _ in RUN_TYPES]
     cols: list[list[Any]] = [list(c) for c in zip(*(s.header for s in snapshots), strict=True)]
     if len(cols) != 9:  # pragma: no cover - RunHeader has 9 fields
         raise HotstateInternalError("RunHeader changed shape")
@@ -292,7 +295,7 @@ def _snapshot_columns(snapshots: Sequence[StoredSnapshot], shards: int) -> list[
 
 def _transition_columns(part: Sequence[Transition]) -> list[list[Any]]:
     if not part:
-        return [[] for _ in _TRANSITION_TYPES]
+        return [[] for _ in TRANSITION_TYPES]
     cols = [list(c) for c in zip(*part, strict=True)]
     cols[2] = [str(k) for k in cols[2]]
     cols[4] = [str(k) for k in cols[4]]

@@ -50,6 +50,7 @@ from hotstate.persistence._store import (
     INT64_MAX,
     INT64_MIN,
     MARK_TTL,
+    REPLACED_COLUMNS,
     TRANSACTION_TRANSITIONS,
     StoreBase,
     WriterMark,
@@ -205,45 +206,26 @@ _SELECTS: Final = {w: (_select(w), _select(w, typed=True)) for w in (_HEADER_WID
 # not an integer (a row hotstate did not write, which every read reports as
 # malformed) orders below every pair: the row is replaced. A run's shard never
 # changes (the count is fixed per file): the update leaves it.
-_UPSERT: Final = """
+_UPSERT: Final = f"""
 INSERT INTO runs (
     run_id, workflow, workflow_version, version, step, status, updated_at, attempt, epoch,
     error, body, shard
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (run_id) DO UPDATE SET
-    workflow = excluded.workflow,
-    workflow_version = excluded.workflow_version,
-    version = excluded.version,
-    step = excluded.step,
-    status = excluded.status,
-    updated_at = excluded.updated_at,
-    attempt = excluded.attempt,
-    epoch = excluded.epoch,
-    error = excluded.error,
-    body = excluded.body
+ON CONFLICT (run_id) DO UPDATE SET version = excluded.version, {REPLACED_COLUMNS}
 WHERE (excluded.epoch, excluded.version) > (runs.epoch, runs.version)
     OR typeof(runs.version) <> 'integer' OR typeof(runs.epoch) <> 'integer'
-"""
+"""  # noqa: S608 - our own column names
 
 # A kept copy per (run_id, version): the first stays, unless a newer owner's
 # copy of that version comes (its lineage is the run's; design/ownership.md 4.5).
-_KEEP_VERSION: Final = """
+_KEEP_VERSION: Final = f"""
 INSERT INTO snapshot_versions (
     run_id, workflow, workflow_version, version, step, status, updated_at, attempt, epoch,
     error, body, shard
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (run_id, version) DO UPDATE SET
-    workflow = excluded.workflow,
-    workflow_version = excluded.workflow_version,
-    step = excluded.step,
-    status = excluded.status,
-    updated_at = excluded.updated_at,
-    attempt = excluded.attempt,
-    epoch = excluded.epoch,
-    error = excluded.error,
-    body = excluded.body
+ON CONFLICT (run_id, version) DO UPDATE SET {REPLACED_COLUMNS}
 WHERE excluded.epoch > snapshot_versions.epoch
-"""
+"""  # noqa: S608 - our own column names
 
 
 # The runs of a saved batch whose highest (epoch, version) in it is below the

@@ -612,6 +612,14 @@ def advance_mark(held: tuple[int, int] | None, floor: int, seq: int) -> tuple[tu
     return (max(high, seq), lost), lost > floor
 
 
+REPLACED_COLUMNS: Final = ", ".join(
+    f"{c} = excluded.{c}"
+    for c in ("workflow", "workflow_version", "step", "status", "updated_at", "attempt", "epoch", "error", "body")
+)
+"""The ``SET`` list of an SQL upsert of a stored copy (SQLite and PostgreSQL): every column but the
+run id, the version (the kept copies' key; the runs' upsert sets it too) and the shard (fixed per run)."""
+
+
 def status_filter(status: str | Iterable[str] | None) -> frozenset[str] | None:
     """Normalize ``scan``'s ``status`` argument to a set of stored values (None = any)."""
     if status is None:
@@ -963,7 +971,9 @@ class StoreBase(Store):
         Returns:
             A ``DeadLetterRefusals``: run id -> why, and the fenced shards.
         """
-        refusals = DeadLetterRefusals((r.run_id, why) for r in records if (why := dead_letter_problem(r)) is not None)
+        refusals = DeadLetterRefusals(
+            (r.run_id, why) for r in records if (why := self._dead_letter_problem(r)) is not None
+        )
         fenced = await self._save_dead_letters(
             [r for r in records if r.run_id not in refusals] if refusals else records, fence
         )
@@ -976,6 +986,10 @@ class StoreBase(Store):
                 if shard in fenced and r.run_id not in refusals:
                     refusals[r.run_id] = fenced_reason(shard, fenced[shard], fence)
         return refusals
+
+    def _dead_letter_problem(self, record: StoredDeadLetter) -> str | None:
+        """Why this store cannot write ``record`` (``dead_letter_problem``; a store may refuse more)."""
+        return dead_letter_problem(record)
 
     async def _save_dead_letters(self, records: Sequence[StoredDeadLetter], fence: Fence | None) -> Mapping[int, int]:
         """Write ``records`` (each one a store can write) in one transaction or round trip.

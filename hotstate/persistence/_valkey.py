@@ -952,24 +952,20 @@ def _by_shard(
     """The batch split by shard, in the order given (one ``shard_of`` per run)."""
     of: dict[str, int] = {}
     groups: dict[int, tuple[list[StoredSnapshot], list[Transition]]] = {}
+
+    def group_of(rid: str) -> tuple[list[StoredSnapshot], list[Transition]]:
+        n = of.get(rid)
+        if n is None:
+            n = of[rid] = shard_of(rid, shards)
+        group = groups.get(n)
+        if group is None:
+            group = groups[n] = ([], [])
+        return group
+
     for s in snapshots:
-        rid = s.header.run_id
-        n = of.get(rid)
-        if n is None:
-            n = of[rid] = shard_of(rid, shards)
-        group = groups.get(n)
-        if group is None:
-            group = groups[n] = ([], [])
-        group[0].append(s)
+        group_of(s.header.run_id)[0].append(s)
     for t in transitions:
-        rid = t.run_id
-        n = of.get(rid)
-        if n is None:
-            n = of[rid] = shard_of(rid, shards)
-        group = groups.get(n)
-        if group is None:
-            group = groups[n] = ([], [])
-        group[1].append(t)
+        group_of(t.run_id)[1].append(t)
     return groups
 
 
